@@ -1,0 +1,176 @@
+"""Baselines, task models, the state layout, the paper's parameter counts and `nlstm params`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from training.baselines import LSTM
+from training.cli import main
+from training.models import (
+    ModelConfig,
+    build_model,
+    count_parameters,
+    pack_state,
+    state_slots,
+    unpack_state,
+)
+from training.paper import TABLES, paper_rows, round_like
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_lstm_fused_equals_reference_and_nn_lstm(layers):
+    torch.manual_seed(0)
+    T, B, I, H = 8, 3, 6, 5
+    lstm = LSTM(I, H, num_layers=layers).double()
+    _randomize(lstm)
+    ref = torch.nn.LSTM(I, H, num_layers=layers).double()
+    with torch.no_grad():
+        for n in range(layers):
+            w_ih, w_hh, b = lstm.layer_weights(n)
+            getattr(ref, f"weight_ih_l{n}").copy_(w_ih)
+            getattr(ref, f"weight_hh_l{n}").copy_(w_hh)
+            getattr(ref, f"bias_ih_l{n}").copy_(b)
+            getattr(ref, f"bias_hh_l{n}").zero_()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    state = tuple((torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)) for _ in range(layers))
+
+    def run(fused):
+        lstm.fused = fused
+        out, final = lstm(x, state)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        loss = loss + sum((h * 0.3 + c * 0.7).sum() for h, c in final)
+        return out, final, torch.autograd.grad(loss, [x, *lstm.parameters()])
+
+    out_f, fin_f, g_f = run(True)
+    out_r, fin_r, g_r = run(False)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_f, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    h0 = torch.stack([s[0] for s in state])
+    c0 = torch.stack([s[1] for s in state])
+    out_ref, (h_ref, c_ref) = ref(x, (h0, c0))
+    torch.testing.assert_close(out_f, out_ref, rtol=1e-12, atol=1e-12)
+    for n in range(layers):
+        torch.testing.assert_close(fin_f[n][1], c_ref[n], rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_has_one_bias_per_gate():
+    lstm = LSTM(50, 600, num_layers=2)
+    assert count_parameters(lstm) == 4 * 600 * (50 + 600) + 2400 + 4 * 600 * 1200 + 2400
+    assert sorted(n for n, _ in lstm.named_parameters() if "bias" in n) == ["bias_l0", "bias_l1"]
+    assert "_zero_bias" not in lstm.state_dict()
+
+
+def test_lstm_token_inputs_equal_one_hot():
+    torch.manual_seed(0)
+    lstm = LSTM(9, 4, num_layers=2).double()
+    tokens = torch.randint(0, 9, (5, 3))
+    for fused in (True, False):
+        lstm.fused = fused
+        a, _ = lstm(tokens)
+        b, _ = lstm(torch.nn.functional.one_hot(tokens, 9).double())
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(kind="char", core="nlstm", hidden_size=8, depth=3, num_layers=2, vocab_size=13),
+        ModelConfig(kind="char", core="lstm", hidden_size=8, num_layers=2, vocab_size=13),
+        ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2),
+        ModelConfig(kind="glimpse", core="lstm", hidden_size=8, num_layers=3),
+    ],
+    ids=["char-nlstm", "char-lstm", "glimpse-nlstm", "glimpse-lstm"],
+)
+def test_task_models_share_one_interface(config):
+    torch.manual_seed(0)
+    model = build_model(config)
+    T, B = 7, 4
+    x = torch.randint(0, 13, (T, B)) if config.kind == "char" else torch.rand(T, B, 49)
+    logits, state = model(x)
+    assert logits.shape == (T, B, config.out_features)
+    slots = state_slots(config)
+    packed = pack_state(state)
+    assert packed.shape == (B, len(slots), config.hidden_size)
+    assert slots[0] == "layer0.h"
+    # the packed state round-trips and continuing from it equals one long run
+    again = unpack_state(packed, config)
+    logits2, _ = model(x[:3])
+    logits3, _ = model(x[3:], unpack_state(pack_state(model(x[:3])[1]), config))
+    torch.testing.assert_close(torch.cat([logits2, logits3]), logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(again, state):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v)
+    with pytest.raises(ValueError, match="packed state must be"):
+        unpack_state(packed[:, :-1], config)
+
+
+def test_state_slot_names():
+    nl = ModelConfig(kind="char", core="nlstm", hidden_size=4, depth=2, num_layers=2, vocab_size=5)
+    assert state_slots(nl) == ["layer0.h", "layer0.c0", "layer0.c1", "layer1.h", "layer1.c0", "layer1.c1"]
+    ls = ModelConfig(kind="glimpse", core="lstm", hidden_size=4, num_layers=2)
+    assert state_slots(ls) == ["layer0.h", "layer0.c", "layer1.h", "layer1.c"]
+
+
+def test_config_errors_say_what_is_allowed():
+    with pytest.raises(ValueError, match="core must be one of"):
+        ModelConfig(core="gru", vocab_size=5)
+    with pytest.raises(ValueError, match="vocab_size >= 1"):
+        ModelConfig(kind="char", vocab_size=0)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"kind": "glimpse", "cells": 3})
+    model = build_model(ModelConfig(kind="glimpse", hidden_size=4))
+    with pytest.raises(ValueError, match=r"glimpses must be \(T, B, 49\)"):
+        model(torch.rand(3, 2, 48))
+
+
+# ---------------------------------------------------------------------- the paper's Params
+def test_every_table_row_rounds_to_the_papers_params_but_one():
+    rows = paper_rows()
+    assert len(rows) == len(TABLES) == 20
+    mismatched = [(r.task, r.model, r.n, r.cell_size) for r in rows if not r.matches]
+    assert mismatched == [("mnist", "LSTM", 3, 75)]
+    by_key = {(r.task, r.model, r.n, r.cell_size): r.params for r in rows}
+    # counts worked out by hand from 4H(in + H) + 4H per level/layer plus the softmax head
+    assert by_key[("ptb", "NLSTM", 2, 600)] == 2400 * 650 + 2400 + 2400 * 1200 + 2400 + 600 * 50 + 50
+    assert by_key[("ptb", "NLSTM", 2, 600)] == by_key[("ptb", "LSTM", 2, 600)] == 4_474_850
+    assert by_key[("mnist", "LSTM", 1, 100)] == 61_010
+    assert by_key[("poems", "NLSTM", 2, 32)] == 876_631
+    assert by_key[("mnist", "LSTM", 3, 75)] == 128_860
+
+
+def test_round_like():
+    assert round_like(4_474_850, "4.47M") == "4.47M"
+    assert round_like(868_311, "868k") == "868k"
+    assert round_like(1_085_327, "1.1M") == "1.1M"
+    assert round_like(61_010, "61.0k") == "61.0k"
+
+
+def test_params_command(capsys):
+    assert main(["params", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 20
+    assert {"task", "model", "n", "cell_size", "params", "paper_params"} <= set(rows[0])
+    assert main(["params", "--poems-vocab", "6000"]) == 0
+    table = capsys.readouterr().out
+    assert "NLSTM" in table and "4,474,850" in table
+    assert f"{161 * 6000 + 4224:,}" in table  # the 1x32 poems LSTM with a 6,000-symbol vocabulary
+
+
+def test_cli_module_imports_no_torch():
+    """`nlstm serve` and the clients must run without torch: the command module stays light."""
+    code = "import sys, training.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,310 @@
+"""The Nested LSTM against an independent numpy reference of the paper's equations (1)-(15),
+known answers that pin the three mistakes other implementations make, and the fused path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.nlstm import NestedLSTM, NestedLSTMCell
+
+
+# ------------------------------------------------------------------ numpy reference (the paper)
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_nlstm_step(params, x, h, mems, outer_identity=True):
+    """One step written straight from the paper, independent of the torch code.
+
+    params[k] = (W_x, W_h, b) of level k in gate order (i, f, g, o); mems[k] is level k's
+    memory c_k(t-1). Returns (h_t, [c_0(t), ..., c_{D-1}(t)]).
+    """
+    D = len(params)
+
+    def memory_function(k, x_tilde, h_tilde, mem_prev):
+        """Level k's LSTM with input x~ and hidden h~ (eqs. 10-14); returns (h~_t, memories)."""
+        W_x, W_h, b = params[k]
+        a = W_x @ x_tilde + W_h @ h_tilde + b
+        H = a.shape[0] // 4
+        i, f, g, o = sigmoid(a[:H]), sigmoid(a[H : 2 * H]), np.tanh(a[2 * H : 3 * H]), sigmoid(a[3 * H :])
+        if k == D - 1:  # the innermost memory function is addition (eq. 9 / eq. 12)
+            c = f * mem_prev[0] + i * g
+            inner = [c]
+        else:  # eqs. 7, 8, 15: nest again
+            c, deeper = memory_function(k + 1, i * g, f * mem_prev[0], mem_prev[1:])
+            inner = [c] + deeper
+        return o * np.tanh(c), inner
+
+    # level 0: eqs. (1)-(8) with sigma_c = identity (the paper's NLSTM runs)
+    W_x, W_h, b = params[0]
+    a = W_x @ x + W_h @ h + b
+    H = a.shape[0] // 4
+    i, f, o = sigmoid(a[:H]), sigmoid(a[H : 2 * H]), sigmoid(a[3 * H :])
+    g = a[2 * H : 3 * H] if outer_identity else np.tanh(a[2 * H : 3 * H])
+    h_tilde_prev = f * mems[0]  # eq. 7
+    x_tilde = i * g  # eq. 8
+    if D == 1:
+        c0 = h_tilde_prev + x_tilde  # additive memory function: the classic LSTM (eq. 9)
+        new_mems = [c0]
+    else:
+        c0, deeper = memory_function(1, x_tilde, h_tilde_prev, mems[1:])  # eq. 15: c_t = h~_t
+        new_mems = [c0] + deeper
+    return o * np.tanh(c0), new_mems
+
+
+def cell_params_np(cell: NestedLSTMCell):
+    return [tuple(p.detach().double().numpy() for p in cell.level_weights(k)) for k in range(cell.depth)]
+
+
+def randomize(module: torch.nn.Module, std: float = 0.4, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# ------------------------------------------------------------------------------ known answers
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("outer", ["identity", "tanh"])
+def test_cell_matches_numpy_reference(depth, outer):
+    torch.manual_seed(depth)
+    B, I, H, T = 3, 5, 4, 6
+    cell = NestedLSTMCell(I, H, depth=depth, outer_activation=outer).double()
+    randomize(cell)
+    params = cell_params_np(cell)
+    xs = np.random.default_rng(1).normal(size=(T, B, I))
+    state = cell.initial_state(B, dtype=torch.float64)
+    ref_h = [np.zeros(H) for _ in range(B)]
+    ref_m = [[np.zeros(H) for _ in range(depth)] for _ in range(B)]
+    for t in range(T):
+        with torch.no_grad():
+            h, state = cell(torch.from_numpy(xs[t]), state)
+        for b in range(B):
+            ref_h[b], ref_m[b] = np_nlstm_step(params, xs[t, b], ref_h[b], ref_m[b], outer == "identity")
+            np.testing.assert_allclose(h[b].numpy(), ref_h[b], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(state[0][b].numpy(), ref_h[b], rtol=1e-12, atol=1e-12)
+            for k in range(depth):
+                np.testing.assert_allclose(state[k + 1][b].numpy(), ref_m[b][k], rtol=1e-12, atol=1e-12)
+
+
+def _scalar_cell(outer_g: float):
+    """A 1-cell depth-2 NLSTM with hand-set weights: x = 1, h = 0, so each level-0 gate's
+    pre-activation is its input weight; the inner level's gates are set the same way."""
+    cell = NestedLSTMCell(1, 1, depth=2).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.zero_()
+        cell.weight_ih_l0.copy_(torch.tensor([[0.5], [-0.3], [outer_g], [0.8]], dtype=torch.float64))  # i f g o
+        cell.bias_l1.copy_(torch.tensor([0.2, 0.1, 0.4, -0.6], dtype=torch.float64))
+        cell.weight_ih_l1.copy_(torch.tensor([[0.7], [0.0], [0.9], [0.0]], dtype=torch.float64))  # reads u only
+        cell.weight_hh_l1.copy_(torch.tensor([[0.0], [0.6], [-0.5], [0.3]], dtype=torch.float64))  # reads v only
+    return cell
+
+
+def _scalar_by_hand(outer_g, c0_prev, c1_prev, mistake=None):
+    """The step of `_scalar_cell` computed by hand; `mistake` reproduces a known wrong variant."""
+    s = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    g0 = math.tanh(outer_g) if mistake == "tanh_outer" else outer_g  # identity at level 0
+    i0, f0, o0 = s(0.5), s(-0.3), s(0.8)
+    u = i0 + g0 if mistake == "add_inner_input" else i0 * g0  # the inner input is a product
+    v = f0 * c0_prev  # the inner hidden is f * c(t-1)
+    i1, f1, g1, o1 = s(0.2 + 0.7 * u), s(0.1 + 0.6 * v), math.tanh(0.4 + 0.9 * u - 0.5 * v), s(-0.6 + 0.3 * v)
+    c1 = f1 * c1_prev + i1 * g1
+    c0 = o1 * math.tanh(c1)  # outer memory = the inner cell's hidden output
+    h = o0 * math.tanh(c0)
+    if mistake == "carry_tanh":  # memories carried as tanh(c) instead of c
+        c0, c1 = math.tanh(c0), math.tanh(c1)
+    return h, c0, c1
+
+
+@pytest.mark.parametrize("mistake", ["tanh_outer", "add_inner_input", "carry_tanh"])
+def test_known_answer_pins_each_common_mistake(mistake):
+    outer_g, c0_prev, c1_prev = 2.5, 2.0, 3.0
+    cell = _scalar_cell(outer_g)
+    state = tuple(torch.tensor([[v]], dtype=torch.float64) for v in (0.0, c0_prev, c1_prev))
+    with torch.no_grad():
+        h, (h2, c0, c1) = cell(torch.ones(1, 1, dtype=torch.float64), state)
+    got = (h.item(), c0.item(), c1.item())
+    right = _scalar_by_hand(outer_g, c0_prev, c1_prev)
+    wrong = _scalar_by_hand(outer_g, c0_prev, c1_prev, mistake)
+    assert h2.item() == h.item()
+    assert got == pytest.approx(right, abs=1e-14)
+    # the mistaken variant differs measurably, so the assertion above tells them apart
+    assert max(abs(a - b) for a, b in zip(got, wrong)) > 1e-3
+
+
+def test_outer_activation_option_changes_only_level0_candidate():
+    x = torch.ones(1, 1, dtype=torch.float64)
+    ident = _scalar_cell(2.5)
+    tanh_ = _scalar_cell(2.5)
+    tanh_.outer_activation = "tanh"
+    h_id, _ = ident(x)
+    h_tanh, _ = tanh_(x)
+    assert h_id.item() == pytest.approx(_scalar_by_hand(2.5, 0.0, 0.0)[0], abs=1e-14)
+    assert h_tanh.item() == pytest.approx(_scalar_by_hand(math.tanh(2.5), 0.0, 0.0)[0], abs=1e-14)
+    with pytest.raises(ValueError, match="outer_activation must be one of"):
+        NestedLSTMCell(2, 2, outer_activation="relu")
+
+
+def test_additive_memory_function_is_the_classic_lstm():
+    """Depth 1 (the memory function is addition, eq. 9) with a tanh candidate is nn.LSTMCell."""
+    torch.manual_seed(0)
+    cell = NestedLSTMCell(5, 7, depth=1, outer_activation="tanh").double()
+    randomize(cell)
+    ref = torch.nn.LSTMCell(5, 7).double()
+    with torch.no_grad():
+        ref.weight_ih.copy_(cell.weight_ih_l0)
+        ref.weight_hh.copy_(cell.weight_hh_l0)
+        ref.bias_ih.copy_(cell.bias_l0)
+        ref.bias_hh.zero_()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    state = (torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64))
+    h, (h2, c) = cell(x, state)
+    h_ref, c_ref = ref(x, state)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- interface and shapes
+def test_parameter_names_and_shapes():
+    cell = NestedLSTMCell(10, 6, depth=3)
+    shapes = {n: tuple(p.shape) for n, p in cell.named_parameters()}
+    assert shapes == {
+        "weight_ih_l0": (24, 10), "weight_hh_l0": (24, 6), "bias_l0": (24,),
+        "weight_ih_l1": (24, 6), "weight_hh_l1": (24, 6), "bias_l1": (24,),
+        "weight_ih_l2": (24, 6), "weight_hh_l2": (24, 6), "bias_l2": (24,),
+    }  # fmt: skip
+
+
+def test_state_none_means_zeros_and_shapes():
+    cell = NestedLSTMCell(3, 4, depth=3)
+    x = torch.randn(2, 3)
+    h, state = cell(x)
+    h0, state0 = cell(x, tuple(torch.zeros(2, 4) for _ in range(4)))
+    assert len(state) == 4 and all(t.shape == (2, 4) for t in state)
+    torch.testing.assert_close(h, h0)
+    with pytest.raises(ValueError, match="4 tensors"):
+        cell(x, (torch.zeros(2, 4),) * 3)
+    with pytest.raises(ValueError, match=r"\(B, hidden_size\)"):
+        cell(x, (torch.zeros(2, 5),) * 4)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        NestedLSTMCell(3, 4, depth=0)
+
+
+def test_initialisation_follows_the_paper():
+    torch.manual_seed(0)
+    layer = NestedLSTM(50, 64, depth=2, num_layers=2)
+    first, second = layer.layers
+    # Glorot uniform bound for the first layer's input weights only
+    bound = math.sqrt(6 / (50 + 4 * 64))
+    assert first.weight_ih_l0.abs().max() <= bound
+    # every other weight: each gate block orthogonal
+    for w in (first.weight_hh_l0, first.weight_ih_l1, first.weight_hh_l1, second.weight_ih_l0):
+        for block in w.detach().chunk(4, dim=0):
+            torch.testing.assert_close(block @ block.t(), torch.eye(64), atol=1e-5, rtol=0)
+    assert all((getattr(first, f"bias_l{k}") == 0).all() for k in range(2))
+
+
+# --------------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("outer", ["identity", "tanh"])
+def test_fused_sequence_equals_step_by_step(depth, outer):
+    torch.manual_seed(depth)
+    T, B, I, H, L = 9, 3, 5, 4, 2
+    layer = NestedLSTM(I, H, depth=depth, num_layers=L, outer_activation=outer).double()
+    randomize(layer)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    state = tuple(
+        tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(depth + 1))
+        for _ in range(L)
+    )
+
+    def run(fused):
+        layer.fused = fused
+        out, final = layer(x, state)
+        flat = [out] + [t for s in final for t in s]
+        # a loss that weighs every output and every final state differently
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in flat)
+        inputs = [x] + [t for s in state for t in s] + list(layer.parameters())
+        return flat, torch.autograd.grad(loss, inputs)
+
+    (out_f, grad_f), (out_r, grad_r) = run(True), run(False)
+    for a, b in zip(out_f, out_r):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grad_f, grad_r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    # and the layer equals its cells stepped by hand, one time step at a time
+    with torch.no_grad():
+        inp, finals = x, []
+        for cell, s in zip(layer.layers, state):
+            outs = []
+            for t in range(T):
+                h, s = cell(inp[t], s)
+                outs.append(h)
+            inp = torch.stack(outs)
+            finals.append(s)
+        torch.testing.assert_close(inp, out_f[0], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_gradcheck():
+    torch.manual_seed(0)
+    layer = NestedLSTM(3, 2, depth=3).double()
+    randomize(layer, std=0.8)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = (tuple(torch.randn(2, 2, dtype=torch.float64, requires_grad=True) for _ in range(4)),)
+
+    def f(x, *flat_state):
+        out, final = layer(x, (flat_state,))
+        return (out, *final[0])
+
+    assert torch.autograd.gradcheck(f, (x, *state[0]))
+
+
+def test_one_hot_indices_equal_dense_one_hot():
+    torch.manual_seed(0)
+    V, T, B = 11, 6, 4
+    layer = NestedLSTM(V, 8, depth=2).double()
+    tokens = torch.randint(0, V, (T, B))
+    dense = torch.nn.functional.one_hot(tokens, V).double()
+    for fused in (True, False):
+        layer.fused = fused
+        a, _ = layer(tokens)
+        b, _ = layer(dense)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="integer one-hot indices"):
+        layer(torch.randn(T, B))
+
+
+def test_gradients_reach_every_level_and_layer():
+    torch.manual_seed(0)
+    layer = NestedLSTM(6, 5, depth=3, num_layers=2)
+    out, _ = layer(torch.randn(7, 2, 6))
+    out.pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_float32_fused_matches_reference_closely():
+    torch.manual_seed(0)
+    layer = NestedLSTM(50, 64, depth=2)
+    tokens = torch.randint(0, 50, (30, 8))
+    layer.fused = True
+    a, sa = layer(tokens)
+    layer.fused = False
+    b, sb = layer(tokens)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_matches_cpu():
+    torch.manual_seed(0)
+    layer = NestedLSTM(20, 32, depth=2, num_layers=2).double()
+    x = torch.randint(0, 20, (15, 4))
+    out_cpu, _ = layer(x)
+    out_gpu, _ = layer.cuda()(x.cuda())
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-9, atol=1e-9)

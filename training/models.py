@@ -1,0 +1,184 @@
+"""Task models over any recurrent core, the model config and the model registry.
+
+Every recurrent core (NestedLSTM, LSTM; later HM-LSTM) answers one small interface:
+
+    core(x, state=None) -> (output (T, B, H), state)   x: (T, B, in) floats or (T, B) indices
+    core.initial_state(batch_size, device, dtype) -> state
+    core.hidden_size, core.num_layers, core.depth
+
+and its state is a tuple with one tuple of (B, H) tensors per layer. `state_slots(config)` names
+those tensors in order ("layer0.h", "layer0.c0", ...); `pack_state` stacks them into the
+(B, S, H) tensor that the exported step graph and the server's sessions carry, and
+`unpack_state` reverses it. One layout everywhere.
+
+The task heads:
+  * CharLM: one-hot characters in (the paper's parameter counts imply one-hot inputs; a lookup
+    into the first input weights computes the same product), a linear softmax head per step;
+  * GlimpseClassifier: 49 floats per step, a 10-class linear head. It returns the logits of
+    every step (the server streams them); training and the paper's figures use the last step.
+
+This file imports only torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from training.baselines import LSTM
+from training.nlstm import NestedLSTM
+
+TASK_KINDS = ("char", "glimpse")
+CORES = ("nlstm", "lstm")
+
+
+@dataclass
+class ModelConfig:
+    """What a model is; travels with its weights in checkpoints and exports."""
+
+    kind: str = "char"  # "char" (character language model) or "glimpse" (MNIST glimpses)
+    core: str = "nlstm"  # "nlstm" or "lstm"
+    hidden_size: int = 600  # cells per layer (the paper's "cell size")
+    num_layers: int = 1  # stacked layers
+    depth: int = 2  # nesting depth of each NLSTM layer (the paper's n for NLSTM rows)
+    outer_activation: str = "identity"  # NLSTM level-0 candidate activation: identity | tanh
+    vocab_size: int = 0  # char models: symbols in and out
+    input_size: int = 49  # glimpse models: floats per step
+    num_classes: int = 10  # glimpse models: classes
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"model kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.core not in CORES:
+            raise ValueError(f"model core must be one of {CORES}, got {self.core!r}")
+        if self.kind == "char" and self.vocab_size < 1:
+            raise ValueError(f"a char model needs vocab_size >= 1, got {self.vocab_size}")
+        for name in ("hidden_size", "num_layers", "depth", "input_size", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def in_features(self) -> int:
+        return self.vocab_size if self.kind == "char" else self.input_size
+
+    @property
+    def out_features(self) -> int:
+        return self.vocab_size if self.kind == "char" else self.num_classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def build_core(config: ModelConfig) -> nn.Module:
+    if config.core == "nlstm":
+        return NestedLSTM(
+            config.in_features,
+            config.hidden_size,
+            depth=config.depth,
+            num_layers=config.num_layers,
+            outer_activation=config.outer_activation,
+        )
+    return LSTM(config.in_features, config.hidden_size, num_layers=config.num_layers)
+
+
+def state_slots(config: ModelConfig) -> list[str]:
+    """Names of the (B, H) state tensors in pack order: per layer h, then its memories
+    (outer first, innermost last)."""
+    per_layer = config.depth if config.core == "nlstm" else 1
+    slots = []
+    for n in range(config.num_layers):
+        slots.append(f"layer{n}.h")
+        if per_layer == 1:
+            slots.append(f"layer{n}.c")
+        else:
+            slots += [f"layer{n}.c{k}" for k in range(per_layer)]
+    return slots
+
+
+def pack_state(state: tuple[tuple[Tensor, ...], ...]) -> Tensor:
+    """Per-layer state tuples -> one (B, S, H) tensor."""
+    return torch.stack([t for layer in state for t in layer], dim=1)
+
+
+def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...], ...]:
+    """(B, S, H) -> per-layer state tuples, the inverse of pack_state."""
+    per_layer = (config.depth if config.core == "nlstm" else 1) + 1
+    if packed.dim() != 3 or packed.shape[1] != per_layer * config.num_layers:
+        raise ValueError(
+            f"packed state must be (B, {per_layer * config.num_layers}, {config.hidden_size}), "
+            f"got {tuple(packed.shape)}"
+        )
+    parts = packed.unbind(1)
+    return tuple(
+        tuple(parts[n * per_layer : (n + 1) * per_layer]) for n in range(config.num_layers)
+    )
+
+
+class _Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.core = build_core(config)
+        self.head = nn.Linear(config.hidden_size, config.out_features)
+        # "the final output gate" is initialised orthogonally too (the paper's section 4)
+        nn.init.orthogonal_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def initial_state(self, batch_size: int, device=None):
+        return self.core.initial_state(batch_size, device=device)
+
+    def forward(self, x: Tensor, state=None) -> tuple[Tensor, tuple]:
+        out, state = self.core(x, state)  # (T, B, H)
+        return self.head(out), state  # (T, B, out_features)
+
+
+class CharLM(_Model):
+    """Character language model: tokens (T, B) int64 -> logits (T, B, vocab), state."""
+
+    def forward(self, tokens: Tensor, state=None):
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be (T, B) integers, got {tuple(tokens.shape)} of {tokens.dtype}")
+        return super().forward(tokens, state)
+
+
+class GlimpseClassifier(_Model):
+    """Glimpse classifier: glimpses (T, B, 49) -> per-step logits (T, B, classes), state.
+    The prediction for a whole image is the last step's logits."""
+
+    def forward(self, glimpses: Tensor, state=None):
+        if glimpses.dim() != 3 or glimpses.shape[-1] != self.config.input_size:
+            raise ValueError(
+                f"glimpses must be (T, B, {self.config.input_size}) floats, got {tuple(glimpses.shape)}"
+            )
+        return super().forward(glimpses, state)
+
+
+def build_model(config: ModelConfig) -> _Model:
+    """The model registry: a config value chooses the task head and the recurrent core."""
+    return (CharLM if config.kind == "char" else GlimpseClassifier)(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "CharLM",
+    "GlimpseClassifier",
+    "ModelConfig",
+    "build_model",
+    "count_parameters",
+    "pack_state",
+    "state_slots",
+    "unpack_state",
+]
