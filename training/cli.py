@@ -68,9 +68,21 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             "--data-dir",
             type=Path,
             default=None,
-            help="where raw and prepared data live (default: $NLSTM_DATA_DIR, else a per-user cache)",
+            help=(
+                "where the raw files live, as DIR/TASK/FILE; may be read-only when complete "
+                "(default: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)"
+            ),
         )
         if name == "prepare":
+            q.add_argument(
+                "--cache-dir",
+                type=Path,
+                default=None,
+                help=(
+                    "where prepared (tokenized, memory-mapped) data is cached "
+                    "(default: $NLSTM_CACHE_DIR, else ~/.cache/nlstm/prepared)"
+                ),
+            )
             q.add_argument("--force", action="store_true", help="prepare again even if a cache exists")
     p.set_defaults(handler=_run_data)
 
@@ -83,7 +95,9 @@ def _run_data(args: argparse.Namespace) -> int:
         for path in paths:
             print(path)
         return 0
-    summary = data.prepare(args.task, data_dir=args.data_dir, force=args.force)
+    summary = data.prepare(
+        args.task, data_dir=args.data_dir, force=args.force, cache_dir=args.cache_dir
+    )
     print(summary)
     return 0
 
