@@ -298,6 +298,8 @@ def test_float32_fused_matches_reference_closely():
     layer.fused = False
     b, sb = layer(tokens)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for u, v in zip(sa[0], sb[0]):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -308,3 +310,68 @@ def test_cuda_fused_matches_cpu():
     out_cpu, _ = layer(x)
     out_gpu, _ = layer.cuda()(x.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_path_runs_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = NestedLSTM(10, 16, depth=2, num_layers=2)
+    head = torch.nn.Linear(16, 10)
+    x = torch.randn(5, 3, 10)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out, state = layer(x)  # the bf16 input projection feeds a float32 recurrence
+        logits = head(out)
+    assert out.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert layer.layers[1].weight_hh_l1.grad is not None
+    ref, _ = layer(x)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)  # bf16 input projection
+    assert not torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 4), (2, 1)])
+def test_gradients_with_batch_or_time_of_one(B, T):
+    """Autograd may hand one gradient buffer to several outputs (and (1, H) transposes are
+    views): the backward must never update an incoming gradient in place."""
+    torch.manual_seed(0)
+    layer = NestedLSTM(4, 3, depth=3).double()
+    randomize(layer)
+    x = torch.randn(T, B, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, 3, dtype=torch.float64)
+
+    def grads(fused):
+        layer.fused = fused
+        out, ((h, c0, c1, c2),) = layer(x)
+        loss = (out.sum() + ((h + c0 + c1 + c2) * w).sum())
+        return torch.autograd.grad(loss, [x, *layer.parameters()])
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_gradcheck_over_parameters():
+    torch.manual_seed(0)
+    layer = NestedLSTM(3, 2, depth=2).double()
+    randomize(layer, std=0.8)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def f(*params):
+        out, _ = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        return out
+
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    assert torch.autograd.gradcheck(f, params)
+
+
+def test_empty_sequence_and_bad_inputs():
+    layer = NestedLSTM(4, 3, depth=2).double()
+    out, state = layer(torch.zeros(0, 2, 4, dtype=torch.float64))
+    assert out.shape == (0, 2, 3) and out.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"shape \(T, B, 4\)"):
+        layer(torch.zeros(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        layer(torch.tensor([[4]]))
+    with pytest.raises(ValueError, match="like the weights"):
+        layer(torch.zeros(5, 2, 4, dtype=torch.float64), (tuple(torch.zeros(2, 3) for _ in range(3)),))
+    with pytest.raises(ValueError, match=r"shape \(B, 4\)"):
+        layer.layers[0](torch.zeros(2, 5, dtype=torch.float64))

@@ -134,8 +134,8 @@ class _Model(nn.Module):
         nn.init.orthogonal_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def initial_state(self, batch_size: int, device=None):
-        return self.core.initial_state(batch_size, device=device)
+    def initial_state(self, batch_size: int, device=None, dtype=None):
+        return self.core.initial_state(batch_size, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, state=None) -> tuple[Tensor, tuple]:
         out, state = self.core(x, state)  # (T, B, H)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 State = tuple[Tensor, ...]
 
@@ -128,6 +129,7 @@ class NestedLSTMCell(nn.Module):
         )
 
     def check_state(self, state: State, batch_size: int) -> None:
+        w = self.weight_hh_l0
         if len(state) != self.depth + 1:
             raise ValueError(
                 f"a depth-{self.depth} NestedLSTMCell state is (h, c_0, ..., c_{self.depth - 1}): "
@@ -139,8 +141,28 @@ class NestedLSTMCell(nn.Module):
                     f"every state tensor must have shape (B, hidden_size) = "
                     f"({batch_size}, {self.hidden_size}), got {tuple(t.shape)}"
                 )
+            if t.dtype != w.dtype or t.device != w.device:
+                raise ValueError(
+                    f"state tensors must be {w.dtype} on {w.device} like the weights, "
+                    f"got {t.dtype} on {t.device}"
+                )
+
+    def check_input(self, x: Tensor, step_dims: int) -> None:
+        """x must be (..., input_size) floats, or (...) integer indices in [0, input_size)."""
+        if x.dtype in (torch.int64, torch.int32):
+            if x.dim() != step_dims:
+                raise ValueError(f"integer one-hot indices must have {step_dims} dims, got {tuple(x.shape)}")
+            if x.numel() and (x.min() < 0 or x.max() >= self.input_size):
+                raise ValueError(f"one-hot indices must lie in [0, {self.input_size}), got {x.min()}..{x.max()}")
+        elif not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, {self.input_size}) "
+                f"or integer one-hot indices of shape ({'T, ' if step_dims == 2 else ''}B), "
+                f"got {tuple(x.shape)} of {x.dtype}"
+            )
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        self.check_input(x, step_dims=1)
         batch = x.shape[0]
         if state is None:
             state = self.initial_state(batch, device=x.device, dtype=self.weight_hh_l0.dtype)
@@ -256,6 +278,7 @@ class _NestedLSTMSequence(torch.autograd.Function):
         return (hs[1:].transpose(1, 2).contiguous(), *[x.t().contiguous() for x in finals])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_hs, d_hT, *d_cT):
         D, tanh_outer = ctx.D, ctx.tanh_outer
         saved = ctx.saved_tensors
@@ -268,8 +291,9 @@ class _NestedLSTMSequence(torch.autograd.Function):
         uv = [None] + list(saved[4 * D + 1 : 5 * D])
         T, H, B = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
 
-        def start(d):  # (B, H) incoming gradient -> (H, B) working copy
-            return d.t().contiguous() if d is not None else hs.new_zeros(H, B)
+        def start(d):  # (B, H) incoming gradient -> (H, B) working copy, never a view: the
+            # loop updates it in place, and autograd may hand one buffer to several outputs
+            return d.t().clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(H, B)
 
         d_gates = [hs.new_empty(T, 4 * H, B) for _ in range(D)]  # grads of pre-activations
         dh = start(d_hT)
@@ -335,9 +359,16 @@ def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple
     for k in range(1, cell.depth):
         w_ih, w_hh, b = cell.level_weights(k)
         inner += [torch.cat([w_ih, w_hh], dim=1), b]  # (4H, 2H): one GEMM per step
-    out, *final = _NestedLSTMSequence.apply(
-        xproj.contiguous(), w_hh0, *inner, *state, cell.outer_activation == "tanh"
-    )
+    # The recurrence writes into preallocated float32 buffers, which autocast cannot do: under
+    # autocast it runs in the parameters' dtype (the heads around it still autocast).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out, *final = _NestedLSTMSequence.apply(
+            xproj.to(w_hh0.dtype).contiguous(),
+            w_hh0,
+            *inner,
+            *state,
+            cell.outer_activation == "tanh",
+        )
     return out, tuple(final)
 
 
@@ -381,11 +412,7 @@ class NestedLSTM(nn.Module):
         return tuple(c.initial_state(batch_size, device, dtype) for c in self.layers)
 
     def forward(self, x: Tensor, state: tuple[State, ...] | None = None):
-        if x.dim() not in (2, 3) or (x.dim() == 2) != (x.dtype in (torch.int64, torch.int32)):
-            raise ValueError(
-                "x must be (T, B, input_size) floats or (T, B) integer one-hot indices, got "
-                f"shape {tuple(x.shape)} of {x.dtype}"
-            )
+        self.layers[0].check_input(x, step_dims=2)
         T, B = x.shape[0], x.shape[1]
         if state is None:
             state = self.initial_state(B, device=x.device)
@@ -401,7 +428,8 @@ class NestedLSTM(nn.Module):
                 for t in range(T):
                     h, s = cell(x[t], s)
                     outs.append(h)
-                x = torch.stack(outs) if outs else x.new_zeros(0, B, self.hidden_size, dtype=torch.float32)
+                w = cell.weight_hh_l0
+                x = torch.stack(outs) if outs else w.new_zeros(0, B, self.hidden_size)
             finals.append(s)
         return x, tuple(finals)
 
