@@ -1,0 +1,65 @@
+"""Checkpoints: round trip, atomic writes, clear errors for corrupt or foreign files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from training.models import ModelConfig, build_model
+
+
+def _ckpt(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind="char", core="nlstm", hidden_size=8, depth=2, vocab_size=7)
+    model = build_model(cfg)
+    return Checkpoint(task="ptb", model_config=cfg, model=model.state_dict(), tokenizer=b"\x00sp",
+                      train_config={"lr": 0.002}, step=5, epoch=1, metrics={"valid_bpc": 1.5},
+                      rng={"torch": torch.get_rng_state()})
+
+
+def test_round_trip(tmp_path):
+    ck = _ckpt()
+    save_checkpoint(ck, tmp_path / "last.pt")
+    back = load_checkpoint(tmp_path / "last.pt")
+    assert back.model_config == ck.model_config and back.tokenizer == b"\x00sp"
+    assert back.step == 5 and back.metrics == {"valid_bpc": 1.5}
+    for k, v in ck.model.items():
+        assert torch.equal(back.model[k], v)
+    model = back.build_model()
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_ckpt(0), path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_ckpt(1), path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+    load_checkpoint(path)
+
+
+def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(_ckpt(), path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable nlstm checkpoint"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an nlstm checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": "nlstm-checkpoint", "version": 99}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(tmp_path / "new.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")

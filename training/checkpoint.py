@@ -1,0 +1,143 @@
+"""Checkpoints: what a training run saves and what the exporter reads.
+
+A checkpoint is one file written with torch.save and read back with `weights_only=True`: plain
+containers, tensors and bytes, never a pickled module or class. It holds
+
+    format, version          "nlstm-checkpoint", FORMAT_VERSION
+    task                     "ptb" | "text8" | "poems" | "mnist" | a test task name
+    model_config             ModelConfig.to_dict()
+    model                    the model's state_dict
+    tokenizer                the sentencepiece model's bytes (text tasks), else None
+    train_config             the run's full config (a plain dict), so a run can be resumed
+    step, epoch              where training stands
+    metrics                  the figures so far (e.g. best valid and the test at that epoch)
+    optimizer, scheduler     their state_dicts (None when saved for export only)
+    rng                      RNG states (torch CPU/CUDA, numpy, python) and the data position
+    extra                    anything else a trainer wants to carry (a plain dict)
+
+Writes are atomic: the bytes go to a temporary file in the same folder, are flushed and
+fsynced, then renamed over the target, so a kill at any moment leaves either the previous file
+or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.models import ModelConfig, build_model
+
+FORMAT = "nlstm-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of this project (corrupt, foreign, too new)."""
+
+
+@dataclass
+class Checkpoint:
+    task: str
+    model_config: ModelConfig
+    model: dict[str, torch.Tensor]
+    tokenizer: bytes | None = None
+    train_config: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> torch.nn.Module:
+        """The model with these weights (on the CPU)."""
+        model = build_model(self.model_config)
+        model.load_state_dict(self.model)
+        return model
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> None:
+    """Call write(file) on a temporary file beside `path`, fsync, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "task": ckpt.task,
+        "model_config": ckpt.model_config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in ckpt.model.items()},
+        "tokenizer": ckpt.tokenizer,
+        "train_config": ckpt.train_config,
+        "step": int(ckpt.step),
+        "epoch": int(ckpt.epoch),
+        "metrics": ckpt.metrics,
+        "optimizer": ckpt.optimizer,
+        "scheduler": ckpt.scheduler,
+        "rng": ckpt.rng,
+        "extra": ckpt.extra,
+    }
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable nlstm checkpoint (corrupt, truncated or not written by "
+            f"`nlstm train`): {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a torch file but not an nlstm checkpoint (expected format {FORMAT!r})"
+        )
+    version = payload.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this nlstm reads version "
+            f"{FORMAT_VERSION}"
+        )
+    return Checkpoint(
+        task=payload["task"],
+        model_config=ModelConfig.from_dict(payload["model_config"]),
+        model=payload["model"],
+        tokenizer=payload.get("tokenizer"),
+        train_config=payload.get("train_config") or {},
+        step=payload.get("step", 0),
+        epoch=payload.get("epoch", 0),
+        metrics=payload.get("metrics") or {},
+        optimizer=payload.get("optimizer"),
+        scheduler=payload.get("scheduler"),
+        rng=payload.get("rng") or {},
+        extra=payload.get("extra") or {},
+    )
