@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from training.baselines import LSTM
+from training.hmlstm import HMLSTM, HMOutputModule, slope_schedule
 from training.nlstm import NestedLSTM
 
 TASK_KINDS = ("char", "glimpse")
-CORES = ("nlstm", "lstm")
+CORES = ("nlstm", "lstm", "hmlstm")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ModelConfig:
     """What a model is; travels with its weights in checkpoints and exports."""
 
     kind: str = "char"  # "char" (character language model) or "glimpse" (MNIST glimpses)
-    core: str = "nlstm"  # "nlstm" or "lstm"
+    core: str = "nlstm"  # "nlstm", "lstm" or "hmlstm"
     hidden_size: int = 600  # cells per layer (the paper's "cell size")
     num_layers: int = 1  # stacked layers
     depth: int = 2  # nesting depth of each NLSTM layer (the paper's n for NLSTM rows)
@@ -47,6 +48,8 @@ class ModelConfig:
     vocab_size: int = 0  # char models: symbols in and out
     input_size: int = 49  # glimpse models: floats per step
     num_classes: int = 10  # glimpse models: classes
+    embedding_size: int = 0  # hmlstm: the output module's ReLU embedding (0: hidden_size)
+    layer_norm: bool = False  # hmlstm: layer-normalise the recurrent, top-down, bottom-up terms
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -80,6 +83,10 @@ class ModelConfig:
 
 
 def build_core(config: ModelConfig) -> nn.Module:
+    if config.core == "hmlstm":
+        return HMLSTM(
+            config.in_features, config.hidden_size, num_layers=config.num_layers, layer_norm=config.layer_norm
+        )
     if config.core == "nlstm":
         return NestedLSTM(
             config.in_features,
@@ -91,18 +98,19 @@ def build_core(config: ModelConfig) -> nn.Module:
     return LSTM(config.in_features, config.hidden_size, num_layers=config.num_layers)
 
 
+def layer_slots(config: ModelConfig, n: int) -> list[str]:
+    """Names of layer n's state tensors, in the order of its state tuple."""
+    if config.core == "nlstm" and config.depth > 1:
+        return ["h"] + [f"c{k}" for k in range(config.depth)]  # outer memory first
+    if config.core == "hmlstm" and n < config.num_layers - 1:
+        return ["h", "c", "z"]  # z: the boundary, broadcast over the H cells
+    return ["h", "c"]
+
+
 def state_slots(config: ModelConfig) -> list[str]:
     """Names of the (B, H) state tensors in pack order: per layer h, then its memories
-    (outer first, innermost last)."""
-    per_layer = config.depth if config.core == "nlstm" else 1
-    slots = []
-    for n in range(config.num_layers):
-        slots.append(f"layer{n}.h")
-        if per_layer == 1:
-            slots.append(f"layer{n}.c")
-        else:
-            slots += [f"layer{n}.c{k}" for k in range(per_layer)]
-    return slots
+    (outer first, innermost last), then an HM-LSTM layer's boundary z."""
+    return [f"layer{n}.{name}" for n in range(config.num_layers) for name in layer_slots(config, n)]
 
 
 def pack_state(state: tuple[tuple[Tensor, ...], ...]) -> Tensor:
@@ -112,16 +120,16 @@ def pack_state(state: tuple[tuple[Tensor, ...], ...]) -> Tensor:
 
 def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...], ...]:
     """(B, S, H) -> per-layer state tuples, the inverse of pack_state."""
-    per_layer = (config.depth if config.core == "nlstm" else 1) + 1
-    if packed.dim() != 3 or packed.shape[1] != per_layer * config.num_layers:
+    sizes = [len(layer_slots(config, n)) for n in range(config.num_layers)]
+    if packed.dim() != 3 or packed.shape[1] != sum(sizes) or packed.shape[2] != config.hidden_size:
         raise ValueError(
-            f"packed state must be (B, {per_layer * config.num_layers}, {config.hidden_size}), "
-            f"got {tuple(packed.shape)}"
+            f"packed state must be (B, {sum(sizes)}, {config.hidden_size}), got {tuple(packed.shape)}"
         )
-    parts = packed.unbind(1)
-    return tuple(
-        tuple(parts[n * per_layer : (n + 1) * per_layer]) for n in range(config.num_layers)
-    )
+    parts, out, start = packed.unbind(1), [], 0
+    for size in sizes:
+        out.append(tuple(parts[start : start + size]))
+        start += size
+    return tuple(out)
 
 
 class _Model(nn.Module):
@@ -129,10 +137,21 @@ class _Model(nn.Module):
         super().__init__()
         self.config = config
         self.core = build_core(config)
-        self.head = nn.Linear(config.hidden_size, config.out_features)
-        # "the final output gate" is initialised orthogonally too (the paper's section 4)
-        nn.init.orthogonal_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if config.core == "hmlstm":  # the HM-RNN paper's output module, eq. (11)-(12)
+            self.head = HMOutputModule(
+                config.hidden_size, config.num_layers,
+                config.embedding_size or config.hidden_size, config.out_features,
+            )
+        else:
+            self.head = nn.Linear(config.hidden_size, config.out_features)
+            # "the final output gate" is initialised orthogonally too (the NLSTM paper, section 4)
+            nn.init.orthogonal_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of each epoch: anneals an HM-LSTM's slope."""
+        if isinstance(self.core, HMLSTM):
+            self.core.slope = slope_schedule(epoch)
 
     def initial_state(self, batch_size: int, device=None, dtype=None):
         return self.core.initial_state(batch_size, device=device, dtype=dtype)
