@@ -1,0 +1,157 @@
+"""The gRPC servicer (thin: protos in and out, the engine does the work) and the one
+interceptor that records every call's status and latency and turns unexpected exceptions into
+INTERNAL (logged with their traceback; the client sees no internals)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from serving.api.nlstm.v1 import inference_pb2 as pb
+from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.engine import Engine, InvalidArgument, ServingError
+from serving.metrics import Metrics
+
+log = logging.getLogger("nlstm.serving")
+
+SERVICE = "nlstm.v1.Inference"
+FINISH = {
+    "": pb.FINISH_REASON_UNSPECIFIED,
+    "LENGTH": pb.FINISH_REASON_LENGTH,
+    "STOP_SEQUENCE": pb.FINISH_REASON_STOP_SEQUENCE,
+    "CANCELLED": pb.FINISH_REASON_CANCELLED,
+}
+
+
+def model_info(name: str, model) -> pb.ModelInfo:
+    m = model.meta
+    figures = {k: float(v) for k, v in (m.figures or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return pb.ModelInfo(
+        name=name, task=m.task, kind=m.core,
+        vocab_size=(m.vocab_size or 0) if m.kind == "char" else 0,
+        num_classes=(m.num_classes or 0) if m.kind == "glimpse" else 0,
+        metrics=figures, depth=m.depth, num_layers=m.num_layers, hidden_size=m.hidden_size,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(
+            models=[model_info(n, self.engine.models[n]) for n in sorted(self.engine.models)]
+        )
+
+    async def CreateSession(self, request, context):
+        s = self.engine.create_session(request.model)
+        return pb.Session(session_id=s.session_id, model=s.model,
+                          idle_timeout_seconds=int(self.engine.limits.idle_timeout))
+
+    async def CloseSession(self, request, context):
+        self.engine.close_session(request.session_id)
+        return pb.CloseSessionResponse()
+
+    async def Generate(self, request, context):
+        seed = request.seed if request.HasField("seed") else None
+        async for text, bits, finish in self.engine.generate(
+            request.model, request.session_id, request.prompt, request.max_chars,
+            request.temperature, request.top_k, request.top_p, seed, list(request.stop),
+            request.logprobs,
+        ):
+            yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish])
+
+    async def Score(self, request, context):
+        r = await self.engine.score(request.model, request.session_id, request.text, request.per_char)
+        return pb.ScoreResponse(**r)
+
+    async def ClassifyGlimpses(self, request_iterator, context):
+        stream = None
+        try:
+            async for request in request_iterator:
+                if stream is None:
+                    stream = self.engine.glimpse_stream(request.model, request.session_id)
+                elif (request.model and request.model != stream.name) or request.session_id:
+                    raise InvalidArgument("model and session_id go on the first message of a stream only")
+                step, probs, cls = await stream.push(request.pixels)
+                yield pb.GlimpseResponse(step=step, probabilities=probs, predicted_class=cls)
+        finally:
+            if stream is not None:
+                stream.close()
+
+
+class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
+    """Wraps every Inference handler: domain errors -> their status code, cancellations ->
+    CANCELLED, anything else -> INTERNAL (logged); counts and times every call."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def finish(code: str, start: float) -> None:
+            metrics.requests.labels(method, code).inc()
+            metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+        async def fail(context, exc: BaseException, start: float):
+            if isinstance(exc, ServingError):
+                finish(exc.code, start)
+                await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            log.exception("unexpected error in %s", method)
+            finish("INTERNAL", start)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                start = time.perf_counter()
+                try:
+                    response = await inner(request, context)
+                except asyncio.CancelledError:
+                    finish("CANCELLED", start)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one place that maps them all
+                    if _is_abort(exc):
+                        raise
+                    await fail(context, exc, start)
+                finish("OK", start)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        streaming = handler.unary_stream or handler.stream_stream
+        kind = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+
+        async def stream(request, context):
+            start = time.perf_counter()
+            try:
+                async for response in streaming(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                finish("CANCELLED", start)
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if _is_abort(exc):
+                    raise
+                await fail(context, exc, start)
+            finish("OK", start)
+
+        return kind(stream, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises this to end the call; it must pass through untouched
+    return type(exc).__name__ == "AbortError"

@@ -1,0 +1,126 @@
+"""The session store: each session is one sequence's recurrent state, kept between calls.
+
+A session holds its model's name and a (S, H) float32 state (the exported step graph's state
+rows: every layer's h, its outer and inner memories, an HM-LSTM's boundaries). Ids carry 128
+random bits. Sessions expire after `idle_timeout` seconds without use and are bounded in
+number; a session in use by one call is not handed to another: the second call gets
+SessionBusy (the servicer answers ABORTED), so two calls can never interleave their steps on
+one state. State is written back only when a call completes a step, so a cancelled call leaves
+its session at the last whole step.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class SessionError(Exception):
+    """Base of the store's errors; each maps to one gRPC status code in the servicer."""
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+class SessionBusy(SessionError):
+    pass
+
+
+class TooManySessions(SessionError):
+    pass
+
+
+@dataclass
+class Session:
+    session_id: str
+    model: str
+    state: np.ndarray  # (S, H) float32
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: bool = False
+
+
+class SessionStore:
+    """Thread-safe map of session id -> Session with idle expiry and a size bound."""
+
+    def __init__(self, max_sessions: int = 1024, idle_timeout: float = 600.0, clock=time.monotonic):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.evicted = 0  # sessions expired by idleness, for the metrics
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def create(self, model: str, state: np.ndarray) -> Session:
+        with self._lock:
+            self._expire_locked()
+            if len(self._sessions) >= self.max_sessions:
+                raise TooManySessions(
+                    f"the server holds its maximum of {self.max_sessions} sessions; close unused "
+                    "sessions (CloseSession) or retry later"
+                )
+            sid = secrets.token_urlsafe(16)  # 128 random bits
+            session = Session(sid, model, state.astype(np.float32, copy=True), self._clock())
+            self._sessions[sid] = session
+            return session
+
+    def acquire(self, session_id: str) -> Session:
+        """Take a session for one call; release() it when the call ends."""
+        with self._lock:
+            session = self._get_locked(session_id)
+            if session.in_use:
+                raise SessionBusy(
+                    f"session {session_id} is in use by another call; calls on one session must "
+                    "not overlap (wait for the other call to finish)"
+                )
+            session.in_use = True
+            return session
+
+    def release(self, session: Session) -> None:
+        with self._lock:
+            session.in_use = False
+            session.last_used = self._clock()
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            self._get_locked(session_id)
+            del self._sessions[session_id]
+
+    def expire(self) -> int:
+        """Drop sessions idle longer than idle_timeout; returns how many went."""
+        with self._lock:
+            return self._expire_locked()
+
+    def _get_locked(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or (not session.in_use and self._idle(session)):
+            if session is not None:
+                del self._sessions[session_id]
+                self.evicted += 1
+            raise SessionNotFound(
+                f"no session {session_id!r}: it was closed, expired after "
+                f"{self.idle_timeout:g} s idle, or belongs to another server; create a new one"
+            )
+        return session
+
+    def _idle(self, session: Session) -> bool:
+        return self._clock() - session.last_used > self.idle_timeout
+
+    def _expire_locked(self) -> int:
+        stale = [sid for sid, s in self._sessions.items() if not s.in_use and self._idle(s)]
+        for sid in stale:
+            del self._sessions[sid]
+        self.evicted += len(stale)
+        return len(stale)
