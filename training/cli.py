@@ -9,6 +9,7 @@ Everything below this module takes plain arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,138 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serving (no torch)
+def _env(name: str, default, cast=str):
+    """A flag's default from the environment variable NLSTM_<NAME>, else `default`."""
+    value = os.environ.get(f"NLSTM_{name}")
+    if value is None or value == "":
+        return default
+    try:
+        return cast(value)
+    except ValueError:
+        raise SystemExit(f"nlstm: environment variable NLSTM_{name}={value!r} is not a valid {cast.__name__}")
+
+
+def _default_models_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "exported"
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve exported models over gRPC (stateful Generate, Score, ClassifyGlimpses)",
+        description=(
+            "Load every exported model folder under --models and serve them over gRPC, with "
+            "health checking, reflection and Prometheus metrics. Every flag can also be set by "
+            "the environment variable in brackets. SIGTERM drains: health turns NOT_SERVING, "
+            "new calls get UNAVAILABLE, calls in flight get --grace seconds."
+        ),
+    )
+    a = p.add_argument
+    a("--models", type=Path, default=_env("MODELS", _default_models_dir(), Path),
+      help="folder of exported models, one per sub-folder; a model's name is its folder's [NLSTM_MODELS] "
+           "(default: the bundled exported/)")
+    a("--host", default=_env("HOST", "[::]"), help="address to bind [NLSTM_HOST] (default: all)")
+    a("--port", type=int, default=_env("PORT", 50051, int),
+      help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
+    a("--metrics-port", type=int, default=_env("METRICS_PORT", 9090, int),
+      help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
+    a("--max-sessions", type=int, default=_env("MAX_SESSIONS", 1024, int),
+      help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: 1024)")
+    a("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT", 600.0, float),
+      help="seconds after which an unused session is freed [NLSTM_IDLE_TIMEOUT] (default: 600)")
+    a("--max-batch", type=int, default=_env("MAX_BATCH", 64, int),
+      help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
+    a("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0, float),
+      help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
+    a("--max-chars", type=int, default=_env("MAX_CHARS", 4096, int),
+      help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
+    a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
+      help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)")
+    a("--grace", type=float, default=_env("GRACE", 10.0, float),
+      help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
+    a("--threads", type=int, default=_env("THREADS", 0, int),
+      help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
+    a("--providers", default=_env("PROVIDERS", "auto"),
+      help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda [NLSTM_PROVIDERS]")
+    a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from serving.engine import Limits
+    from serving.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("max_sessions", "max_batch", "max_chars", "max_text"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0:
+        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
+    limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
+                    idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+    runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
+    asyncio.run(serve(args.models, port=args.port, host=args.host,
+                      metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                      limits=limits, grace=args.grace, runtime_options=runtime))
+    return 0
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=_env("TARGET", "localhost:50051"),
+                   help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
+    p.add_argument("--model", default="", help="model name (see the server's ListModels); needed without --session")
+    p.add_argument("--session", default="", help="continue an existing session's state")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a running server, streamed as it arrives")
+    _add_client_flags(p)
+    p.add_argument("--prompt", default="", help="text fed to the model first")
+    p.add_argument("--max-chars", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop after this text (repeatable, at most 4)")
+    p.set_defaults(handler=lambda a: _client("generate", a))
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="bits per character of a text file under a served model")
+    p.add_argument("file", help="UTF-8 text file, or - for standard input")
+    _add_client_flags(p)
+    p.add_argument("--per-char", action="store_true", help="print each character's bits too")
+    p.set_defaults(handler=lambda a: _client("score", a))
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="stream an MNIST image's 20 glimpses to a served classifier")
+    _add_client_flags(p)
+    p.add_argument("--index", type=int, default=0, help="which test image (default: 0)")
+    p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", Path.home() / ".cache" / "nlstm" / "raw", Path),
+                   help="folder with mnist/t10k-images-idx3-ubyte.gz [NLSTM_DATA_DIR]")
+    p.set_defaults(handler=lambda a: _client("classify", a))
+
+
+def _client(command: str, args: argparse.Namespace) -> int:
+    from serving import client
+
+    if command == "generate":
+        client.generate(args.target, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
+                        args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
+    elif command == "score":
+        client.score(args.target, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
+    else:
+        image, label = client.read_mnist_image(str(args.data_dir), args.index)
+        client.classify(args.target, args.model, image, label, timeout=args.timeout)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -111,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
     _add_data(sub)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_score(sub)
+    _add_classify(sub)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Command-line clients of a running server: generate, score, classify (no torch).
+
+Each function takes plain arguments (the `nlstm` command parses the flags) and prints what a
+person wants to see: generated text streamed as it arrives, bits per character, per-glimpse
+predictions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serving.api.nlstm.v1 import inference_pb2 as pb
+from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.formats import image_to_glimpses
+
+
+def _stub(target: str, timeout: float | None):
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout or 10)
+    except grpc.FutureTimeoutError:
+        raise OSError(f"no nlstm server answers at {target}") from None
+    return channel, pb_grpc.InferenceStub(channel)
+
+
+def _rpc_error(exc: grpc.RpcError) -> ValueError:
+    return ValueError(f"{exc.code().name}: {exc.details()}")
+
+
+def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
+             top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
+             timeout: float | None = None) -> str:
+    channel, stub = _stub(target, timeout)
+    request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
+    if seed is not None:
+        request.seed = seed
+    text = []
+    try:
+        for response in stub.Generate(request, timeout=timeout):
+            out.write(response.text)
+            out.flush()
+            text.append(response.text)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        channel.close()
+    out.write("\n")
+    return "".join(text)
+
+
+def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
+          timeout: float | None = None) -> pb.ScoreResponse:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    channel, stub = _stub(target, timeout)
+    try:
+        r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
+                       timeout=timeout)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        channel.close()
+    print(f"{r.num_chars} characters, {r.total_bits:.1f} bits, {r.bits_per_char:.4f} bits/char"
+          + (f", {r.unknown_chars} unknown" if r.unknown_chars else ""))
+    if per_char:
+        for ch, b in zip(text, r.bits):
+            print(f"{ch!r}\t{b:.3f}")
+    return r
+
+
+def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np.ndarray, int]:
+    """One (28, 28) uint8 image and its label from the original IDX .gz files."""
+    root = Path(data_dir) / "mnist"
+    if not root.is_dir():
+        root = Path(data_dir)
+    with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    if not 0 <= index < len(images):
+        raise ValueError(f"image index must be in [0, {len(images)}), got {index}")
+    return images[index], int(labels[index])
+
+
+def classify(target: str, model: str, image: np.ndarray, label: int | None = None,
+             timeout: float | None = None) -> list[pb.GlimpseResponse]:
+    glimpses = image_to_glimpses(image)  # (20, 49)
+    channel, stub = _stub(target, timeout)
+
+    def requests():
+        for i, g in enumerate(glimpses):
+            yield pb.GlimpseRequest(model=model if i == 0 else "", pixels=g.tolist())
+
+    out = []
+    try:
+        for r in stub.ClassifyGlimpses(requests(), timeout=timeout):
+            out.append(r)
+            print(f"glimpse {r.step:2d}: class {r.predicted_class} (p = {max(r.probabilities):.3f})")
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        channel.close()
+    if label is not None:
+        print(f"label: {label}")
+    return out
