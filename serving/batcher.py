@@ -8,7 +8,9 @@ ready), stacks them into one (B,) / (B, 49) input and one (B, S, H) state, runs 
 once on a worker thread (the event loop stays free), and hands each caller its row.
 
 Streams re-enqueue as soon as their previous step resolves, so concurrent streams on one
-model advance in lockstep batches. A caller that is cancelled simply never reads its row.
+model advance in lockstep batches. The engine counts the calls that are stepping (`active`);
+once every one of them is waiting there is no company left to wait for and the batch runs at
+once, so a lone stream never pays `max_wait`. A caller that is cancelled simply never reads its row.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{name}")
         self._task: asyncio.Task | None = None
         self.steps_run = 0
+        self.active = 0  # calls currently stepping on this model (the engine counts them)
+
+    def wake(self) -> None:
+        """Re-check the batch now (a caller left: one fewer to wait for)."""
+        self._ready.set()
 
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -82,7 +89,7 @@ class Batcher:
             await self._ready.wait()
             # the oldest request waits at most max_wait for company
             deadline = self._queue[0][3] + self.max_wait if self._queue else 0.0
-            while len(self._queue) < self.max_batch:
+            while len(self._queue) < min(self.max_batch, max(self.active, 1)):
                 delay = deadline - time.monotonic()
                 if delay <= 0:
                     break

@@ -181,6 +181,7 @@ class Engine:
             pos = Position(session.state, self.logits.get(session.session_id))
         else:
             pos = Position(model.initial_state(1)[0], None)
+        self.batchers[model_name].active += 1  # this call steps until _release
         return model_name, model, session, pos
 
     def _save(self, session: Session | None, pos: Position) -> None:
@@ -189,7 +190,11 @@ class Engine:
             if pos.logits is not None:
                 self.logits[session.session_id] = pos.logits
 
-    def _release(self, session: Session | None) -> None:
+    def _release(self, name: str, session: Session | None) -> None:
+        batcher = self.batchers[name]
+        batcher.active -= 1
+        if batcher.queue_depth():
+            batcher.wake()  # one fewer caller for a waiting batch to wait for
         if session is not None:
             self.store.release(session)
 
@@ -245,7 +250,7 @@ class Engine:
                 "boundaries": ["".join(b) for b in boundaries] if per_char else [],
             }
         finally:
-            self._release(session)
+            self._release(name, session)
 
     async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
                        temperature: float, top_k: int, top_p: float, seed: int | None,
@@ -295,7 +300,7 @@ class Engine:
                     return
                 yield piece, b, ("LENGTH" if n == max_chars - 1 else "")
         finally:
-            self._release(session)
+            self._release(name, session)
 
     # ------------------------------------------------------------- glimpses
     def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
@@ -327,7 +332,7 @@ class GlimpseStream:
         return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p))
 
     def close(self) -> None:
-        self.engine._release(self.session)
+        self.engine._release(self.name, self.session)
 
 
 __all__ = [

@@ -65,4 +65,6 @@ class Sampler:
             mask[keep] = True
             p = np.where(mask, p, 0.0)
             p /= p.sum()
-        return int(self.rng.choice(len(p), p=p))
+        # inverse CDF: one uniform draw (several times faster than Generator.choice)
+        cdf = np.cumsum(p)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(p) - 1))

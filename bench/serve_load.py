@@ -1,0 +1,171 @@
+"""Serving throughput: N concurrent Generate streams against a real `nlstm serve` process.
+
+In one run:
+  1. the raw onnxruntime step rate of the same model at batch N and at batch 1, measured in a
+     subprocess that never imports torch (char-steps/s = batch / step time);
+  2. a server process (`nlstm serve --port 0`), and N concurrent Generate streams for
+     --seconds: aggregate characters/s, and p50/p99 of the time between characters (time
+     between stream messages divided by the characters they carry);
+and prints the ratio of (2) to (1) for N streams and for one stream.
+
+    python bench/serve_load.py --models exported/ --model ptb-nlstm --streams 64 --seconds 20
+    python bench/serve_load.py --smoke            # a tiny random model, a few seconds (CI)
+
+Without --models, a random model of the paper's PTB size (NLSTM 2x600, 50 symbols; --hidden
+to change) is exported to a temporary folder first. The client shares the machine with the
+server: on a 2-core machine it takes part of the CPU the server would otherwise use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+RAW_RATE = r"""
+import json, sys, time
+import numpy as np
+from serving.runtime import load_model
+folder, name, batch, seconds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+m = load_model(f"{folder}/{name}", providers="cpu", intra_op_threads=threads or None)
+state = m.initial_state(batch)
+x = np.zeros(batch, np.int64)
+for _ in range(20):
+    _, state = m.step(x, state)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    _, state = m.step(x, state)
+    n += 1
+dt = (time.perf_counter() - t0) / n
+print(json.dumps({"step_s": dt, "char_steps_per_s": batch / dt, "torch": "torch" in sys.modules}))
+"""
+
+
+def export_random(out: Path, hidden: int, vocab_text: str) -> str:
+    import torch
+
+    from training.data.tokenizer import train_char_tokenizer
+    from training.export import export_model
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    tok = train_char_tokenizer(vocab_text.splitlines(), newline=True)
+    model = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=hidden, depth=2, vocab_size=tok.vocab_size))
+    export_model(model.eval(), out / "random-nlstm", task="ptb", tokenizer=tok.model_proto, sequence="never")
+    return "random-nlstm"
+
+
+def raw_rate(folder: Path, name: str, batch: int, seconds: float, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(seconds), str(threads)],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["torch"], "the raw-rate process must not load torch"
+    return result
+
+
+def start_server(folder: Path, threads: int, max_batch: int):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--models", str(folder), "--port", "0", "--host", "localhost",
+         "--metrics-port", "-1", "--max-batch", str(max_batch), "--threads", str(threads), "--max-sessions", "4096"],
+        stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        m = re.search(r"on port (\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+async def load(port: int, model: str, streams: int, seconds: float) -> dict:
+    import grpc
+
+    from serving.api.nlstm.v1 import inference_pb2 as pb
+    from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+
+    gaps: list[float] = []
+    chars = 0
+    end = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def one(i: int):
+            nonlocal chars
+            while time.perf_counter() < end:
+                req = pb.GenerateRequest(model=model, prompt="the ", max_chars=4000, temperature=1.0, seed=i)
+                call = stub.Generate(req)
+                last = time.perf_counter()
+                async for r in call:
+                    now = time.perf_counter()
+                    n = len(r.text)
+                    if n:
+                        gaps.extend([(now - last) / n] * n)
+                        chars += n
+                    last = now
+                    if now >= end:
+                        call.cancel()
+                        break
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(streams)))
+        elapsed = time.perf_counter() - t0
+    g = np.array(gaps) if gaps else np.zeros(1)
+    return {"chars_per_s": chars / elapsed, "p50_ms": float(np.percentile(g, 50) * 1e3),
+            "p99_ms": float(np.percentile(g, 99) * 1e3), "chars": chars}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=None, help="exported models folder (default: a random model)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--hidden", type=int, default=600)
+    ap.add_argument("--streams", type=int, nargs="+", default=[64, 1])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.hidden, args.streams, args.seconds = 16, [4, 1], 2.0
+    tmp = None
+    folder, name = args.models, args.model
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory()
+        folder = Path(tmp.name)
+        text = (REPO / "README.md").read_text(encoding="utf-8")
+        name = export_random(folder, args.hidden, "\n".join(line for line in text.splitlines() if line))
+    elif name is None:
+        name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
+    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}")
+    for n in args.streams:
+        raw = raw_rate(folder, name, n, min(5.0, args.seconds), args.threads)
+        proc, port = start_server(folder, args.threads, max_batch=max(n, 1))
+        try:
+            res = asyncio.run(load(port, name, n, args.seconds))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        ratio = res["chars_per_s"] / raw["char_steps_per_s"]
+        print(f"streams {n:>3}: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime batch-{n} "
+              f"{raw['char_steps_per_s']:>9,.0f} char-steps/s ({raw['step_s'] * 1e3:.2f} ms/step)  "
+              f"ratio {ratio:.2f}  between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
