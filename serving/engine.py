@@ -12,16 +12,17 @@ follows a line break), else the space (text8); its prediction scores the first c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
-from serving.batcher import Batcher
 from serving.formats import GLIMPSE_SIZE
 from serving.metrics import Metrics
-from serving.sampling import Sampler, bits, check_sampling, log_softmax
+from serving.sampling import Sampler, check_sampling, log_softmax
+from serving.scheduler import GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 
 
@@ -77,14 +78,6 @@ class Limits:
     max_stop: int = 4
 
 
-@dataclass
-class Position:
-    """Where one sequence stands: its state (S, H) and the logits predicting its next symbol."""
-
-    state: np.ndarray
-    logits: np.ndarray | None
-
-
 class Engine:
     def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
                  metrics: Metrics | None = None) -> None:
@@ -92,28 +85,41 @@ class Engine:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout)
-        self.batchers: dict[str, Batcher] = {}
-        self.logits: dict[str, np.ndarray] = {}  # session id -> logits predicting its next symbol
+        self.schedulers: dict[str, Scheduler] = {}
+        self.texts: dict[str, list[str]] = {}  # per char model: each id's text
         self.closing = False
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
+        """Start one scheduler thread per model; call from the event loop that serves."""
+        loop = asyncio.get_running_loop()
         for name, model in self.models.items():
-            b = Batcher(model.step, max_batch=self.limits.max_batch, max_wait=self.limits.max_wait,
-                        on_batch=self._on_batch(name), name=name)
-            b.start()
-            self.batchers[name] = b
+            self.schedulers[name] = Scheduler(
+                model.step, max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
+                post=loop.call_soon_threadsafe, on_batch=self._on_batch(name),
+            )
+            tok = model.tokenizer
+            if model.meta.kind == "char" and tok is not None:
+                # each id's text, decoded once (generation emits one id per character)
+                self.texts[name] = [tok.decode([i]) if i not in self._special(tok) else "" for i in range(tok.vocab_size)]
+
+    @staticmethod
+    def _special(tok) -> set[int]:
+        return {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
 
     def _on_batch(self, name: str):
-        def record(size: int, seconds: float) -> None:
-            self.metrics.batch_size.labels(name).observe(size)
-            self.metrics.step_seconds.labels(name).observe(seconds)
-            self.metrics.queue_depth.labels(name).set(self.batchers[name].queue_depth())
+        batch, seconds, depth = (m.labels(name) for m in (self.metrics.batch_size, self.metrics.step_seconds,
+                                                           self.metrics.queue_depth))
+
+        def record(size: int, elapsed: float, active: int) -> None:  # runs on the scheduler thread
+            batch.observe(size)
+            seconds.observe(elapsed)
+            depth.set(active)
         return record
 
     async def close(self) -> None:
-        for b in self.batchers.values():
-            await b.close()
+        for s in self.schedulers.values():
+            await asyncio.get_running_loop().run_in_executor(None, s.stop)
 
     def expire_sessions(self) -> int:
         gone = self.store.expire()
@@ -147,11 +153,11 @@ class Engine:
             self.store.delete(session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
-        self.logits.pop(session_id, None)
         self.metrics.active_sessions.set(len(self.store))
 
     def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
-        """(model name, model, session or None, position) for a call; the caller must release."""
+        """(model name, model, session or None, state, logits) for a call; the caller must
+        _finish it."""
         if self.closing:
             raise Unavailable("the server is shutting down; retry on another replica")
         session = None
@@ -178,27 +184,19 @@ class Engine:
                 f"{rpc} runs on {what}; model {model_name!r} is a {model.meta.kind} model"
             )
         if session is not None:
-            pos = Position(session.state, self.logits.get(session.session_id))
-        else:
-            pos = Position(model.initial_state(1)[0], None)
-        self.batchers[model_name].active += 1  # this call steps until _release
-        return model_name, model, session, pos
+            return model_name, model, session, session.state, session.logits
+        return model_name, model, None, model.initial_state(1)[0], None
 
-    def _save(self, session: Session | None, pos: Position) -> None:
+    def _finish(self, name: str, session: Session | None, seq: Sequence) -> None:
+        """End a call: stop its sequence if it still runs, keep its last whole step in the
+        session, release the session."""
+        if not seq.finished:
+            seq.cancelled = True
+            self.schedulers[name].poke()
         if session is not None:
-            session.state = pos.state
-            if pos.logits is not None:
-                self.logits[session.session_id] = pos.logits
-
-    def _release(self, name: str, session: Session | None) -> None:
-        batcher = self.batchers[name]
-        batcher.active -= 1
-        if batcher.queue_depth():
-            batcher.wake()  # one fewer caller for a waiting batch to wait for
-        if session is not None:
+            session.state, session.logits = seq.pos
             self.store.release(session)
 
-    # -------------------------------------------------------------- text
     @staticmethod
     def start_id(model: ServedModel) -> int:
         tok = model.tokenizer
@@ -210,16 +208,7 @@ class Engine:
                 return int(enc.ids[0])
         return 0
 
-    async def _feed(self, name: str, model: ServedModel, pos: Position, token: int,
-                    session: Session | None) -> None:
-        logits, state = await self.batchers[name].step(np.int64(token), pos.state)
-        pos.state, pos.logits = state, logits
-        self._save(session, pos)  # after every whole step: a cancelled call leaves it consistent
-
-    async def _ensure_started(self, name, model, pos, session) -> None:
-        if pos.logits is None:
-            await self._feed(name, model, pos, self.start_id(model), session)
-
+    # -------------------------------------------------------------- text
     async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
         if not text:
             raise InvalidArgument("text must not be empty")
@@ -227,36 +216,37 @@ class Engine:
             raise ResourceExhausted(
                 f"text has {len(text)} characters; this server scores at most {self.limits.max_text} per call"
             )
-        name, model, session, pos = self._open(model_name, session_id, "char", "Score")
+        name, model, session, state, logits = self._open(model_name, session_id, "char", "Score")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        enc = model.tokenizer.encode(text)
+        z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
+        seq = ScoreSequence(state, logits, self.start_id(model), enc.ids, z_slots,
+                            lambda s: done.done() or done.set_result(s))
         try:
-            enc = model.tokenizer.encode(text)
-            await self._ensure_started(name, model, pos, session)
-            z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
-            char_bits = np.empty(len(enc.ids))
-            boundaries: list[list[str]] = [[] for _ in z_slots]
-            for i, tok in enumerate(enc.ids):
-                char_bits[i] = bits(pos.logits[None], np.array([tok]))[0]
-                await self._feed(name, model, pos, int(tok), session)
-                for b, slot in zip(boundaries, z_slots):
-                    b.append("1" if pos.state[slot, 0] > 0.5 else "0")
-            self.metrics.chars_scored.labels(name).inc(len(enc.ids))
-            total = float(char_bits.sum())
-            return {
-                "bits_per_char": total / len(enc.ids),
-                "total_bits": total,
-                "num_chars": len(enc.ids),
-                "bits": char_bits.astype(np.float32).tolist() if per_char else [],
-                "unknown_chars": int(enc.unknown_chars),
-                "boundaries": ["".join(b) for b in boundaries] if per_char else [],
-            }
+            self.schedulers[name].add(seq)
+            await done
+            if seq.error is not None:
+                raise seq.error
         finally:
-            self._release(name, session)
+            self._finish(name, session, seq)
+        self.metrics.chars_scored.labels(name).inc(len(enc.ids))
+        total = float(seq.bits.sum())
+        return {
+            "bits_per_char": total / len(enc.ids),
+            "total_bits": total,
+            "num_chars": len(enc.ids),
+            "bits": seq.bits.astype(np.float32).tolist() if per_char else [],
+            "unknown_chars": int(enc.unknown_chars),
+            "boundaries": [b.decode() for b in seq.boundaries] if per_char else [],
+        }
 
     async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
                        temperature: float, top_k: int, top_p: float, seed: int | None,
                        stop: list[str], logprobs: bool) -> AsyncIterator[tuple[str, list[float], str]]:
-        """Yields (text, bits, finish_reason) per generated character; finish_reason is "" until
-        the last one ("LENGTH", "STOP_SEQUENCE" or "CANCELLED")."""
+        """Yields (text, bits, finish_reason): the characters generated since the last yield
+        (several when the reader is slower than generation), finish_reason "" until the last
+        ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it)."""
         if not 1 <= max_chars <= self.limits.max_chars:
             raise InvalidArgument(f"max_chars must be in [1, {self.limits.max_chars}], got {max_chars}")
         try:
@@ -272,47 +262,51 @@ class Engine:
             raise ResourceExhausted(
                 f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
             )
-        name, model, session, pos = self._open(model_name, session_id, "char", "Generate")
+        name, model, session, state, logits = self._open(model_name, session_id, "char", "Generate")
+        tok = model.tokenizer
+        banned = tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
+        queue: asyncio.Queue = asyncio.Queue()
+        feed = ([self.start_id(model)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
+        seq = GenerateSequence(
+            state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
+            self.texts[name], tok.eos_id, lambda *item: queue.put_nowait(item),
+        )
+        counter = self.metrics.chars_generated.labels(name)
+        t0, first = time.perf_counter(), True
         try:
-            tok = model.tokenizer
-            banned = tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
-            sampler = Sampler(temperature, top_k, top_p, seed, banned=banned)
-            t0 = time.perf_counter()
-            await self._ensure_started(name, model, pos, session)
-            for t in tok.encode(prompt).ids:
-                await self._feed(name, model, pos, int(t), session)
-            out = ""
-            for n in range(max_chars):
-                if self.closing:
-                    yield "", [], "CANCELLED"
+            self.schedulers[name].add(seq)
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                chunk = [i for i in items if i[0] is not None]
+                if chunk:
+                    if first:
+                        self.metrics.first_char.labels(name).observe(time.perf_counter() - t0)
+                        first = False
+                    text = "".join(c[0] for c in chunk)
+                    counter.inc(sum(1 for c in chunk if c[2] != "CANCELLED"))
+                    yield text, [b for c in chunk for b in c[1]], chunk[-1][2]
+                if items[-1][0] is None:  # end of stream
+                    if seq.error is not None:
+                        raise seq.error
                     return
-                token = sampler(pos.logits)
-                b = [float(bits(pos.logits[None], np.array([token]))[0])] if logprobs else []
-                piece = tok.decode([token])
-                await self._feed(name, model, pos, token, session)
-                if n == 0:
-                    self.metrics.first_char.labels(name).observe(time.perf_counter() - t0)
-                self.metrics.chars_generated.labels(name).inc()
-                out += piece
-                eos = tok.eos_id is not None and token == tok.eos_id
-                if eos or any(out.endswith(s) for s in stop):
-                    yield piece, b, "STOP_SEQUENCE"
-                    return
-                yield piece, b, ("LENGTH" if n == max_chars - 1 else "")
         finally:
-            self._release(name, session)
+            self._finish(name, session, seq)
 
     # ------------------------------------------------------------- glimpses
     def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
-        name, model, session, pos = self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
-        return GlimpseStream(self, name, model, session, pos)
+        name, model, session, state, _ = self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
+        seq = GlimpseSequence(state)
+        self.schedulers[name].add(seq)
+        return GlimpseStream(self, name, session, seq)
 
 
 class GlimpseStream:
     """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried."""
 
-    def __init__(self, engine: Engine, name: str, model: ServedModel, session, pos: Position):
-        self.engine, self.name, self.model, self.session, self.pos = engine, name, model, session, pos
+    def __init__(self, engine: Engine, name: str, session, seq: GlimpseSequence):
+        self.engine, self.name, self.session, self.seq = engine, name, session, seq
         self.steps = 0
 
     async def push(self, pixels) -> tuple[int, list[float], int]:
@@ -322,17 +316,19 @@ class GlimpseStream:
                 f"a glimpse is {GLIMPSE_SIZE} finite floats in [0, 1] (7x7, row-major); got "
                 f"{x.size} values" + ("" if x.size != GLIMPSE_SIZE or np.isfinite(x).all() else " with NaN or infinity")
             )
-        logits, state = await self.engine.batchers[self.name].step(x, self.pos.state)
-        self.pos.state = state
-        self.engine._save(self.session, self.pos)
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        self.seq.inputs.append((x, lambda logits: reply.done() or reply.set_result(logits)))
+        self.engine.schedulers[self.name].poke()
+        logits = await reply
         self.steps += 1
         self.engine.metrics.glimpses.labels(self.name).inc()
-        lp = log_softmax(logits)
-        p = np.exp(lp)
+        p = np.exp(log_softmax(logits))
         return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p))
 
     def close(self) -> None:
-        self.engine._release(self.name, self.session)
+        self.seq.finished = True  # nothing more will come; the scheduler drops it
+        self.engine._finish(self.name, self.session, self.seq)
 
 
 __all__ = [

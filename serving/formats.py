@@ -12,6 +12,9 @@ at half resolution (2x2 mean pooling). Every element is 7x7 = 49 floats, row-maj
 is a sequence of 20 elements of 49 floats: element `5 * quadrant + k`, k = 0..3 the glimpses
 above and k = 4 the pooled quadrant.
 
+Exported model folder: `meta.json`, described by `ExportMeta` below (its schema, validation and
+`EXPORT_FORMAT_VERSION`); docs/export.md is the prose version.
+
 Tokenizer: a sentencepiece model of type `char`, used so that every character of the text is
 exactly one id. sentencepiece itself merges a run of unknown characters into one `<unk>` piece;
 `Tokenizer.encode` splits such a run back into one unknown id per character and counts them, so
@@ -20,8 +23,11 @@ sequence lengths, bits per character and the server's `unknown_chars` all count 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -158,3 +164,197 @@ class Tokenizer:
             raise ValueError(
                 f"token id {bad[0]} is out of range: ids must be in [0, {self.vocab_size})"
             )
+
+
+# ------------------------------------------------------------------------ exported model folder
+EXPORT_FORMAT = "nlstm-export"  # the marker that says "this folder is an exported nlstm model"
+EXPORT_FORMAT_VERSION = 1  # bump on any change to the meta.json schema or the graph contract
+META_FILE = "meta.json"
+STEP_GRAPH = "model.onnx"
+SEQUENCE_GRAPH = "sequence.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+# The graphs' names. Step graph: INPUT (B) int64 or (B, 49) float32, "state" (B, S, H) float32
+# -> "logits" (B, V), "state_out" (B, S, H). The sequence graph is the same with a leading time
+# axis on the input and the logits: (T, B) or (T, B, 49) -> (T, B, V); the state has none.
+CORES = ("nlstm", "lstm", "hmlstm")
+CHAR_INPUT = ("tokens", "int64")
+GLIMPSE_INPUT = ("glimpse", "float32")
+STATE_INPUT, LOGITS_OUTPUT, STATE_OUTPUT = "state", "logits", "state_out"
+
+
+class ExportFormatError(ValueError):
+    """A folder or meta.json that is not a readable nlstm export (missing, corrupt, too new,
+    or files that do not match their recorded hashes)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (how meta.json pins every other file of the folder)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ExportMeta:
+    """meta.json of an exported model folder: everything a server needs to run the graphs
+    without the training code. Written by training/export.py, read by serving/runtime.py."""
+
+    task: str  # what it was trained on: "ptb", "text8", "poems", "mnist", or a test task name
+    kind: str  # "char" (character language model) or "glimpse" (MNIST glimpse classifier)
+    core: str  # recurrent core: "nlstm", "lstm" or "hmlstm"
+    depth: int  # nesting depth of each layer (1 for LSTM and HM-LSTM)
+    num_layers: int  # stacked layers
+    hidden_size: int  # H: cells per layer
+    outer_activation: str  # NLSTM level-0 candidate activation ("identity" | "tanh"); others "tanh"
+    vocab_size: int | None  # char models: V, symbols in and out (= the tokenizer's size)
+    input_size: int | None  # glimpse models: floats per step (49)
+    num_classes: int | None  # glimpse models: classes (10)
+    input_name: str  # "tokens" (char) or "glimpse"
+    input_dtype: str  # "int64" (char) or "float32" (glimpse)
+    state_slots: list[str]  # names of the S state slots in order: "layer0.h", "layer0.c0", ...
+    files: dict[str, str]  # file name -> sha256 hex, for every file of the folder but meta.json
+    sequence_graph: bool  # whether sequence.onnx (a whole sequence in one call) is shipped
+    opset: int  # ONNX opset of the graphs
+    ir_version: int  # ONNX IR version of the graphs
+    figures: dict[str, Any] = field(default_factory=dict)  # valid/test figures at the best epoch
+    metrics: dict[str, Any] = field(default_factory=dict)  # the checkpoint's metrics, verbatim
+    train_config: dict[str, Any] = field(default_factory=dict)  # the training run's config
+    model_config: dict[str, Any] = field(default_factory=dict)  # training's ModelConfig, verbatim
+    sequence_timing: dict[str, Any] = field(default_factory=dict)  # the ship-or-not measurement
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, step, epoch, versions
+    format: str = EXPORT_FORMAT
+    format_version: int = EXPORT_FORMAT_VERSION
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_slots(self) -> int:  # S
+        return len(self.state_slots)
+
+    @property
+    def state_shape(self) -> tuple[int, int]:  # (S, H): the state is (B, S, H)
+        return (self.num_slots, self.hidden_size)
+
+    @property
+    def output_size(self) -> int:  # V or the number of classes: logits are (B, output_size)
+        return self.vocab_size if self.kind == "char" else self.num_classes
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return TOKENIZER_FILE in self.files
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "ExportMeta":
+        def bad(msg: str):
+            raise ExportFormatError(f"meta.json: {msg}")
+
+        if self.format != EXPORT_FORMAT:
+            bad(f"format must be {EXPORT_FORMAT!r}, got {self.format!r}")
+        if self.format_version != EXPORT_FORMAT_VERSION:
+            bad(
+                f"format version {self.format_version} is not readable by this nlstm, which "
+                f"reads version {EXPORT_FORMAT_VERSION} (export the model again with this "
+                "version, or use the nlstm that wrote it)"
+            )
+        if self.kind not in ("char", "glimpse"):
+            bad(f"kind must be 'char' or 'glimpse', got {self.kind!r}")
+        if self.core not in CORES:
+            bad(f"core must be one of {CORES}, got {self.core!r}")
+        for name in ("depth", "num_layers", "hidden_size", "opset", "ir_version"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(f"{name} must be an integer >= 1, got {v!r}")
+        if self.core != "nlstm" and self.depth != 1:
+            bad(f"a {self.core} model has depth 1, got {self.depth}")
+        expected_input = CHAR_INPUT if self.kind == "char" else GLIMPSE_INPUT
+        if (self.input_name, self.input_dtype) != expected_input:
+            bad(
+                f"a {self.kind} model's input is {expected_input[0]!r} of {expected_input[1]}, "
+                f"got {self.input_name!r} of {self.input_dtype}"
+            )
+        size_fields = ("vocab_size",) if self.kind == "char" else ("input_size", "num_classes")
+        for name in size_fields:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(f"a {self.kind} model needs {name} >= 1, got {v!r}")
+        if self.core == "hmlstm":  # (h, c, z) per layer, (h, c) on the last
+            n_slots = 3 * (self.num_layers - 1) + 2
+        else:  # h and one memory per nesting level
+            n_slots = (self.depth + 1) * self.num_layers
+        if len(self.state_slots) != n_slots or len(set(self.state_slots)) != n_slots:
+            bad(
+                f"state_slots must name {n_slots} distinct slots for a {self.num_layers}-layer "
+                f"{self.core} of depth {self.depth}, got {self.state_slots}"
+            )
+        if not isinstance(self.files, dict) or STEP_GRAPH not in self.files:
+            bad(f"files must list {STEP_GRAPH!r} with its sha256, got {self.files!r}")
+        for name, digest in self.files.items():
+            if "/" in name or "\\" in name or name in ("", ".", "..", META_FILE):
+                bad(f"files may only name plain files of the folder (not {META_FILE}), got {name!r}")
+            if not (isinstance(digest, str) and len(digest) == 64):
+                bad(f"files[{name!r}] must be a sha256 hex digest, got {digest!r}")
+        if self.sequence_graph != (SEQUENCE_GRAPH in self.files):
+            listed = "lists" if SEQUENCE_GRAPH in self.files else "does not list"
+            bad(f"sequence_graph is {self.sequence_graph} but files {listed} {SEQUENCE_GRAPH!r}")
+        if self.kind == "char" and not self.has_tokenizer:
+            bad(f"a char model's folder must hold its {TOKENIZER_FILE!r}")
+        return self
+
+    # ------------------------------------------------------------------- json
+    def to_json(self) -> str:
+        return json.dumps(asdict(self.validate()), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ExportMeta":
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise ExportFormatError(f"meta.json is not valid JSON: {exc}") from None
+        if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
+            raise ExportFormatError(
+                f"meta.json is not an nlstm export's (expected \"format\": {EXPORT_FORMAT!r})"
+            )
+        # The version first: a newer writer may have changed every other field.
+        version = d.get("format_version")
+        if version != EXPORT_FORMAT_VERSION:
+            raise ExportFormatError(
+                f"meta.json has export format version {version!r}; this nlstm reads version "
+                f"{EXPORT_FORMAT_VERSION} (export the model again with this version, or use the "
+                "nlstm that wrote it)"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ExportFormatError(f"meta.json has unknown keys {unknown}; allowed: {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise ExportFormatError(f"meta.json lacks the keys {missing}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ExportMeta":
+        path = Path(folder) / META_FILE
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise ExportFormatError(
+                f"{folder} is not an exported model folder: it has no {META_FILE}"
+            ) from None
+        return cls.from_json(text)
+
+    def verify_files(self, folder: str | Path) -> None:
+        """Check every listed file's sha256; a missing or changed file is an ExportFormatError."""
+        folder = Path(folder)
+        for name, digest in self.files.items():
+            path = folder / name
+            if not path.is_file():
+                raise ExportFormatError(f"{folder}: {name} is listed in {META_FILE} but missing")
+            actual = file_sha256(path)
+            if actual != digest:
+                raise ExportFormatError(
+                    f"{folder}: {name} does not match its sha256 in {META_FILE} (expected "
+                    f"{digest[:12]}..., found {actual[:12]}...): the file was changed or corrupted; "
+                    "export the model again"
+                )

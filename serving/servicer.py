@@ -62,7 +62,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request.temperature, request.top_k, request.top_p, seed, list(request.stop),
             request.logprobs,
         )
-        async for text, bits, finish in coalesce(chars):
+        async for text, bits, finish in chars:
             yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish])
 
     async def Score(self, request, context):
@@ -82,47 +82,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             if stream is not None:
                 stream.close()
-
-
-async def coalesce(chars):
-    """Generated characters -> stream messages. Generation runs ahead in its own task; each
-    message carries every character made while the previous message was being written, so a
-    fast client gets one character per message and a slow or busy transport gets fewer,
-    larger messages instead of falling behind."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def produce():
-        try:
-            async for item in chars:
-                queue.put_nowait(item)
-        except BaseException as exc:  # handed to the consumer, which raises it in the call
-            queue.put_nowait(exc)
-            return
-        queue.put_nowait(done)
-
-    task = asyncio.get_running_loop().create_task(produce())
-    try:
-        while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            end = items[-1] is done or isinstance(items[-1], BaseException)
-            chunk = [i for i in items if isinstance(i, tuple)]
-            if chunk:
-                text = "".join(c[0] for c in chunk)
-                bits = [b for c in chunk for b in c[1]]
-                yield text, bits, chunk[-1][2]
-            if isinstance(items[-1], BaseException):
-                raise items[-1]
-            if end:
-                return
-    finally:
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
 
 
 class ErrorsAndMetrics(grpc.aio.ServerInterceptor):

@@ -39,7 +39,8 @@ class TooManySessions(SessionError):
 class Session:
     session_id: str
     model: str
-    state: np.ndarray  # (S, H) float32
+    state: np.ndarray  # (S, H) float32: after the last symbol fed
+    logits: np.ndarray | None = None  # what that step predicts next; None: nothing fed yet
     last_used: float = field(default_factory=time.monotonic)
     in_use: bool = False
 
@@ -72,7 +73,7 @@ class SessionStore:
                     "sessions (CloseSession) or retry later"
                 )
             sid = secrets.token_urlsafe(16)  # 128 random bits
-            session = Session(sid, model, state.astype(np.float32, copy=True), self._clock())
+            session = Session(sid, model, state.astype(np.float32, copy=True), last_used=self._clock())
             self._sessions[sid] = session
             return session
 

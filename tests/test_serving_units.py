@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher
+from serving.scheduler import GenerateSequence, ScoreSequence, Scheduler
 from serving.sampling import Sampler, bits, check_sampling
 from serving.sessions import SessionBusy, SessionNotFound, SessionStore, TooManySessions
 
@@ -87,42 +87,103 @@ def test_bits():
     assert bits(logits, np.array([1]))[0] == pytest.approx(2.0)
 
 
-def test_batcher_advances_concurrent_callers_together():
-    calls = []
+class FakeModel:
+    """A stand-in step graph: logits favour (input + 1) mod V; the state counts steps."""
 
-    def step(inputs, states):
-        calls.append(len(inputs))
-        return inputs[:, None] * np.ones((len(inputs), 3)), states + 1
+    def __init__(self, V=5, fail_on=None):
+        self.V, self.calls, self.fail_on = V, [], fail_on
 
-    async def main():
-        b = Batcher(step, max_batch=8, max_wait=0.05)
-        b.start()
-        results = await asyncio.gather(*[b.step(np.float32(i), np.zeros((2, 2), np.float32)) for i in range(5)])
-        await b.close()
-        return results
-
-    results = asyncio.run(main())
-    assert calls == [5]  # one batched call for all five
-    for i, (logits, state) in enumerate(results):
-        assert logits.tolist() == [i, i, i] and (state == 1).all()
-
-
-def test_batcher_respects_max_batch_and_reports_errors():
-    sizes = []
-
-    def step(inputs, states):
-        sizes.append(len(inputs))
-        if (inputs < 0).any():
+    def step(self, inputs, states):
+        self.calls.append(len(inputs))
+        if self.fail_on is not None and (inputs == self.fail_on).any():
             raise RuntimeError("graph failed")
-        return np.zeros((len(inputs), 2)), states
+        logits = np.full((len(inputs), self.V), -5.0)
+        logits[np.arange(len(inputs)), (inputs.astype(int) + 1) % self.V] = 5.0
+        return logits, states + 1
 
+
+def run_scheduler(model, make_seqs, max_batch=8, max_wait=0.0):
     async def main():
-        b = Batcher(step, max_batch=3, max_wait=0.01)
-        b.start()
-        await asyncio.gather(*[b.step(np.float32(i), np.zeros((1, 1), np.float32)) for i in range(7)])
-        with pytest.raises(RuntimeError, match="graph failed"):
-            await b.step(np.float32(-1), np.zeros((1, 1), np.float32))
-        await b.close()
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(model.step, max_batch=max_batch, max_wait=max_wait, post=loop.call_soon_threadsafe)
+        seqs, waits = make_seqs(loop)
+        for s in seqs:
+            sched.add(s)
+        await asyncio.gather(*waits)
+        await loop.run_in_executor(None, sched.stop)
+        return seqs
+    return asyncio.run(main())
 
-    asyncio.run(main())
-    assert sizes[:3] == [3, 3, 1] and max(sizes) <= 3
+
+def test_scheduler_steps_ready_sequences_together_and_scores():
+    model = FakeModel()
+
+    def make(loop):
+        futs = [loop.create_future() for _ in range(3)]
+        seqs = [ScoreSequence(np.zeros((2, 2), np.float32), None, 0, np.array([1, 2, 3, 4]), [],
+                              lambda s, f=f: f.done() or f.set_result(s)) for f in futs]
+        return seqs, futs
+
+    seqs = run_scheduler(model, make)
+    assert model.calls == [3] * 5  # start + 4 characters, the three sequences in every step
+    for s in seqs:
+        # each character followed its predecessor, so each scored about 0 bits
+        assert s.bits.shape == (4,) and (s.bits < 1e-3).all()
+        assert (s.pos[0] == 5).all()  # five steps in the state
+
+
+def test_scheduler_generates_greedily_and_respects_max_batch():
+    model = FakeModel(V=5)
+    texts = ["a", "b", "c", "d", "e"]
+
+    def make(loop):
+        outs = [[] for _ in range(5)]
+        done = [loop.create_future() for _ in range(5)]
+
+        def emitter(i):
+            def emit(text, bits, finish):
+                if text is None:
+                    done[i].set_result(outs[i])
+                else:
+                    outs[i].append((text, finish))
+            return emit
+
+        seqs = [GenerateSequence(np.zeros((1, 1), np.float32), None, [i], Sampler(0.0), 4, [], False, texts, None,
+                                 emitter(i)) for i in range(5)]
+        return seqs, done
+
+    seqs = run_scheduler(model, make, max_batch=2)
+    assert max(model.calls) <= 2
+    for i, s in enumerate(seqs):
+        assert s.finished and s.finish_reason == "LENGTH"
+        assert (s.pos[0] == 5).all()  # the prompt id and the four generated ones
+
+
+def test_sampler_draws_match_the_vectorised_path():
+    """One seeded request gives the same text whether it is sampled alone or in a batch."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 7))
+    one = Sampler(0.8, seed=3)
+    alone = [one(row) for row in logits]
+    s = Sampler(0.8, seed=3)
+    batched = []
+    for row in logits:
+        z = row[None] / 0.8
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        cdf = np.cumsum(p, axis=1)
+        u = np.array([s.rng.random()]) * cdf[:, -1]
+        batched.append(int(np.minimum((cdf <= u[:, None]).sum(axis=1), 6)[0]))
+    assert alone == batched
+
+
+def test_scheduler_reports_a_failing_graph_to_its_calls_only():
+    model = FakeModel(V=10, fail_on=9)
+
+    def make(loop):
+        futs = [loop.create_future() for _ in range(2)]
+        seqs = [ScoreSequence(np.zeros((1, 1), np.float32), np.zeros(10), 0, np.array(ids), [],
+                              lambda s, f=f: f.done() or f.set_result(s)) for ids, f in zip(([9], [1, 2]), futs)]
+        return seqs, futs
+
+    bad, good = run_scheduler(model, make, max_batch=1)
+    assert isinstance(bad.error, RuntimeError) and good.error is None and good.finished

@@ -1,0 +1,299 @@
+"""Continuous batching: one thread per model advances every ready sequence in one step.
+
+A call (Generate, Score, a glimpse stream) becomes a `Sequence` the scheduler owns until it
+finishes: it knows what to feed next (the start symbol, prompt characters, generated or scored
+characters, glimpses as they arrive) and what to do with the step's logits. The scheduler
+thread loops: take the ready sequences (oldest first, at most `max_batch`; those left over go
+first next time), stack their inputs and (S, H) states into one (B,) / (B, 49) input and one
+(B, S, H) state, run the step graph once, hand each sequence its row, sample the next
+character of every generating sequence at once (numpy over the batch), and post everything
+the asyncio side must see in ONE thread-safe callback. New calls join at the next step, as in
+TGI's router or Triton's sequence batcher ("oldest" strategy).
+
+If some sequences are active but not ready (a glimpse stream whose next glimpse is still on
+the network), the scheduler waits at most `max_wait` seconds for them before stepping the
+others: the small bounded wait that fills a batch.
+
+Keeping the per-character work in this thread, off the event loop and without a future per
+step, is what lets one stream run near the raw step rate (bench/serve_load.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from serving.sampling import LOG2E, Sampler, log_softmax
+
+log = logging.getLogger("nlstm.serving")
+
+
+class Sequence:
+    """One call's sequence. Fields written by the scheduler thread: `state`, `logits` (always
+    together, as `pos`), `finished`. The asyncio side may set `cancelled`."""
+
+    def __init__(self, state: np.ndarray, logits: np.ndarray | None) -> None:
+        self.pos = (state, logits)  # assigned as one tuple: readers never see half an update
+        self.cancelled = False
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def take_input(self):
+        """The next input to step (called only when ready())."""
+        raise NotImplementedError
+
+    def advance(self, logits: np.ndarray, state: np.ndarray, post: list) -> None:
+        """Take this sequence's row of the step; append callbacks for the asyncio side."""
+        raise NotImplementedError
+
+    def close(self, post: list) -> None:
+        """Finished or cancelled: append the final callbacks."""
+
+
+class ScoreSequence(Sequence):
+    """Feeds the start symbol if fresh, then each character of the text, scoring each under
+    the prediction made before it."""
+
+    def __init__(self, state, logits, start_id: int, ids: np.ndarray, z_slots: list[int], done: Callable) -> None:
+        super().__init__(state, logits)
+        self.start_id = start_id if logits is None else None
+        self.ids = ids
+        self.next = 0  # index of the next text id to feed
+        self.bits = np.empty(len(ids))
+        self.z_slots = z_slots
+        self.boundaries = [bytearray() for _ in z_slots]
+        self._done = done
+
+    def ready(self) -> bool:
+        return self.start_id is not None or self.next < len(self.ids)
+
+    def take_input(self):
+        if self.start_id is not None:
+            token, self.start_id = self.start_id, None
+            self._scored = False
+            return np.int64(token)
+        token = int(self.ids[self.next])
+        self.bits[self.next] = -log_softmax(self.pos[1])[token] * LOG2E
+        self.next += 1
+        self._scored = True
+        return np.int64(token)
+
+    def advance(self, logits, state, post) -> None:
+        self.pos = (state, logits)
+        if self._scored:
+            for b, slot in zip(self.boundaries, self.z_slots):
+                b.append(49 if state[slot, 0] > 0.5 else 48)  # '1' / '0' after this character
+        if not self.ready():
+            self.finished = True
+
+    def close(self, post) -> None:
+        post.append(lambda: self._done(self))
+
+
+class GenerateSequence(Sequence):
+    """Feeds `feed` (the start symbol if fresh, then the prompt), then alternates: sample a
+    character from the last prediction, emit it, feed it."""
+
+    def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
+                 stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable) -> None:
+        super().__init__(state, logits)
+        self.feed: deque[int] = deque(feed)
+        self.sampler = sampler
+        self.remaining = max_chars
+        self.stop, self.logprobs, self.texts, self.eos_id = stop, logprobs, texts, eos_id
+        self.tail = ""  # the end of the generated text, long enough to see a stop string
+        self.keep = max((len(s) for s in stop), default=0)
+        self._emit = emit  # emit(text, bits, finish_reason) on the asyncio side
+        self.finish_reason = ""
+        # no start or prompt to feed: a session's position already predicts the next character
+        self.wants_sample = not self.feed
+
+    def ready(self) -> bool:
+        return bool(self.feed) or self.wants_sample
+
+    def take_input(self):
+        return np.int64(self.feed.popleft())
+
+    def advance(self, logits, state, post) -> None:
+        self.pos = (state, logits)
+        if self.finish_reason:  # the last character is in the state now
+            self.finished = True
+        elif not self.feed:
+            self.wants_sample = True  # sampled at the start of the next step
+
+    def take_sample(self, token: int, bits: float | None, post: list) -> None:
+        """The scheduler sampled `token` for this sequence: emit it and feed it next."""
+        self.wants_sample = False
+        self.remaining -= 1
+        text = self.texts[token]
+        self.tail = (self.tail + text)[-self.keep:] if self.keep else ""
+        if (self.eos_id is not None and token == self.eos_id) or any(self.tail.endswith(s) for s in self.stop):
+            self.finish_reason = "STOP_SEQUENCE"
+        elif self.remaining == 0:
+            self.finish_reason = "LENGTH"
+        b = [bits] if bits is not None else []
+        emit, reason = self._emit, self.finish_reason
+        post.append(lambda: emit(text, b, reason))
+        self.feed.append(token)  # fed so the state (and a session) includes it
+
+    def close(self, post) -> None:
+        if not self.finish_reason:  # cancelled, or the server is draining
+            emit = self._emit
+            post.append(lambda: emit("", [], "CANCELLED"))
+        post.append(lambda: self._emit(None, None, None))  # end of stream
+
+
+class GlimpseSequence(Sequence):
+    def __init__(self, state) -> None:
+        super().__init__(state, None)
+        self.inputs: deque = deque()  # (pixels, callback(logits)) appended by the asyncio side
+
+    def ready(self) -> bool:
+        return bool(self.inputs)
+
+    def take_input(self):
+        pixels, self._reply = self.inputs.popleft()
+        return pixels
+
+    def advance(self, logits, state, post) -> None:
+        self.pos = (state, logits)
+        reply = self._reply
+        post.append(lambda: reply(logits))
+
+
+class Scheduler:
+    def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
+                 post: Callable[[Callable], None], on_batch: Callable[[int, float, int], None] | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait}")
+        self._step = step
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self._post = post  # runs a callable on the asyncio loop (call_soon_threadsafe)
+        self._on_batch = on_batch  # (batch size, seconds in the step graph, sequences active)
+        self._seqs: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self.steps_run = 0
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    def add(self, seq: Sequence) -> None:
+        with self._cond:
+            self._seqs.append(seq)
+            self._cond.notify()
+
+    def poke(self) -> None:
+        """Something changed on the asyncio side (an input arrived, a call was cancelled)."""
+        with self._cond:
+            self._cond.notify()
+
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(10)
+
+    def _take_batch(self) -> list[Sequence] | None:
+        """Under the lock: drop finished sequences, wait for ready ones; None when stopping."""
+        waited_since = None
+        while True:
+            post: list = []
+            keep = []
+            for s in self._seqs:
+                if s.finished or s.cancelled:
+                    s.close(post)
+                else:
+                    keep.append(s)
+            self._seqs = keep
+            if post:
+                self._post_all(post)
+            if self._stopped:
+                return None
+            ready = [s for s in self._seqs if s.ready()]
+            if ready and len(ready) < min(len(self._seqs), self.max_batch) and self.max_wait > 0:
+                now = time.monotonic()
+                waited_since = waited_since or now
+                if now - waited_since < self.max_wait:  # some are busy elsewhere: a short wait
+                    self._cond.wait(self.max_wait - (now - waited_since))
+                    continue
+            if ready:
+                batch = ready[: self.max_batch]
+                if len(ready) > self.max_batch:  # the ones left go first next time
+                    chosen = set(map(id, batch))
+                    self._seqs = [s for s in self._seqs if id(s) not in chosen] + batch
+                return batch
+            self._cond.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._take_batch()
+            if batch is None:
+                return
+            post: list = []
+            try:
+                # sample the next character of every generating sequence at once; it is fed
+                # in this same step
+                self._sample([s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample], post)
+                inputs = np.stack([s.take_input() for s in batch])
+                states = np.stack([s.pos[0] for s in batch])
+                t0 = time.perf_counter()
+                logits, new_states = self._step(inputs, states)
+                elapsed = time.perf_counter() - t0
+                for i, s in enumerate(batch):
+                    s.advance(logits[i], new_states[i], post)
+            except Exception as exc:  # a failing graph fails the calls in it, not the server
+                log.exception("step failed for a batch of %d", len(batch))
+                for s in batch:
+                    s.error, s.finished = exc, True
+                elapsed = 0.0
+            self.steps_run += 1
+            if self._on_batch is not None:
+                self._on_batch(len(batch), elapsed, len(self._seqs))
+            if post:
+                self._post_all(post)
+
+    def _sample(self, seqs: list[GenerateSequence], post: list) -> None:
+        """The next character of every generating sequence, vectorised over the batch where
+        the sampling settings allow (greedy and plain temperature rows)."""
+        if not seqs:
+            return
+        logits = np.stack([s.pos[1] for s in seqs]).astype(np.float64)  # (n, V)
+        tokens = np.empty(len(seqs), dtype=np.int64)
+        simple = [i for i, s in enumerate(seqs) if not s.sampler.top_k and not 0 < s.sampler.top_p < 1]
+        for i, s in enumerate(seqs):
+            if i not in simple or s.sampler.temperature == 0:
+                tokens[i] = s.sampler(logits[i])
+        rows = [i for i in simple if seqs[i].sampler.temperature > 0]
+        if rows:
+            z = logits[rows] / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
+            banned = seqs[rows[0]].sampler.banned
+            if banned:
+                z[:, list(banned)] = -np.inf
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            cdf = np.cumsum(p, axis=1)
+            u = np.array([seqs[i].sampler.rng.random() for i in rows]) * cdf[:, -1]
+            tokens[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
+        lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
+        for i, s in enumerate(seqs):
+            bits = float(-lp[i, tokens[i]] * LOG2E) if lp is not None and s.logprobs else None
+            s.take_sample(int(tokens[i]), bits, post)
+
+    def _post_all(self, callbacks: list) -> None:
+        def run_all():
+            for cb in callbacks:
+                cb()
+        self._post(run_all)
