@@ -19,3 +19,11 @@ def test_train_speed_smoke():
     for line in lines:
         assert float(line.split()[1].replace(",", "")) > 0
         assert float(line.split()[-1]) > 0  # the ratio against nn.LSTM
+
+
+def test_hmlstm_copy_smoke():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
+    ).stdout
+    assert "layer 2:" in out and "saved" in out
