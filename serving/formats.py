@@ -245,7 +245,7 @@ class ExportMeta:
         return TOKENIZER_FILE in self.files
 
     # ---------------------------------------------------------------- validation
-    def validate(self) -> "ExportMeta":
+    def validate(self) -> ExportMeta:
         def bad(msg: str):
             raise ExportFormatError(f"meta.json: {msg}")
 
@@ -306,7 +306,7 @@ class ExportMeta:
         return json.dumps(asdict(self.validate()), indent=2, allow_nan=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "ExportMeta":
+    def from_json(cls, text: str | bytes) -> ExportMeta:
         try:
             d = json.loads(text)
         except ValueError as exc:
@@ -334,7 +334,7 @@ class ExportMeta:
         return cls(**d).validate()
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ExportMeta":
+    def from_folder(cls, folder: str | Path) -> ExportMeta:
         path = Path(folder) / META_FILE
         try:
             text = path.read_bytes()

@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -377,4 +377,4 @@ def load_model(
     return model
 
 
-__all__ = ["ExportedModel", "Score", "load_model", "PROVIDER_CHOICES"]
+__all__ = ["PROVIDER_CHOICES", "ExportedModel", "Score", "load_model"]
