@@ -235,6 +235,179 @@ def _client(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- train
+class _IntermixedParser(argparse.ArgumentParser):
+    """Accepts options and positionals in any order (`CONFIG --run-dir D key=value ...`).
+
+    Plain argparse cannot give a `*` positional the words that follow an option once an earlier
+    positional (CONFIG) has been matched; parse_known_intermixed_args can, and calls back into
+    parse_known_args, hence the guard."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a config file (one per row of the paper's tables)",
+        description=(
+            "Train the model of CONFIG (a TOML file, e.g. configs/ptb-nlstm-2x600.toml) in "
+            "--run-dir: metrics.jsonl, last.pt and best.pt. Any config value can be overridden "
+            "as key=value (dotted for nested keys: model.hidden_size=128 optimizer.lr=0.001). "
+            "Several processes: torchrun --nproc_per_node=N -m training.cli train ..."
+        ),
+    )
+    p.__class__ = _IntermixedParser  # options and key=value overrides in any order
+    p.add_argument("config", type=Path, help="TOML config file")
+    p.add_argument("--run-dir", type=Path, required=True, help="folder for metrics and checkpoints")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its last.pt (starts it when there is none)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after N optimizer steps in all (evaluates and checkpoints first); sets max_steps",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress bar on stderr (auto: only when stderr is a terminal)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from training.config import load_config
+    from training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    config = load_config(args.config, overrides)
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    summary = train(config, args.run_dir, resume=args.resume, progress=progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        best = {k: {"valid": v["valid"], "test": v["test"], "epoch": v["epoch"]}
+                for k, v in summary["best"].items()}
+        print(f"{summary['stopped']} at step {summary['step']}; best (valid -> its test): {best}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- plot
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="draw learning curves of one or more runs (the paper's Figures 5-8)",
+        description=(
+            "Draw the figures of each RUN's metrics.jsonl per epoch, several runs on one chart "
+            "(PNG). Default splits are the paper's: valid and test for PTB, train and valid "
+            "otherwise; MNIST gets NLL and error panels."
+        ),
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder (or its metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: FIRST_RUN/curves.png)")
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="comma-separated splits to draw, from train, valid, test (default: the paper's)",
+    )
+    p.add_argument("--title", default=None, help="chart title (default: the task)")
+    p.set_defaults(handler=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from training.plots import plot_runs
+
+    splits = args.splits.split(",") if args.splits else None
+    out = plot_runs(args.runs, out=args.out, splits=splits, title=args.title)
+    print(out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ visualize
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="draw the cell activations of a trained model over a text (the paper's Figures 3-4)",
+        description=(
+            "Feed TEXT through a character model one character at a time and draw, per "
+            "character, the first cells of every memory: for an NLSTM the inner memory "
+            "tanh(c~) beside the outer memory c, for a stacked LSTM every layer's tanh(c). "
+            "Writes cells.png and a self-contained cells.html."
+        ),
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint (best.pt or last.pt of a run)")
+    p.add_argument("--text", required=True, help="the text to feed, e.g. a sentence of the test set")
+    p.add_argument("--out", type=Path, default=None, help="folder for the files (default: the checkpoint's)")
+    p.add_argument("--cells", type=int, default=7, help="how many cells to draw per memory (default 7)")
+    p.set_defaults(handler=_run_visualize)
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from training.plots import visualize_checkpoint
+
+    out = args.out if args.out is not None else args.checkpoint.resolve().parent
+    for path in visualize_checkpoint(args.checkpoint, args.text, out, cells=args.cells):
+        print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to an ONNX model folder that serving runs without torch",
+        description=(
+            "Write OUT/model.onnx (one recurrent step, the state as explicit input and output), "
+            "OUT/sequence.onnx (a whole sequence in one call, shipped when it measures faster), "
+            "OUT/tokenizer.model (text models) and OUT/meta.json (docs/export.md). The folder is "
+            "written atomically; an existing export at OUT is replaced, any other folder refused."
+        ),
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by `nlstm train`")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm")
+    p.add_argument(
+        "--no-sequence",
+        action="store_true",
+        help="export the step graph only (default: also the sequence graph, kept if faster)",
+    )
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from training.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.out, sequence="never" if args.no_sequence else "auto")
+    print(f"exported {meta.task} {meta.kind} {meta.core} to {args.out}")
+    for name, digest in meta.files.items():
+        print(f"  {name:<16} sha256 {digest[:16]}...")
+    t = meta.sequence_timing
+    if t.get("shipped"):
+        print(f"  sequence graph shipped: {t['speedup']}x the step graph per step")
+    elif "speedup" in t:
+        print(f"  sequence graph not shipped: {t['speedup']}x the step graph per step")
+    else:
+        print(f"  sequence graph not exported{': ' + t['error'] if 'error' in t else ''}")
+    print(f"  state (B, {meta.num_slots}, {meta.hidden_size}): {', '.join(meta.state_slots)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -243,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
+    _add_export(sub)
     _add_data(sub)
+    _add_train(sub)
+    _add_plot(sub)
+    _add_visualize(sub)
     _add_serve(sub)
     _add_generate(sub)
     _add_score(sub)

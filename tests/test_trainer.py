@@ -1,0 +1,408 @@
+"""The trainer on small synthetic data: metrics, checkpoints, exact resume, config overrides.
+
+Runs use tests/trainer_data.py's tiny datasets (a character stream, padded sequences, glimpse
+sequences) in place of training.data.load, and models of 8-16 cells: each run takes a second or
+two on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_data import glimpses_prepared, sequences_prepared, stream_prepared
+
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    allowed_keys,
+    apply_overrides,
+    load_config,
+    model_config_for,
+)
+from training.trainer import BEST, LAST, METRICS, figures, read_metrics, train
+
+QUIET = dict(log=lambda *_: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    return stream_prepared(tmp_path_factory.mktemp("stream"), n_train=6000, n_eval=800)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(task="ptb", model={"hidden_size": 12}, batch_size=4, seq_len=25, epochs=2,
+                checkpoint_every=0, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / LAST).model
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _figures_only(evals):
+    drop = ("train_items_per_s", "elapsed_s")
+    return [{k: v for k, v in e.items() if k not in drop} for e in evals]
+
+
+class Kill(Exception):
+    """Stands for a SIGKILL at an arbitrary point: nothing after it runs."""
+
+
+def _kill_at(step):
+    def hook(s):
+        if s == step:
+            raise Kill
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_stream_run_writes_metrics_and_checkpoints(tmp_path, stream):
+    summary = train(_cfg(), tmp_path, prepared=stream, **QUIET)
+    assert {p.name for p in tmp_path.iterdir()} == {METRICS, LAST, BEST}
+    lines = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    run, evals = lines[0], lines[1:]
+    assert run["type"] == "run" and run["seed"] == 3 and run["task"] == "ptb"
+    assert run["config"]["optimizer"]["lr"] == 0.002
+    assert run["config"]["model"] == {"hidden_size": 12}
+    assert set(run["versions"]) >= {"torch", "python", "nlstm", "numpy"}
+    assert run["params"] > 0 and run["world_size"] == 1 and run["device"] == "cpu"
+    steps_per_epoch = run["train_batches_per_epoch"]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    assert [e["step"] for e in evals] == [steps_per_epoch, 2 * steps_per_epoch]
+    for e in evals:
+        assert e["type"] == "eval"
+        for k in ("train_bpc", "valid_bpc", "test_bpc", "best_valid_bpc", "best_test_bpc"):
+            assert 0 < e[k] < 8, k
+    # the reported test figure is the one at the evaluation of best validation
+    best = min(evals, key=lambda e: e["valid_bpc"])
+    assert evals[-1]["best_valid_bpc"] == best["valid_bpc"]
+    assert evals[-1]["best_test_bpc"] == best["test_bpc"]
+    assert evals[-1]["best_epoch"] == best["epoch"] and evals[-1]["best_step"] == best["step"]
+    assert summary["best"]["bpc"]["test"] == best["test_bpc"]
+    # it learned something: the grammar's text is far from uniform over ~20 symbols
+    assert evals[-1]["valid_bpc"] < evals[0]["valid_bpc"] < math.log2(stream.vocab_size)
+    ck = load_checkpoint(tmp_path / LAST)
+    assert ck.tokenizer == stream.tokenizer_path.read_bytes()
+    assert ck.train_config == _cfg().to_dict() and ck.step == evals[-1]["step"]
+    assert ck.optimizer is not None and set(ck.rng) >= {"torch", "numpy", "python"}
+    assert ck.extra["trainer"]["position"] == {"epoch": 2, "batch": 0}
+    best_ck = load_checkpoint(tmp_path / BEST)
+    assert best_ck.optimizer is None and best_ck.step == best["step"]
+    assert best_ck.build_model() is not None
+
+
+def test_eval_covers_every_character_once(tmp_path, stream):
+    from training.trainer import Trainer
+
+    t = Trainer(_cfg(), tmp_path, stream, **QUIET)
+    n = sum(int(b.mask.sum()) for b in t.data.eval_batches("valid"))
+    assert n == len(stream.splits["valid"].ids) - 1
+
+
+def test_sequences_report_perplexity(tmp_path):
+    prepared = sequences_prepared(tmp_path / "data")
+    cfg = _cfg(task="poems", batch_size=16, model={"hidden_size": 16}, optimizer={"lr": 0.01})
+    train(cfg, tmp_path / "run", prepared=prepared, **QUIET)
+    _, evals = read_metrics(tmp_path / "run")
+    for e in evals:
+        assert {"train_ppl", "valid_ppl", "test_ppl", "best_valid_ppl", "best_test_ppl"} <= set(e)
+        assert 1 < e["valid_ppl"] < prepared.vocab_size
+    assert evals[-1]["valid_ppl"] < evals[0]["valid_ppl"]
+
+
+def test_glimpses_report_nll_and_accuracy(tmp_path):
+    prepared = glimpses_prepared(tmp_path)
+    cfg = _cfg(task="mnist", batch_size=32, epochs=3, model={"core": "lstm", "hidden_size": 16},
+               optimizer={"name": "rmsprop", "lr": 0.01, "alpha": 0.9})
+    train(cfg, tmp_path / "run", prepared=prepared, **QUIET)
+    run, evals = read_metrics(tmp_path / "run")
+    assert run["model_config"]["kind"] == "glimpse"
+    for e in evals:
+        for k in ("valid_nll", "valid_acc", "test_nll", "test_acc", "train_nll", "train_acc",
+                  "best_valid_nll", "best_test_nll", "best_valid_acc", "best_test_acc"):
+            assert k in e
+        assert 0 <= e["valid_acc"] <= 1
+    assert evals[-1]["best_valid_acc"] > 0.3  # the label is a lit pixel: learnable (chance: 0.1)
+    assert evals[-1]["best_valid_acc"] == max(e["valid_acc"] for e in evals)
+
+
+def test_figures():
+    assert figures("stream", 2 * math.log(2), 2, 0) == {"bpc": 1.0}
+    assert figures("sequences", 4.0, 2, 0) == {"ppl": pytest.approx(math.e**2)}
+    assert figures("glimpses", 1.0, 4, 3) == {"nll": 0.25, "acc": 0.75}
+
+
+def test_eval_every_and_progress_bar(tmp_path, stream, monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    train(_cfg(epochs=1, eval_every=20), tmp_path, prepared=stream, log=lambda *_: None,
+          progress=True)
+    _, evals = read_metrics(tmp_path)
+    n = evals[-1]["step"]
+    assert [e["step"] for e in evals] == [*range(20, n, 20), n]
+    assert 0 < evals[0]["epoch"] < 1 and evals[-1]["epoch"] == 1
+    out = err.getvalue()
+    assert "bpc=" in out and "chars/s" in out and "epoch 1/1" in out
+
+
+def test_quiet_when_not_a_terminal(tmp_path, stream, capsys):
+    train(_cfg(epochs=1, max_steps=3), tmp_path, prepared=stream)  # progress=None: auto
+    captured = capsys.readouterr()
+    assert "chars/s" not in captured.err  # pytest's stderr is not a terminal
+    assert "step 3" in captured.out  # one line per evaluation on stdout
+
+
+# --------------------------------------------------------------------------------- resuming
+def test_resume_after_max_steps_is_bit_identical(tmp_path, stream):
+    cfg = _cfg(checkpoint_every=7)
+    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    s = train(replace(cfg, max_steps=45), tmp_path / "b", prepared=stream, **QUIET)
+    assert s["stopped"] == "max_steps" and s["step"] == 45
+    s = train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
+    assert s["stopped"] == "done"
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    _, ea = read_metrics(tmp_path / "a")
+    _, eb = read_metrics(tmp_path / "b")
+    # b also evaluated where it stopped (so its next train_bpc covers fewer steps); the
+    # validation and test figures of every other evaluation are the same
+    def held_out(es):
+        return [{k: v for k, v in e.items() if "valid" in k or "test" in k} for e in es]
+
+    assert held_out(ea) == held_out([e for e in eb if e["step"] != 45])
+
+
+@pytest.mark.parametrize("kind", ["stream", "glimpses"])
+def test_a_killed_run_resumes_bit_identical(tmp_path, stream, kind):
+    if kind == "stream":
+        prepared, cfg = stream, _cfg(checkpoint_every=10)
+    else:
+        prepared = glimpses_prepared(tmp_path)
+        cfg = _cfg(task="mnist", batch_size=24, epochs=3, checkpoint_every=4,
+                   optimizer={"name": "rmsprop", "lr": 0.003})
+    train(cfg, tmp_path / "a", prepared=prepared, **QUIET)
+    with pytest.raises(Kill):  # killed after step 23's update, before it was saved
+        train(cfg, tmp_path / "b", prepared=prepared, on_step=_kill_at(23), **QUIET)
+    saved = load_checkpoint(tmp_path / "b" / LAST).step
+    assert saved < 23  # the resumed run must redo some steps
+    train(cfg, tmp_path / "b", prepared=prepared, resume=True, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    _, ea = read_metrics(tmp_path / "a")
+    _, eb = read_metrics(tmp_path / "b")
+    assert _figures_only(ea) == _figures_only(eb)  # no duplicated or lost evaluations
+
+
+def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, monkeypatch):
+    """A metrics line was written, its checkpoint was not: resume drops the line, redoes it."""
+    cfg = _cfg()
+    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    import training.trainer as tr
+
+    real = tr.Trainer._save_last
+    calls = {"n": 0}
+
+    def dying_save(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the end of epoch 2: after its metrics line
+            raise Kill
+        real(self)
+
+    monkeypatch.setattr(tr.Trainer, "_save_last", dying_save)
+    with pytest.raises(Kill):
+        train(cfg, tmp_path / "b", prepared=stream, **QUIET)
+    monkeypatch.setattr(tr.Trainer, "_save_last", real)
+    train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    lines = (tmp_path / "b" / METRICS).read_text().splitlines()
+    types = [json.loads(x)["type"] for x in lines]
+    assert types == ["run", "eval", "resume", "eval"]
+
+
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, monkeypatch):
+    cfg = _cfg(checkpoint_every=10)
+    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    run = tmp_path / "b"
+    with pytest.raises(Kill):
+        train(cfg, run, prepared=stream, on_step=_kill_at(15), **QUIET)
+    before = (run / LAST).read_bytes()
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise Kill  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(Kill):
+        train(cfg, run, prepared=stream, resume=True, **QUIET)
+    monkeypatch.undo()
+    assert (run / LAST).read_bytes() == before  # the previous checkpoint, intact
+    assert sorted(p.name for p in run.iterdir()) == [LAST, METRICS]  # no temporary left behind
+    train(cfg, run, prepared=stream, resume=True, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(run))
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream):
+    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / METRICS).write_text('{"type": "run"}\n')  # killed before any checkpoint
+    train(_cfg(epochs=1), tmp_path / "b", prepared=stream, resume=True, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert [json.loads(x)["type"] for x in (tmp_path / "b" / METRICS).read_text().splitlines()] == [
+        "run", "eval"]
+
+
+def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path, stream):
+    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+    s = train(_cfg(epochs=1), tmp_path / "a", prepared=stream, resume=True, **QUIET)
+    assert s["stopped"] == "done" and s["epoch"] == 1
+    train(_cfg(epochs=2), tmp_path / "a", prepared=stream, resume=True, **QUIET)  # epochs may grow
+    train(_cfg(epochs=2), tmp_path / "b", prepared=stream, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_resume_refuses_another_config(tmp_path, stream):
+    train(_cfg(epochs=1, max_steps=5), tmp_path, prepared=stream, **QUIET)
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: 0\.002 -> 0\.001.*may change on resume"):
+        train(_cfg(optimizer={"lr": 0.001}), tmp_path, prepared=stream, resume=True, **QUIET)
+
+
+def test_an_existing_run_needs_resume(tmp_path, stream):
+    train(_cfg(epochs=1, max_steps=2), tmp_path, prepared=stream, **QUIET)
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(_cfg(epochs=1), tmp_path, prepared=stream, **QUIET)
+
+
+def test_corrupt_or_foreign_last_checkpoint(tmp_path, stream):
+    train(_cfg(epochs=1, max_steps=2), tmp_path, prepared=stream, **QUIET)
+    last = tmp_path / LAST
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="not a readable nlstm checkpoint"):
+        train(_cfg(epochs=1), tmp_path, prepared=stream, resume=True, **QUIET)
+    torch.save({"model": {}}, last)
+    with pytest.raises(CheckpointError, match="not an nlstm checkpoint"):
+        train(_cfg(epochs=1), tmp_path, prepared=stream, resume=True, **QUIET)
+    ck = load_checkpoint(tmp_path / BEST)  # an export-only checkpoint: no training position
+    ck.extra = {}
+    save_checkpoint(ck, last)
+    with pytest.raises(CheckpointError, match="holds no training position"):
+        train(_cfg(epochs=1), tmp_path, prepared=stream, resume=True, **QUIET)
+
+
+# ------------------------------------------------------------------------------ run options
+def test_carry_state_changes_training(tmp_path, stream):
+    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+    train(_cfg(epochs=1, carry_state=False), tmp_path / "b", prepared=stream, **QUIET)
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert load_checkpoint(tmp_path / "b" / LAST).extra["trainer"]["carry"] is None
+
+
+def test_bf16_autocast_trains(tmp_path, stream):
+    train(_cfg(epochs=1, bf16=True), tmp_path, prepared=stream, **QUIET)
+    _, evals = read_metrics(tmp_path)
+    assert math.isfinite(evals[-1]["valid_bpc"]) and evals[-1]["valid_bpc"] < 6
+
+
+def test_data_limits(tmp_path, stream):
+    from training.trainer import Trainer
+
+    t = Trainer(_cfg(max_train_items=1001, max_eval_items=401), tmp_path, stream, **QUIET)
+    assert len(t.data.train.ids) == 1001 and len(t.data.eval["test"].ids) == 401
+    assert t.n_batches == 10  # rows of 250 targets, 25 per batch
+
+
+def test_seed_decides_the_weights(tmp_path, stream):
+    train(_cfg(epochs=1, max_steps=3), tmp_path / "a", prepared=stream, **QUIET)
+    train(_cfg(epochs=1, max_steps=3, seed=4), tmp_path / "b", prepared=stream, **QUIET)
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_device_and_batch_checks(tmp_path, stream):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            train(_cfg(device="cuda"), tmp_path, prepared=stream, **QUIET)
+    with pytest.raises(ConfigError, match="task 'text8' but the data given is 'ptb'"):
+        train(_cfg(task="text8"), tmp_path, prepared=stream, **QUIET)
+
+
+# ---------------------------------------------------------------------------------- config
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'task = "ptb"\nepochs = 3\nclip = 1\n[model]\ncore = "nlstm"\nhidden_size = 600\n'
+        '[optimizer]\nname = "adam"\nlr = 0.002\n'
+    )
+    c = load_config(path, ["model.hidden_size=128", "optimizer.lr=1e-3", "bf16=true",
+                           "carry_state=no", "epochs=5", "data_dir=/x"])
+    assert c.model == {"core": "nlstm", "hidden_size": 128}
+    assert c.optimizer.lr == 0.001 and c.bf16 is True and c.carry_state is False
+    assert c.epochs == 5 and c.clip == 1.0 and isinstance(c.clip, float) and c.data_dir == "/x"
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'; allowed: .*optimizer.lr"),
+        ("model.cells=3", "unknown config key 'model.cells'; allowed: .*model.hidden_size"),
+        ("epoch=3", "unknown config key 'epoch'; allowed: task, .*epochs"),
+        ("epochs.x=3", "unknown config key 'epochs.x'"),
+        ("epochs=two", "epochs must be an integer, got 'two'"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number"),
+        ("bf16=maybe", "bf16 must be true or false"),
+        ("model.hidden_size=1.5", "model.hidden_size must be an integer"),
+        ("epochs", "is not key=value"),
+        ("optimizer.name=sgd", "optimizer.name must be one of \\('adam', 'rmsprop'\\)"),
+        ("optimizer.lr=0", "optimizer.lr must be > 0"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("clip=-1", "clip must be >= 0"),
+        ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
+        ("task=wiki", "task must be one of ptb, text8, poems, mnist"),
+    ],
+)
+def test_bad_overrides_say_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    bad.write_text('epochs = "3"\n')
+    with pytest.raises(ConfigError, match='bad.toml: epochs must be an integer, got \'3\''):
+        load_config(bad)
+    bad.write_text("[model]\nwidth = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.width'"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_the_data_completes_the_model_config():
+    c = TrainConfig(task="ptb", model={"hidden_size": 8})
+    mc = model_config_for(c, 51, None, "stream")
+    assert mc.kind == "char" and mc.vocab_size == 51 and mc.hidden_size == 8
+    mc = model_config_for(TrainConfig(task="mnist"), 0, 10, "glimpses")
+    assert mc.kind == "glimpse" and mc.num_classes == 10
+    with pytest.raises(ConfigError, match="model.vocab_size = 50 disagrees with the ptb data"):
+        model_config_for(TrainConfig(task="ptb", model={"vocab_size": 50}), 51, None, "stream")
+
+
+def test_allowed_keys_and_overrides_on_dicts():
+    keys = allowed_keys()
+    assert "model.hidden_size" in keys and "optimizer.alpha" in keys and "max_steps" in keys
+    d = apply_overrides({"model": {"core": "lstm"}}, ["model.num_layers=2", "seed=7"])
+    assert d == {"model": {"core": "lstm", "num_layers": 2}, "seed": 7}

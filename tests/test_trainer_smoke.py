@@ -1,0 +1,48 @@
+"""The smoke config learns: `nlstm train configs/smoke.toml` on the real PTB (about 30 s on 2
+CPU cores). Validation BPC must fall well below the unigram entropy of the training text (what
+a model that ignores context achieves). Skipped without the datasets (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data
+from training.cli import main
+from training.config import load_config
+from training.trainer import BEST, LAST, read_metrics
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+
+
+def unigram_entropy(ids: np.ndarray) -> float:
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.slow
+def test_smoke_run_learns(shared_data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    rc = main(["train", str(SMOKE), "--run-dir", str(run), f"data_dir={shared_data}",
+               f"cache_dir={cache}"])
+    assert rc == 0
+    config = load_config(SMOKE)
+    prepared = data.load("ptb", data_dir=shared_data, cache_dir=cache)
+    entropy = unigram_entropy(prepared.splits["train"].ids[: config.max_train_items])
+    assert 4.0 < entropy < 4.6  # PTB's characters: about 4.33 bits
+
+    header, evals = read_metrics(run)
+    assert header["config"]["max_train_items"] == config.max_train_items
+    assert [e["epoch"] for e in evals] == list(range(1, config.epochs + 1))
+    final = evals[-1]
+    print(f"smoke: valid_bpc {final['valid_bpc']:.3f}, unigram entropy {entropy:.3f}")
+    assert final["valid_bpc"] < entropy - 1.0  # well below: it uses the context
+    assert final["valid_bpc"] < evals[0]["valid_bpc"]
+    assert math.isfinite(final["test_bpc"]) and final["best_test_bpc"] > 0
+    assert (run / LAST).is_file() and (run / BEST).is_file()
+    assert "done at step" in capsys.readouterr().out
