@@ -365,6 +365,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.checkpoint.resolve().parent
     for path in visualize_checkpoint(args.checkpoint, args.text, out, cells=args.cells):
         print(path)
+        if path.name == "operations.txt":  # HM-LSTM: UPDATE / COPY / FLUSH per layer
+            print(path.read_text(encoding="utf-8"), end="")
     return 0
 
 

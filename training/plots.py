@@ -267,7 +267,62 @@ def visualize_checkpoint(
     png = draw_cells(panels, text, out / "cells.png", cells, title)
     page = out / "cells.html"
     page.write_text(_html(title, note, text, panels, cells), encoding="utf-8")
-    return [png, page]
+    paths = [png, page]
+    if mc.core == "hmlstm":
+        z, norms, counts = hmlstm_boundaries(model, enc.ids)
+        paths.append(draw_boundaries(z, norms, text, out / "boundaries.png", f"Boundaries: {desc}"))
+        ops = out / "operations.txt"
+        ops.write_text("".join(
+            f"layer {n + 1}: UPDATE {c['update']} COPY {c['copy']} FLUSH {c['flush']}\n"
+            for n, c in enumerate(counts)), encoding="utf-8")
+        paths.append(ops)
+    return paths
 
 
-__all__ = ["cell_activations", "draw_cells", "plot_runs", "visualize_checkpoint"]
+# ------------------------------------------------------------------------------ HM-LSTM
+@torch.no_grad()
+def hmlstm_boundaries(model, ids: np.ndarray):
+    """An HM-LSTM over `ids` from a zero state: boundaries z (T, L-1), hidden-state norms
+    ||h^l|| (T, L), and the UPDATE / COPY / FLUSH counts per layer."""
+    core = model.core.eval()
+    x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(-1, 1)  # (T, 1)
+    out, _, z, counts = core(x, return_boundaries=True)  # out (T, 1, L*H)
+    L, H = core.num_layers, core.hidden_size
+    norms = out[:, 0].reshape(-1, L, H).norm(dim=-1)  # (T, L)
+    return z[:, 0].numpy(), norms.numpy(), counts
+
+
+def draw_boundaries(z: np.ndarray, norms: np.ndarray, text: str, out_png: Path, title: str) -> Path:
+    """The HM-RNN paper's Figure 3 (boundaries per layer, white = 1) above its Figure 5
+    (each layer's ||h|| per character, with the boundaries marked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    T, L = norms.shape
+    fig = Figure(figsize=(max(6.0, 0.17 * T + 1.5), 0.45 * (2 * L - 1) + 2.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, height_ratios=[max(L - 1, 1), L])
+    ax1.imshow(z.T, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax1.set_yticks(range(L - 1))
+    ax1.set_yticklabels([f"z{l + 1}" for l in range(L - 1)], fontsize=8)
+    ax1.set_title("boundaries (white: z = 1)", fontsize=9, loc="left")
+    ax2.imshow(norms.T, cmap="viridis", aspect="auto", interpolation="nearest")
+    for l in range(L - 1):  # mark layer l's boundaries on its own row of norms
+        ts = np.nonzero(z[:, l] > 0.5)[0]
+        ax2.scatter(ts, np.full(len(ts), l), marker="|", color="white", s=60)
+    ax2.set_yticks(range(L))
+    ax2.set_yticklabels([f"||h{l + 1}||" for l in range(L)], fontsize=8)
+    ax2.set_title("hidden-state norms", fontsize=9, loc="left")
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(T))
+        ax.set_xticklabels([_show(c) for c in text], fontsize=8, fontfamily="monospace")
+        ax.tick_params(length=0)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out_png, dpi=110)
+    return out_png
+
+
+__all__ = [
+    "cell_activations", "draw_boundaries", "draw_cells", "hmlstm_boundaries", "plot_runs",
+    "visualize_checkpoint",
+]
