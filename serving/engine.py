@@ -101,7 +101,8 @@ class Engine:
             tok = model.tokenizer
             if model.meta.kind == "char" and tok is not None:
                 # each id's text, decoded once (generation emits one id per character)
-                self.texts[name] = [tok.decode([i]) if i not in self._special(tok) else "" for i in range(tok.vocab_size)]
+                special = self._special(tok)
+                self.texts[name] = [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
 
     @staticmethod
     def _special(tok) -> set[int]:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from serving.sampling import LOG2E, Sampler, log_softmax
+from serving.sampling import LOG2E, Sampler, bits, log_softmax
 
 log = logging.getLogger("nlstm.serving")
 
@@ -81,7 +81,7 @@ class ScoreSequence(Sequence):
             self._scored = False
             return np.int64(token)
         token = int(self.ids[self.next])
-        self.bits[self.next] = -log_softmax(self.pos[1])[token] * LOG2E
+        self.bits[self.next] = bits(self.pos[1][None], np.array([token]))[0]
         self.next += 1
         self._scored = True
         return np.int64(token)
@@ -273,11 +273,12 @@ class Scheduler:
             return
         logits = np.stack([s.pos[1] for s in seqs]).astype(np.float64)  # (n, V)
         tokens = np.empty(len(seqs), dtype=np.int64)
-        simple = [i for i, s in enumerate(seqs) if not s.sampler.top_k and not 0 < s.sampler.top_p < 1]
+        rows = []  # plain temperature sampling: vectorised below
         for i, s in enumerate(seqs):
-            if i not in simple or s.sampler.temperature == 0:
+            if s.sampler.temperature > 0 and not s.sampler.top_k and not 0 < s.sampler.top_p < 1:
+                rows.append(i)
+            else:  # greedy, top-k or top-p: one row at a time
                 tokens[i] = s.sampler(logits[i])
-        rows = [i for i in simple if seqs[i].sampler.temperature > 0]
         if rows:
             z = logits[rows] / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
             banned = seqs[rows[0]].sampler.banned
@@ -289,8 +290,8 @@ class Scheduler:
             tokens[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
         for i, s in enumerate(seqs):
-            bits = float(-lp[i, tokens[i]] * LOG2E) if lp is not None and s.logprobs else None
-            s.take_sample(int(tokens[i]), bits, post)
+            b = float(-lp[i, tokens[i]] * LOG2E) if lp is not None and s.logprobs else None
+            s.take_sample(int(tokens[i]), b, post)
 
     def _post_all(self, callbacks: list) -> None:
         def run_all():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.nlstm import State, orthogonal_gates_
+from training.nlstm import State, input_projection, orthogonal_gates_
 
 
 class LSTM(nn.Module):
@@ -118,10 +118,7 @@ class LSTM(nn.Module):
         for n in range(self.num_layers):
             w_ih, w_hh, b = self.layer_weights(n)
             h, c = state[n]
-            if x.dim() == 2:
-                xproj = F.embedding(x.long(), w_ih.t()) + b  # one-hot @ W^T
-            else:
-                xproj = F.linear(x, w_ih, b)
+            xproj = input_projection(x, w_ih, b)  # (T, B, 4H); a column lookup for one-hot inputs
             outs = []
             for t in range(x.shape[0]):
                 h, c = lstm_step(xproj[t], h, c, w_hh)

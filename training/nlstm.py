@@ -48,7 +48,7 @@ State = tuple[Tensor, ...]
 ACTIVATIONS = ("identity", "tanh")
 
 
-def _input_projection(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def input_projection(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """x @ weight.T + bias for dense inputs (..., in); for integer inputs (...,) the one-hot
     product, computed as a lookup of weight's columns (the inputs are one-hot over `in`)."""
     if x.dtype in (torch.int64, torch.int32):
@@ -174,7 +174,7 @@ class NestedLSTMCell(nn.Module):
         # Walk down: level k's gates from its (input, hidden) pair; what level k hands to
         # level k+1 is (i_k * g_k, f_k * c_k(t-1)).
         w_ih, w_hh, b = self.level_weights(0)
-        gates = _input_projection(x, w_ih, b) + F.linear(h_prev, w_hh)  # (B, 4H)
+        gates = input_projection(x, w_ih, b) + F.linear(h_prev, w_hh)  # (B, 4H)
         outputs = []  # per level: its output gate (B, H)
         inp, hid = None, None
         for k in range(self.depth):
@@ -354,7 +354,7 @@ def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple
     """Run `cell` over x of shape (T, B, in) (or (T, B) one-hot indices) from `state`.
     Returns (output (T, B, H), final state)."""
     w_ih0, w_hh0, b0 = cell.level_weights(0)
-    xproj = _input_projection(x, w_ih0, b0)  # (T, B, 4H): one GEMM (or lookup) for all steps
+    xproj = input_projection(x, w_ih0, b0)  # (T, B, 4H): one GEMM (or lookup) for all steps
     inner = []
     for k in range(1, cell.depth):
         w_ih, w_hh, b = cell.level_weights(k)
