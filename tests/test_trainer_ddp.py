@@ -51,6 +51,8 @@ WORKER = textwrap.dedent(
         trainer = Trainer(cfg, root / "run", prepared, dist_info=dist_from_env(), **quiet)
         trainer.run(resume=True)
         torch.save(trainer.model.state_dict(), root / f"weights{rank}.pt")
+        trainer.close()
+        dist.barrier()
         dist.destroy_process_group()
     """
 )

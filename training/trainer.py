@@ -29,6 +29,7 @@ all-reduced.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -435,6 +436,13 @@ class Trainer:
     def _existing(self) -> list[str]:
         return [n for n in (METRICS, LAST, BEST) if (self.run_dir / n).exists()]
 
+    def close(self) -> None:
+        """Release the DistributedDataParallel wrapper, which holds the process group: call it
+        before `destroy_process_group`, so that gloo's threads stop while Python is alive and not
+        when a garbage cycle is collected at interpreter exit (that aborts the process)."""
+        self.train_model = self.model
+        gc.collect()
+
     # --------------------------------------------------------------------------------- run
     def run(self, resume: bool = False) -> dict[str, Any]:
         last = self.run_dir / LAST
@@ -838,12 +846,18 @@ def train(
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         own_group = True
+    trainer = None
     try:
         trainer = Trainer(
             config, run_dir, prepared, dist_info=info, progress=progress, log=log, on_step=on_step
         )
-        return trainer.run(resume=resume)
+        summary = trainer.run(resume=resume)
+        if own_group:
+            dist.barrier()  # leave together: no rank tears down while a peer still writes
+        return summary
     finally:
+        if trainer is not None:
+            trainer.close()
         if own_group:
             dist.destroy_process_group()
 
