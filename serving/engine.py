@@ -85,6 +85,7 @@ class Engine:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout)
+        self.metrics.max_sessions.set(self.limits.max_sessions)
         self.schedulers: dict[str, Scheduler] = {}
         self.texts: dict[str, list[str]] = {}  # per char model: each id's text
         self.closing = False

@@ -37,6 +37,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.active_sessions = Gauge("nlstm_active_sessions", "Sessions held by the server", registry=r)
+        self.max_sessions = Gauge(
+            "nlstm_max_sessions", "The session bound (--max-sessions): more get RESOURCE_EXHAUSTED", registry=r
+        )
         self.evictions = Counter("nlstm_session_evictions", "Sessions freed after their idle timeout", registry=r)
         self.queue_depth = Gauge(
             "nlstm_queue_depth", "Steps waiting for the next batch, per model", ["model"], registry=r
