@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,8 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
+from _server import REPO, Server, export_random, readme_lines
 
 RAW_RATE = r"""
 import json, sys, time
@@ -52,44 +49,12 @@ print(json.dumps({"step_s": dt, "char_steps_per_s": batch / dt, "torch": "torch"
 """
 
 
-def export_random(out: Path, hidden: int, vocab_text: str) -> str:
-    import torch
-
-    from training.data.tokenizer import train_char_tokenizer
-    from training.export import export_model
-    from training.models import ModelConfig, build_model
-
-    torch.manual_seed(0)
-    tok = train_char_tokenizer(vocab_text.splitlines(), newline=True)
-    model = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=hidden, depth=2, vocab_size=tok.vocab_size))
-    export_model(model.eval(), out / "random-nlstm", task="ptb", tokenizer=tok.model_proto, sequence="never")
-    return "random-nlstm"
-
-
 def raw_rate(folder: Path, name: str, batch: int, seconds: float, threads: int) -> dict:
     out = subprocess.run([sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(seconds), str(threads)],
                          capture_output=True, text=True, check=True, cwd=REPO)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not result["torch"], "the raw-rate process must not load torch"
     return result
-
-
-def start_server(folder: Path, threads: int, max_batch: int):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--models", str(folder), "--port", "0", "--host", "localhost",
-         "--metrics-port", "-1", "--max-batch", str(max_batch), "--threads", str(threads), "--max-sessions", "4096"],
-        stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"on port (\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("the server did not start")
 
 
 async def load(port: int, model: str, streams: int, seconds: float) -> dict:
@@ -146,19 +111,16 @@ def main() -> None:
     if folder is None:
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
-        text = (REPO / "README.md").read_text(encoding="utf-8")
-        name = export_random(folder, args.hidden, "\n".join(line for line in text.splitlines() if line))
+        name = export_random(folder, args.hidden, "\n".join(readme_lines()))
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
     print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}")
     for n in args.streams:
         raw = raw_rate(folder, name, n, min(5.0, args.seconds), args.threads)
-        proc, port = start_server(folder, args.threads, max_batch=max(n, 1))
-        try:
-            res = asyncio.run(load(port, name, n, args.seconds))
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
+                    "--max-sessions", "4096", metrics=False) as server:
+            res = asyncio.run(load(server.port, name, n, args.seconds))
+            server.stop()
         ratio = res["chars_per_s"] / raw["char_steps_per_s"]
         print(f"streams {n:>3}: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime batch-{n} "
               f"{raw['char_steps_per_s']:>9,.0f} char-steps/s ({raw['step_s'] * 1e3:.2f} ms/step)  "

@@ -119,6 +119,12 @@ class Engine:
             depth.set(active)
         return record
 
+    def end_generation(self) -> None:
+        """Stop every Generate still running (the server is draining): each stream ends with
+        FINISH_REASON_CANCELLED and its session keeps the characters made."""
+        for s in self.schedulers.values():
+            s.cancel(GenerateSequence)
+
     async def close(self) -> None:
         for s in self.schedulers.values():
             await asyncio.get_running_loop().run_in_executor(None, s.stop)

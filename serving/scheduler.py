@@ -200,6 +200,14 @@ class Scheduler:
     def active(self) -> int:
         return len(self._seqs)
 
+    def cancel(self, kind: type[Sequence]) -> None:
+        """Cancel every active sequence of `kind` (the Generate calls when the server drains)."""
+        with self._cond:
+            for s in self._seqs:
+                if isinstance(s, kind):
+                    s.cancelled = True
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True

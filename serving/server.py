@@ -3,7 +3,8 @@
 `build_server(...)` loads nothing and binds a port (0 picks a free one) and returns the
 started pieces, so tests run an in-process server; `serve(...)` adds the Prometheus HTTP
 endpoint, session expiry, and the SIGTERM drain: health turns NOT_SERVING, new calls get
-UNAVAILABLE, calls in flight get `grace` seconds to finish, then the process exits.
+UNAVAILABLE, calls in flight get `grace` seconds to finish (a Generate still running near the
+end is stopped and ends with FINISH_REASON_CANCELLED), then the process exits.
 Never imports torch.
 """
 
@@ -26,6 +27,11 @@ from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
 
 log = logging.getLogger("nlstm.serving")
+
+# On shutdown, a Generate still running this many seconds before the grace period ends is
+# stopped, so that its stream ends with FINISH_REASON_CANCELLED rather than being cut off
+# (UNAVAILABLE) with the calls the server cancels at the end.
+GENERATE_END_MARGIN = 0.5
 
 
 def load_models(models_dir: str | Path, **runtime_options) -> dict:
@@ -80,10 +86,15 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
 
 
 async def shutdown(running: Running, grace: float) -> None:
-    """NOT_SERVING, refuse new work, let calls in flight finish within `grace` seconds."""
+    """NOT_SERVING, refuse new work, let calls in flight finish within `grace` seconds: a
+    Generate still running GENERATE_END_MARGIN before the end is stopped (its stream ends with
+    FINISH_REASON_CANCELLED); calls still running at the end are cancelled (UNAVAILABLE)."""
     await running.health.enter_graceful_shutdown()
     running.engine.closing = True
-    await running.server.stop(grace)
+    stopping = asyncio.ensure_future(running.server.stop(grace))
+    await asyncio.wait({stopping}, timeout=max(0.0, grace - GENERATE_END_MARGIN))
+    running.engine.end_generation()
+    await stopping
     await running.engine.close()
 
 

@@ -1,14 +1,17 @@
 """The gRPC servicer (thin: protos in and out, the engine does the work) and the one
-interceptor that records every call's status and latency and turns unexpected exceptions into
-INTERNAL (logged with their traceback; the client sees no internals)."""
+interceptor that records every call's status and latency, answers requests that do not parse
+with INVALID_ARGUMENT, and turns unexpected exceptions into INTERNAL (logged with their
+traceback; the client sees no internals)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -24,6 +27,10 @@ FINISH = {
     "STOP_SEQUENCE": pb.FINISH_REASON_STOP_SEQUENCE,
     "CANCELLED": pb.FINISH_REASON_CANCELLED,
 }
+# An error message travels percent-encoded in the trailers (up to 12 bytes a character), which
+# gRPC caps at 8 KiB; past that the client gets RESOURCE_EXHAUSTED from the transport instead of
+# the code. A longer message (one that quotes a huge model name or session id) is cut.
+MAX_DETAILS = 512
 
 
 def model_info(name: str, model) -> pb.ModelInfo:
@@ -62,8 +69,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request.temperature, request.top_k, request.top_p, seed, list(request.stop),
             request.logprobs,
         )
-        async for text, bits, finish in chars:
-            yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish])
+        async with contextlib.aclosing(chars):  # closing this stream ends the call's sequence now
+            async for text, bits, finish in chars:
+                yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish])
 
     async def Score(self, request, context):
         r = await self.engine.score(request.model, request.session_id, request.text, request.per_char)
@@ -84,9 +92,46 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 stream.close()
 
 
+class Malformed:
+    """What a request that does not parse (corrupt bytes, a string field that is not UTF-8)
+    deserializes to, so that the call answers INVALID_ARGUMENT: a deserializer that raises makes
+    gRPC answer UNKNOWN, and a bidi stream's iterator INTERNAL."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _lenient(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Malformed(exc)
+    return parse
+
+
+def _parsed(request):
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"malformed request ({request.error}); string fields must be valid UTF-8")
+    return request
+
+
+async def _parsed_stream(requests):
+    async for request in requests:
+        yield _parsed(request)
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    half = MAX_DETAILS // 2
+    return f"{message[:half]} ... {message[-half:]}"
+
+
 class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
-    """Wraps every Inference handler: domain errors -> their status code, cancellations ->
-    CANCELLED, anything else -> INTERNAL (logged); counts and times every call."""
+    """Wraps every Inference handler: requests that do not parse -> INVALID_ARGUMENT, domain
+    errors -> their status code, cancellations -> CANCELLED, anything else -> INTERNAL (logged);
+    counts and times every call."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -105,7 +150,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
         async def fail(context, exc: BaseException, start: float):
             if isinstance(exc, ServingError):
                 finish(exc.code, start)
-                await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+                await context.abort(getattr(grpc.StatusCode, exc.code), _clip(str(exc)))
             log.exception("unexpected error in %s", method)
             finish("INTERNAL", start)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
@@ -116,7 +161,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
             async def unary_unary(request, context):
                 start = time.perf_counter()
                 try:
-                    response = await inner(request, context)
+                    response = await inner(_parsed(request), context)
                 except asyncio.CancelledError:
                     finish("CANCELLED", start)
                     raise
@@ -128,19 +173,23 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
+                unary_unary, request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
         streaming = handler.unary_stream or handler.stream_stream
         kind = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        parsed = _parsed if handler.unary_stream else _parsed_stream
 
         async def stream(request, context):
             start = time.perf_counter()
             try:
-                async for response in streaming(request, context):
-                    yield response
-            except asyncio.CancelledError:
+                async with contextlib.aclosing(streaming(parsed(request), context)) as responses:
+                    async for response in responses:
+                        yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: grpc stops iterating a stream cancelled while a response was
+                # being sent, and the stream is closed later, at its `yield`
                 finish("CANCELLED", start)
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -149,7 +198,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 await fail(context, exc, start)
             finish("OK", start)
 
-        return kind(stream, request_deserializer=handler.request_deserializer,
+        return kind(stream, request_deserializer=_lenient(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
 
 

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_models(tmp_path_factory) -> Path:
+    """A random character model and the bundled glimpse classifier, exported once for the
+    serving benchmarks' smoke runs (an export takes about 10 s)."""
+    spec = importlib.util.spec_from_file_location("_server", REPO / "bench" / "_server.py")
+    shared = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared)
+    return shared.tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def run_bench(script: str, *args: str) -> dict:
+    """Run bench/<script> and return the JSON object its last line prints."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_train_speed_smoke():
@@ -27,3 +49,24 @@ def test_hmlstm_copy_smoke():
         capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
     ).stdout
     assert "layer 2:" in out and "saved" in out
+
+
+def test_soak_smoke(bench_models):
+    result = run_bench("soak.py", "--smoke", "--models", str(bench_models))
+    assert result["passed"] and not result["soak"]["errors"]
+    for rpc in ("Generate", "Score", "ClassifyGlimpses", "CreateSession", "CloseSession"):
+        assert result["soak"]["rpcs"][rpc]["calls"] > 0
+    assert result["soak"]["rss_mib"]["end"] > 0
+
+
+def test_faults_smoke(bench_models):
+    result = run_bench("faults.py", "--smoke", "--models", str(bench_models))
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [(n, True, []) for n in "abcde"]
+
+
+def test_fuzz_smoke(bench_models):
+    result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
+    assert result["passed"] and set(result["fuzz"]) == {
+        "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
+    for rpc, r in result["fuzz"].items():
+        assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc

@@ -4,7 +4,6 @@ reflection. The SIGTERM drain runs `nlstm serve` in a subprocess."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import re
@@ -18,67 +17,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
+from server_harness import ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Limits
 from serving.formats import image_to_glimpses
-from serving.server import build_server, load_models, shutdown
-from training.data.tokenizer import train_char_tokenizer
-from training.export import export_model
-from training.models import ModelConfig, build_model
-
-TEXT = ["the cat sat on the mat", "a dog ran in the park", "we saw the stars at night"]
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exported")
-    torch.manual_seed(0)
-    tok = train_char_tokenizer(TEXT, newline=True)
-    char = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=16, depth=2, vocab_size=tok.vocab_size))
-    export_model(char.eval(), root / "tiny-char", task="ptb", tokenizer=tok.model_proto,
-                 metrics={"valid_bpc": 3.0}, sequence="never")
-    glimpse = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
-    export_model(glimpse.eval(), root / "tiny-mnist", task="mnist", tokenizer=None, sequence="never")
-    return root
-
-
-class ServerThread:
-    """An asyncio loop in a thread running build_server; tests talk to it with sync stubs."""
-
-    def __init__(self, models_dir: Path, limits: Limits):
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.models = load_models(models_dir, providers="cpu", intra_op_threads=1)
-        self.thread = threading.Thread(target=self._main, args=(limits,), daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30)
-        self.channel = grpc.insecure_channel(f"localhost:{self.running.port}")
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def _main(self, limits):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.running = await build_server(self.models, port=0, host="localhost", limits=limits)
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self):
-        self.channel.close()
-        self.call(shutdown(self.running, 0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def metric(self, name, labels=None):
-        return self.running.metrics.registry.get_sample_value(name, labels or {})
+    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""What the server tests and the fuzzer share: tiny random models exported with torch, and an
+in-process server on port 0 with sync stubs.
+
+tests/test_server.py and tests/test_fuzz.py use both; bench/fuzz.py exports the tiny models
+with `export_tiny_models` when run with --tiny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import grpc
+
+from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.engine import Limits
+from serving.server import build_server, load_models, shutdown
+
+# the tiny character model's training text: its vocabulary is these characters and the newline
+TEXT = ["the cat sat on the mat", "a dog ran in the park", "we saw the stars at night"]
+CHAR_MODEL, GLIMPSE_MODEL = "tiny-char", "tiny-mnist"
+
+
+def export_tiny_models(root: Path) -> Path:
+    """Export two random models under `root` and return it: CHAR_MODEL (NLSTM 16 cells, depth
+    2, a PTB-style tokenizer of TEXT) and GLIMPSE_MODEL (NLSTM 8 cells, depth 2, MNIST)."""
+    import torch
+
+    from training.data.tokenizer import train_char_tokenizer
+    from training.export import export_model
+    from training.models import ModelConfig, build_model
+
+    root = Path(root)
+    torch.manual_seed(0)
+    tok = train_char_tokenizer(TEXT, newline=True)
+    char = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=16, depth=2, vocab_size=tok.vocab_size))
+    export_model(char.eval(), root / CHAR_MODEL, task="ptb", tokenizer=tok.model_proto,
+                 metrics={"valid_bpc": 3.0}, sequence="never")
+    glimpse = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
+    export_model(glimpse.eval(), root / GLIMPSE_MODEL, task="mnist", tokenizer=None, sequence="never")
+    return root
+
+
+class ServerThread:
+    """An asyncio loop in a thread running build_server; tests talk to it with sync stubs."""
+
+    def __init__(self, models_dir: Path, limits: Limits):
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.models = load_models(models_dir, providers="cpu", intra_op_threads=1)
+        self.thread = threading.Thread(target=self._main, args=(limits,), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+        self.channel = grpc.insecure_channel(f"localhost:{self.running.port}")
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def _main(self, limits):
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.running = await build_server(self.models, port=0, host="localhost", limits=limits)
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self):
+        self.channel.close()
+        self.call(shutdown(self.running, 0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def metric(self, name, labels=None):
+        return self.running.metrics.registry.get_sample_value(name, labels or {})
