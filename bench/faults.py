@@ -341,7 +341,7 @@ async def stalled_reader(server: Server, smoke: bool, max_chars: int) -> Result:
             depth = math.inf
             while depth > 1 and time.perf_counter() - t0 < 300:
                 await asyncio.sleep(0.25)
-                depth = server.metric("nlstm_queue_depth", model=char)
+                depth = server.metric("nlstm_active_sequences", model=char)
             generated = time.perf_counter() - t0
             rss1 = server.rss_mib()
             # the stalled calls the server has not finished, blocked writing to them (give or

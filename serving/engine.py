@@ -84,8 +84,10 @@ class Engine:
         self.models = models
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
-        self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout)
+        self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
+                                  on_evict=self.metrics.evictions.inc)
         self.metrics.max_sessions.set(self.limits.max_sessions)
+        self.metrics.active_sessions.set_function(self.store.__len__)  # read at each scrape
         self.schedulers: dict[str, Scheduler] = {}
         self.texts: dict[str, list[str]] = {}  # per char model: each id's text
         self.closing = False
@@ -99,6 +101,9 @@ class Engine:
                 model.step, max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
                 post=loop.call_soon_threadsafe, on_batch=self._on_batch(name),
             )
+            # read at each scrape, so that they never go stale when the scheduler idles
+            self.metrics.active_sequences.labels(name).set_function(self.schedulers[name].active)
+            self.metrics.queue_depth.labels(name).set_function(self.schedulers[name].waiting)
             tok = model.tokenizer
             if model.meta.kind == "char" and tok is not None:
                 # each id's text, decoded once (generation emits one id per character)
@@ -110,13 +115,11 @@ class Engine:
         return {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
 
     def _on_batch(self, name: str):
-        batch, seconds, depth = (m.labels(name) for m in (self.metrics.batch_size, self.metrics.step_seconds,
-                                                           self.metrics.queue_depth))
+        batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
 
-        def record(size: int, elapsed: float, active: int) -> None:  # runs on the scheduler thread
+        def record(size: int, elapsed: float) -> None:  # runs on the scheduler thread
             batch.observe(size)
             seconds.observe(elapsed)
-            depth.set(active)
         return record
 
     def end_generation(self) -> None:
@@ -130,11 +133,8 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, s.stop)
 
     def expire_sessions(self) -> int:
-        gone = self.store.expire()
-        if gone:
-            self.metrics.evictions.inc(gone)
-        self.metrics.active_sessions.set(len(self.store))
-        return gone
+        """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total)."""
+        return self.store.expire()
 
     # ---------------------------------------------------------------- models
     def model(self, name: str) -> ServedModel:
@@ -151,7 +151,6 @@ class Engine:
             session = self.store.create(model_name, model.initial_state(1)[0])
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
-        self.metrics.active_sessions.set(len(self.store))
         return session
 
     def close_session(self, session_id: str) -> None:
@@ -161,7 +160,6 @@ class Engine:
             self.store.delete(session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
-        self.metrics.active_sessions.set(len(self.store))
 
     def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
         """(model name, model, session or None, state, logits) for a call; the caller must

@@ -41,6 +41,12 @@ class Metrics:
             "nlstm_max_sessions", "The session bound (--max-sessions): more get RESOURCE_EXHAUSTED", registry=r
         )
         self.evictions = Counter("nlstm_session_evictions", "Sessions freed after their idle timeout", registry=r)
+        self.active_sequences = Gauge(
+            "nlstm_active_sequences", "Calls (Generate, Score, glimpse streams) the model's scheduler runs",
+            ["model"], registry=r,
+        )
         self.queue_depth = Gauge(
-            "nlstm_queue_depth", "Steps waiting for the next batch, per model", ["model"], registry=r
+            "nlstm_queue_depth",
+            "Sequences ready for the last step that did not fit in its batch (more than --max-batch)",
+            ["model"], registry=r,
         )

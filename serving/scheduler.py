@@ -171,7 +171,7 @@ class GlimpseSequence(Sequence):
 
 class Scheduler:
     def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
-                 post: Callable[[Callable], None], on_batch: Callable[[int, float, int], None] | None = None) -> None:
+                 post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
@@ -179,7 +179,8 @@ class Scheduler:
         self._step = step
         self.max_batch, self.max_wait = max_batch, max_wait
         self._post = post  # runs a callable on the asyncio loop (call_soon_threadsafe)
-        self._on_batch = on_batch  # (batch size, seconds in the step graph, sequences active)
+        self._on_batch = on_batch  # (batch size, seconds in the step graph)
+        self._waiting = 0  # sequences ready for the last step that did not fit in its batch
         self._seqs: list[Sequence] = []
         self._cond = threading.Condition()
         self._stopped = False
@@ -198,7 +199,13 @@ class Scheduler:
             self._cond.notify()
 
     def active(self) -> int:
+        """Sequences (calls) this scheduler runs."""
         return len(self._seqs)
+
+    def waiting(self) -> int:
+        """Sequences that were ready for the last step but did not fit in its batch (0 once
+        the scheduler idles)."""
+        return self._waiting
 
     def cancel(self, kind: type[Sequence]) -> None:
         """Cancel every active sequence of `kind` (the Generate calls when the server drains)."""
@@ -239,10 +246,12 @@ class Scheduler:
                     continue
             if ready:
                 batch = ready[: self.max_batch]
+                self._waiting = len(ready) - len(batch)
                 if len(ready) > self.max_batch:  # the ones left go first next time
                     chosen = set(map(id, batch))
                     self._seqs = [s for s in self._seqs if id(s) not in chosen] + batch
                 return batch
+            self._waiting = 0
             self._cond.wait()
 
     def _loop(self) -> None:
@@ -270,7 +279,7 @@ class Scheduler:
                 elapsed = 0.0
             self.steps_run += 1
             if self._on_batch is not None:
-                self._on_batch(len(batch), elapsed, len(self._seqs))
+                self._on_batch(len(batch), elapsed)
             if post:
                 self._post_all(post)
 

@@ -48,7 +48,8 @@ class Session:
 class SessionStore:
     """Thread-safe map of session id -> Session with idle expiry and a size bound."""
 
-    def __init__(self, max_sessions: int = 1024, idle_timeout: float = 600.0, clock=time.monotonic):
+    def __init__(self, max_sessions: int = 1024, idle_timeout: float = 600.0, clock=time.monotonic,
+                 on_evict=None):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if idle_timeout <= 0:
@@ -59,6 +60,9 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.evicted = 0  # sessions expired by idleness, for the metrics
+        # called with the number of sessions each expiry dropped: whether by expire(), by
+        # create() making room, or by a call that found its session expired
+        self._on_evict = on_evict
 
     def __len__(self) -> int:
         with self._lock:
@@ -109,7 +113,7 @@ class SessionStore:
         if session is None or (not session.in_use and self._idle(session)):
             if session is not None:
                 del self._sessions[session_id]
-                self.evicted += 1
+                self._evicted(1)
             raise SessionNotFound(
                 f"no session {session_id!r}: it was closed, expired after "
                 f"{self.idle_timeout:g} s idle, or belongs to another server; create a new one"
@@ -123,5 +127,11 @@ class SessionStore:
         stale = [sid for sid, s in self._sessions.items() if not s.in_use and self._idle(s)]
         for sid in stale:
             del self._sessions[sid]
-        self.evicted += len(stale)
+        if stale:
+            self._evicted(len(stale))
         return len(stale)
+
+    def _evicted(self, n: int) -> None:
+        self.evicted += n
+        if self._on_evict is not None:
+            self._on_evict(n)

@@ -32,6 +32,18 @@ def test_round_trip(tmp_path):
     assert isinstance(model, torch.nn.Module)
 
 
+def test_checkpoints_get_the_umask_permissions_not_the_temporary_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(_ckpt(), tmp_path / "last.pt")
+        os.umask(0o077)
+        save_checkpoint(_ckpt(), tmp_path / "private.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(_ckpt(0), path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,10 @@ def test_folder_holds_the_graphs_tokenizer_and_meta(char_export, tok):
         )
         onnx.checker.check_model(str(folder / name), full_check=True)
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # readable by other users (a container's non-root server), not mkdtemp's private 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_meta_json_describes_the_model(char_export, tok):

@@ -133,6 +133,35 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@torch.no_grad()
+def test_layer_norm_comes_before_the_gates_so_a_gate_of_zero_removes_its_term():
+    """Eq. (6) with layer normalisation: z * LN(W h), not LN(z * W h), whose LN(0) would be the
+    norm's bias: a gated-off term would still add a learned constant."""
+    torch.manual_seed(0)
+    m = HMLSTM(4, H, num_layers=3, layer_norm=True).double()
+    for p in m.parameters():
+        p.copy_(torch.randn_like(p))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    r = lambda: torch.randn(2, H, generator=g, dtype=torch.float64)  # noqa: E731
+    zeros = torch.zeros(2, H, dtype=torch.float64)
+    # layer 0 had no boundary at t-1 (z_{t-1}^0 = 0): its top-down term is gated off; UPDATE
+    state = ((r(), r(), zeros), (r(), r(), zeros), (r(), r()))
+    ln = m.norms[0]
+    # reference, by hand: recurrent and bottom-up normalised, top-down gated off entirely
+    s = ln[0](state[0][0] @ m.weight_hh_l0.t()) + ln[2](x @ m.weight_ih_l0.t()) + m.bias_l0
+    i, f, gg, o = (torch.sigmoid(s[:, :H]), torch.sigmoid(s[:, H:2 * H]), torch.tanh(s[:, 2 * H:3 * H]),
+                   torch.sigmoid(s[:, 3 * H:4 * H]))
+    _, new, _ = m.step(x, state)
+    torch.testing.assert_close(new[0][1], f * state[0][1] + i * gg, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new[0][0], o * torch.tanh(f * state[0][1] + i * gg), rtol=0, atol=1e-12)
+    # and so the layer above's h cannot reach layer 0 while the gate is 0, whatever the norm's bias
+    other = (state[0], (r() * 10, state[1][1], zeros), state[2])
+    ln[1].bias.add_(3.0)
+    _, new2, _ = m.step(x, other)
+    torch.testing.assert_close(new2[0][0], new[0][0], rtol=0, atol=0)
+
+
 def test_layer_norm_option_and_registry():
     cfg = ModelConfig(kind="char", core="hmlstm", hidden_size=5, num_layers=3, vocab_size=7,
                       embedding_size=11, layer_norm=True)

@@ -223,11 +223,57 @@ def test_idle_sessions_expire(models_dir):
         time.sleep(0.5)
         code, details = code_of(s.stub.Score, pb.ScoreRequest(session_id=sid, text="abc"))
         assert code == grpc.StatusCode.NOT_FOUND and "expired" in details
+        # evicted by the call that found it expired: counted, and no longer held
+        assert s.metric("nlstm_session_evictions_total") == 1
+        assert s.metric("nlstm_active_sessions") == 0
         s.stub.CreateSession(pb.CreateSessionRequest(model="tiny-char"))
         time.sleep(0.5)
-        assert s.running.engine.expire_sessions() == 1
-        assert s.metric("nlstm_session_evictions_total") >= 1
+        assert s.running.engine.expire_sessions() == 1  # the periodic sweep
+        assert s.metric("nlstm_session_evictions_total") == 2
         assert s.metric("nlstm_active_sessions") == 0
+        for _ in range(2):
+            s.stub.CreateSession(pb.CreateSessionRequest(model="tiny-char"))
+        assert s.metric("nlstm_active_sessions") == 2
+        time.sleep(0.5)
+        s.stub.CreateSession(pb.CreateSessionRequest(model="tiny-char"))  # makes room: drops both
+        assert s.metric("nlstm_session_evictions_total") == 4
+        assert s.metric("nlstm_active_sessions") == 1
+    finally:
+        s.close()
+
+
+def test_queue_depth_counts_ready_sequences_beyond_one_batch(models_dir):
+    s = ServerThread(models_dir, Limits(max_batch=2, max_wait=0.005))
+    try:
+        seen = {"active": 0.0, "waiting": 0.0}
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen["active"] = max(seen["active"], s.metric("nlstm_active_sequences", {"model": "tiny-char"}) or 0)
+                seen["waiting"] = max(seen["waiting"], s.metric("nlstm_queue_depth", {"model": "tiny-char"}) or 0)
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=gen, args=(s.stub,), kwargs=dict(model="tiny-char", max_chars=300, seed=i,
+                                                                             temperature=1.0)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        watcher.join()
+        # six streams, batches of two: up to four ready ones wait for each step
+        assert 2 < seen["active"] <= 6 and 0 < seen["waiting"] <= 4, seen
+        assert s.metric("nlstm_batch_size_bucket", {"model": "tiny-char", "le": "2.0"}) == \
+            s.metric("nlstm_batch_size_count", {"model": "tiny-char"})
+        deadline = time.time() + 5
+        while s.metric("nlstm_active_sequences", {"model": "tiny-char"}) and time.time() < deadline:
+            time.sleep(0.01)
+        # idle again: nothing active, nothing waiting (the gauges are read at each scrape)
+        assert s.metric("nlstm_active_sequences", {"model": "tiny-char"}) == 0
+        assert s.metric("nlstm_queue_depth", {"model": "tiny-char"}) == 0
     finally:
         s.close()
 

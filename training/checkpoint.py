@@ -62,6 +62,26 @@ class Checkpoint:
         return model
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process's umask: the permissions open() or mkdir() would give.
+    tempfile's files (0600) and folders (0700) are private; what is renamed into place from them
+    gets these instead, so that another user (a container's non-root server) can read it."""
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it, instead of setting and restoring it (racy with other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temporary file beside `path`, fsync, then rename it into place."""
     path = Path(path)
@@ -72,6 +92,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -67,6 +67,7 @@ from serving.formats import (
     file_sha256,
 )
 from training.baselines import lstm_step
+from training.checkpoint import umask_mode
 from training.models import ModelConfig, pack_state, state_slots, unpack_state
 
 if TYPE_CHECKING:
@@ -530,6 +531,7 @@ def export_model(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's folder is private (0700); an export is not
     try:
         _save_proto(step_proto, tmp / STEP_GRAPH)
         if seq_proto is not None:

@@ -151,18 +151,23 @@ class HMLSTM(nn.Module):
                     zs.append(torch.zeros_like(z_prev))
                 z_below, h_below = torch.zeros_like(z_prev), h_prev
                 continue
-            terms = [F.linear(h_prev, getattr(self, f"weight_hh_l{n}"))]  # recurrent
-            if n < L - 1:  # top-down, gated by z_{t-1}^l
-                terms.append(z_prev * F.linear(state[n + 1][0], getattr(self, f"weight_td_l{n}")))
+            # eq. (6): the recurrent term, the top-down one gated by z_{t-1}^l, the bottom-up
+            # one gated by z_t^{l-1}; each term normalised on its own (when layer_norm) before
+            # its gate, so that a gate of 0 removes the term (LN of a zero vector is its bias)
+            terms = [F.linear(h_prev, getattr(self, f"weight_hh_l{n}"))]
+            gates = [None]
+            if n < L - 1:
+                terms.append(F.linear(state[n + 1][0], getattr(self, f"weight_td_l{n}")))
+                gates.append(z_prev)
             w_ih = getattr(self, f"weight_ih_l{n}")
             if n == 0 and h_below.dtype in (torch.int64, torch.int32):
-                bottom_up = F.embedding(h_below, w_ih.t())  # one-hot input: a column lookup
+                terms.append(F.embedding(h_below, w_ih.t()))  # one-hot input: a column lookup
             else:
-                bottom_up = F.linear(h_below, w_ih)
-            terms.append(zb * bottom_up)  # bottom-up, gated by z_t^{l-1}
+                terms.append(F.linear(h_below, w_ih))
+            gates.append(None if z_below is None else zb)  # z_t^0 = 1: the input is never gated
             if self.layer_norm:
-                norms = self.norms[n]
-                terms = [norms[k](t) for k, t in enumerate(terms)]
+                terms = [norm(t) for norm, t in zip(self.norms[n], terms)]
+            terms = [t if gate is None else gate * t for gate, t in zip(gates, terms)]
             s = sum(terms) + getattr(self, f"bias_l{n}")  # (B, rows)
             i, f, g, o = torch.sigmoid(s[:, :H]), torch.sigmoid(s[:, H : 2 * H]), torch.tanh(s[:, 2 * H : 3 * H]), torch.sigmoid(s[:, 3 * H : 4 * H])
             c_new = f * c_prev + i * g

@@ -302,6 +302,10 @@ class _NestedLSTMSequence(torch.autograd.Function):
         act_grad = hs.new_empty(4 * H, B)  # derivative of each gate's activation
         dmem = hs.new_empty(H, B)
         ones = hs.new_ones(H, B)
+        # W^T @ dA runs at every step: on a contiguous transposed copy (made once here) the GEMM
+        # takes the fast path, on a transposed view MKL's is 1.5-2.5x slower on this CPU
+        wt_hh0 = w_hh0.t().contiguous()
+        wt = [None] + [x.t().contiguous() for x in w[1:]]
 
         for t in range(T - 1, -1, -1):
             if d_hs is not None:
@@ -335,9 +339,9 @@ class _NestedLSTMSequence(torch.autograd.Function):
                     ag.fill_(1.0)
                 dA.mul_(act_grad)
                 if k > 0:
-                    d_uv = w[k].t() @ dA  # (2H, B)
+                    d_uv = wt[k] @ dA  # (2H, B)
                     d_u, d_v = d_uv[:H], d_uv[H:]
-            dh = w_hh0.t() @ d_gates[0][t]  # (H, B): into h_{t-1}
+            dh = wt_hh0 @ d_gates[0][t]  # (H, B): into h_{t-1}
 
         # Weight gradients: one GEMM each over all T*B positions.
         # (T, F, B) -> (F, T*B): one transposing copy each, then a single GEMM
