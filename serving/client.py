@@ -8,6 +8,7 @@ predictions.
 from __future__ import annotations
 
 import gzip
+import math
 import sys
 from pathlib import Path
 
@@ -54,9 +55,44 @@ def generate(target: str, model: str, prompt: str, max_chars: int, temperature: 
     return "".join(text)
 
 
+def read_text(path: str) -> str:
+    return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+
+
+def print_score(text: str, num_chars: int, total_bits: float, bits_per_char: float, unknown_chars: int,
+                bits, per_char: bool) -> None:
+    print(f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
+          + (f", {unknown_chars} unknown" if unknown_chars else ""))
+    if per_char:
+        for ch, b in zip(text, bits):
+            print(f"{ch!r}\t{b:.3f}")
+
+
+def score_local(models_dir: str, model: str, path: str, per_char: bool, providers: str = "auto",
+                threads: int | None = None):
+    """`nlstm score --backend onnx`: the exported folder models_dir/model run here on
+    onnxruntime, no server; the same figures as the server's Score without a session."""
+    from serving.runtime import load_model
+
+    if not model:
+        raise ValueError("--model is required (a folder name under --models)")
+    folder = Path(models_dir) / model
+    if not (folder / "meta.json").is_file():
+        raise ValueError(f"no exported model {model!r} under {models_dir} (a folder with a meta.json)")
+    text = read_text(path)
+    if not text:
+        raise ValueError("the text to score is empty")
+    m = load_model(folder, providers=providers, intra_op_threads=threads)
+    if m.kind != "char":
+        raise ValueError(f"model {model!r} is a {m.kind} model; score runs on character models")
+    r = m.score(text)
+    print_score(text, r.chars, r.nats / math.log(2), r.bits_per_char, r.unknown_chars, r.bits, per_char)
+    return r
+
+
 def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
           timeout: float | None = None) -> pb.ScoreResponse:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     channel, stub = _stub(target, timeout)
     try:
         r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
@@ -65,11 +101,7 @@ def score(target: str, model: str, path: str, per_char: bool, session_id: str = 
         raise _rpc_error(exc) from None
     finally:
         channel.close()
-    print(f"{r.num_chars} characters, {r.total_bits:.1f} bits, {r.bits_per_char:.4f} bits/char"
-          + (f", {r.unknown_chars} unknown" if r.unknown_chars else ""))
-    if per_char:
-        for ch, b in zip(text, r.bits):
-            print(f"{ch!r}\t{b:.3f}")
+    print_score(text, r.num_chars, r.total_bits, r.bits_per_char, r.unknown_chars, r.bits, per_char)
     return r
 
 

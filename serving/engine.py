@@ -7,7 +7,8 @@ that are ready). A sequence's position is (state, logits): the state after the l
 and the logits that predict the next one, so a session continues exactly where its last call
 stopped. A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence
 symbol if it has one (the poems), else the newline if it is in the vocabulary (PTB: text
-follows a line break), else the space (text8); its prediction scores the first character.
+follows a line break), else the space (text8); its prediction scores the first character
+(serving.formats.start_id, which ExportedModel.score shares).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import AsyncIterator, Protocol
 
 import numpy as np
 
-from serving.formats import GLIMPSE_SIZE
+from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.sampling import Sampler, check_sampling, log_softmax
 from serving.scheduler import GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
@@ -205,14 +206,7 @@ class Engine:
 
     @staticmethod
     def start_id(model: ServedModel) -> int:
-        tok = model.tokenizer
-        if tok.bos_id is not None and tok.bos_id >= 0:
-            return tok.bos_id
-        for ch in ("\n", " "):
-            enc = tok.encode(ch)
-            if len(enc.ids) == 1 and enc.unknown_chars == 0:
-                return int(enc.ids[0])
-        return 0
+        return start_id(model.tokenizer)
 
     # -------------------------------------------------------------- text
     async def score(self, model_name: str, session_id: str, text: str, per_char: bool):

@@ -89,6 +89,20 @@ class Encoding(NamedTuple):
     unknown_chars: int  # characters that became `unk_id` (counted, never dropped)
 
 
+def start_id(tokenizer: "Tokenizer") -> int:
+    """The id a fresh sequence starts from, whose prediction scores the first character: the
+    begin-of-sequence marker if the vocabulary has one (the poems), else the newline if it is in
+    the vocabulary (PTB: text follows a line break), else the space (text8). The server and
+    `ExportedModel.score` both start here, so their figures agree."""
+    if tokenizer.bos_id is not None and tokenizer.bos_id >= 0:
+        return tokenizer.bos_id
+    for ch in ("\n", " "):
+        enc = tokenizer.encode(ch)
+        if len(enc.ids) == 1 and enc.unknown_chars == 0:
+            return int(enc.ids[0])
+    return 0
+
+
 class Tokenizer:
     """A sentencepiece `char` model: one id per character, out-of-vocabulary characters -> `unk_id`.
 

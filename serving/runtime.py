@@ -43,6 +43,7 @@ from serving.formats import (
     ExportFormatError,
     ExportMeta,
     Tokenizer,
+    start_id,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Score:
     chars: int  # characters scored
     unknown_chars: int  # characters outside the vocabulary (scored as the unknown id)
     state: np.ndarray  # (1, S, H) state after reading the whole text
+    bits: np.ndarray  # (chars,) float64: -log2 p of each scored character
 
     @property
     def perplexity(self) -> float:
@@ -304,21 +306,22 @@ class ExportedModel:
         z = logits[:, 0, :].astype(np.float64)
         m = z.max(axis=1, keepdims=True)
         log_norm = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-        nats = float((log_norm - z[np.arange(len(z)), ids[1:]]).sum())
+        each = log_norm - z[np.arange(len(z)), ids[1:]]  # nats per predicted id
+        nats = float(each.sum())
         n = len(ids) - 1
-        return Score(nats / n / math.log(2), nats, n, unknown_chars, final)
+        return Score(nats / n / math.log(2), nats, n, unknown_chars, final, each / math.log(2))
 
-    def score(self, text: str, state=None) -> Score:
-        """Bits per character of `text` under the model. When the vocabulary has a
-        begin-of-sequence marker (the poems), the text is read after it and every character is
-        scored; otherwise the first character is context and the rest are scored.
-        Out-of-vocabulary characters are scored as the unknown id and counted."""
+    def score(self, text: str) -> Score:
+        """Bits per character of `text` under the model, every character scored: the text is
+        read from a fresh state after the start symbol (serving.formats.start_id: the begin
+        marker, else a newline, else a space), as the server's Score without a session reads
+        it. Out-of-vocabulary characters are scored as the unknown id and counted."""
         self._require("char", "score")
+        if not text:
+            raise ValueError("text to score must not be empty")
         enc = self.tokenizer.encode(text)
-        ids = enc.ids
-        if self.tokenizer.bos_id >= 0:
-            ids = np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int64)
-        return self.score_ids(ids, state, unknown_chars=enc.unknown_chars)
+        ids = np.concatenate([[start_id(self.tokenizer)], enc.ids]).astype(np.int64)
+        return self.score_ids(ids, unknown_chars=enc.unknown_chars)
 
     def classify(self, glimpses) -> np.ndarray:
         """Glimpse models: (20, 49) or (N, 20, 49) glimpse sequences (serving.formats.

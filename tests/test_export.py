@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serving.formats import EXPORT_FORMAT_VERSION, ExportFormatError, ExportMeta
+from serving.formats import EXPORT_FORMAT_VERSION, ExportFormatError, ExportMeta, Tokenizer, start_id
 from serving.runtime import load_model
 from training.checkpoint import Checkpoint, save_checkpoint
 from training.cli import main as cli_main
@@ -372,13 +372,16 @@ def test_runtime_step_and_run_match_torch(char_export, tok):
 def test_score_is_bits_per_char_as_torch_computes_it(char_export, tok, tmp_path):
     model, folder = char_export
     text = "the lazy fox jumps, quick brown dog! ~"  # '~' is outside the vocabulary
-    ids = tok.encode(text).ids
+    # every character is scored, the first from the start symbol (as the server does)
+    ids = np.concatenate([[start_id(Tokenizer.from_bytes(tok.model_proto))], tok.encode(text).ids])
     logits, _ = torch_logits(model, ids[:-1, None])
-    nats = F.cross_entropy(torch.from_numpy(logits[:, 0]), torch.from_numpy(ids[1:]), reduction="sum").item()
+    each = F.cross_entropy(torch.from_numpy(logits[:, 0]), torch.from_numpy(ids[1:]), reduction="none").numpy()
+    nats = float(each.sum())
     with_seq = load_model(folder).score(text)
-    assert with_seq.chars == len(text) - 1 and with_seq.unknown_chars == 1
-    assert with_seq.bits_per_char == pytest.approx(nats / (len(text) - 1) / math.log(2), abs=1e-5)
-    assert with_seq.perplexity == pytest.approx(math.exp(nats / (len(text) - 1)), rel=1e-5)
+    assert with_seq.chars == len(text) and with_seq.unknown_chars == 1
+    assert with_seq.bits_per_char == pytest.approx(nats / len(text) / math.log(2), abs=1e-5)
+    assert with_seq.perplexity == pytest.approx(math.exp(nats / len(text)), rel=1e-5)
+    np.testing.assert_allclose(with_seq.bits, each / math.log(2), atol=1e-4)
     # without the sequence graph the step graph runs per character: the same figure
     step_only = copy_export(folder, tmp_path)
     meta = ExportMeta.from_folder(step_only)
@@ -416,6 +419,8 @@ def test_runtime_rejects_bad_inputs_with_clear_errors(char_export, glimpse_expor
         m.initial_state(0)
     with pytest.raises(ValueError, match="at least two ids"):
         m.score_ids([1])
+    with pytest.raises(ValueError, match="must not be empty"):
+        m.score("")
     g = load_model(glimpse_export[1])
     with pytest.raises(ValueError, match=r"glimpses must be floats of shape \(B, 49\)"):
         g.step(np.zeros((2, 48), np.float32))
@@ -479,7 +484,7 @@ def test_cli_export(tok, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "exported ptb char nlstm" in out and "layer0.h, layer0.c0, layer0.c1" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "model.onnx", "tokenizer.model"]
-    assert load_model(tmp_path / "out").score("the lazy dog").chars == 11
+    assert load_model(tmp_path / "out").score("the lazy dog").chars == 12
     # a folder that is not an export: one clear line, exit status 2
     assert cli_main(["export", str(ckpt), "--out", str(tmp_path), "--no-sequence"]) == 2
     assert "not an exported model" in capsys.readouterr().err

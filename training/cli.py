@@ -205,10 +205,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="bits per character of a text file under a served model")
+    p = sub.add_parser(
+        "score", help="bits per character of a text file under a served (or a local exported) model",
+        description="Bits per character of a text file, every character scored from a fresh state "
+                    "(or from --session's). --backend server asks a running server's Score; "
+                    "--backend onnx runs the exported folder --models/--model here on onnxruntime "
+                    "(no server, no torch) and prints the same figures.",
+    )
     p.add_argument("file", help="UTF-8 text file, or - for standard input")
     _add_client_flags(p)
     p.add_argument("--per-char", action="store_true", help="print each character's bits too")
+    p.add_argument("--backend", choices=("server", "onnx"), default="server",
+                   help="server: a running nlstm serve (--target); onnx: the exported folder, run here")
+    p.add_argument("--models", type=Path, default=_env("MODELS", _default_models_dir(), Path),
+                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled exported/)")
+    p.add_argument("--providers", default=_env("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
+                   help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose")
     p.set_defaults(handler=lambda a: _client("score", a))
 
 
@@ -227,6 +241,11 @@ def _client(command: str, args: argparse.Namespace) -> int:
     if command == "generate":
         client.generate(args.target, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                         args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
+    elif command == "score" and args.backend == "onnx":
+        if args.session:
+            raise ValueError("--session needs --backend server: sessions live in a server")
+        client.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
+                           args.threads or None)
     elif command == "score":
         client.score(args.target, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
     else:
