@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 from _server import REPO, Server, export_random, readme_lines
+
+# the issue's goals: the server's chars/s over the raw step rate at the same batch size
+GOALS = {64: 0.8, 1: 0.7}
 
 RAW_RATE = r"""
 import json, sys, time
@@ -55,6 +59,15 @@ def raw_rate(folder: Path, name: str, batch: int, seconds: float, threads: int) 
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert not result["torch"], "the raw-rate process must not load torch"
     return result
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _step_seconds(server: Server, model: str) -> float:
+    return server.metric("nlstm_step_duration_seconds_sum", model=model)
 
 
 async def load(port: int, model: str, streams: int, seconds: float) -> dict:
@@ -102,6 +115,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 1])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    ap.add_argument("--interval-ms", type=float, nargs="+", default=[20.0],
+                    help="the server's --stream-interval-ms (its default: 20); several to compare in one run")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -115,16 +130,33 @@ def main() -> None:
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
     print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}")
+    results = []
     for n in args.streams:
         raw = raw_rate(folder, name, n, min(5.0, args.seconds), args.threads)
-        with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
-                    "--max-sessions", "4096", metrics=False) as server:
-            res = asyncio.run(load(server.port, name, n, args.seconds))
-            server.stop()
-        ratio = res["chars_per_s"] / raw["char_steps_per_s"]
-        print(f"streams {n:>3}: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime batch-{n} "
-              f"{raw['char_steps_per_s']:>9,.0f} char-steps/s ({raw['step_s'] * 1e3:.2f} ms/step)  "
-              f"ratio {ratio:.2f}  between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms")
+        for interval in args.interval_ms:
+            with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
+                        "--max-sessions", "4096", "--stream-interval-ms", str(interval)) as server:
+                cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
+                t0 = time.perf_counter()
+                res = asyncio.run(load(server.port, name, n, args.seconds))
+                wall = time.perf_counter() - t0
+                # where the machine's time went: the server's CPU (its step graph calls among
+                # it) and this client's, per second of the run
+                res["server_cpu"] = (server.cpu_seconds() - cpu0) / wall
+                res["client_cpu"] = (_own_cpu() - client0) / wall
+                res["step_graph_share"] = (_step_seconds(server, name) - step0) / wall
+                server.stop()
+            ratio = res["chars_per_s"] / raw["char_steps_per_s"]
+            goal = GOALS.get(n)
+            verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
+            print(f"streams {n:>3} interval {interval:g} ms: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime "
+                  f"batch-{n} {raw['char_steps_per_s']:>9,.0f} char-steps/s ({raw['step_s'] * 1e3:.2f} ms/step)  "
+                  f"ratio {ratio:.2f}  between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
+                  f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
+                  f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
+                  f"on {os.cpu_count()} CPUs", flush=True)
+            results.append({"streams": n, "interval_ms": interval, "server": res, "raw": raw, "ratio": ratio, "goal": goal})
+    print(json.dumps({"model": name, "threads": args.threads, "results": results}))
     if tmp is not None:
         tmp.cleanup()
 

@@ -76,6 +76,10 @@ class Limits:
     idle_timeout: float = 600.0  # seconds
     max_batch: int = 64  # sequences advanced together in one step
     max_wait: float = 0.002  # seconds the oldest waiting step waits for company
+    # Generate: after a message, a stream's next one waits until this many seconds have passed
+    # and carries every character made meanwhile (0: each as soon as it is made). Each message
+    # costs the server about 0.1 ms of Python (gRPC's and ours) on the cores the model needs.
+    stream_interval: float = 0.02
     max_stop: int = 4
 
 
@@ -265,20 +269,25 @@ class Engine:
         name, model, session, state, logits = self._open(model_name, session_id, "char", "Generate")
         tok = model.tokenizer
         banned = tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
-        queue: asyncio.Queue = asyncio.Queue()
+        box = Mailbox()
         feed = ([self.start_id(model)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
-            self.texts[name], tok.eos_id, lambda *item: queue.put_nowait(item),
+            self.texts[name], tok.eos_id, box.put,
         )
         counter = self.metrics.chars_generated.labels(name)
-        t0, first = time.perf_counter(), True
+        interval, loop = self.limits.stream_interval, asyncio.get_running_loop()
+        t0, first, sent = time.perf_counter(), True, None
         try:
             self.schedulers[name].add(seq)
             while True:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
+                items = await box.take()
+                if interval and sent is not None and items[-1][0] is not None:
+                    wait = sent + interval - loop.time()
+                    if wait > 0:  # gather what the next steps make, up to the interval
+                        await asyncio.sleep(wait)
+                        items += box.take_nowait()
+                sent = loop.time()
                 chunk = [i for i in items if i[0] is not None]
                 if chunk:
                     if first:
@@ -300,6 +309,36 @@ class Engine:
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         return GlimpseStream(self, name, session, seq)
+
+
+class Mailbox:
+    """A Generate call's characters, put by the scheduler's callbacks and taken by the call's
+    coroutine, both on the event loop (lighter than an asyncio.Queue: one list, one waiter)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, *item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list:
+        """Every item put since the last take; waits for one if there is none."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.take_nowait()
+
+    def take_nowait(self) -> list:
+        items, self.items = self.items, []
+        return items
 
 
 class GlimpseStream:

@@ -70,3 +70,13 @@ def test_fuzz_smoke(bench_models):
         "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+
+
+def test_serve_load_smoke():
+    result = run_bench("serve_load.py", "--smoke", "--interval-ms", "0", "20")
+    runs = {(r["streams"], r["interval_ms"]) for r in result["results"]}
+    assert runs == {(4, 0.0), (4, 20.0), (1, 0.0), (1, 20.0)}
+    for r in result["results"]:
+        assert r["server"]["chars"] > 0 and r["raw"]["char_steps_per_s"] > 0 and not r["raw"]["torch"]
+        assert r["ratio"] == r["server"]["chars_per_s"] / r["raw"]["char_steps_per_s"]
+        assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05

@@ -395,3 +395,25 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     assert cli_main(["classify", *target, "--model", "tiny-mnist", "--index", "3",
                      "--data-dir", str(tmp_path)]) == 2
     assert "image index must be in [0, 3)" in capsys.readouterr().err
+
+
+def test_stream_interval_coalesces_generate_messages(models_dir):
+    """--stream-interval-ms: after the first message, a stream's next waits for the interval and
+    carries every character made meanwhile; 0 sends each as it is made. The text is the same."""
+    texts, counts = [], []
+    for interval in (0.0, 0.05):
+        s = ServerThread(models_dir, Limits(stream_interval=interval, max_chars=300))
+        try:
+            t0 = time.perf_counter()
+            msgs = gen(s.stub, model="tiny-char", max_chars=300, seed=5, temperature=1.0)
+            elapsed = time.perf_counter() - t0
+        finally:
+            s.close()
+        assert sum(len(m.text) for m in msgs) == 300 and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        texts.append("".join(m.text for m in msgs))
+        counts.append(len(msgs))
+        if interval:
+            # no more messages than intervals elapsed (+ the first and the last)
+            assert len(msgs) <= elapsed / interval + 2, (len(msgs), elapsed)
+    assert texts[0] == texts[1]
+    assert counts[1] < counts[0]

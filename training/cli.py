@@ -147,6 +147,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
     a("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0, float),
       help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
+    a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 20.0, float),
+      help="Generate: the least time between two messages of a stream, each carrying every character "
+           "made meanwhile (the first is sent at once); 0 sends each as it is made "
+           "[NLSTM_STREAM_INTERVAL_MS] (default: 20)")
     a("--max-chars", type=int, default=_env("MAX_CHARS", 4096, int),
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
@@ -172,10 +176,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     for name in ("max_sessions", "max_batch", "max_chars", "max_text"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0:
-        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
+    if (args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0
+            or not args.stream_interval_ms >= 0):
+        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --stream-interval-ms, --grace and "
+                         "--threads >= 0")
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
-                    idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+                    idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
+                    stream_interval=args.stream_interval_ms / 1000)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
