@@ -123,6 +123,15 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec (Linux): SIGTERM it when the benchmark that started
+    it dies, even by a signal that skips the context manager's cleanup."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     """`nlstm serve` in a subprocess on free ports (`port`, and `metrics_port` with metrics=True).
 
@@ -135,6 +144,7 @@ class Server:
             [sys.executable, "-m", "training.cli", "serve", "--models", str(models), "--port", "0",
              "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags],
             stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=_die_with_parent,
         )
         self.log: list[str] = []
         self.port = 0

@@ -1,4 +1,5 @@
-"""Command-line clients of a running server: generate, score, classify (no torch).
+"""Command-line clients of a running server: generate, score, classify (no torch); and their
+local backends (`--backend onnx`: an exported folder run here on onnxruntime, no server).
 
 Each function takes plain arguments (the `nlstm` command parses the flags) and prints what a
 person wants to see: generated text streamed as it arrives, bits per character, per-glimpse
@@ -55,6 +56,60 @@ def generate(target: str, model: str, prompt: str, max_chars: int, temperature: 
     return "".join(text)
 
 
+def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
+                   top_p: float, seed: int | None, stop: list[str], out=sys.stdout, providers: str = "auto",
+                   threads: int | None = None) -> str:
+    """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
+    onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
+    prompt, stop strings, end marker), so a seed gives the server's text for the same request."""
+    from serving.engine import banned_ids, id_texts
+    from serving.formats import start_id
+    from serving.sampling import Sampler
+    from serving.scheduler import GenerateSequence
+
+    m = _local_model(models_dir, model, providers, threads)
+    if not 1 <= max_chars:
+        raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ValueError("--stop takes at most 4 non-empty strings")
+    tok = m.tokenizer
+    pieces: list[str] = []
+
+    def emit(text, _bits, _reason):
+        if text:
+            out.write(text)
+            out.flush()
+            pieces.append(text)
+
+    feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
+    seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
+                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit)
+    while not seq.finished:
+        post: list = []
+        if seq.wants_sample:
+            seq.take_sample(seq.sampler(seq.pos[1]), None, post)
+        logits, state = m.step(np.array([seq.take_input()]), seq.pos[0][None])
+        seq.advance(logits[0], state[0], post)
+        for callback in post:
+            callback()
+    out.write("\n")
+    return "".join(pieces)
+
+
+def _local_model(models_dir: str, model: str, providers: str, threads: int | None):
+    from serving.runtime import load_model
+
+    if not model:
+        raise ValueError("--model is required (a folder name under --models)")
+    folder = Path(models_dir) / model
+    if not (folder / "meta.json").is_file():
+        raise ValueError(f"no exported model {model!r} under {models_dir} (a folder with a meta.json)")
+    m = load_model(folder, providers=providers, intra_op_threads=threads)
+    if m.kind != "char":
+        raise ValueError(f"model {model!r} is a {m.kind} model; this command runs on character models")
+    return m
+
+
 def read_text(path: str) -> str:
     return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
 
@@ -72,20 +127,10 @@ def score_local(models_dir: str, model: str, path: str, per_char: bool, provider
                 threads: int | None = None):
     """`nlstm score --backend onnx`: the exported folder models_dir/model run here on
     onnxruntime, no server; the same figures as the server's Score without a session."""
-    from serving.runtime import load_model
-
-    if not model:
-        raise ValueError("--model is required (a folder name under --models)")
-    folder = Path(models_dir) / model
-    if not (folder / "meta.json").is_file():
-        raise ValueError(f"no exported model {model!r} under {models_dir} (a folder with a meta.json)")
     text = read_text(path)
     if not text:
         raise ValueError("the text to score is empty")
-    m = load_model(folder, providers=providers, intra_op_threads=threads)
-    if m.kind != "char":
-        raise ValueError(f"model {model!r} is a {m.kind} model; score runs on character models")
-    r = m.score(text)
+    r = _local_model(models_dir, model, providers, threads).score(text)
     print_score(text, r.chars, r.nats / math.log(2), r.bits_per_char, r.unknown_chars, r.bits, per_char)
     return r
 

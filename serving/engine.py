@@ -109,15 +109,8 @@ class Engine:
             # read at each scrape, so that they never go stale when the scheduler idles
             self.metrics.active_sequences.labels(name).set_function(self.schedulers[name].active)
             self.metrics.queue_depth.labels(name).set_function(self.schedulers[name].waiting)
-            tok = model.tokenizer
-            if model.meta.kind == "char" and tok is not None:
-                # each id's text, decoded once (generation emits one id per character)
-                special = self._special(tok)
-                self.texts[name] = [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
-
-    @staticmethod
-    def _special(tok) -> set[int]:
-        return {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
+            if model.meta.kind == "char" and model.tokenizer is not None:
+                self.texts[name] = id_texts(model.tokenizer)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -268,7 +261,7 @@ class Engine:
             )
         name, model, session, state, logits = self._open(model_name, session_id, "char", "Generate")
         tok = model.tokenizer
-        banned = tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
+        banned = banned_ids(tok)
         box = Mailbox()
         feed = ([self.start_id(model)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
         seq = GenerateSequence(
@@ -309,6 +302,18 @@ class Engine:
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         return GlimpseStream(self, name, session, seq)
+
+
+def id_texts(tok) -> list[str]:
+    """Each id's text, decoded once (generation emits one id per character); markers and the
+    unknown piece are empty."""
+    special = {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
+    return [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
+
+
+def banned_ids(tok) -> tuple[int, ...]:
+    """Ids Generate never samples: the unknown piece, the begin marker, padding."""
+    return tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
 
 
 class Mailbox:

@@ -356,6 +356,17 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     again = "".join(r.text for r in gen(server.stub, model="tiny-char", prompt="the ", max_chars=25, seed=3,
                                         temperature=0.8))
     assert printed == again + "\n" and len(again) == 25  # streamed as it came, the same text
+    # the local backend: the same sequence logic on the exported folder, the same text by seed
+    for extra in ([], ["--stop", "a", "--top-k", "3"]):
+        args = ["--model", "tiny-char", "--prompt", "the ", "--max-chars", "25", "--seed", "3", "--temperature", "0.8"]
+        assert cli_main(["generate", *target, *args, *extra]) == 0
+        served_text = capsys.readouterr().out
+        assert cli_main(["generate", "--backend", "onnx", "--models", str(models_dir), "--providers", "cpu",
+                         *args, *extra]) == 0
+        assert capsys.readouterr().out == served_text
+    assert served_text.rstrip("\n").endswith("a") and len(served_text) <= 26  # stopped at the stop string
+    assert cli_main(["generate", "--backend", "onnx", "--session", "x", "--model", "tiny-char"]) == 2
+    assert "--session needs --backend server" in capsys.readouterr().err
 
     text_file = tmp_path / "text.txt"
     text_file.write_text("the dog sat on the park mat~\n", encoding="utf-8")  # '~' is unknown

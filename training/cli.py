@@ -18,10 +18,11 @@ from pathlib import Path
 def _add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "params",
-        help="print the parameter counts of every model in the paper's Tables 1-4",
+        help="print the parameter counts of every model in the paper's Tables 1-4 and the HM-LSTM",
         description=(
-            "Instantiate every model of the paper's Tables 1-4 and print task, model, n, cell "
-            "size and trainable parameters beside the paper's Params column."
+            "Instantiate every model of the paper's Tables 1-4 and the HM-LSTM baseline's PTB "
+            "model (3x500) and print task, model, n, cell size and trainable parameters beside "
+            "the paper's Params column ('-' where the paper gives none)."
         ),
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
@@ -44,13 +45,13 @@ def _run_params(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps(r.as_dict()))
         return 0
-    header = f"{'task':<8} {'model':<6} {'n':>2} {'cell':>5} {'params':>12} {'paper':>7}  note"
+    header = f"{'task':<8} {'model':<7} {'n':>2} {'cell':>5} {'params':>12} {'paper':>7}  note"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r.task:<8} {r.model:<6} {r.n:>2} {r.cell_size:>5} {r.params:>12,} "
-            f"{r.paper_params:>7}  {r.note}"
+            f"{r.task:<8} {r.model:<7} {r.n:>2} {r.cell_size:>5} {r.params:>12,} "
+            f"{r.paper_params or '-':>7}  {r.note}"
         )
     return 0
 
@@ -198,8 +199,21 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("server", "onnx"), default="server",
+                   help="server: a running nlstm serve (--target); onnx: the exported folder --models/--model, "
+                        "run here on onnxruntime (no server, no torch)")
+    p.add_argument("--models", type=Path, default=_env("MODELS", _default_models_dir(), Path),
+                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled exported/)")
+    p.add_argument("--providers", default=_env("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
+                   help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text from a running server, streamed as it arrives")
+    p = sub.add_parser("generate", help="sample text from a running server (or a local exported model), "
+                                        "streamed as it arrives")
     _add_client_flags(p)
     p.add_argument("--prompt", default="", help="text fed to the model first")
     p.add_argument("--max-chars", type=int, default=200)
@@ -208,6 +222,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop after this text (repeatable, at most 4)")
+    _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("generate", a))
 
 
@@ -222,14 +237,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="UTF-8 text file, or - for standard input")
     _add_client_flags(p)
     p.add_argument("--per-char", action="store_true", help="print each character's bits too")
-    p.add_argument("--backend", choices=("server", "onnx"), default="server",
-                   help="server: a running nlstm serve (--target); onnx: the exported folder, run here")
-    p.add_argument("--models", type=Path, default=_env("MODELS", _default_models_dir(), Path),
-                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled exported/)")
-    p.add_argument("--providers", default=_env("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
-                   help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose")
+    _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("score", a))
 
 
@@ -245,12 +253,15 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
 def _client(command: str, args: argparse.Namespace) -> int:
     from serving import client
 
-    if command == "generate":
+    if command in ("generate", "score") and args.backend == "onnx" and args.session:
+        raise ValueError("--session needs --backend server: sessions live in a server")
+    if command == "generate" and args.backend == "onnx":
+        client.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
+                              args.top_p, args.seed, args.stop, providers=args.providers, threads=args.threads or None)
+    elif command == "generate":
         client.generate(args.target, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                         args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
     elif command == "score" and args.backend == "onnx":
-        if args.session:
-            raise ValueError("--session needs --backend server: sessions live in a server")
         client.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
                            args.threads or None)
     elif command == "score":
