@@ -51,6 +51,54 @@ def test_hmlstm_copy_smoke():
     assert "layer 2:" in out and "saved" in out
 
 
+def test_hmlstm_copy_reads_a_text_file_with_the_checkpoints_tokenizer(tmp_path):
+    """--checkpoint with --text-file: the counts are those of the model over the encoded text."""
+    import re
+
+    import torch
+
+    from serving.formats import Tokenizer
+    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from training.data.tokenizer import train_char_tokenizer
+    from training.models import ModelConfig, build_model
+
+    text = "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night\n"
+    tok = train_char_tokenizer(text.splitlines(), newline=True)
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="char", core="hmlstm", hidden_size=8, num_layers=3,
+                      vocab_size=tok.vocab_size)
+    model = build_model(cfg)  # seed 0: every operation occurs over this text
+    save_checkpoint(Checkpoint(task="ptb", model_config=cfg, model=model.state_dict(),
+                               tokenizer=tok.model_proto), tmp_path / "best.pt")
+    full = text + "q€\n"  # two characters outside the vocabulary
+    (tmp_path / "valid.txt").write_text(full, encoding="utf-8")
+    T = len(full) // 2  # 37: under --smoke's 40 steps, the text sets the length
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--smoke", "--batch", "2",
+         "--checkpoint", str(tmp_path / "best.pt"), "--text-file", str(tmp_path / "valid.txt")],
+        capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "2 characters outside the checkpoint's vocabulary" in out
+    assert f"HM-LSTM 3x8, batch 2, {T} steps, input: {tmp_path / 'valid.txt'}" in out
+    # the same counts as the model over the same ids, laid out as (T, B) rows of the text
+    ids = Tokenizer.from_bytes(tok.model_proto).encode(full).ids[: 2 * T]
+    ids = torch.as_tensor(ids).view(2, T).t()  # (T, B): row b reads characters b*T ..
+    core = load_checkpoint(tmp_path / "best.pt").build_model().core.eval()
+    with torch.no_grad():
+        *_, counts = core(ids, return_boundaries=True)
+    ops = re.findall(r"UPDATE +(\d+) +COPY +(\d+) +FLUSH +(\d+)", out)
+    printed = [tuple(map(int, m)) for m in ops]
+    assert printed == [(c["update"], c["copy"], c["flush"]) for c in counts]
+    assert all(sum(c) == 2 * T for c in printed) and "saved" in out
+    assert all(sum(c[k] for c in printed) > 0 for k in range(3))  # UPDATE, COPY and FLUSH all occur
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--text-file", "x"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 2 and "--text-file needs --checkpoint" in proc.stderr
+
+
 def test_soak_smoke(bench_models):
     result = run_bench("soak.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and not result["soak"]["errors"]

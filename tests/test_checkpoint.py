@@ -7,7 +7,14 @@ import os
 import pytest
 import torch
 
-from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from training.models import ModelConfig, build_model
 
 
@@ -75,3 +82,23 @@ def test_corrupt_and_foreign_files_get_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "new.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_remove_stale_temporaries_takes_only_the_exact_pattern(tmp_path, monkeypatch):
+    # a SIGKILL just before the rename: the temporary file stays (tests/test_trainer.py kills a
+    # real writer); here the rename is skipped instead
+    monkeypatch.setattr(os, "replace", lambda *a: None)
+    atomic_write_bytes(tmp_path / "last.pt", lambda f: f.write(b"a whole checkpoint"))
+    monkeypatch.undo()
+    (left,) = [p.name for p in tmp_path.iterdir()]
+    assert left.startswith(".last.pt.") and left.endswith(".tmp")
+    keep = [".last.pt.tmp", ".last.pt.abc.tmp", ".last.pt.abcdefgh.tmp.bak", "last.pt.abcdefgh.tmp",
+            ".other.pt.abcdefgh.tmp", ".last.pt.ABCDEFGH.tmp", "notes.tmp", "best.pt"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".best.pt.k_9zq0xy.tmp").mkdir()  # a folder is never deleted
+    (tmp_path / ".best.pt.a1b2c3d4.tmp").write_bytes(b"y")
+    removed = remove_stale_temporaries(tmp_path, ("last.pt", "best.pt"))
+    assert sorted(p.name for p in removed) == sorted([left, ".best.pt.a1b2c3d4.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, ".best.pt.k_9zq0xy.tmp"])
+    assert remove_stale_temporaries(tmp_path / "absent", ("last.pt",)) == []

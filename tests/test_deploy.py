@@ -8,7 +8,8 @@
   with torch made unimportable, against the bundled models: its HEALTHCHECK command reports
   healthy, the models and metrics are served, its STOPSIGNAL drains and exits 0;
 - docker-compose.yml, the Prometheus config and alerts, and the Grafana dashboard agree with
-  each other and with the metrics the server exports; docs/deploy.md names every setting.
+  each other and with the metrics the server exports; docker-compose.gpu.yml gives the server
+  the CUDA image, an NVIDIA GPU and NLSTM_PROVIDERS=cuda; docs/deploy.md names every setting.
 """
 
 from __future__ import annotations
@@ -291,6 +292,24 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     dash_dir = REPO / next(h for h, c in g_mounts.items() if c == provider["options"]["path"])
     dashboard = json.loads((dash_dir / "nlstm.json").read_text())
     assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {source["uid"]}
+
+
+def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):
+    base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["server"]
+    override = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    assert set(override["services"]) == {"server"}  # merged onto the base file's server only
+    server = override["services"]["server"]
+    assert server["build"]["args"]["VARIANT"] == "gpu" and "VARIANT" in base["build"]["args"]
+    assert f"base-{server['build']['args']['VARIANT']}" in stages  # a variant the Dockerfile has
+    assert server["image"] == "nlstm-serve:gpu"
+    assert server["environment"]["NLSTM_PROVIDERS"] == "cuda"
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    # Compose merges mappings key by key: the base's settings (ports, grace, ...) stay
+    assert not set(server) & {"ports", "stop_grace_period", "restart"}
+    assert not set(server["environment"]) & set(base["environment"])
+    for text in ((REPO / "docs" / "deploy.md").read_text(), (REPO / "docker-compose.yml").read_text()):
+        assert "-f docker-compose.yml -f docker-compose.gpu.yml" in text
 
 
 def _metric_names(expr: str) -> set[str]:

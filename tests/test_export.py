@@ -145,7 +145,11 @@ def test_step_graph_contract(graphs, kind):
         np.testing.assert_array_equal(w, model.core.layers[0].weight_ih_l0.detach().numpy().T)
 
 
-SEQ_CASES = [("nlstm-d2x2", "char"), ("lstm", "glimpse"), ("hmlstm", "char")]
+# Every core of CORES (a new core without an entry here is a KeyError), each with one input kind:
+# the Scan wraps the same step graph whose parity the matrix above checks for both kinds.
+SEQ_KINDS = {"nlstm-d2": "glimpse", "nlstm-d3": "char", "nlstm-d2x2": "char", "lstm": "glimpse",
+             "lstm-stacked": "char", "hmlstm": "char"}
+SEQ_CASES = [(name, SEQ_KINDS[name]) for name in CORES]
 
 
 @pytest.mark.parametrize("name,kind", SEQ_CASES, ids=[f"{n}-{k}" for n, k in SEQ_CASES])
@@ -234,6 +238,7 @@ def test_meta_json_describes_the_model(char_export, tok):
     assert d["metrics"]["history"] == [1.0, None]  # NaN is not JSON: written as null
     assert d["train_config"] == TRAIN_CONFIG and d["model_config"] == cfg.to_dict()
     assert d["sequence_graph"] is True and d["sequence_timing"]["mode"] == "always"
+    assert d["sequence_timing"]["shipped"] is True and d["sequence_timing"]["torch_loaded"] is False
     assert d["source"]["step"] == 700 and d["source"]["parity_max_diff"] <= TOL
     from serving.formats import file_sha256
 
@@ -260,6 +265,23 @@ def test_auto_ships_the_sequence_graph_only_when_it_measured_faster(tok, tmp_pat
     assert t["mode"] == "auto" and t["step_graph_loop_us_per_step"] > 0 and t["sequence_graph_us_per_step"] > 0
     assert meta.sequence_graph == t["shipped"] == (t["speedup"] > 1.0)
     assert (tmp_path / "e" / "sequence.onnx").exists() == meta.sequence_graph
+    # timed by serving.runtime in a subprocess that loaded neither torch nor the training code
+    assert t["torch_loaded"] is False and t["training_loaded"] is False and "subprocess" in t["what"]
+    load_model(tmp_path / "e")  # the published meta.json, not the provisional one, matches
+
+
+def test_a_failed_timing_ships_the_sequence_graph_only_when_asked_to(tok, tmp_path, monkeypatch):
+    import training.export as export
+
+    monkeypatch.setattr(export, "TIMING_SCRIPT", "import sys; sys.exit('no timing here')")
+    model = make_model(tok, kind="glimpse", core="lstm")
+    auto = export_model(model, tmp_path / "auto", task="t", tokenizer=None)
+    t = auto.sequence_timing
+    assert "no timing here" in t["error"] and t["shipped"] is False and not auto.sequence_graph
+    assert sorted(auto.files) == ["model.onnx"] and not (tmp_path / "auto" / "sequence.onnx").exists()
+    always = export_model(model, tmp_path / "always", task="t", tokenizer=None, sequence="always")
+    assert always.sequence_graph and always.sequence_timing["shipped"] is True
+    assert load_model(tmp_path / "always").has_sequence_graph
 
 
 def test_hash_mismatch_and_missing_files_are_refused(char_export, tmp_path):

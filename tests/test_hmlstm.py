@@ -104,6 +104,33 @@ def test_slope_schedule_and_trainer_hook():
     assert model.core.slope == pytest.approx(3.0)
 
 
+def test_trainer_anneals_the_slope_each_epoch(tmp_path, monkeypatch):
+    """train() sets a = min(5, 1 + 0.04 * epoch) at each epoch start: 1.0, 1.04, 1.08 over the
+    optimizer steps of three epochs."""
+    from trainer_data import stream_prepared
+
+    from training import trainer
+    from training.config import TrainConfig
+
+    built = []  # the model the trainer builds, kept so that on_step can read its slope
+
+    def keep(cfg):
+        built.append(build_model(cfg))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "build_model", keep)
+    slopes = []
+    config = TrainConfig(task="ptb", model={"core": "hmlstm", "hidden_size": 4, "num_layers": 2},
+                         batch_size=4, seq_len=20, epochs=3, checkpoint_every=0, seed=0)
+    prepared = stream_prepared(tmp_path / "data", n_train=400, n_eval=100)
+    trainer.train(config, tmp_path / "run", prepared=prepared, log=lambda *_: None, progress=False,
+                  on_step=lambda step: slopes.append(built[0].core.slope))
+    assert len(built) == 1
+    per_epoch = len(slopes) // 3
+    assert per_epoch >= 2 and len(slopes) == 3 * per_epoch
+    assert slopes == pytest.approx([1.0] * per_epoch + [1.04] * per_epoch + [1.08] * per_epoch)
+
+
 @torch.no_grad()
 def test_skipping_whole_batch_copies_changes_nothing_and_counts_ops():
     m = _model(z_bias=-100.0).eval()

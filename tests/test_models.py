@@ -19,7 +19,7 @@ from training.models import (
     state_slots,
     unpack_state,
 )
-from training.paper import TABLES, paper_rows, round_like
+from training.paper import HMLSTM_ROWS, TABLES, paper_rows, round_like
 
 
 def _randomize(module, seed=0):
@@ -136,9 +136,30 @@ def test_config_errors_say_what_is_allowed():
         model(torch.rand(3, 2, 48))
 
 
+@pytest.mark.parametrize("core", ["nlstm", "lstm"])
+@pytest.mark.parametrize("option", [{"embedding_size": 8}, {"layer_norm": True}])
+def test_hmlstm_options_on_other_cores_are_refused(core, option):
+    """embedding_size and layer_norm configure only the HM-LSTM: elsewhere they would be ignored."""
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name} is an hmlstm option.*core '{core}' takes none"):
+        ModelConfig(kind="char", core=core, hidden_size=4, vocab_size=5, **option)
+    ModelConfig(kind="char", core=core, hidden_size=4, vocab_size=5, embedding_size=0,
+                layer_norm=False)  # the defaults are fine
+
+
+def test_hmlstm_config_needs_two_layers():
+    with pytest.raises(ValueError, match="hmlstm model needs num_layers >= 2"):
+        ModelConfig(kind="char", core="hmlstm", hidden_size=4, vocab_size=5)  # num_layers=1
+    with pytest.raises(ValueError, match="embedding_size must be >= 0"):
+        ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=2, vocab_size=5,
+                    embedding_size=-1)
+    ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=2, vocab_size=5,
+                embedding_size=3, layer_norm=True)
+
+
 # ---------------------------------------------------------------------- the paper's Params
 def test_every_table_row_rounds_to_the_papers_params_but_one():
-    rows = paper_rows()
+    rows = [r for r in paper_rows() if r.model != "HM-LSTM"]
     assert len(rows) == len(TABLES) == 20
     mismatched = [(r.task, r.model, r.n, r.cell_size) for r in rows if not r.matches]
     assert mismatched == [("mnist", "LSTM", 3, 75)]
@@ -151,6 +172,20 @@ def test_every_table_row_rounds_to_the_papers_params_but_one():
     assert by_key[("mnist", "LSTM", 3, 75)] == 128_860
 
 
+def test_hmlstm_row_counts_the_ptb_model_and_has_no_paper_figure():
+    (row,) = [r for r in paper_rows() if r.model == "HM-LSTM"]
+    assert HMLSTM_ROWS == [("ptb", "HM-LSTM", 3, 500, None)]
+    assert (row.task, row.n, row.cell_size) == ("ptb", 3, 500)
+    assert row.paper_params is None and row.matches is None
+    # by hand: rows 4H + 1 (boundary) on layers 0-1, 4H on the last; W_ih, U, W_td (not on the
+    # last), bias; a LayerNorm (weight + bias) per term; then eq. (11)-(12)'s output module
+    H, V, E, R = 500, 50, 500, 4 * 500 + 1
+    core = R * (V + H + H + 1) + R * (3 * H + 1) + (R - 1) * (2 * H + 1)
+    core += 2 * (3 * R + 3 * R + 2 * (R - 1))  # LayerNorms: 3, 3 and 2 terms
+    head = 3 * H * 3 + 3 * H * E + E * V + V
+    assert row.params == core + head == 7_920_114
+
+
 def test_round_like():
     assert round_like(4_474_850, "4.47M") == "4.47M"
     assert round_like(868_311, "868k") == "868k"
@@ -161,11 +196,14 @@ def test_round_like():
 def test_params_command(capsys):
     assert main(["params", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(rows) == 20
+    assert len(rows) == 21
     assert {"task", "model", "n", "cell_size", "params", "paper_params"} <= set(rows[0])
+    assert rows[-1]["model"] == "HM-LSTM" and rows[-1]["paper_params"] is None
     assert main(["params", "--poems-vocab", "6000"]) == 0
     table = capsys.readouterr().out
     assert "NLSTM" in table and "4,474,850" in table
+    (hm,) = [line for line in table.splitlines() if "HM-LSTM" in line]
+    assert hm.split()[:6] == ["ptb", "HM-LSTM", "3", "500", "7,920,114", "-"]
     assert f"{161 * 6000 + 4224:,}" in table  # the 1x32 poems LSTM with a 6,000-symbol vocabulary
 
 

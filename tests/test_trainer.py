@@ -10,6 +10,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from training.config import (
 from training.trainer import BEST, LAST, METRICS, figures, read_metrics, train
 
 QUIET = dict(log=lambda *_: None, progress=False)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +258,65 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, m
     assert _same(_weights(tmp_path / "a"), _weights(run))
 
 
+# Writes the bytes of argv[2] to argv[1] through atomic_write_bytes, says so, and sleeps in the
+# writer, after the last byte and before fsync and the rename, until the test SIGKILLs it.
+KILLED_WRITER = r"""
+import sys, time
+from training.checkpoint import atomic_write_bytes
+blob = open(sys.argv[2], "rb").read()
+def write(f):
+    f.write(blob)
+    f.flush()
+    print("written", flush=True)
+    time.sleep(600)
+atomic_write_bytes(sys.argv[1], write)
+"""
+
+
+def _temporaries(run: Path) -> list[Path]:
+    return sorted(p for p in run.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_leftover(
+        tmp_path, stream):
+    cfg = _cfg(epochs=1, checkpoint_every=3)
+    train(replace(cfg, max_steps=9), tmp_path / "a", prepared=stream, **QUIET)
+    run = tmp_path / "b"
+    train(replace(cfg, max_steps=6), run, prepared=stream, **QUIET)
+    before = (run / LAST).read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(run / LAST), str(run / BEST)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
+    try:
+        line = proc.stdout.readline()  # the whole new checkpoint is in the temporary file
+        assert line.strip() == "written", proc.stderr.read()[-2000:] if not line else line
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    (left,) = _temporaries(run)
+    assert left.name.startswith(f".{LAST}.") and left.stat().st_size == len((run / BEST).read_bytes())
+    assert (run / LAST).read_bytes() == before  # the previous checkpoint, intact and loadable
+    assert load_checkpoint(run / LAST).step == 6
+    # a fresh run in a folder holding only such a leftover removes it too
+    fresh = tmp_path / "c"
+    fresh.mkdir()
+    shutil.copy(left, fresh / f".{BEST}.{left.name.split('.')[-2]}.tmp")
+    train(replace(cfg, max_steps=1), fresh, prepared=stream, **QUIET)
+    assert not _temporaries(fresh)
+    logs = []
+    s = train(replace(cfg, max_steps=9), run, prepared=stream, resume=True,
+              log=logs.append, progress=False)
+    assert s["step"] == 9 and not _temporaries(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted([LAST, BEST, METRICS])
+    assert any(left.name in line and "removed" in line for line in logs), logs
+    assert _same(_weights(tmp_path / "a"), _weights(run))
+
+
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream):
     train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
     (tmp_path / "b").mkdir()
@@ -311,6 +376,33 @@ def test_carry_state_changes_training(tmp_path, stream):
 def test_bf16_autocast_trains(tmp_path, stream):
     train(_cfg(epochs=1, bf16=True), tmp_path, prepared=stream, **QUIET)
     _, evals = read_metrics(tmp_path)
+    assert math.isfinite(evals[-1]["valid_bpc"]) and evals[-1]["valid_bpc"] < 6
+
+
+@pytest.mark.gpu
+def test_cuda_run_resumes_close_to_an_uninterrupted_one_and_trains_in_bf16(tmp_path, stream):
+    # CUDA kernels (atomics in the embedding and matmul backward) are not bit-reproducible, so
+    # the resumed run is held to allclose instead of the CPU's equality.
+    cfg = _cfg(device="cuda", epochs=1, max_steps=30, checkpoint_every=10)
+    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    with pytest.raises(Kill):
+        train(cfg, tmp_path / "b", prepared=stream, on_step=_kill_at(17), **QUIET)
+    ck = load_checkpoint(tmp_path / "b" / LAST)
+    assert ck.step == 10 and "cuda" in ck.rng
+    train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    run, ea = read_metrics(tmp_path / "a")
+    _, eb = read_metrics(tmp_path / "b")
+    assert run["device"].startswith("cuda")
+    assert [e["step"] for e in ea] == [e["step"] for e in eb]
+    assert eb[-1]["valid_bpc"] == pytest.approx(ea[-1]["valid_bpc"], rel=1e-4)
+
+    train(replace(cfg, bf16=True, max_steps=20), tmp_path / "bf16", prepared=stream, **QUIET)
+    run, evals = read_metrics(tmp_path / "bf16")
+    assert run["config"]["bf16"] is True and run["device"].startswith("cuda")
     assert math.isfinite(evals[-1]["valid_bpc"]) and evals[-1]["valid_bpc"] < 6
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config, model_config_for
-from training.paper import PAPER_POEMS_VOCAB, PTB_VOCAB, TABLES, TEXT8_VOCAB, model_config
+from training.paper import (
+    HMLSTM_ROWS,
+    PAPER_POEMS_VOCAB,
+    PTB_VOCAB,
+    TABLES,
+    TEXT8_VOCAB,
+    model_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KIND = {"ptb": "stream", "text8": "stream", "poems": "sequences", "mnist": "glimpses"}
@@ -54,9 +61,23 @@ def test_row_config_matches_the_paper(row):
         assert mc.outer_activation == "identity"  # sigma_c of the paper's NLSTM runs
 
 
-def test_smoke_and_hmlstm_configs_load():
+def test_smoke_config_loads():
     smoke = load_config(CONFIGS / "smoke.toml")
     assert smoke.task == "ptb" and smoke.model["core"] == "nlstm" and smoke.max_train_items
+
+
+def test_hmlstm_config_has_the_hmrnn_papers_ptb_settings():
+    """The HM-RNN paper, section 4.1: mini-batches of 64 sequences of 100, the last hidden state
+    carried on, Adam at 0.002, gradient norm clipped at 1; 3 layers of 500 and a 500-unit
+    embedding layer (layer norm stands in for the paper's batch norm)."""
     hm = load_config(CONFIGS / "ptb-hmlstm-3x500.toml")
+    assert hm.task == "ptb"
+    assert (hm.batch_size, hm.seq_len, hm.clip, hm.carry_state) == (64, 100, 1.0, True)
+    assert (hm.optimizer.name, hm.optimizer.lr) == ("adam", 0.002)
     mc = model_config_for(hm, PTB_VOCAB, None, "stream")
     assert (mc.core, mc.num_layers, mc.hidden_size) == ("hmlstm", 3, 500)
+    assert (mc.embedding_size, mc.layer_norm) == (500, True)
+    (row,) = HMLSTM_ROWS
+    assert mc == model_config(*row[:4])  # the model `nlstm params` counts
+    comment = (CONFIGS / "ptb-hmlstm-3x500.toml").read_text()
+    assert "section 4.1" in comment and "section 5" not in comment  # 5 is the conclusion

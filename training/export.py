@@ -24,7 +24,9 @@ same step in torch's scan operator, which the exporter turns into an ONNX Scan: 
 would be unrolled to the example's length instead.
 
 Every graph is checked with onnx.checker, and onnxruntime is compared with torch on random inputs
-before the folder is published. The folder is built in a temporary folder beside the target and
+before the folder is published. Whether the sequence graph is faster is measured on the finished
+folder by serving.runtime in a subprocess that never imports torch (torch's threads would slow
+onnxruntime in this process and skew the comparison). The folder is built in a temporary folder beside the target and
 renamed into place, so a crash never leaves a half-written export.
 """
 
@@ -38,8 +40,9 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -358,33 +361,74 @@ def check_parity(model: nn.Module, graph, *, steps: int = 200, batch: int = 5, s
     return Parity(steps, batch, dl, ds)
 
 
-def time_sequence_graph(step_bytes: bytes, sequence_bytes: bytes, config: ModelConfig, *,
-                        steps: int = 256, repeats: int = 3) -> dict[str, Any]:
-    """Scoring `steps` inputs at batch 1 on onnxruntime's CPU provider: the step graph called
-    once per input from Python (what the runtime does without a sequence graph) against one
-    call of the sequence graph. Best of `repeats`, interleaved; microseconds per step."""
-    step_sess, seq_sess = _cpu_session(step_bytes, threads=0), _cpu_session(sequence_bytes, threads=0)
-    x, state = _example_inputs(config, steps, 1)
-    x_np, s0 = x.numpy(), np.zeros_like(state.numpy())
-    name = _input_spec(config)[0]
-    loop, seq = [], []
-    for _ in range(repeats + 1):  # the first round warms both up and is dropped
-        t0 = time.perf_counter()
-        s = s0
-        for t in range(steps):
-            _, s = step_sess.run(None, {name: x_np[t], STATE_INPUT: s})
-        t1 = time.perf_counter()
-        seq_sess.run(None, {name: x_np, STATE_INPUT: s0})
-        t2 = time.perf_counter()
-        loop.append(t1 - t0)
-        seq.append(t2 - t1)
-    loop_us, seq_us = min(loop[1:]) / steps * 1e6, min(seq[1:]) / steps * 1e6
+# Run by time_sequence_graph in a fresh interpreter that imports serving.runtime and never torch:
+# torch's thread pools, loaded in the exporting process, slow onnxruntime 2.5-3.5x and would
+# skew the comparison. argv: folder, steps, repeats. Prints one JSON line.
+TIMING_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from serving.runtime import ExportedModel, load_model
+folder, steps, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seq = load_model(folder, providers="cpu", intra_op_threads=0, inter_op_threads=1)
+# the same step session without the sequence graph: what load_model gives a folder without one,
+# whose run() calls the step graph once per input
+loop = ExportedModel(seq.folder, seq.meta, seq.tokenizer, seq._step, None)
+rng = np.random.default_rng(0)
+if seq.kind == "char":
+    x = rng.integers(0, seq.output_size, size=(steps, 1))  # (T, 1)
+else:
+    x = rng.random((steps, 1, seq.meta.input_size), dtype=np.float32)  # (T, 1, 49)
+loop_s, seq_s = [], []
+for _ in range(repeats + 1):  # the first round warms both up and is dropped
+    t0 = time.perf_counter()
+    loop.run(x)
+    t1 = time.perf_counter()
+    seq.run(x)
+    t2 = time.perf_counter()
+    loop_s.append(t1 - t0)
+    seq_s.append(t2 - t1)
+print(json.dumps({
+    "loop_s": min(loop_s[1:]), "sequence_s": min(seq_s[1:]),
+    "torch": "torch" in sys.modules,
+    "training": any(k == "training" or k.startswith("training.") for k in sys.modules),
+}))
+"""
+# The folder holding the `serving` and `training` packages (a checkout or site-packages).
+_PACKAGES = Path(__file__).resolve().parents[1]
+
+
+def time_sequence_graph(folder: str | os.PathLike, *, steps: int = 256, repeats: int = 3,
+                        timeout: float = 300.0) -> dict[str, Any]:
+    """Scoring `steps` inputs at batch 1 with serving.runtime on onnxruntime's CPU provider, in a
+    subprocess without torch: ExportedModel.run through the step graph once per input (what the
+    runtime does without a sequence graph) against one call of the sequence graph. `folder` is a
+    complete export folder with sequence.onnx (meta.json included). Best of `repeats`,
+    interleaved; microseconds per step. Raises ExportError when the subprocess fails."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGES), env.get("PYTHONPATH")]))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", TIMING_SCRIPT, str(folder), str(steps), str(repeats)],
+            capture_output=True, text=True, timeout=timeout, cwd=folder, env=env, check=False,
+        )
+        if out.returncode != 0:
+            raise ExportError(
+                f"the sequence-graph timing subprocess failed (exit {out.returncode}): "
+                f"{out.stderr.strip()[-1000:]}"
+            )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        raise ExportError(f"the sequence-graph timing subprocess failed: {exc}") from None
+    loop_us, seq_us = result["loop_s"] / steps * 1e6, result["sequence_s"] / steps * 1e6
     return {
-        "what": "scoring at batch 1 on the onnxruntime CPU provider, in the exporting process",
+        "what": "scoring at batch 1 with serving.runtime on the onnxruntime CPU provider, in a "
+                "subprocess without torch",
         "steps": steps,
         "step_graph_loop_us_per_step": round(loop_us, 2),
         "sequence_graph_us_per_step": round(seq_us, 2),
         "speedup": round(loop_us / seq_us, 3),
+        "torch_loaded": bool(result["torch"]),
+        "training_loaded": bool(result["training"]),
     }
 
 
@@ -480,8 +524,9 @@ def export_model(
     """Export a task model (training.models.build_model) to the folder `out_dir`.
 
     sequence: "auto" exports the sequence graph and ships it when it scores faster than the
-    step graph called per step (the measurement goes into meta.json either way); "always"
-    ships it regardless; "never" skips it. Before publishing, onnxruntime must match torch over
+    step graph called per step, as measured by time_sequence_graph in a subprocess without
+    torch on the finished temporary folder (the measurement goes into meta.json either way; a
+    failed measurement ships nothing); "always" ships it regardless; "never" skips it. Before publishing, onnxruntime must match torch over
     `parity_steps` random steps (within 1e-4). An existing export at out_dir is replaced; any
     other non-empty folder is refused. Returns the written ExportMeta.
     """
@@ -520,28 +565,11 @@ def export_model(
             if sequence == "always":
                 raise
             seq_proto, timing = None, {"error": str(exc).splitlines()[0][:300]}
-        if seq_proto is not None:
-            timing = time_sequence_graph(
-                step_proto.SerializeToString(), seq_proto.SerializeToString(), config
-            )
-            if sequence == "auto" and timing["speedup"] <= 1.0:
-                seq_proto = None
-        timing["shipped"] = seq_proto is not None
-        timing["mode"] = sequence
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(umask_mode(0o777))  # mkdtemp's folder is private (0700); an export is not
-    try:
-        _save_proto(step_proto, tmp / STEP_GRAPH)
-        if seq_proto is not None:
-            _save_proto(seq_proto, tmp / SEQUENCE_GRAPH)
-        if tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+    def make_meta(files: dict[str, str], shipped: bool, timing: dict[str, Any]) -> ExportMeta:
         import onnx
 
-        meta = ExportMeta(
+        return ExportMeta(
             task=task,
             kind=config.kind,
             core=config.core,
@@ -556,7 +584,7 @@ def export_model(
             input_dtype=_input_spec(config)[1],
             state_slots=state_slots(config),
             files=files,
-            sequence_graph=seq_proto is not None,
+            sequence_graph=shipped,
             opset=OPSET,
             ir_version=IR_VERSION,
             figures=training_figures(metrics or {}),
@@ -574,16 +602,48 @@ def export_model(
                 }
             ),
         )
-        with open(tmp / META_FILE, "w") as f:
-            f.write(meta.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+
+    def hashes(folder: Path) -> dict[str, str]:
+        return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != META_FILE}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's folder is private (0700); an export is not
+    try:
+        _save_proto(step_proto, tmp / STEP_GRAPH)
+        if seq_proto is not None:
+            _save_proto(seq_proto, tmp / SEQUENCE_GRAPH)
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
+        if seq_proto is not None:
+            # Timed on the folder itself, loaded by serving.runtime as a server would load it
+            # (a provisional meta.json that ships the sequence graph, replaced below).
+            _write_meta(make_meta(hashes(tmp), True, {}), tmp / META_FILE)
+            try:
+                timing = time_sequence_graph(tmp)
+            except ExportError as exc:  # no measurement: "auto" ships only what measured faster
+                timing = {"error": str(exc).splitlines()[0][:300]}
+            if sequence == "auto" and not timing.get("speedup", 0.0) > 1.0:
+                (tmp / SEQUENCE_GRAPH).unlink()
+                seq_proto = None
+        if sequence != "never":
+            timing["shipped"] = seq_proto is not None
+            timing["mode"] = sequence
+        meta = make_meta(hashes(tmp), seq_proto is not None, timing)
+        _write_meta(meta, tmp / META_FILE)
         _check_target(out_dir)  # again: something may have appeared there meanwhile
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _write_meta(meta: ExportMeta, path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(meta.to_json())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_checkpoint(

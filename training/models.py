@@ -61,6 +61,21 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "depth", "input_size", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedding_size < 0:
+            raise ValueError(f"embedding_size must be >= 0 (0: hidden_size), got {self.embedding_size}")
+        if self.core != "hmlstm":
+            # only the HM-LSTM's output module and core read these: refuse rather than ignore
+            for name, unset in (("embedding_size", 0), ("layer_norm", False)):
+                if getattr(self, name) != unset:
+                    raise ValueError(
+                        f"{name} is an hmlstm option (the output module's embedding, the core's "
+                        f"layer normalisation); core {self.core!r} takes none: leave it unset "
+                        f"({unset!r}) or use core 'hmlstm'"
+                    )
+        elif self.num_layers < 2:
+            raise ValueError(
+                f"an hmlstm model needs num_layers >= 2 (its boundaries pass upward), got {self.num_layers}"
+            )
 
     @property
     def in_features(self) -> int:

@@ -1,8 +1,15 @@
-"""The models of the paper's Tables 1-4, as model configs, with the paper's Params column.
+"""The models of the paper's Tables 1-4, as model configs, with the paper's Params column, and
+the HM-LSTM baseline's PTB model.
 
-Used by `nlstm params` (and later by the per-row training configs). The paper's "n" is the
-number of stacked layers for LSTMs and the nesting depth for the NLSTM (a single NLSTM layer of
-depth 2: its parameter count equals the 2-layer stacked LSTM's, as the paper says).
+Used by `nlstm params` and the per-row training configs. The paper's "n" is the number of
+stacked layers for LSTMs and the nesting depth for the NLSTM (a single NLSTM layer of depth 2:
+its parameter count equals the 2-layer stacked LSTM's, as the paper says). For the HM-LSTM, n
+is the number of layers.
+
+The HM-LSTM row (HMLSTM_ROWS) is the PTB model of the HM-RNN paper (Chung, Ahn & Bengio,
+section 4.1): 3 layers of 500, a 500-unit embedding layer in the output module, and layer
+normalisation in place of the paper's batch normalisation, as configs/ptb-hmlstm-3x500.toml.
+That paper gives no parameter count, so the row has no Params figure to match.
 
 Vocabularies, as the paper's counts imply: PTB 50 symbols, text8 27, MNIST glimpses 49 inputs
 and 10 classes. The poems vocabulary is not stated; 5,367 reproduces every Params entry of
@@ -45,13 +52,23 @@ TABLES = [
     ("text8", "NLSTM", 2, 1200, "17.45M"),
 ]
 
+# (task, model, n layers, cell size, paper's Params: none given). Kept apart from TABLES, which
+# are the NLSTM paper's rows, one training config each under the NLSTM paper's hyperparameters.
+HMLSTM_ROWS = [
+    ("ptb", "HM-LSTM", 3, 500, None),
+]
+
 # The one row whose Params entry no model of its description matches (see `note`).
 MISMATCHED = {("mnist", "LSTM", 3, 75)}
 
 
 def model_config(task: str, model: str, n: int, cell: int, poems_vocab: int = PAPER_POEMS_VOCAB) -> ModelConfig:
-    """The ModelConfig of one table row."""
-    core = {"LSTM": "lstm", "NLSTM": "nlstm"}[model]
+    """The ModelConfig of one table row (TABLES or HMLSTM_ROWS)."""
+    core = {"LSTM": "lstm", "NLSTM": "nlstm", "HM-LSTM": "hmlstm"}[model]
+    if core == "hmlstm":  # the HM-RNN paper's PTB model: embedding as wide as a layer, layer norm
+        vocab = {"ptb": PTB_VOCAB, "text8": TEXT8_VOCAB}[task]
+        return ModelConfig(kind="char", core=core, hidden_size=cell, num_layers=n, vocab_size=vocab,
+                           embedding_size=cell, layer_norm=True)
     layers, depth = (1, n) if core == "nlstm" else (n, 1)
     if task == "mnist":
         return ModelConfig(kind="glimpse", core=core, hidden_size=cell, num_layers=layers, depth=depth)
@@ -74,8 +91,8 @@ class Row:
     n: int
     cell_size: int
     params: int
-    paper_params: str
-    matches: bool
+    paper_params: str | None  # None: the paper gives no count
+    matches: bool | None  # None: nothing to match
     note: str
 
     def as_dict(self) -> dict:
@@ -84,10 +101,14 @@ class Row:
 
 def paper_rows(poems_vocab: int = PAPER_POEMS_VOCAB) -> list[Row]:
     rows = []
-    for task, model, n, cell, paper in TABLES:
+    for task, model, n, cell, paper in TABLES + HMLSTM_ROWS:
         cfg = model_config(task, model, n, cell, poems_vocab)
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             params = count_parameters(build_model(cfg))
+        if paper is None:
+            note = "no Params figure: the HM-RNN paper gives none"
+            rows.append(Row(task, model, n, cell, params, None, None, note))
+            continue
         matches = round_like(params, paper) == paper
         note = "" if matches else f"rounds to {round_like(params, paper)}, not the paper's {paper}"
         if (task, model, n, cell) in MISMATCHED:

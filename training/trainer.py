@@ -13,7 +13,9 @@ The trainer does not know which model it trains (the config's [model] section pi
 A run folder holds `metrics.jsonl` (a "run" line with the config, seed and versions, then one
 "eval" line per evaluation), `last.pt` (written atomically at every evaluation and every
 `checkpoint_every` steps; what `--resume` continues from) and `best.pt` (the weights of the best
-validation figure so far, without the optimizer). docs/training.md describes them.
+validation figure so far, without the optimizer). docs/training.md describes them. A SIGKILL
+in the middle of writing one of them leaves its temporary file (`.last.pt.XXXXXXXX.tmp`, as
+large as a checkpoint) beside it; a run that starts or resumes in the folder removes those.
 
 Resume is exact: checkpoints are taken on batch boundaries and hold the weights, the optimizer,
 the RNG states, the data position (epoch, next batch), the carried recurrent state and the
@@ -54,6 +56,7 @@ from training.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from training.config import (
@@ -449,14 +452,16 @@ class Trainer:
         existing = self._existing()
         if self.dist.world > 1:
             dist.barrier()  # every rank has looked before rank 0 writes anything
+        if existing and not resume:
+            raise ValueError(
+                f"{self.run_dir} already holds a run ({', '.join(existing)}); pass --resume "
+                "to continue it, or choose another --run-dir"
+            )
+        if self.dist.main:
+            self._remove_stale_temporaries()
         if resume and LAST in existing:
             self._restore(load_checkpoint(last, map_location="cpu"))
         else:
-            if existing and not resume:
-                raise ValueError(
-                    f"{self.run_dir} already holds a run ({', '.join(existing)}); pass --resume "
-                    "to continue it, or choose another --run-dir"
-                )
             if resume:
                 self._log(f"no {last} yet: starting the run from the beginning")
             if self.dist.main:
@@ -464,6 +469,12 @@ class Trainer:
                 self.metrics.reset(0)
                 self.metrics.append(self._run_record())
         return self._loop()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what a SIGKILL mid-write left of the run folder's atomic writes (checkpoints,
+        metrics.jsonl): nothing else writes them now, so no such file is a live write's."""
+        for path in remove_stale_temporaries(self.run_dir, (LAST, BEST, METRICS)):
+            self._log(f"removed {path.name}: the temporary file of a write killed before it ended")
 
     def _run_record(self) -> dict[str, Any]:
         return {
