@@ -168,13 +168,14 @@ METRICS = {"type": "eval", "epoch": 7, "step": 700, "train_bpc": 1.9, "valid_bpc
            "test_bpc": 2.15, "best_valid_bpc": 2.0, "best_test_bpc": 2.1, "best_epoch": 6,
            "best_step": 600, "train_items_per_s": 1e4, "history": [1.0, float("nan")]}
 TRAIN_CONFIG = {"task": "ptb", "lr": 0.002, "batch_size": 32}
+HARDWARE = {"device": "cuda:0", "name": "NVIDIA H200", "processes": 1, "cpu_count": 16, "torch_threads": 16}
 
 
 def write_checkpoint(path, model, tok, task="ptb"):
     save_checkpoint(
         Checkpoint(task=task, model_config=model.config, model=model.state_dict(),
                    tokenizer=tok.model_proto if model.config.kind == "char" else None,
-                   train_config=TRAIN_CONFIG, step=700, epoch=7, metrics=METRICS),
+                   train_config=TRAIN_CONFIG, step=700, epoch=7, metrics=METRICS, extra={"hardware": HARDWARE}),
         path,
     )
     return path
@@ -240,6 +241,7 @@ def test_meta_json_describes_the_model(char_export, tok):
     assert d["sequence_graph"] is True and d["sequence_timing"]["mode"] == "always"
     assert d["sequence_timing"]["shipped"] is True and d["sequence_timing"]["torch_loaded"] is False
     assert d["source"]["step"] == 700 and d["source"]["parity_max_diff"] <= TOL
+    assert d["source"]["trained_on"] == HARDWARE  # what the checkpoint says it trained on
     from serving.formats import file_sha256
 
     assert d["files"] == {n: file_sha256(folder / n) for n in ("model.onnx", "sequence.onnx", "tokenizer.model")}

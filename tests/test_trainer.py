@@ -84,6 +84,7 @@ def test_stream_run_writes_metrics_and_checkpoints(tmp_path, stream):
     assert run["config"]["optimizer"]["lr"] == 0.002
     assert run["config"]["model"] == {"hidden_size": 12}
     assert set(run["versions"]) >= {"torch", "python", "nlstm", "numpy"}
+    assert run["hardware"]["device"] == "cpu" and run["hardware"]["name"] and run["hardware"]["processes"] == 1
     assert run["params"] > 0 and run["world_size"] == 1 and run["device"] == "cpu"
     steps_per_epoch = run["train_batches_per_epoch"]
     assert [e["epoch"] for e in evals] == [1, 2]
@@ -105,6 +106,7 @@ def test_stream_run_writes_metrics_and_checkpoints(tmp_path, stream):
     assert ck.train_config == _cfg().to_dict() and ck.step == evals[-1]["step"]
     assert ck.optimizer is not None and set(ck.rng) >= {"torch", "numpy", "python"}
     assert ck.extra["trainer"]["position"] == {"epoch": 2, "batch": 0}
+    assert ck.extra["hardware"] == run["hardware"]  # an export's meta.json says what it trained on
     best_ck = load_checkpoint(tmp_path / BEST)
     assert best_ck.optimizer is None and best_ck.step == best["step"]
     assert best_ck.build_model() is not None

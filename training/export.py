@@ -660,7 +660,8 @@ def export_checkpoint(
         tokenizer=ckpt.tokenizer,
         metrics=ckpt.metrics,
         train_config=ckpt.train_config,
-        source={"checkpoint": Path(checkpoint_path).name, "step": ckpt.step, "epoch": ckpt.epoch},
+        source={"checkpoint": Path(checkpoint_path).name, "step": ckpt.step, "epoch": ckpt.epoch,
+                "trained_on": ckpt.extra.get("hardware")},
         sequence=sequence,
     )
 

@@ -293,6 +293,21 @@ def _to_cpu(obj):
     return obj
 
 
+def hardware(device: torch.device, world: int = 1) -> dict[str, Any]:
+    """What the run trains on, for metrics.jsonl, checkpoints and the exports made from them."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": str(device), "name": name, "processes": world, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -488,6 +503,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world,
             "versions": versions(),
+            "hardware": hardware(self.device, self.dist.world),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -752,7 +768,7 @@ class Trainer:
                 metrics=_jsonable(metrics),
                 optimizer=_to_cpu(self.optimizer.state_dict()) if with_optimizer else None,
                 rng=rng_state(),
-                extra={"trainer": trainer_state},
+                extra={"trainer": trainer_state, "hardware": hardware(self.device, self.dist.world)},
             ),
             path,
         )
