@@ -202,11 +202,32 @@ def test_initialisation_follows_the_paper():
     # Glorot uniform bound for the first layer's input weights only
     bound = math.sqrt(6 / (50 + 4 * 64))
     assert first.weight_ih_l0.abs().max() <= bound
+    # uniform on [-bound, bound]: variance bound^2 / 3 (zeros would pass the bound alone)
+    assert first.weight_ih_l0.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
     # every other weight: each gate block orthogonal
     for w in (first.weight_hh_l0, first.weight_ih_l1, first.weight_hh_l1, second.weight_ih_l0):
         for block in w.detach().chunk(4, dim=0):
             torch.testing.assert_close(block @ block.t(), torch.eye(64), atol=1e-5, rtol=0)
     assert all((getattr(first, f"bias_l{k}") == 0).all() for k in range(2))
+
+
+def test_baseline_lstm_and_head_initialisation_follow_the_paper():
+    from training.baselines import LSTM
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    lstm = LSTM(50, 64, num_layers=2)
+    bound = math.sqrt(6 / (50 + 4 * 64))
+    w = lstm.weight_ih_l0.detach()
+    assert w.abs().max() <= bound and w.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+    for w in (lstm.weight_hh_l0, lstm.weight_ih_l1, lstm.weight_hh_l1):
+        for block in w.detach().chunk(4, dim=0):
+            torch.testing.assert_close(block @ block.t(), torch.eye(64), atol=1e-5, rtol=0)
+    assert all((getattr(lstm, f"bias_l{n}") == 0).all() for n in range(2))
+    # the softmax layer ("the final output gate") is orthogonal too: (V, H) with V < H here
+    model = build_model(ModelConfig(kind="char", core="lstm", hidden_size=64, num_layers=1, vocab_size=20))
+    head = model.head.weight.detach()
+    torch.testing.assert_close(head @ head.t(), torch.eye(20), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------- the layer
