@@ -83,11 +83,18 @@ class Limits:
     max_stop: int = 4
 
 
+# the longest --stream-interval-ms allowed: beyond that a stream looks stalled to its reader
+MAX_STREAM_INTERVAL = 10.0
+
+
 class Engine:
     def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
                  metrics: Metrics | None = None) -> None:
         self.models = models
         self.limits = limits or Limits()
+        if not 0 <= self.limits.stream_interval <= MAX_STREAM_INTERVAL:  # NaN fails too
+            raise ValueError(f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
+                             f"got {self.limits.stream_interval}")
         self.metrics = metrics or Metrics()
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
                                   on_evict=self.metrics.evictions.inc)
@@ -275,7 +282,8 @@ class Engine:
             self.schedulers[name].add(seq)
             while True:
                 items = await box.take()
-                if interval and sent is not None and items[-1][0] is not None:
+                # (nothing more can come after the last character: its finish reason is set)
+                if interval and sent is not None and items[-1][0] is not None and not items[-1][2]:
                     wait = sent + interval - loop.time()
                     if wait > 0:  # gather what the next steps make, up to the interval
                         await asyncio.sleep(wait)

@@ -145,7 +145,7 @@ class GenerateSequence(Sequence):
         self.feed.append(token)  # fed so the state (and a session) includes it
 
     def close(self, post) -> None:
-        if not self.finish_reason:  # cancelled, or the server is draining
+        if not self.finish_reason and self.error is None:  # cancelled, or the server is draining
             emit = self._emit
             post.append(lambda: emit("", [], "CANCELLED"))
         post.append(lambda: self._emit(None, None, None))  # end of stream

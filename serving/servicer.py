@@ -105,7 +105,7 @@ def _lenient(deserialize):
     def parse(data: bytes):
         try:
             return deserialize(data)
-        except DecodeError as exc:
+        except (DecodeError, UnicodeDecodeError) as exc:  # the latter from pure-Python protobuf
             return Malformed(exc)
     return parse
 

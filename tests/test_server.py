@@ -428,3 +428,14 @@ def test_stream_interval_coalesces_generate_messages(models_dir):
             assert len(msgs) <= elapsed / interval + 2, (len(msgs), elapsed)
     assert texts[0] == texts[1]
     assert counts[1] < counts[0]
+
+
+def test_stream_interval_is_checked(models_dir):
+    from serving.engine import Engine
+
+    for bad in (-0.001, float("inf"), float("nan"), 11.0):
+        with pytest.raises(ValueError, match="stream_interval must be in"):
+            Engine({}, Limits(stream_interval=bad))
+    from training.cli import main as cli_main
+
+    assert cli_main(["serve", "--models", str(models_dir), "--stream-interval-ms", "inf"]) == 2

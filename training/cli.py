@@ -177,10 +177,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     for name in ("max_sessions", "max_batch", "max_chars", "max_text"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if (args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0
-            or not args.stream_interval_ms >= 0):
-        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --stream-interval-ms, --grace and "
-                         "--threads >= 0")
+    if args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0:
+        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
+    if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
+        raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000)

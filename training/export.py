@@ -413,20 +413,23 @@ def time_sequence_graph(folder: str | os.PathLike, *, steps: int = 256, repeats:
         )
         if out.returncode != 0:
             raise ExportError(
+                # the exception's own line (a traceback's last) first: meta.json keeps one line
                 f"the sequence-graph timing subprocess failed (exit {out.returncode}): "
-                f"{out.stderr.strip()[-1000:]}"
+                f"{(out.stderr.strip().splitlines() or [''])[-1][:300]}\n{out.stderr.strip()[-1000:]}"
             )
         result = json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-        raise ExportError(f"the sequence-graph timing subprocess failed: {exc}") from None
-    loop_us, seq_us = result["loop_s"] / steps * 1e6, result["sequence_s"] / steps * 1e6
+        loop_us, seq_us = result["loop_s"] / steps * 1e6, result["sequence_s"] / steps * 1e6
+        speedup = loop_us / seq_us
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError,
+            ZeroDivisionError) as exc:
+        raise ExportError(f"the sequence-graph timing subprocess failed: {exc!r}") from None
     return {
         "what": "scoring at batch 1 with serving.runtime on the onnxruntime CPU provider, in a "
                 "subprocess without torch",
         "steps": steps,
         "step_graph_loop_us_per_step": round(loop_us, 2),
         "sequence_graph_us_per_step": round(seq_us, 2),
-        "speedup": round(loop_us / seq_us, 3),
+        "speedup": round(speedup, 3),
         "torch_loaded": bool(result["torch"]),
         "training_loaded": bool(result["training"]),
     }
