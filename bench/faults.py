@@ -489,10 +489,16 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
     def show(calls: list) -> str:  # (rpc, issued and ended in s after SIGTERM, code)
         return str([(rpc, round(t0 - t_sig, 3), round(t1 - t_sig, 3), code) for rpc, t0, t1, code in calls[:5]])
 
+    # A glimpse stream (bidi) that grpc held undispatched ended INTERNAL instead, once, on the
+    # client, at the moment of SIGTERM on a loaded machine (2026-12-01), with no error in the
+    # server's log: no handler produced it (the servicer logs every INTERNAL it answers at ERROR,
+    # which the log check below catches), so it is grpc's, like the CANCELLED above.
     def fine(call: tuple) -> bool:
-        _, issued, ended, code = call
+        rpc, issued, ended, code = call
+        undispatched = ended < t_sig + UNDISPATCHED_WITHIN
         return (code == "OK" and issued < t_down and ended <= deadline or code == "UNAVAILABLE"
-                or code == "CANCELLED" and ended < t_sig + UNDISPATCHED_WITHIN)
+                or code == "CANCELLED" and undispatched
+                or code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched)
 
     windows = {"before SIGTERM": (-math.inf, t_sig), "until NOT_SERVING": (t_sig, t_down),
                "after NOT_SERVING": (t_down, math.inf)}
