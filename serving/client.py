@@ -65,7 +65,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     the same request (up to float rounding: the server steps in batches and normalises the
     distribution in another order, which can move a draw that falls within ~1e-7 of a
     boundary between two characters)."""
-    from serving.engine import banned_ids, id_texts
+    from serving.engine import Limits, banned_ids, id_texts
     from serving.formats import start_id
     from serving.sampling import Sampler
     from serving.scheduler import GenerateSequence
@@ -73,8 +73,9 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     m = _local_model(models_dir, model, providers, threads)
     if not 1 <= max_chars:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ValueError("--stop takes at most 4 non-empty strings")
+    max_stop = Limits().max_stop  # the server's default bound
+    if len(stop) > max_stop or any(not s for s in stop):
+        raise ValueError(f"--stop takes at most {max_stop} non-empty strings")
     tok = m.tokenizer
     pieces: list[str] = []
 

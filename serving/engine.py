@@ -208,10 +208,6 @@ class Engine:
             session.state, session.logits = seq.pos
             self.store.release(session)
 
-    @staticmethod
-    def start_id(model: ServedModel) -> int:
-        return start_id(model.tokenizer)
-
     # -------------------------------------------------------------- text
     async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
         if not text:
@@ -225,7 +221,7 @@ class Engine:
         done = loop.create_future()
         enc = model.tokenizer.encode(text)
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
-        seq = ScoreSequence(state, logits, self.start_id(model), enc.ids, z_slots,
+        seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
                             lambda s: done.done() or done.set_result(s))
         try:
             self.schedulers[name].add(seq)
@@ -270,7 +266,7 @@ class Engine:
         tok = model.tokenizer
         banned = banned_ids(tok)
         box = Mailbox()
-        feed = ([self.start_id(model)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
+        feed = ([start_id(model.tokenizer)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
             self.texts[name], tok.eos_id, box.put,
