@@ -267,9 +267,15 @@ class ExportedModel:
         logits, new_state = binding.get_outputs()
         return logits.numpy(), new_state if state_on_device else new_state.numpy()
 
-    def step(self, inputs, state=None) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, inputs, state=None, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """One step for a batch: inputs (B,) int ids (char) or (B, 49) floats (glimpse), state
-        (B, S, H) or None for zeros. Returns (logits (B, V) float32, new state (B, S, H))."""
+        (B, S, H) or None for zeros. Returns (logits (B, V) float32, new state (B, S, H)).
+        check=False skips this method's checks of shapes, types and id range, for a caller that
+        builds contiguous int64 / float32 arrays of valid ids itself (the server's scheduler,
+        where they cost about as much as sampling at batch 1); onnxruntime still refuses a wrong
+        shape or type."""
+        if not check:
+            return self._run(self._step, inputs, state)
         x = self._check_inputs(inputs, steps=False)
         return self._run(self._step, x, self._check_state(state, x.shape[0]))
 

@@ -43,6 +43,8 @@ class Sampler:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
         self.banned = banned  # ids never to emit (the unknown piece, padding, markers)
+        # plain temperature sampling: the scheduler samples such rows together
+        self.plain = temperature > 0 and not top_k and not 0.0 < top_p < 1.0
 
     def __call__(self, logits: np.ndarray) -> int:
         """One id from a (V,) logit vector."""

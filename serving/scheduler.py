@@ -8,7 +8,14 @@ first next time), stack their inputs and (S, H) states into one (B,) / (B, 49) i
 (B, S, H) state, run the step graph once, hand each sequence its row, sample the next
 character of every generating sequence at once (numpy over the batch), and post everything
 the asyncio side must see in ONE thread-safe callback. New calls join at the next step, as in
-TGI's router or Triton's sequence batcher ("oldest" strategy).
+TGI's router or Triton's sequence batcher ("oldest" strategy). When a step's batch is the last
+one's (the same sequences in the same order: the steady state of concurrent streams), the last
+step's (B, S, H) state and (B, V) logits are fed back as they are instead of being gathered
+row by row.
+
+Generate messages are timed here too (GenerateSequence): a stream's characters collect on
+this thread and go to the event loop once per `interval`, so the loop wakes once per message
+rather than once per character.
 
 If some sequences are active but not ready (a glimpse stream whose next glimpse is still on
 the network), the scheduler waits at most `max_wait` seconds for them before stepping the
@@ -21,6 +28,7 @@ step, is what lets one stream run near the raw step rate (bench/serve_load.py).
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -100,10 +108,17 @@ class ScoreSequence(Sequence):
 
 class GenerateSequence(Sequence):
     """Feeds `feed` (the start symbol if fresh, then the prompt), then alternates: sample a
-    character from the last prediction, emit it, feed it."""
+    character from the last prediction, emit it, feed it.
+
+    Characters are emitted in messages: the first as soon as it is sampled, each later one
+    when `interval` seconds have passed since the previous message (0: every character as it
+    is made), carrying every character sampled meanwhile; the last (a finish reason set) and
+    a cancelled stream's remainder go at once. The timing is kept here, on the scheduler
+    thread, so that the event loop wakes once per message, not once per character."""
 
     def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
-                 stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable) -> None:
+                 stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
+                 interval: float = 0.0) -> None:
         super().__init__(state, logits)
         self.feed: deque[int] = deque(feed)
         self.sampler = sampler
@@ -113,6 +128,10 @@ class GenerateSequence(Sequence):
         self.keep = max((len(s) for s in stop), default=0)
         self._emit = emit  # emit(text, bits, finish_reason) on the asyncio side
         self.finish_reason = ""
+        self.interval = interval
+        self.due = 0.0  # time.monotonic() from which the next message may go
+        self.pending: list[str] = []  # sampled characters not emitted yet
+        self.pending_bits: list[float] = []
         # no start or prompt to feed: a session's position already predicts the next character
         self.wants_sample = not self.feed
 
@@ -129,25 +148,41 @@ class GenerateSequence(Sequence):
         elif not self.feed:
             self.wants_sample = True  # sampled at the start of the next step
 
-    def take_sample(self, token: int, bits: float | None, post: list) -> None:
-        """The scheduler sampled `token` for this sequence: emit it and feed it next."""
+    def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None) -> None:
+        """The scheduler sampled `token` for this sequence at time.monotonic() `now` (None: read
+        the clock): emit it (now or with the next message) and feed it next."""
+        if now is None:
+            now = time.monotonic()
         self.wants_sample = False
         self.remaining -= 1
         text = self.texts[token]
-        self.tail = (self.tail + text)[-self.keep:] if self.keep else ""
-        if (self.eos_id is not None and token == self.eos_id) or any(self.tail.endswith(s) for s in self.stop):
+        if token == self.eos_id:
             self.finish_reason = "STOP_SEQUENCE"
-        elif self.remaining == 0:
+        elif self.keep:
+            self.tail = (self.tail + text)[-self.keep:]
+            if any(self.tail.endswith(s) for s in self.stop):
+                self.finish_reason = "STOP_SEQUENCE"
+        if self.remaining == 0 and not self.finish_reason:
             self.finish_reason = "LENGTH"
-        b = [bits] if bits is not None else []
-        emit, reason = self._emit, self.finish_reason
-        post.append(lambda: emit(text, b, reason))
+        self.pending.append(text)
+        if bits is not None:
+            self.pending_bits.append(bits)
+        if self.finish_reason or now >= self.due:
+            self._flush(self.finish_reason, post)
+            self.due = now + self.interval
         self.feed.append(token)  # fed so the state (and a session) includes it
 
+    def _flush(self, reason: str, post: list) -> None:
+        text, b, emit = "".join(self.pending), self.pending_bits, self._emit
+        self.pending, self.pending_bits = [], []
+        post.append(lambda: emit(text, b, reason))
+
     def close(self, post) -> None:
-        if not self.finish_reason and self.error is None:  # cancelled, or the server is draining
-            emit = self._emit
-            post.append(lambda: emit("", [], "CANCELLED"))
+        if self.error is not None:  # a failed step: what was made reaches the client before the error
+            if self.pending:
+                self._flush("", post)
+        elif not self.finish_reason:  # cancelled, or the server is draining
+            self._flush("CANCELLED", post)  # with the characters made since the last message
         post.append(lambda: self._emit(None, None, None))  # end of stream
 
 
@@ -255,60 +290,78 @@ class Scheduler:
             self._cond.wait()
 
     def _loop(self) -> None:
+        last: tuple[list[Sequence], np.ndarray, np.ndarray] | None = None  # batch, logits, states
         while True:
             with self._cond:
                 batch = self._take_batch()
             if batch is None:
                 return
             post: list = []
+            # The steady state: the same sequences as the last step, in the same order. Their
+            # positions are then the rows of that step's outputs, which are used as they are
+            # instead of stacked again.
+            same = last is not None and len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))
             try:
                 # sample the next character of every generating sequence at once; it is fed
                 # in this same step
-                self._sample([s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample], post)
-                inputs = np.stack([s.take_input() for s in batch])
-                states = np.stack([s.pos[0] for s in batch])
+                sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
+                self._sample(sampling, post, last[1] if same and len(sampling) == len(batch) else None)
+                inputs = [s.take_input() for s in batch]
+                inputs = np.stack(inputs) if isinstance(inputs[0], np.ndarray) else np.array(inputs, np.int64)
+                states = last[2] if same else np.stack([s.pos[0] for s in batch])
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
                 elapsed = time.perf_counter() - t0
-                for i, s in enumerate(batch):
-                    s.advance(logits[i], new_states[i], post)
+                for s, row_logits, row_state in zip(batch, logits, new_states):
+                    s.advance(row_logits, row_state, post)
+                last = (batch, logits, new_states)
             except Exception as exc:  # a failing graph fails the calls in it, not the server
                 log.exception("step failed for a batch of %d", len(batch))
                 for s in batch:
                     s.error, s.finished = exc, True
-                elapsed = 0.0
+                elapsed, last = 0.0, None
             self.steps_run += 1
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed)
             if post:
                 self._post_all(post)
 
-    def _sample(self, seqs: list[GenerateSequence], post: list) -> None:
+    def _sample(self, seqs: list[GenerateSequence], post: list, logits: np.ndarray | None = None) -> None:
         """The next character of every generating sequence, vectorised over the batch where
-        the sampling settings allow (greedy and plain temperature rows)."""
+        the sampling settings allow (greedy and plain temperature rows). `logits`: their
+        predictions stacked already (the last step's output), else gathered here."""
         if not seqs:
             return
-        logits = np.stack([s.pos[1] for s in seqs]).astype(np.float64)  # (n, V)
+        if logits is None:
+            logits = np.stack([s.pos[1] for s in seqs])
+        logits = logits.astype(np.float64)  # (n, V)
         tokens = np.empty(len(seqs), dtype=np.int64)
         rows = []  # plain temperature sampling: vectorised below
         for i, s in enumerate(seqs):
-            if s.sampler.temperature > 0 and not s.sampler.top_k and not 0 < s.sampler.top_p < 1:
+            if s.sampler.plain:
                 rows.append(i)
             else:  # greedy, top-k or top-p: one row at a time
                 tokens[i] = s.sampler(logits[i])
         if rows:
-            z = logits[rows] / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
+            every = len(rows) == len(seqs)
+            z = logits if every else logits[rows]
+            z = z / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
             banned = seqs[rows[0]].sampler.banned
             if banned:
                 z[:, list(banned)] = -np.inf
-            p = np.exp(z - z.max(axis=1, keepdims=True))
-            cdf = np.cumsum(p, axis=1)
+            z -= z.max(axis=1, keepdims=True)
+            cdf = np.cumsum(np.exp(z, out=z), axis=1, out=z)
             u = np.array([seqs[i].sampler.rng.random() for i in rows]) * cdf[:, -1]
-            tokens[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
+            drawn = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
+            if every:
+                tokens = drawn
+            else:
+                tokens[rows] = drawn
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
-        for i, s in enumerate(seqs):
-            b = float(-lp[i, tokens[i]] * LOG2E) if lp is not None and s.logprobs else None
-            s.take_sample(int(tokens[i]), b, post)
+        now = time.monotonic()
+        for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+            b = float(-lp[i, token] * LOG2E) if lp is not None and s.logprobs else None
+            s.take_sample(token, b, post, now)
 
     def _post_all(self, callbacks: list) -> None:
         def run_all():

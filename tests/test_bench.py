@@ -126,5 +126,6 @@ def test_serve_load_smoke():
     assert runs == {(4, 0.0), (4, 20.0), (1, 0.0), (1, 20.0)}
     for r in result["results"]:
         assert r["server"]["chars"] > 0 and r["raw"]["char_steps_per_s"] > 0 and not r["raw"]["torch"]
+        assert r["raw"]["before_step_s"] > 0 and r["raw"]["after_step_s"] > 0
         assert r["ratio"] == r["server"]["chars_per_s"] / r["raw"]["char_steps_per_s"]
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05

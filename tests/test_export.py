@@ -450,6 +450,17 @@ def test_runtime_rejects_bad_inputs_with_clear_errors(char_export, glimpse_expor
         g.step(np.zeros((2, 48), np.float32))
 
 
+def test_unchecked_step_is_the_same_step(char_export):
+    """check=False (the server's scheduler) skips the method's checks, not onnxruntime's."""
+    m = load_model(char_export[1])
+    x = np.array([1, 2, 3], np.int64)
+    state = np.random.default_rng(0).normal(size=(3, *m.state_shape)).astype(np.float32)
+    for want, got in zip(m.step(x, state), m.step(x, state, check=False)):
+        np.testing.assert_array_equal(want, got)
+    with pytest.raises(Exception, match="(?i)data type|type"):  # onnxruntime's own error
+        m.step(x.astype(np.float32), state, check=False)
+
+
 def test_providers_and_threads_are_settings(char_export):
     folder = char_export[1]
     import onnxruntime as ort

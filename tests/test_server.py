@@ -32,7 +32,10 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=300, max_text=2000, max_sessions=8, max_wait=0.005))
+    # a message per character (the tiny model makes 300 in well under the default 50 ms
+    # interval), so that tests can read and cancel a stream mid-way
+    s = ServerThread(models_dir, Limits(max_chars=300, max_text=2000, max_sessions=8, max_wait=0.005,
+                                        stream_interval=0.0))
     yield s
     s.close()
 

@@ -187,3 +187,101 @@ def test_scheduler_reports_a_failing_graph_to_its_calls_only():
 
     bad, good = run_scheduler(model, make, max_batch=1)
     assert isinstance(bad.error, RuntimeError) and good.error is None and good.finished
+
+
+def test_generate_messages_are_timed_on_the_scheduler_thread():
+    """The first character goes at once, later ones wait for the interval and go together, the
+    last goes at once, and a cancelled stream's remainder goes with CANCELLED."""
+    texts = ["a", "b", "c", "d"]
+    sent = []
+
+    def make(max_chars):
+        sent.clear()
+        return GenerateSequence(np.zeros((1, 1), np.float32), None, [0], Sampler(0.0), max_chars, [], False,
+                                texts, None, lambda *m: sent.append(m), interval=0.05)
+
+    def sample(seq, token, now):
+        post = []
+        seq.take_sample(token, None, post, now)
+        for callback in post:
+            callback()
+
+    seq = make(6)
+    for token, now in [(0, 10.0), (1, 10.01), (2, 10.04), (3, 10.05), (0, 10.07), (1, 10.08)]:
+        sample(seq, token, now)
+    assert sent == [("a", [], ""), ("bcd", [], ""), ("ab", [], "LENGTH")]
+
+    seq = make(100)
+    for token, now in [(0, 0.0), (1, 0.01), (2, 0.02)]:
+        sample(seq, token, now)
+    seq.cancelled = True
+    post = []
+    seq.close(post)
+    for callback in post:
+        callback()
+    assert sent == [("a", [], ""), ("bc", [], "CANCELLED"), (None, None, None)]
+
+    seq = make(100)  # a failed step: the characters made still reach the client, then the error
+    for token, now in [(0, 0.0), (1, 0.01)]:
+        sample(seq, token, now)
+    seq.error, seq.finished = RuntimeError("graph failed"), True
+    post = []
+    seq.close(post)
+    for callback in post:
+        callback()
+    assert sent == [("a", [], ""), ("b", [], ""), (None, None, None)]
+
+
+class StatefulModel:
+    """A step graph whose logits depend on each row's whole history (its state), so a state or
+    logits row handed to the wrong sequence changes the text."""
+
+    V = 6
+
+    def __init__(self):
+        self.calls = []
+
+    def step(self, inputs, states):
+        self.calls.append(len(inputs))
+        new = 0.6 * states
+        new[np.arange(len(inputs)), 0, inputs.astype(int) % self.V] += 1.0
+        return 2.0 * new[:, 0, ::-1] + new[:, 0, :], new
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 8])
+def test_steady_batches_reuse_the_last_outputs_without_mixing_rows(max_batch):
+    """Sequences stepped together in the same order (the steady state, which feeds the last
+    step's outputs back as they are), in rotating batches (gathered each step) and one at a
+    time give each sequence the same text and final state."""
+    texts = list("uvwxyz")
+
+    def run(batch_size, which):
+        model = StatefulModel()
+
+        def make(loop):
+            outs = {i: [] for i in which}
+            done = {i: loop.create_future() for i in which}
+
+            def emitter(i):
+                def emit(text, bits, finish):
+                    if text is None:
+                        done[i].set_result(None)
+                    else:
+                        outs[i].append(text)
+                return emit
+
+            seqs = [GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i], Sampler(1.0, seed=i),
+                                     40, [], False, texts, None, emitter(i)) for i in which]
+            for s, i in zip(seqs, which):
+                s.out = outs[i]
+            return seqs, list(done.values())
+
+        seqs = run_scheduler(model, make, max_batch=batch_size)
+        return {i: ("".join(s.out), s.pos[0].copy()) for i, s in zip(which, seqs)}, model.calls
+
+    together, calls = run(max_batch, range(5))
+    assert max(calls) == min(max_batch, 5)
+    for i in range(5):
+        alone, _ = run(1, [i])
+        assert together[i][0] == alone[i][0] and len(alone[i][0]) == 40
+        np.testing.assert_array_equal(together[i][1], alone[i][1])

@@ -500,3 +500,40 @@ def test_allowed_keys_and_overrides_on_dicts():
     assert "model.hidden_size" in keys and "optimizer.alpha" in keys and "max_steps" in keys
     d = apply_overrides({"model": {"core": "lstm"}}, ["model.num_layers=2", "seed=7"])
     assert d == {"model": {"core": "lstm", "num_layers": 2}, "seed": 7}
+
+
+# ------------------------------------------------------------------------------- init_from
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream):
+    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+    start = load_checkpoint(tmp_path / "a" / BEST)
+    # a learning rate of 1e-9 leaves the starting weights as they are (to 1e-6)
+    cfg = _cfg(epochs=1, init_from=str(tmp_path / "a" / BEST), optimizer={"lr": 1e-9})
+    train(cfg, tmp_path / "b", prepared=stream, **QUIET)
+    b = load_checkpoint(tmp_path / "b" / LAST)
+    assert b.train_config["init_from"] == str(tmp_path / "a" / BEST)
+    assert b.step == start.step  # a fresh run: steps, epochs and optimizer counted from 0
+    for k, v in start.model.items():
+        assert torch.allclose(b.model[k], v, atol=1e-6), k
+    _, evals_a = read_metrics(tmp_path / "a")
+    _, evals_b = read_metrics(tmp_path / "b")
+    assert evals_b[0]["valid_bpc"] == pytest.approx(evals_a[-1]["best_valid_bpc"], abs=1e-4)
+    # the same config without init_from starts from the paper's initialisation instead
+    train(replace(cfg, init_from=""), tmp_path / "c", prepared=stream, **QUIET)
+    _, evals_c = read_metrics(tmp_path / "c")
+    assert evals_c[0]["valid_bpc"] > evals_b[0]["valid_bpc"] + 0.5
+
+
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream):
+    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+    best = tmp_path / "a" / BEST
+    with pytest.raises(ConfigError, match="init_from=.*its model differs in hidden_size"):
+        train(_cfg(model={"hidden_size": 8}, init_from=str(best)), tmp_path / "b", prepared=stream, **QUIET)
+    ck = load_checkpoint(best)
+    ck.tokenizer = b"another tokenizer"
+    save_checkpoint(ck, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="its tokenizer differs"):
+        train(_cfg(init_from=str(tmp_path / "other.pt")), tmp_path / "c", prepared=stream, **QUIET)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train(_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "d", prepared=stream, **QUIET)
+    # nothing was written for a run that could not start
+    assert not (tmp_path / "b" / METRICS).exists() and not (tmp_path / "c" / METRICS).exists()

@@ -148,10 +148,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
     a("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0, float),
       help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
-    a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 20.0, float),
+    a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 50.0, float),
       help="Generate: the least time between two messages of a stream, each carrying every character "
            "made meanwhile (the first is sent at once); 0 sends each as it is made "
-           "[NLSTM_STREAM_INTERVAL_MS] (default: 20)")
+           "[NLSTM_STREAM_INTERVAL_MS] (default: 50)")
     a("--max-chars", type=int, default=_env("MAX_CHARS", 4096, int),
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),

@@ -66,6 +66,10 @@ class TrainConfig:
     max_eval_items: int = 0  # same for valid and test (0: all)
     data_dir: str = ""  # raw data folder ("" = $NLSTM_DATA_DIR or ~/.cache/nlstm/raw)
     cache_dir: str = ""  # prepared data folder ("" = $NLSTM_CACHE_DIR or ~/.cache/nlstm/prepared)
+    # Start from the weights of this checkpoint (another run's best.pt or last.pt) instead of a
+    # fresh initialisation: same task, architecture and tokenizer; a fresh optimizer and
+    # schedule, counted from step 0 ("" = initialise as the paper does)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):

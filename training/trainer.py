@@ -446,6 +446,31 @@ class Trainer:
             return prepared
         return data_mod.load(c.task, **kw)
 
+    def _init_from(self, path: str) -> None:
+        """Load the weights of checkpoint `path` into the fresh model (a warm start: every rank
+        reads the same file, so DDP's replicas stay equal)."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        problems = []
+        if ckpt.task != self.config.task:
+            problems.append(f"its task is {ckpt.task!r}, this run's {self.config.task!r}")
+        if ckpt.model_config != self.model_config:
+            diff = sorted(
+                k
+                for k, v in self.model_config.to_dict().items()
+                if ckpt.model_config.to_dict().get(k) != v
+            )
+            problems.append(f"its model differs in {', '.join(diff)}")
+        if ckpt.tokenizer != self.tokenizer:
+            problems.append(
+                "its tokenizer differs from this run's data (the same ids would mean other "
+                "characters)"
+            )
+        if problems:
+            raise ConfigError(f"init_from={path} cannot start this run: {'; '.join(problems)}")
+        with torch.no_grad():
+            self.model.load_state_dict(ckpt.model)
+        self._log(f"initialised from the weights of {path} (its step {ckpt.step})")
+
     def _autocast(self):
         return torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16
@@ -479,6 +504,8 @@ class Trainer:
         else:
             if resume:
                 self._log(f"no {last} yet: starting the run from the beginning")
+            if self.config.init_from:  # a resumed run has its weights from last.pt instead
+                self._init_from(self.config.init_from)
             if self.dist.main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.metrics.reset(0)
@@ -807,7 +834,8 @@ class Trainer:
                 f"{path} was trained with another tokenizer than the {self.config.task} data "
                 "found now (the prepared data changed): resuming would mix vocabularies"
             )
-        self.model.load_state_dict(ckpt.model)
+        with torch.no_grad():
+            self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         set_rng_state(ckpt.rng)
         self.step = int(ckpt.step)
