@@ -537,3 +537,31 @@ def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream):
         train(_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "d", prepared=stream, **QUIET)
     # nothing was written for a run that could not start
     assert not (tmp_path / "b" / METRICS).exists() and not (tmp_path / "c" / METRICS).exists()
+
+
+# ---------------------------------------------------------------------------- lr schedule
+def test_linear_schedule_runs_from_lr_to_lr_final_and_resumes_exactly(tmp_path, stream):
+    opt = {"lr": 0.01, "schedule": "linear", "lr_final": 0.001}
+    cfg = _cfg(optimizer=opt, checkpoint_every=7)
+    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    run, evals = read_metrics(tmp_path / "a")
+    n = run["train_batches_per_epoch"]
+    # the lr of the last update before each evaluation: steps n-1 and 2n-1 of 0..2n-1
+    assert evals[0]["lr"] == pytest.approx(0.01 + (0.001 - 0.01) * (n - 1) / (2 * n - 1))
+    assert evals[1]["lr"] == pytest.approx(0.001)
+    # a function of the step: a run stopped and resumed follows it exactly
+    train(replace(cfg, max_steps=n + 3), tmp_path / "b", prepared=stream, **QUIET)
+    train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    # and it trains differently from the constant rate
+    train(_cfg(optimizer={"lr": 0.01}), tmp_path / "c", prepared=stream, **QUIET)
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
+    _, evals_c = read_metrics(tmp_path / "c")
+    assert [e["lr"] for e in evals_c] == [0.01, 0.01]
+
+
+def test_schedule_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"optimizer.schedule must be one of \('constant', 'linear'\)"):
+        TrainConfig(task="ptb", optimizer={"schedule": "cosine"})
+    with pytest.raises(ConfigError, match=r"optimizer.lr_final must be in \[0, optimizer.lr = 0.002\]"):
+        TrainConfig(task="ptb", optimizer={"schedule": "linear", "lr_final": 0.01})

@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 TASKS = ("ptb", "text8", "poems", "mnist")
 OPTIMIZERS = ("adam", "rmsprop")
+SCHEDULES = ("constant", "linear")
 # What the task's data decides; a config may repeat it (it must agree) but need not.
 DATA_MODEL_KEYS = ("kind", "vocab_size", "input_size", "num_classes")
 # Keys a resumed run may change: they steer the run, not what it computes.
@@ -39,7 +40,11 @@ RESUMABLE = (
 @dataclass
 class OptimizerConfig:
     name: str = "adam"  # "adam" or "rmsprop"
-    lr: float = 0.002  # learning rate (constant: the paper uses no schedule)
+    lr: float = 0.002  # learning rate (at step 0 with a schedule)
+    # "constant" (the paper's runs) or "linear": from lr at the first step down to lr_final at
+    # the last one (epochs x batches per epoch), a pure function of the step
+    schedule: str = "constant"
+    lr_final: float = 0.0  # the linear schedule's last learning rate
     alpha: float = 0.9  # rmsprop only: decay of the running mean of squared gradients
     eps: float = 1e-8  # added to the denominator of both optimizers' update
 
@@ -202,6 +207,15 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"optimizer.alpha must be in [0, 1), got {c.optimizer.alpha}")
     if not c.optimizer.eps > 0:
         raise ConfigError(f"optimizer.eps must be > 0, got {c.optimizer.eps}")
+    if c.optimizer.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optimizer.schedule must be one of {SCHEDULES}, got {c.optimizer.schedule!r}"
+        )
+    if not 0 <= c.optimizer.lr_final <= c.optimizer.lr:
+        raise ConfigError(
+            f"optimizer.lr_final must be in [0, optimizer.lr = {c.optimizer.lr}], got "
+            f"{c.optimizer.lr_final}"
+        )
     for name in ("epochs", "batch_size", "seq_len"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(c, name)}")

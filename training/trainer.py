@@ -618,6 +618,17 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------ a step
+    def learning_rate(self, step: int | None = None) -> float:
+        """The learning rate of the update after `step` updates (default: the next one). The
+        linear schedule runs from optimizer.lr to optimizer.lr_final over epochs x batches per
+        epoch; a function of the step alone, so a resumed run follows it exactly."""
+        o = self.config.optimizer
+        if o.schedule == "constant":
+            return o.lr
+        total = max(1, self.config.epochs * self.n_batches - 1)
+        frac = min(self.step if step is None else step, total) / total
+        return o.lr + (o.lr_final - o.lr) * frac
+
     def _train_step(self, batch) -> bool:
         """One optimizer step on this rank's rows of `batch`. False when skipped: a last batch
         with fewer items than processes (poems, mnist under DDP) is skipped on every rank."""
@@ -629,6 +640,9 @@ class Trainer:
         total = _targets(batch)  # the global batch's targets: the mean's denominator
         start = self.state if (self.config.carry_state and self.kind == "stream") else None
         self.optimizer.zero_grad(set_to_none=True)
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         nll, correct, state = batch_loss(
             self.train_model, batch, rows, start, self.device, self._autocast
         )
@@ -695,6 +709,7 @@ class Trainer:
             "type": "eval",
             "epoch": self.epoch if self.batch == 0 else round(frac, 4),
             "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],  # of the last update
         }
         rec.update({f"train_{k}": v for k, v in train.items()})
         rec.update({f"valid_{k}": v for k, v in valid.items()})
