@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
@@ -67,7 +66,8 @@ class ServedModel(Protocol):
     def initial_state(self, batch_size: int) -> np.ndarray: ...
 
     # Must not write into its inputs: the scheduler feeds a step's outputs back as the next
-    # step's inputs, and sessions keep rows of them. `check` is optional (see _unchecked_step).
+    # step's inputs, and sessions keep rows of them. check=False: skip the model's own input
+    # checks (the scheduler builds the inputs itself).
     def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -116,7 +116,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         for name, model in self.models.items():
             self.schedulers[name] = Scheduler(
-                _unchecked_step(model), max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
+                # the scheduler builds well-formed inputs (ids from the tokenizer and the sampler,
+                # glimpses checked on arrival) and states (the runtime's own outputs)
+                functools.partial(model.step, check=False), max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
                 post=loop.call_soon_threadsafe, on_batch=self._on_batch(name),
             )
             # read at each scrape, so that they never go stale when the scheduler idles
@@ -305,15 +307,6 @@ class Engine:
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         return GlimpseStream(self, name, session, seq)
-
-
-def _unchecked_step(model: ServedModel):
-    """The model's step without its own input checks where it has them (ExportedModel): the
-    scheduler builds well-formed inputs (ids from the tokenizer and the sampler, glimpses
-    checked on arrival) and states (the runtime's own outputs)."""
-    if "check" in inspect.signature(model.step).parameters:
-        return functools.partial(model.step, check=False)
-    return model.step
 
 
 def id_texts(tok) -> list[str]:

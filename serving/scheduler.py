@@ -306,8 +306,7 @@ class Scheduler:
                 # in this same step
                 sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
                 self._sample(sampling, post, last[1] if same and len(sampling) == len(batch) else None)
-                inputs = [s.take_input() for s in batch]
-                inputs = np.stack(inputs) if isinstance(inputs[0], np.ndarray) else np.array(inputs, np.int64)
+                inputs = np.stack([s.take_input() for s in batch])
                 states = last[2] if same else np.stack([s.pos[0] for s in batch])
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
@@ -343,20 +342,14 @@ class Scheduler:
             else:  # greedy, top-k or top-p: one row at a time
                 tokens[i] = s.sampler(logits[i])
         if rows:
-            every = len(rows) == len(seqs)
-            z = logits if every else logits[rows]
-            z = z / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
+            z = logits[rows] / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
             banned = seqs[rows[0]].sampler.banned
             if banned:
                 z[:, list(banned)] = -np.inf
             z -= z.max(axis=1, keepdims=True)
             cdf = np.cumsum(np.exp(z, out=z), axis=1, out=z)
             u = np.array([seqs[i].sampler.rng.random() for i in rows]) * cdf[:, -1]
-            drawn = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
-            if every:
-                tokens = drawn
-            else:
-                tokens[rows] = drawn
+            tokens[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
         now = time.monotonic()
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):

@@ -32,7 +32,7 @@ class SlowCharModel:
     def initial_state(self, batch_size: int) -> np.ndarray:
         return np.zeros((batch_size, 1, 4), np.float32)
 
-    def step(self, inputs: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         time.sleep(0.005)
         return np.zeros((len(inputs), self.tokenizer.vocab_size), np.float32), state
 

@@ -618,15 +618,15 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------ a step
-    def learning_rate(self, step: int | None = None) -> float:
-        """The learning rate of the update after `step` updates (default: the next one). The
-        linear schedule runs from optimizer.lr to optimizer.lr_final over epochs x batches per
-        epoch; a function of the step alone, so a resumed run follows it exactly."""
+    def learning_rate(self) -> float:
+        """The learning rate of the next update. The linear schedule runs from optimizer.lr to
+        optimizer.lr_final over epochs x batches per epoch; a function of the step alone, so a
+        resumed run follows it exactly."""
         o = self.config.optimizer
         if o.schedule == "constant":
             return o.lr
         total = max(1, self.config.epochs * self.n_batches - 1)
-        frac = min(self.step if step is None else step, total) / total
+        frac = min(self.step, total) / total
         return o.lr + (o.lr_final - o.lr) * frac
 
     def _train_step(self, batch) -> bool:
