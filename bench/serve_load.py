@@ -1,13 +1,16 @@
 """Serving throughput: N concurrent Generate streams against a real `nlstm serve` process.
 
-In one run:
-  1. the raw onnxruntime step rate of the same model at batch N and at batch 1, measured in a
-     subprocess that never imports torch (char-steps/s = batch / step time), right before and
-     right after the server's runs at that batch size, and averaged (the machine's speed drifts);
-  2. a server process (`nlstm serve --port 0`), and N concurrent Generate streams for
-     --seconds: aggregate characters/s, and p50/p99 of the time between characters (time
-     between stream messages divided by the characters they carry);
-and prints the ratio of (2) to (1) for N streams and for one stream.
+In one run, for each number of streams N (and each --interval-ms):
+  1. the raw onnxruntime step rate of the same model at batch N (char-steps/s = N / step
+     time), in a subprocess that never imports torch and runs the step the server's scheduler
+     runs;
+  2. a server process (`nlstm serve --port 0`) and N concurrent Generate streams:
+     aggregate characters/s, and p50/p99 of the time between characters (time between stream
+     messages divided by the characters they carry);
+in --rounds alternating windows: raw, server, raw, server, ..., raw, each --seconds/--rounds
+long. The machine's speed drifts (other tenants: the raw rate moves by 30% within a minute),
+so each server window is compared with the raw windows just before and after it, and the
+ratio printed is the median of those per-window ratios (all of them are in the JSON line).
 
     python bench/serve_load.py --models exported/ --model ptb-nlstm --streams 64 --seconds 20
     python bench/serve_load.py --smoke            # a tiny random model, a few seconds (CI)
@@ -35,32 +38,50 @@ from _server import REPO, Server, export_random, readme_lines
 # the issue's goals: the server's chars/s over the raw step rate at the same batch size
 GOALS = {64: 0.8, 1: 0.7}
 
+# Reads a window's length in seconds per stdin line and answers each with the window's mean
+# step time; the model stays loaded between windows.
 RAW_RATE = r"""
 import json, sys, time
 import numpy as np
 from serving.runtime import load_model
-folder, name, batch, seconds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+folder, name, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 m = load_model(f"{folder}/{name}", providers="cpu", intra_op_threads=threads or None)
 state = m.initial_state(batch)
 x = np.zeros(batch, np.int64)
-# check=False: the step the server's scheduler runs (it builds its inputs itself)
-for _ in range(20):
-    _, state = m.step(x, state, check=False)
-n, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    _, state = m.step(x, state, check=False)
-    n += 1
-dt = (time.perf_counter() - t0) / n
-print(json.dumps({"step_s": dt, "char_steps_per_s": batch / dt, "torch": "torch" in sys.modules}))
+for line in sys.stdin:
+    seconds = float(line)
+    # check=False: the step the server's scheduler runs (it builds its inputs itself)
+    for _ in range(20):
+        _, state = m.step(x, state, check=False)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, state = m.step(x, state, check=False)
+        n += 1
+    print(json.dumps({"step_s": (time.perf_counter() - t0) / n, "torch": "torch" in sys.modules}), flush=True)
 """
 
 
-def raw_rate(folder: Path, name: str, batch: int, seconds: float, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(seconds), str(threads)],
-                         capture_output=True, text=True, check=True, cwd=REPO)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result["torch"], "the raw-rate process must not load torch"
-    return result
+class RawRate:
+    """The raw-rate subprocess for one batch size: `measure(seconds)` runs one window and
+    returns its mean step time in seconds."""
+
+    def __init__(self, folder: Path, name: str, batch: int, threads: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def measure(self, seconds: float) -> float:
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the raw-rate process exited with {self.proc.wait()}")
+        result = json.loads(line)
+        assert not result["torch"], "the raw-rate process must not load torch"
+        return result["step_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
 def _own_cpu() -> float:
@@ -104,9 +125,36 @@ async def load(port: int, model: str, streams: int, seconds: float) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(streams)))
         elapsed = time.perf_counter() - t0
-    g = np.array(gaps) if gaps else np.zeros(1)
-    return {"chars_per_s": chars / elapsed, "p50_ms": float(np.percentile(g, 50) * 1e3),
-            "p99_ms": float(np.percentile(g, 99) * 1e3), "chars": chars}
+    return {"chars_per_s": chars / elapsed, "chars": chars, "gaps": np.array(gaps)}
+
+
+def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float, rounds: int):
+    """`rounds` windows of n streams on `server`, each between two raw-rate windows. Returns
+    the server's figures over all its windows, the raw windows' step times, and each server
+    window's ratio to the mean of the raw windows around it."""
+    raw_steps = [raw.measure(window)]
+    ratios, chars, gaps, wall = [], 0, [], 0.0
+    server_cpu = client_cpu = step_graph = 0.0
+    for _ in range(rounds):
+        cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
+        t0 = time.perf_counter()
+        res = asyncio.run(load(server.port, name, n, window))
+        wall += time.perf_counter() - t0
+        server_cpu += server.cpu_seconds() - cpu0
+        client_cpu += _own_cpu() - client0
+        step_graph += _step_seconds(server, name) - step0
+        raw_steps.append(raw.measure(window))
+        ratios.append(res["chars_per_s"] / (n / np.mean(raw_steps[-2:])))
+        chars += res["chars"]
+        gaps.append(res["gaps"])
+    g = np.concatenate(gaps) if chars else np.zeros(1)
+    return {
+        "chars_per_s": chars / wall, "chars": chars,
+        "p50_ms": float(np.percentile(g, 50) * 1e3), "p99_ms": float(np.percentile(g, 99) * 1e3),
+        # where the machine's time went, per second of the server windows: the server's CPU
+        # (its step graph calls among it) and this client's
+        "server_cpu": server_cpu / wall, "client_cpu": client_cpu / wall, "step_graph_share": step_graph / wall,
+    }, raw_steps, ratios
 
 
 def main() -> None:
@@ -115,14 +163,17 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--hidden", type=int, default=600)
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 1])
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=20.0, help="server time per N and interval, in all rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="server windows, each between two raw-rate windows")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--interval-ms", type=float, nargs="+", default=[50.0],
                     help="the server's --stream-interval-ms (its default: 50); several to compare in one run")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.hidden, args.streams, args.seconds = 16, [4, 1], 2.0
+        args.hidden, args.streams, args.seconds, args.rounds = 16, [4, 1], 2.0, 2
+    if args.rounds < 1 or args.seconds <= 0:
+        ap.error("--rounds must be >= 1 and --seconds > 0")
     tmp = None
     folder, name = args.models, args.model
     if folder is None:
@@ -131,44 +182,34 @@ def main() -> None:
         name = export_random(folder, args.hidden, "\n".join(readme_lines()))
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
-    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}")
+    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; "
+          f"{args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
+    window = args.seconds / args.rounds
     results = []
-    raw_seconds = 1.0 if args.smoke else min(4.0, args.seconds)
     for n in args.streams:
-        # the raw rate right before the server runs at this batch size and right after, averaged:
-        # the machine's speed drifts (other tenants), and the ratio should compare like with like
-        before = raw_rate(folder, name, n, raw_seconds, args.threads)
-        runs = []
-        for interval in args.interval_ms:
-            with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
-                        "--max-sessions", "4096", "--stream-interval-ms", str(interval)) as server:
-                cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
-                t0 = time.perf_counter()
-                res = asyncio.run(load(server.port, name, n, args.seconds))
-                wall = time.perf_counter() - t0
-                # where the machine's time went: the server's CPU (its step graph calls among
-                # it) and this client's, per second of the run
-                res["server_cpu"] = (server.cpu_seconds() - cpu0) / wall
-                res["client_cpu"] = (_own_cpu() - client0) / wall
-                res["step_graph_share"] = (_step_seconds(server, name) - step0) / wall
-                server.stop()
-            runs.append((interval, res))
-        after = raw_rate(folder, name, n, raw_seconds, args.threads)
-        raw = {"step_s": (before["step_s"] + after["step_s"]) / 2, "before_step_s": before["step_s"],
-               "after_step_s": after["step_s"], "torch": before["torch"] or after["torch"]}
-        raw["char_steps_per_s"] = n / raw["step_s"]
-        for interval, res in runs:
-            ratio = res["chars_per_s"] / raw["char_steps_per_s"]
-            goal = GOALS.get(n)
-            verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
-            print(f"streams {n:>3} interval {interval:g} ms: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime "
-                  f"batch-{n} {raw['char_steps_per_s']:>9,.0f} char-steps/s ({raw['before_step_s'] * 1e3:.2f} ms/step before, "
-                  f"{raw['after_step_s'] * 1e3:.2f} after)  "
-                  f"ratio {ratio:.2f}  between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
-                  f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
-                  f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
-                  f"on {os.cpu_count()} CPUs", flush=True)
-            results.append({"streams": n, "interval_ms": interval, "server": res, "raw": raw, "ratio": ratio, "goal": goal})
+        raw = RawRate(folder, name, n, args.threads)
+        try:
+            for interval in args.interval_ms:
+                with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
+                            "--max-sessions", "4096", "--stream-interval-ms", str(interval)) as server:
+                    res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds)
+                    server.stop()
+                raw_step = float(np.mean(raw_steps))
+                ratio = float(np.median(ratios))
+                goal = GOALS.get(n)
+                verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
+                print(f"streams {n:>3} interval {interval:g} ms: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime "
+                      f"batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-{max(raw_steps) * 1e3:.2f} "
+                      f"ms/step)  ratio {ratio:.2f} (windows {min(ratios):.2f}-{max(ratios):.2f})  "
+                      f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
+                      f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
+                      f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
+                      f"on {os.cpu_count()} CPUs", flush=True)
+                results.append({"streams": n, "interval_ms": interval, "server": res, "ratio": ratio, "ratios": ratios,
+                                "goal": goal, "raw": {"step_s": raw_step, "char_steps_per_s": n / raw_step,
+                                                      "window_step_s": raw_steps}})
+        finally:
+            raw.close()
     print(json.dumps({"model": name, "threads": args.threads, "results": results}))
     if tmp is not None:
         tmp.cleanup()

@@ -1,7 +1,10 @@
 """Choosing the next character from logits: greedy, temperature, top-k and top-p (numpy only).
 
 `Sampler` is seeded per request (numpy's PCG64), so the same seed, state and request give the
-same text. Validation of the parameters lives in `check_sampling`, whose messages say what is
+same text: each character sampled with a temperature takes the next draw of the request's
+uniform stream, whether it is sampled alone (`Sampler.__call__`) or with a batch (`draw`,
+`greedy`: the scheduler's vectorised rows, which may take draws ahead and give back those
+they did not use). Validation of the parameters lives in `check_sampling`, whose messages say what is
 allowed (the servicer turns them into INVALID_ARGUMENT).
 """
 
@@ -45,15 +48,36 @@ class Sampler:
         self.banned = banned  # ids never to emit (the unknown piece, padding, markers)
         # plain temperature sampling: the scheduler samples such rows together
         self.plain = temperature > 0 and not top_k and not 0.0 < top_p < 1.0
+        self._spare = np.empty(0)  # draws taken ahead and given back (unread), used first
+
+    def next_uniform(self) -> float:
+        """The next draw of this request's uniform stream (one per character sampled with a
+        temperature)."""
+        if self._spare.size:
+            u, self._spare = self._spare[0], self._spare[1:]
+            return float(u)
+        return self.rng.random()
+
+    def uniforms(self, n: int) -> np.ndarray:
+        """The next `n` draws of the stream at once (the scheduler takes them ahead)."""
+        take, self._spare = self._spare[:n], self._spare[n:]
+        return np.concatenate([take, self.rng.random(n - take.size)]) if take.size < n else take
+
+    def unread(self, u: np.ndarray) -> None:
+        """Give back draws taken ahead but not used: they come first again, so the text does not
+        depend on how far ahead they were taken."""
+        if u.size:
+            self._spare = np.concatenate([u, self._spare])
 
     def __call__(self, logits: np.ndarray) -> int:
         """One id from a (V,) logit vector."""
-        z = logits.astype(np.float64).copy()
+        if self.temperature == 0:
+            return int(greedy(logits[None], self.banned)[0])
+        if self.plain:  # the scheduler's batched formula, so a draw is the same alone or batched
+            return int(draw(logits[None], np.array([self.temperature]), np.array([self.next_uniform()]), self.banned)[0])
+        z = logits.astype(np.float64) / self.temperature
         if self.banned:
             z[list(self.banned)] = -np.inf
-        if self.temperature == 0:
-            return int(np.argmax(z))
-        z = z / self.temperature
         if self.top_k and self.top_k < len(z):
             kth = np.partition(z, -self.top_k)[-self.top_k]
             z[z < kth] = -np.inf
@@ -69,4 +93,24 @@ class Sampler:
             p /= p.sum()
         # inverse CDF: one uniform draw (several times faster than Generator.choice)
         cdf = np.cumsum(p)
-        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(p) - 1))
+        return int(min(np.searchsorted(cdf, self.next_uniform() * cdf[-1], side="right"), len(p) - 1))
+
+
+def draw(logits: np.ndarray, temperature: np.ndarray, u: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:
+    """Temperature sampling of every row at once: logits (n, V), temperature (n,) > 0, u (n,)
+    uniform draws in [0, 1) -> (n,) ids, row i's the inverse CDF of softmax(logits[i] /
+    temperature[i]) at u[i], never one of `banned`. In float64, as Sampler's own rows."""
+    z = logits / temperature[:, None]  # float32 logits / float64 temperatures: float64
+    if banned:
+        z[:, list(banned)] = -np.inf
+    z -= z.max(axis=1, keepdims=True)
+    cdf = np.cumsum(np.exp(z, out=z), axis=1, out=z)
+    return np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), logits.shape[1] - 1)
+
+
+def greedy(logits: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:
+    """The most likely id of every row of (n, V) logits that is not one of `banned`."""
+    if banned:
+        logits = logits.copy()
+        logits[:, list(banned)] = -np.inf
+    return logits.argmax(axis=1)

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from serving.sampling import LOG2E, Sampler, bits, log_softmax
+from serving.sampling import LOG2E, Sampler, bits, draw, greedy, log_softmax
 
 log = logging.getLogger("nlstm.serving")
 
@@ -114,7 +114,24 @@ class GenerateSequence(Sequence):
     when `interval` seconds have passed since the previous message (0: every character as it
     is made), carrying every character sampled meanwhile; the last (a finish reason set) and
     a cancelled stream's remainder go at once. The timing is kept here, on the scheduler
-    thread, so that the event loop wakes once per message, not once per character."""
+    thread, so that the event loop wakes once per message, not once per character.
+
+    While a `Streams` block runs it, its counters live in the block's columns and its position
+    is its row of the block's last step (`pos` reads it there)."""
+
+    _at: tuple[Streams, int] | None = None  # (block, row) while a Streams block runs this sequence
+
+    @property
+    def pos(self) -> tuple[np.ndarray, np.ndarray | None]:
+        at = self._at
+        if at is None:
+            return self._pos
+        states, logits = at[0].out
+        return states[at[1]], logits[at[1]]
+
+    @pos.setter
+    def pos(self, value: tuple[np.ndarray, np.ndarray | None]) -> None:
+        self._pos = value
 
     def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
                  stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
@@ -156,12 +173,8 @@ class GenerateSequence(Sequence):
         self.wants_sample = False
         self.remaining -= 1
         text = self.texts[token]
-        if token == self.eos_id:
+        if token == self.eos_id or (self.keep and self.stopped(text)):
             self.finish_reason = "STOP_SEQUENCE"
-        elif self.keep:
-            self.tail = (self.tail + text)[-self.keep:]
-            if any(self.tail.endswith(s) for s in self.stop):
-                self.finish_reason = "STOP_SEQUENCE"
         if self.remaining == 0 and not self.finish_reason:
             self.finish_reason = "LENGTH"
         self.pending.append(text)
@@ -171,6 +184,11 @@ class GenerateSequence(Sequence):
             self._flush(self.finish_reason, post)
             self.due = now + self.interval
         self.feed.append(token)  # fed so the state (and a session) includes it
+
+    def stopped(self, text: str) -> bool:
+        """`text` follows the generated text: does the text now end with a stop string?"""
+        self.tail = (self.tail + text)[-self.keep:]
+        return any(self.tail.endswith(s) for s in self.stop)
 
     def _flush(self, reason: str, post: list) -> None:
         text, b, emit = "".join(self.pending), self.pending_bits, self._emit
@@ -204,6 +222,122 @@ class GlimpseSequence(Sequence):
         post.append(lambda: reply(logits))
 
 
+class Streams:
+    """The steady state of generation in columns: the same generating sequences step after
+    step, each sampling its next character (with a plain temperature, or greedily) from the
+    last step's logits and feeding it in the same step.
+
+    For up to `BLOCK` steps their per-character bookkeeping lives here as arrays: the ids
+    sampled, the uniform draws taken ahead from each request's stream, when each stream's
+    next message is due. Per sequence, Python runs only when its message goes (once per
+    interval), for a stream with stop strings, and at `release`, which writes everything back
+    to the sequences: the scheduler releases the block when anything changes (a call arrives
+    or is cancelled, a stream ends) or the block is full. The text is the one the sequences
+    would make step by step (tests/test_serving_units.py)."""
+
+    BLOCK = 128  # steps a block runs at most: draws taken ahead, ids kept
+
+    @staticmethod
+    def fits(batch: list[Sequence]) -> bool:
+        """Can a block run `batch` (all of its sequences generating, each about to sample)?"""
+        for s in batch:
+            if type(s) is not GenerateSequence or s.feed or not s.wants_sample or s.finish_reason:
+                return False
+            if not (s.sampler.plain or s.sampler.temperature == 0):  # top-k and top-p: one row at a time
+                return False
+        return len({(id(s.texts), s.eos_id, s.sampler.banned) for s in batch}) == 1
+
+    def __init__(self, seqs: list[GenerateSequence], states: np.ndarray, logits: np.ndarray) -> None:
+        self.seqs = seqs
+        self.out = (states, logits)  # the last step's outputs: row i is seqs[i]'s position
+        first = seqs[0]
+        self.texts, self.eos_id, self.banned = first.texts, first.eos_id, first.sampler.banned
+        self.remaining = np.array([s.remaining for s in seqs])
+        # a block ends at the step where the first stream reaches max_chars
+        self.steps = min(self.BLOCK, int(self.remaining.min()))
+        temperature = np.array([s.sampler.temperature for s in seqs])
+        self.plain, self.greedy = np.flatnonzero(temperature > 0), np.flatnonzero(temperature == 0)
+        self.temperature = temperature[self.plain]
+        self.u = np.zeros((len(seqs), self.steps))
+        for i in self.plain.tolist():
+            self.u[i] = seqs[i].sampler.uniforms(self.steps)
+        self.ids = np.empty((len(seqs), self.steps), dtype=np.int64)
+        self.logprobs = [i for i, s in enumerate(seqs) if s.logprobs]
+        self.bits = np.empty((len(seqs), self.steps)) if self.logprobs else None
+        self.stops = [i for i, s in enumerate(seqs) if s.keep]
+        self.due = np.array([s.due for s in seqs])
+        self.next_due = float(self.due.min())
+        self.sent = [0] * len(seqs)  # row i: ids[i, :sent[i]] have gone to the sequence
+        self.reasons: dict[int, str] = {}  # row -> finish reason
+        self.k = 0  # steps sampled
+        self.ended = False  # a stream finished, or the block is full: release it
+        for i, s in enumerate(seqs):
+            s._at = (self, i)
+
+    def sample(self, now: float, post: list) -> np.ndarray:
+        """Sample every stream's next character from the last step's logits at time.monotonic()
+        `now`; send the messages that are due. Returns the ids to feed."""
+        k, logits = self.k, self.out[1]
+        if len(self.plain) == len(self.seqs):
+            ids = draw(logits, self.temperature, self.u[:, k], self.banned)
+        else:
+            ids = np.empty(len(self.seqs), dtype=np.int64)
+            if len(self.plain):
+                ids[self.plain] = draw(logits[self.plain], self.temperature, self.u[self.plain, k], self.banned)
+            ids[self.greedy] = greedy(logits[self.greedy], self.banned)
+        self.ids[:, k] = ids
+        if self.bits is not None:
+            self.bits[:, k] = -log_softmax(logits)[np.arange(len(ids)), ids] * LOG2E
+        self.k = k = k + 1
+        reasons = self.reasons
+        if self.eos_id is not None:
+            for i in np.flatnonzero(ids == self.eos_id).tolist():
+                reasons[i] = "STOP_SEQUENCE"
+        for i in self.stops:
+            if i not in reasons and self.seqs[i].stopped(self.texts[ids[i]]):
+                reasons[i] = "STOP_SEQUENCE"
+        if k == self.steps:
+            for i in np.flatnonzero(self.remaining == k).tolist():
+                reasons.setdefault(i, "LENGTH")
+            self.ended = True
+        if reasons:
+            self.ended = True
+        if now >= self.next_due or reasons:
+            for i in sorted(set(np.flatnonzero(self.due <= now).tolist()) | reasons.keys()):
+                self._give(i, reasons.get(i, ""), post)
+                self.due[i] = now + self.seqs[i].interval
+            self.next_due = float(self.due.min())
+        return ids
+
+    def _give(self, i: int, reason: str | None, post: list) -> None:
+        """Hand row i's characters made since the last hand-over to its sequence, and send them
+        as a message with `reason` (None: keep them pending)."""
+        s, start = self.seqs[i], self.sent[i]
+        if start < self.k:
+            s.pending.append("".join(map(self.texts.__getitem__, self.ids[i, start : self.k].tolist())))
+            if s.logprobs:
+                s.pending_bits.extend(self.bits[i, start : self.k].tolist())
+            self.sent[i] = self.k
+        if reason is not None:
+            s._flush(reason, post)
+
+    def release(self) -> None:
+        """Write the block back to its sequences (each then continues step by step, or in a new
+        block) and end it. Every id sampled has been fed, unless the step failed."""
+        states, logits = self.out
+        for i, s in enumerate(self.seqs):
+            self._give(i, None, [])
+            s.remaining = int(self.remaining[i]) - self.k
+            s.due = float(self.due[i])
+            if s.sampler.temperature > 0:
+                s.sampler.unread(self.u[i, self.k :])
+            if i in self.reasons:
+                s.finish_reason, s.finished = self.reasons[i], True
+            s.pos = (states[i], logits[i])
+            s._at = None
+        self.seqs = []
+
+
 class Scheduler:
     def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
                  post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None) -> None:
@@ -219,6 +353,7 @@ class Scheduler:
         self._seqs: list[Sequence] = []
         self._cond = threading.Condition()
         self._stopped = False
+        self._changed = False  # a call was added, poked or cancelled since the scheduler last looked
         self.steps_run = 0
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
@@ -226,11 +361,13 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         with self._cond:
             self._seqs.append(seq)
+            self._changed = True
             self._cond.notify()
 
     def poke(self) -> None:
         """Something changed on the asyncio side (an input arrived, a call was cancelled)."""
         with self._cond:
+            self._changed = True
             self._cond.notify()
 
     def active(self) -> int:
@@ -248,6 +385,7 @@ class Scheduler:
             for s in self._seqs:
                 if isinstance(s, kind):
                     s.cancelled = True
+            self._changed = True
             self._cond.notify()
 
     def stop(self) -> None:
@@ -290,32 +428,54 @@ class Scheduler:
             self._cond.wait()
 
     def _loop(self) -> None:
-        last: tuple[list[Sequence], np.ndarray, np.ndarray] | None = None  # batch, logits, states
+        last: tuple[list[Sequence], np.ndarray, np.ndarray] | None = None  # batch, states, logits
+        streams: Streams | None = None
         while True:
             with self._cond:
-                batch = self._take_batch()
+                if streams is not None and (self._changed or streams.ended or self._stopped):
+                    streams.release()
+                    streams = None
+                self._changed = False
+                # a running block keeps its batch: nothing changed, every sequence in it is ready
+                batch = streams.seqs if streams is not None else self._take_batch()
             if batch is None:
                 return
             post: list = []
             # The steady state: the same sequences as the last step, in the same order. Their
             # positions are then the rows of that step's outputs, which are used as they are
             # instead of stacked again.
-            same = last is not None and len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))
+            same = last is not None and (batch is last[0] or (
+                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))))
             try:
-                # sample the next character of every generating sequence at once; it is fed
-                # in this same step
-                sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
-                self._sample(sampling, post, last[1] if same and len(sampling) == len(batch) else None)
-                inputs = np.stack([s.take_input() for s in batch])
-                states = last[2] if same else np.stack([s.pos[0] for s in batch])
+                if streams is None and same and Streams.fits(batch):
+                    streams = Streams(batch, last[1], last[2])
+                    batch = streams.seqs
+                if streams is not None:
+                    inputs, states = streams.sample(time.monotonic(), post), last[1]
+                else:
+                    # sample the next character of every generating sequence at once; it is fed
+                    # in this same step
+                    sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
+                    self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None)
+                    inputs = np.stack([s.take_input() for s in batch])
+                    states = last[1] if same else np.stack([s.pos[0] for s in batch])
+                if post:  # the messages just sampled go out while the step runs (the GIL is free then)
+                    self._post_all(post)
+                    post = []
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
                 elapsed = time.perf_counter() - t0
-                for s, row_logits, row_state in zip(batch, logits, new_states):
-                    s.advance(row_logits, row_state, post)
-                last = (batch, logits, new_states)
+                if streams is not None:
+                    streams.out = (new_states, logits)
+                else:
+                    for s, row_logits, row_state in zip(batch, logits, new_states):
+                        s.advance(row_logits, row_state, post)
+                last = (batch, new_states, logits)
             except Exception as exc:  # a failing graph fails the calls in it, not the server
                 log.exception("step failed for a batch of %d", len(batch))
+                if streams is not None:
+                    streams.release()
+                    streams = None
                 for s in batch:
                     s.error, s.finished = exc, True
                 elapsed, last = 0.0, None
@@ -333,23 +493,22 @@ class Scheduler:
             return
         if logits is None:
             logits = np.stack([s.pos[1] for s in seqs])
-        logits = logits.astype(np.float64)  # (n, V)
         tokens = np.empty(len(seqs), dtype=np.int64)
-        rows = []  # plain temperature sampling: vectorised below
+        plain, greedy_rows = [], []  # vectorised below
         for i, s in enumerate(seqs):
             if s.sampler.plain:
-                rows.append(i)
-            else:  # greedy, top-k or top-p: one row at a time
+                plain.append(i)
+            elif s.sampler.temperature == 0:
+                greedy_rows.append(i)
+            else:  # top-k or top-p: one row at a time
                 tokens[i] = s.sampler(logits[i])
-        if rows:
-            z = logits[rows] / np.array([seqs[i].sampler.temperature for i in rows])[:, None]
-            banned = seqs[rows[0]].sampler.banned
-            if banned:
-                z[:, list(banned)] = -np.inf
-            z -= z.max(axis=1, keepdims=True)
-            cdf = np.cumsum(np.exp(z, out=z), axis=1, out=z)
-            u = np.array([seqs[i].sampler.rng.random() for i in rows]) * cdf[:, -1]
-            tokens[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), logits.shape[1] - 1)
+        banned = seqs[0].sampler.banned  # the model's: the same for every sequence
+        if plain:
+            temperature = np.array([seqs[i].sampler.temperature for i in plain])
+            u = np.array([seqs[i].sampler.next_uniform() for i in plain])
+            tokens[plain] = draw(logits[plain], temperature, u, banned)
+        if greedy_rows:
+            tokens[greedy_rows] = greedy(logits[greedy_rows], banned)
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
         now = time.monotonic()
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):

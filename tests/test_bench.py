@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,9 @@ def test_serve_load_smoke():
     runs = {(r["streams"], r["interval_ms"]) for r in result["results"]}
     assert runs == {(4, 0.0), (4, 20.0), (1, 0.0), (1, 20.0)}
     for r in result["results"]:
-        assert r["server"]["chars"] > 0 and r["raw"]["char_steps_per_s"] > 0 and not r["raw"]["torch"]
-        assert r["raw"]["before_step_s"] > 0 and r["raw"]["after_step_s"] > 0
-        assert r["ratio"] == r["server"]["chars_per_s"] / r["raw"]["char_steps_per_s"]
+        # two server windows, each between two raw windows (the raw process refuses to load torch)
+        steps = r["raw"]["window_step_s"]
+        assert r["server"]["chars"] > 0 and len(steps) == 3 and min(steps) > 0 and len(r["ratios"]) == 2
+        assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
+        assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05

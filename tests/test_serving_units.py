@@ -285,3 +285,122 @@ def test_steady_batches_reuse_the_last_outputs_without_mixing_rows(max_batch):
         alone, _ = run(1, [i])
         assert together[i][0] == alone[i][0] and len(alone[i][0]) == 40
         np.testing.assert_array_equal(together[i][1], alone[i][1])
+
+
+def _generate_all(specs, *, max_batch=8, eos_id=None, cancel_after=None, interval=0.0):
+    """Run GenerateSequences made from `specs` (sampler, max_chars, stop, logprobs) through a
+    Scheduler over StatefulModel (interval 0: one message per character). Returns each
+    sequence's messages, final state and finish reason. cancel_after: cancel every stream once
+    the scheduler has run that many steps (as the engine does: flag it, poke the scheduler)."""
+    texts = list("uvwxy") + [""]  # id 5 is a marker: its text is empty
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(StatefulModel().step, max_batch=max_batch, max_wait=0.0, post=loop.call_soon_threadsafe)
+        outs = [[] for _ in specs]
+        done = [loop.create_future() for _ in specs]
+        seqs = []
+
+        def emitter(i):
+            def emit(text, bits, finish):
+                if text is None:
+                    done[i].set_result(None)
+                    return
+                outs[i].append((text, list(bits), finish))
+            return emit
+
+        async def cancel():
+            while sched.steps_run < cancel_after:
+                await asyncio.sleep(0.001)
+            for s in seqs:
+                s.cancelled = True
+            sched.poke()
+
+        for i, (sampler, max_chars, stop, logprobs) in enumerate(specs):
+            seqs.append(GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i % 5], sampler, max_chars,
+                                         stop, logprobs, texts, eos_id, emitter(i), interval=interval))
+        for s in seqs:
+            sched.add(s)
+        await asyncio.gather(*done, *([cancel()] if cancel_after is not None else []))
+        await loop.run_in_executor(None, sched.stop)
+        return [(out, s.pos[0].copy(), s.finish_reason) for out, s in zip(outs, seqs)]
+
+    return asyncio.run(main())
+
+
+def _specs():
+    return [
+        (Sampler(1.0, seed=0), 40, [], True),
+        (Sampler(0.7, seed=1), 25, ["vw"], False),
+        (Sampler(0.0), 30, [], True),  # greedy
+        (Sampler(1.5, seed=3), 40, ["yy", "uu"], True),
+        (Sampler(1.0, seed=4), 7, [], False),
+    ]
+
+
+@pytest.mark.parametrize("eos_id", [None, 5])
+@pytest.mark.parametrize("block", [3, 128])
+def test_streams_blocks_give_the_step_by_step_text(monkeypatch, eos_id, block):
+    """The columnar steady state (Streams) sends the same messages, bits and finish reasons and
+    leaves the same states as sampling sequence by sequence, across block boundaries, streams
+    ending by length, stop string and end marker, greedy and temperature rows together."""
+    import serving.scheduler as scheduler
+
+    step_by_step = scheduler.Streams.fits
+    monkeypatch.setattr(scheduler.Streams, "fits", staticmethod(lambda batch: False))
+    reference = _generate_all(_specs(), eos_id=eos_id)
+    monkeypatch.setattr(scheduler.Streams, "fits", step_by_step)
+    monkeypatch.setattr(scheduler.Streams, "BLOCK", block)
+    blocks = []
+    init = scheduler.Streams.__init__
+
+    def counting_init(self, *args):
+        blocks.append(len(args[0]))
+        init(self, *args)
+
+    monkeypatch.setattr(scheduler.Streams, "__init__", counting_init)
+    columnar = _generate_all(_specs(), eos_id=eos_id)
+    assert blocks and max(blocks) == 5  # blocks ran, the first with every stream
+    if block == 3:
+        assert len(blocks) >= 10  # many blocks: draws taken ahead and given back at each end
+    for (ref_out, ref_state, ref_reason), (out, state, reason) in zip(reference, columnar):
+        assert out == ref_out and reason == ref_reason
+        np.testing.assert_array_equal(state, ref_state)
+    reasons = {r for _, _, r in reference}
+    assert "LENGTH" in reasons and "STOP_SEQUENCE" in reasons
+
+
+@pytest.mark.parametrize("interval", [0.0, 60.0])
+def test_streams_cancelled_mid_block_keep_text_and_state_together(interval):
+    """A stream cancelled while a block runs gets every character it made (the last message
+    says CANCELLED, and carries all but the first when messages wait a minute) and its state
+    is the state after exactly those characters."""
+    texts = list("uvwxy")
+    # id 5 (empty text) banned, so that the text spells every id fed
+    results = _generate_all([(Sampler(1.0, seed=i, banned=(5,)), 4000, [], False) for i in range(4)],
+                            cancel_after=50, interval=interval)
+    for i, (out, state, _) in enumerate(results):
+        assert out[-1][2] == "CANCELLED" and all(r == "" for _, _, r in out[:-1])
+        assert len(out) == 2 if interval else len(out) >= 49
+        text = "".join(t for t, _, _ in out)
+        assert 49 <= len(text) < 4000
+        expect = np.zeros(StatefulModel.V)  # the state StatefulModel reaches on the prompt and the text
+        for token in [i % 5] + [texts.index(c) for c in text]:
+            expect = 0.6 * expect
+            expect[token] += 1.0
+        np.testing.assert_allclose(state[0], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_uniform_stream_survives_taking_ahead():
+    """Draws taken ahead and given back come first again: the stream a request sees does not
+    depend on how far ahead the scheduler took it."""
+    plain = np.random.default_rng(7).random(12)
+    s = Sampler(1.0, seed=7)
+    got = [s.next_uniform()]
+    ahead = s.uniforms(5)
+    got += ahead[:2].tolist()
+    s.unread(ahead[2:])
+    got += s.uniforms(4).tolist()  # 3 given back, then 1 fresh
+    s.unread(np.empty(0))
+    got += [s.next_uniform() for _ in range(5)]
+    np.testing.assert_array_equal(got, plain)
