@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--interval-ms", type=float, nargs="+", default=[50.0],
                     help="the server's --stream-interval-ms (its default: 50); several to compare in one run")
+    ap.add_argument("--max-messages-per-s", type=float, default=None,
+                    help="the server's --max-messages-per-s, the message budget of a model's streams "
+                         "(default: the server's, 400)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -182,7 +185,8 @@ def main() -> None:
         name = export_random(folder, args.hidden, "\n".join(readme_lines()))
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
-    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; "
+    budget = "the server's default" if args.max_messages_per_s is None else f"{args.max_messages_per_s:g}/s"
+    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message budget: {budget}; "
           f"{args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
     window = args.seconds / args.rounds
     results = []
@@ -190,8 +194,9 @@ def main() -> None:
         raw = RawRate(folder, name, n, args.threads)
         try:
             for interval in args.interval_ms:
-                with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads),
-                            "--max-sessions", "4096", "--stream-interval-ms", str(interval)) as server:
+                budget = [] if args.max_messages_per_s is None else ["--max-messages-per-s", str(args.max_messages_per_s)]
+                with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads), "--max-sessions",
+                            "4096", "--stream-interval-ms", str(interval), *budget) as server:
                     res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds)
                     server.stop()
                 raw_step = float(np.mean(raw_steps))
@@ -210,7 +215,8 @@ def main() -> None:
                                                       "window_step_s": raw_steps}})
         finally:
             raw.close()
-    print(json.dumps({"model": name, "threads": args.threads, "results": results}))
+    print(json.dumps({"model": name, "threads": args.threads, "max_messages_per_s": args.max_messages_per_s,
+                      "results": results}))
     if tmp is not None:
         tmp.cleanup()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
@@ -86,6 +87,11 @@ class Limits:
     # costs the server about 0.1 ms of Python (gRPC's and ours) on the cores the model needs,
     # and the client as much again.
     stream_interval: float = 0.05
+    # Generate: the most messages per second all of one model's streams send together (0: no
+    # budget). With n streams running, a stream's messages are at least n / this seconds apart
+    # (when that is longer than stream_interval): 400 keeps 50 ms up to 20 streams and spaces
+    # 64 streams' messages 160 ms apart, so that messages cost a bounded share of the CPU.
+    max_messages_per_s: float = 400.0
     max_stop: int = 4
 
 
@@ -101,6 +107,9 @@ class Engine:
         if not 0 <= self.limits.stream_interval <= MAX_STREAM_INTERVAL:  # NaN fails too
             raise ValueError(f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
                              f"got {self.limits.stream_interval}")
+        if not 0 <= self.limits.max_messages_per_s < math.inf:
+            raise ValueError("max_messages_per_s must be a finite number >= 0 (0: no budget), "
+                             f"got {self.limits.max_messages_per_s}")
         self.metrics = metrics or Metrics()
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
                                   on_evict=self.metrics.evictions.inc)
@@ -120,6 +129,7 @@ class Engine:
                 # glimpses checked on arrival) and states (the runtime's own outputs)
                 functools.partial(model.step, check=False), max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
                 post=loop.call_soon_threadsafe, on_batch=self._on_batch(name),
+                message_rate=self.limits.max_messages_per_s,
             )
             # read at each scrape, so that they never go stale when the scheduler idles
             self.metrics.active_sequences.labels(name).set_function(self.schedulers[name].active)

@@ -100,12 +100,23 @@ def draw(logits: np.ndarray, temperature: np.ndarray, u: np.ndarray, banned: tup
     """Temperature sampling of every row at once: logits (n, V), temperature (n,) > 0, u (n,)
     uniform draws in [0, 1) -> (n,) ids, row i's the inverse CDF of softmax(logits[i] /
     temperature[i]) at u[i], never one of `banned`. In float64, as Sampler's own rows."""
+    # numpy's ufuncs called directly (add.accumulate is cumsum, maximum.reduce is max) skip the
+    # Python wrappers around them, most of the time this takes for a few rows
+    if len(logits) == 1:  # one stream: the same arithmetic on one row, in half the time
+        z = logits[0] / temperature[0]
+        if banned:
+            z[list(banned)] = -np.inf
+        z -= np.maximum.reduce(z)
+        cdf = np.add.accumulate(np.exp(z, out=z), out=z)
+        # the number of CDF values <= the draw (the CDF never decreases), as below
+        return np.array([min(int(cdf.searchsorted(u[0] * cdf[-1], side="right")), len(cdf) - 1)])
     z = logits / temperature[:, None]  # float32 logits / float64 temperatures: float64
     if banned:
         z[:, list(banned)] = -np.inf
-    z -= z.max(axis=1, keepdims=True)
-    cdf = np.cumsum(np.exp(z, out=z), axis=1, out=z)
-    return np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), logits.shape[1] - 1)
+    z -= np.maximum.reduce(z, axis=1, keepdims=True)
+    cdf = np.add.accumulate(np.exp(z, out=z), axis=1, out=z)
+    below = np.add.reduce(cdf <= (u * cdf[:, -1])[:, None], axis=1, dtype=np.int64)
+    return np.minimum(below, logits.shape[1] - 1, out=below)
 
 
 def greedy(logits: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:

@@ -7,15 +7,19 @@ thread loops: take the ready sequences (oldest first, at most `max_batch`; those
 first next time), stack their inputs and (S, H) states into one (B,) / (B, 49) input and one
 (B, S, H) state, run the step graph once, hand each sequence its row, sample the next
 character of every generating sequence at once (numpy over the batch), and post everything
-the asyncio side must see in ONE thread-safe callback. New calls join at the next step, as in
-TGI's router or Triton's sequence batcher ("oldest" strategy). When a step's batch is the last
-one's (the same sequences in the same order: the steady state of concurrent streams), the last
-step's (B, S, H) state and (B, V) logits are fed back as they are instead of being gathered
-row by row.
+the asyncio side must see in ONE callback. New calls join at the next step, as in TGI's router
+or Triton's sequence batcher ("oldest" strategy). When a step's batch is the last one's (the
+same sequences in the same order: the steady state of concurrent streams), the last step's
+(B, S, H) state and (B, V) logits are fed back as they are instead of being gathered row by
+row; and when every sequence in it is generating with plain temperature sampling or greedily,
+a `Streams` block takes over their per-character bookkeeping in arrays, so that the Python
+between two steps no longer grows with the number of streams.
 
 Generate messages are timed here too (GenerateSequence): a stream's characters collect on
-this thread and go to the event loop once per `interval`, so the loop wakes once per message
-rather than once per character.
+this thread and go to the event loop once per `interval` (or further apart when the model's
+message budget, `message_rate`, is shared by many streams), so the loop wakes once per
+message rather than once per character. Callbacks reach the loop through a messenger thread,
+during the step graph call (see Scheduler.__init__).
 
 If some sequences are active but not ready (a glimpse stream whose next glimpse is still on
 the network), the scheduler waits at most `max_wait` seconds for them before stepping the
@@ -165,9 +169,12 @@ class GenerateSequence(Sequence):
         elif not self.feed:
             self.wants_sample = True  # sampled at the start of the next step
 
-    def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None) -> None:
+    def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None,
+                    spacing: float = 0.0) -> None:
         """The scheduler sampled `token` for this sequence at time.monotonic() `now` (None: read
-        the clock): emit it (now or with the next message) and feed it next."""
+        the clock): emit it (now or with the next message) and feed it next. `spacing`: the
+        least time between this stream's messages that the model's message budget allows (the
+        stream's own interval applies when it is longer)."""
         if now is None:
             now = time.monotonic()
         self.wants_sample = False
@@ -182,7 +189,7 @@ class GenerateSequence(Sequence):
             self.pending_bits.append(bits)
         if self.finish_reason or now >= self.due:
             self._flush(self.finish_reason, post)
-            self.due = now + self.interval
+            self.due = now + max(self.interval, spacing)
         self.feed.append(token)  # fed so the state (and a session) includes it
 
     def stopped(self, text: str) -> bool:
@@ -247,7 +254,8 @@ class Streams:
                 return False
         return len({(id(s.texts), s.eos_id, s.sampler.banned) for s in batch}) == 1
 
-    def __init__(self, seqs: list[GenerateSequence], states: np.ndarray, logits: np.ndarray) -> None:
+    def __init__(self, seqs: list[GenerateSequence], states: np.ndarray, logits: np.ndarray,
+                 spacing: float = 0.0) -> None:
         self.seqs = seqs
         self.out = (states, logits)  # the last step's outputs: row i is seqs[i]'s position
         first = seqs[0]
@@ -266,6 +274,7 @@ class Streams:
         self.bits = np.empty((len(seqs), self.steps)) if self.logprobs else None
         self.stops = [i for i, s in enumerate(seqs) if s.keep]
         self.due = np.array([s.due for s in seqs])
+        self.gap = np.maximum([s.interval for s in seqs], spacing)  # least time between a row's messages
         self.next_due = float(self.due.min())
         self.sent = [0] * len(seqs)  # row i: ids[i, :sent[i]] have gone to the sequence
         self.reasons: dict[int, str] = {}  # row -> finish reason
@@ -290,11 +299,13 @@ class Streams:
             self.bits[:, k] = -log_softmax(logits)[np.arange(len(ids)), ids] * LOG2E
         self.k = k = k + 1
         reasons = self.reasons
-        if self.eos_id is not None:
-            for i in np.flatnonzero(ids == self.eos_id).tolist():
-                reasons[i] = "STOP_SEQUENCE"
+        tokens = ids.tolist()  # Python ints: cheaper to test than the array's elements
+        if self.eos_id in tokens:
+            for i, token in enumerate(tokens):
+                if token == self.eos_id:
+                    reasons[i] = "STOP_SEQUENCE"
         for i in self.stops:
-            if i not in reasons and self.seqs[i].stopped(self.texts[ids[i]]):
+            if i not in reasons and self.seqs[i].stopped(self.texts[tokens[i]]):
                 reasons[i] = "STOP_SEQUENCE"
         if k == self.steps:
             for i in np.flatnonzero(self.remaining == k).tolist():
@@ -305,7 +316,7 @@ class Streams:
         if now >= self.next_due or reasons:
             for i in sorted(set(np.flatnonzero(self.due <= now).tolist()) | reasons.keys()):
                 self._give(i, reasons.get(i, ""), post)
-                self.due[i] = now + self.seqs[i].interval
+                self.due[i] = now + self.gap[i]
             self.next_due = float(self.due.min())
         return ids
 
@@ -340,14 +351,30 @@ class Streams:
 
 class Scheduler:
     def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
-                 post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None) -> None:
+                 post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None,
+                 message_rate: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait}")
+        if not message_rate >= 0:  # NaN fails too
+            raise ValueError(f"message_rate must be >= 0 messages per second (0: no budget), got {message_rate}")
         self._step = step
         self.max_batch, self.max_wait = max_batch, max_wait
+        # the Generate messages per second all streams together may send (0: no budget): with n
+        # streams running, each stream's messages are at least n / message_rate seconds apart
+        self.message_rate = message_rate
+        self._generating = 0  # Generate sequences running
         self._post = post  # runs a callable on the asyncio loop (call_soon_threadsafe)
+        # The messenger thread hands the scheduler's callbacks to the event loop. Waking the loop
+        # is a system call that lets go of the GIL, and the loop, once it has it, keeps it for
+        # all the messages it then sends; from the scheduler thread that would hold the next step
+        # back. The messenger runs when the scheduler lets go of the GIL anyway: in the step graph.
+        self._outbox: deque[list] = deque()
+        self._outbox_ready = threading.Event()
+        self._outbox_closed = False
+        self._messenger = threading.Thread(target=self._deliver, name=f"messenger-{name}", daemon=True)
+        self._messenger.start()
         self._on_batch = on_batch  # (batch size, seconds in the step graph)
         self._waiting = 0  # sequences ready for the last step that did not fit in its batch
         self._seqs: list[Sequence] = []
@@ -389,10 +416,14 @@ class Scheduler:
             self._cond.notify()
 
     def stop(self) -> None:
+        """Stop stepping; the callbacks already made (the last messages) still reach the loop."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
         self._thread.join(10)
+        self._outbox_closed = True
+        self._outbox_ready.set()
+        self._messenger.join(10)
 
     def _take_batch(self) -> list[Sequence] | None:
         """Under the lock: drop finished sequences, wait for ready ones; None when stopping."""
@@ -406,6 +437,7 @@ class Scheduler:
                 else:
                     keep.append(s)
             self._seqs = keep
+            self._generating = sum(isinstance(s, GenerateSequence) for s in keep)
             if post:
                 self._post_all(post)
             if self._stopped:
@@ -447,8 +479,9 @@ class Scheduler:
             same = last is not None and (batch is last[0] or (
                 len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))))
             try:
+                spacing = self._generating / self.message_rate if self.message_rate else 0.0
                 if streams is None and same and Streams.fits(batch):
-                    streams = Streams(batch, last[1], last[2])
+                    streams = Streams(batch, last[1], last[2], spacing)
                     batch = streams.seqs
                 if streams is not None:
                     inputs, states = streams.sample(time.monotonic(), post), last[1]
@@ -456,7 +489,7 @@ class Scheduler:
                     # sample the next character of every generating sequence at once; it is fed
                     # in this same step
                     sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
-                    self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None)
+                    self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None, spacing)
                     inputs = np.stack([s.take_input() for s in batch])
                     states = last[1] if same else np.stack([s.pos[0] for s in batch])
                 if post:  # the messages just sampled go out while the step runs (the GIL is free then)
@@ -485,7 +518,8 @@ class Scheduler:
             if post:
                 self._post_all(post)
 
-    def _sample(self, seqs: list[GenerateSequence], post: list, logits: np.ndarray | None = None) -> None:
+    def _sample(self, seqs: list[GenerateSequence], post: list, logits: np.ndarray | None = None,
+                spacing: float = 0.0) -> None:
         """The next character of every generating sequence, vectorised over the batch where
         the sampling settings allow (greedy and plain temperature rows). `logits`: their
         predictions stacked already (the last step's output), else gathered here."""
@@ -513,10 +547,28 @@ class Scheduler:
         now = time.monotonic()
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
             b = float(-lp[i, token] * LOG2E) if lp is not None and s.logprobs else None
-            s.take_sample(token, b, post, now)
+            s.take_sample(token, b, post, now, spacing)
 
     def _post_all(self, callbacks: list) -> None:
-        def run_all():
-            for cb in callbacks:
-                cb()
-        self._post(run_all)
+        """Hand callbacks to the messenger thread, which runs them on the event loop in order."""
+        self._outbox.append(callbacks)
+        self._outbox_ready.set()
+
+    def _deliver(self) -> None:
+        while True:
+            self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batches = []
+            while self._outbox:
+                batches.append(self._outbox.popleft())
+            if batches:
+                def run_all(batches=batches):
+                    for callbacks in batches:
+                        for cb in callbacks:
+                            cb()
+                try:
+                    self._post(run_all)
+                except RuntimeError:  # the event loop is closed: there is nobody left to tell
+                    log.warning("the event loop closed before %d callbacks reached it", sum(map(len, batches)))
+            if self._outbox_closed and not self._outbox:
+                return

@@ -33,9 +33,9 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(models_dir):
     # a message per character (the tiny model makes 300 in well under the default 50 ms
-    # interval), so that tests can read and cancel a stream mid-way
+    # interval; no message budget), so that tests can read and cancel a stream mid-way
     s = ServerThread(models_dir, Limits(max_chars=300, max_text=2000, max_sessions=8, max_wait=0.005,
-                                        stream_interval=0.0))
+                                        stream_interval=0.0, max_messages_per_s=0.0))
     yield s
     s.close()
 
@@ -416,7 +416,7 @@ def test_stream_interval_coalesces_generate_messages(models_dir):
     carries every character made meanwhile; 0 sends each as it is made. The text is the same."""
     texts, counts = [], []
     for interval in (0.0, 0.05):
-        s = ServerThread(models_dir, Limits(stream_interval=interval, max_chars=300))
+        s = ServerThread(models_dir, Limits(stream_interval=interval, max_chars=300, max_messages_per_s=0.0))
         try:
             t0 = time.perf_counter()
             msgs = gen(s.stub, model="tiny-char", max_chars=300, seed=5, temperature=1.0)
@@ -433,12 +433,33 @@ def test_stream_interval_coalesces_generate_messages(models_dir):
     assert counts[1] < counts[0]
 
 
-def test_stream_interval_is_checked(models_dir):
+def test_message_budget_spaces_a_models_streams(models_dir):
+    """--max-messages-per-s: with a budget of 0.2 messages a second, one stream's messages are
+    5 s apart: the first character at once, the other 199 with the last message. Budget 0 (off)
+    and --stream-interval-ms 0 send each character as it is made (the reader may take several
+    at once when it falls behind)."""
+    counts = {}
+    for budget in (0.2, 0.0):
+        s = ServerThread(models_dir, Limits(stream_interval=0.0, max_chars=200, max_messages_per_s=budget))
+        try:
+            msgs = gen(s.stub, model="tiny-char", max_chars=200, seed=5, temperature=1.0)
+        finally:
+            s.close()
+        assert sum(len(m.text) for m in msgs) == 200 and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        counts[budget] = len(msgs)
+    assert counts[0.2] <= 2 and counts[0.0] >= 20, counts
+
+
+def test_stream_interval_and_message_budget_are_checked(models_dir):
     from serving.engine import Engine
 
     for bad in (-0.001, float("inf"), float("nan"), 11.0):
         with pytest.raises(ValueError, match="stream_interval must be in"):
             Engine({}, Limits(stream_interval=bad))
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_messages_per_s must be a finite number >= 0"):
+            Engine({}, Limits(max_messages_per_s=bad))
     from training.cli import main as cli_main
 
     assert cli_main(["serve", "--models", str(models_dir), "--stream-interval-ms", "inf"]) == 2
+    assert cli_main(["serve", "--models", str(models_dir), "--max-messages-per-s", "-5"]) == 2

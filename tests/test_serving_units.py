@@ -404,3 +404,80 @@ def test_sampler_uniform_stream_survives_taking_ahead():
     s.unread(np.empty(0))
     got += [s.next_uniform() for _ in range(5)]
     np.testing.assert_array_equal(got, plain)
+
+
+def test_message_spacing_applies_in_both_paths():
+    """A stream's next message waits max(its interval, the budget's spacing) after the last,
+    whether it samples step by step (take_sample) or in a Streams block."""
+    import serving.scheduler as scheduler
+
+    texts = list("uvwxy")
+    for interval, spacing in [(0.0, 0.1), (0.1, 0.02), (0.0, 0.0)]:
+        gap = max(interval, spacing)
+        times = [0.01 * t for t in range(40)]
+
+        def expect():  # the message times: the first at once, then every `gap`
+            due, out = 0.0, []
+            for now in times:
+                if now >= due:
+                    out.append(now)
+                    due = now + gap
+            return out
+
+        sent = []
+        seq = GenerateSequence(np.zeros((1, 1), np.float32), None, [], Sampler(0.0), 1000, [], False, texts, None,
+                               lambda *m: sent.append(m), interval=interval)
+        for now in times:
+            post = []
+            seq.take_sample(0, None, post, now, spacing)
+            for callback in post:
+                callback()
+        assert len(sent) == len(expect())
+
+        sent = []
+        seqs = [GenerateSequence(np.zeros((1, 1), np.float32), np.zeros(5), [], Sampler(0.0), 1000, [], False,
+                                 texts, None, lambda *m: sent.append(m), interval=interval) for _ in range(2)]
+        block = scheduler.Streams(seqs, np.zeros((2, 1, 1), np.float32), np.zeros((2, 5), np.float32), spacing)
+        for now in times:
+            post = []
+            block.sample(now, post)
+            for callback in post:
+                callback()
+        assert len(sent) == 2 * len(expect())
+        block.release()  # the characters since each stream's last message go back to it, pending
+        assert "".join(t for t, _, _ in sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
+
+
+def test_scheduler_spaces_messages_by_the_models_budget():
+    """With a budget of 0.4 messages a second, four streams' messages are at least 2.5 s apart
+    (more than the run takes): each stream gets its first character at once and the rest
+    with the last message. Without a budget, interval 0 sends every character."""
+
+    async def run(message_rate):
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(StatefulModel().step, max_batch=8, max_wait=0.0, post=loop.call_soon_threadsafe,
+                          message_rate=message_rate)
+        outs = [[] for _ in range(4)]
+        done = [loop.create_future() for _ in range(4)]
+
+        def emitter(i):
+            def emit(text, bits, finish):
+                if text is None:
+                    done[i].set_result(None)
+                else:
+                    outs[i].append((text, finish))
+            return emit
+
+        for i in range(4):
+            sched.add(GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i], Sampler(1.0, seed=i),
+                                       30, [], False, list("uvwxyz"), None, emitter(i), interval=0.0))
+        await asyncio.gather(*done)
+        await loop.run_in_executor(None, sched.stop)
+        return outs
+
+    for out in asyncio.run(run(0.4)):
+        assert [len(t) for t, _ in out] == [1, 29] and out[-1][1] == "LENGTH"
+    for out in asyncio.run(run(0.0)):
+        assert len(out) == 30
+    with pytest.raises(ValueError, match="message_rate must be >= 0"):
+        Scheduler(StatefulModel().step, post=lambda cb: cb(), message_rate=float("nan"))

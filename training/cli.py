@@ -152,6 +152,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="Generate: the least time between two messages of a stream, each carrying every character "
            "made meanwhile (the first is sent at once); 0 sends each as it is made "
            "[NLSTM_STREAM_INTERVAL_MS] (default: 50)")
+    a("--max-messages-per-s", type=float, default=_env("MAX_MESSAGES_PER_S", 400.0, float),
+      help="Generate: the most messages per second all of one model's streams send together; with N "
+           "streams each stream's messages are at least N / this seconds apart when that is longer than "
+           "--stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at 64); 0 turns the budget off "
+           "[NLSTM_MAX_MESSAGES_PER_S] (default: 400)")
     a("--max-chars", type=int, default=_env("MAX_CHARS", 4096, int),
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
@@ -181,9 +186,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
     if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
         raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
+    if not 0 <= args.max_messages_per_s < float("inf"):
+        raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
+                         f"got {args.max_messages_per_s}")
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-                    stream_interval=args.stream_interval_ms / 1000)
+                    stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
