@@ -6,7 +6,8 @@ In one run, for each number of streams N (and each --interval-ms):
      runs;
   2. a server process (`nlstm serve --port 0`) and N concurrent Generate streams:
      aggregate characters/s, and p50/p99 of the time between characters (time between stream
-     messages divided by the characters they carry);
+     messages divided by the characters they carry), counted over each window once every
+     stream runs (a warm-up of up to 0.5 s first; the streams' ragged end is left out too);
 in --rounds alternating windows: raw, server, raw, server, ..., raw, each --seconds/--rounds
 long. The machine's speed drifts (other tenants: the raw rate moves by 30% within a minute),
 so each server window is compared with the raw windows just before and after it, and the
@@ -93,7 +94,11 @@ def _step_seconds(server: Server, model: str) -> float:
     return server.metric("nlstm_step_duration_seconds_sum", model=model)
 
 
-async def load(port: int, model: str, streams: int, seconds: float) -> dict:
+async def load(port: int, model: str, streams: int, seconds: float, warmup: float) -> dict:
+    """`streams` concurrent Generate streams (each restarted when it ends) for warmup + seconds;
+    counts the characters of the messages that arrive in the last `seconds` only, when every
+    stream runs: the streams' start (prompts, staggered joins) and their ragged end (each stops
+    at its first message after the window) stay out of the figure."""
     import grpc
 
     from serving.api.nlstm.v1 import inference_pb2 as pb
@@ -101,7 +106,8 @@ async def load(port: int, model: str, streams: int, seconds: float) -> dict:
 
     gaps: list[float] = []
     chars = 0
-    end = time.perf_counter() + seconds
+    start = time.perf_counter() + warmup
+    end = start + seconds
     async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
         stub = pb_grpc.InferenceStub(channel)
 
@@ -114,7 +120,7 @@ async def load(port: int, model: str, streams: int, seconds: float) -> dict:
                 async for r in call:
                     now = time.perf_counter()
                     n = len(r.text)
-                    if n:
+                    if n and start <= now <= end:
                         gaps.extend([(now - last) / n] * n)
                         chars += n
                     last = now
@@ -122,10 +128,8 @@ async def load(port: int, model: str, streams: int, seconds: float) -> dict:
                         call.cancel()
                         break
 
-        t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(streams)))
-        elapsed = time.perf_counter() - t0
-    return {"chars_per_s": chars / elapsed, "chars": chars, "gaps": np.array(gaps)}
+    return {"chars_per_s": chars / seconds, "chars": chars, "gaps": np.array(gaps)}
 
 
 def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float, rounds: int):
@@ -138,21 +142,22 @@ def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float
     for _ in range(rounds):
         cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
         t0 = time.perf_counter()
-        res = asyncio.run(load(server.port, name, n, window))
+        res = asyncio.run(load(server.port, name, n, window, warmup=min(0.5, window / 4)))
         wall += time.perf_counter() - t0
         server_cpu += server.cpu_seconds() - cpu0
         client_cpu += _own_cpu() - client0
         step_graph += _step_seconds(server, name) - step0
+        time.sleep(0.2)  # the server drops the cancelled streams before the raw window starts
         raw_steps.append(raw.measure(window))
         ratios.append(res["chars_per_s"] / (n / np.mean(raw_steps[-2:])))
         chars += res["chars"]
         gaps.append(res["gaps"])
     g = np.concatenate(gaps) if chars else np.zeros(1)
     return {
-        "chars_per_s": chars / wall, "chars": chars,
+        "chars_per_s": chars / (rounds * window), "chars": chars,
         "p50_ms": float(np.percentile(g, 50) * 1e3), "p99_ms": float(np.percentile(g, 99) * 1e3),
-        # where the machine's time went, per second of the server windows: the server's CPU
-        # (its step graph calls among it) and this client's
+        # where the machine's time went, per second of the server windows (warm-up and end
+        # included): the server's CPU (its step graph calls among it) and this client's
         "server_cpu": server_cpu / wall, "client_cpu": client_cpu / wall, "step_graph_share": step_graph / wall,
     }, raw_steps, ratios
 

@@ -61,10 +61,8 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
                    threads: int | None = None) -> str:
     """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
-    prompt, stop strings, end marker) and the same draws, so a seed gives the server's text for
-    the same request (up to float rounding: the server steps in batches and normalises the
-    distribution in another order, which can move a draw that falls within ~1e-7 of a
-    boundary between two characters)."""
+    prompt, stop strings, end marker) and the same sampling arithmetic (serving.sampling.draw,
+    alone or in a batch), so a seed gives the server's text for the same request."""
     from serving.engine import Limits, banned_ids, id_texts
     from serving.formats import start_id
     from serving.sampling import Sampler

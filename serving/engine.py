@@ -25,7 +25,7 @@ import numpy as np
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.sampling import Sampler, check_sampling, log_softmax
-from serving.scheduler import GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
+from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 
 
@@ -83,20 +83,21 @@ class Limits:
     max_batch: int = 64  # sequences advanced together in one step
     max_wait: float = 0.002  # seconds the oldest waiting step waits for company
     # Generate: after a message, a stream's next one waits until this many seconds have passed
-    # and carries every character made meanwhile (0: each as soon as it is made). Each message
+    # and carries every character made meanwhile (0: each as soon as it is made, within the
+    # message budget below). Each message
     # costs the server about 0.1 ms of Python (gRPC's and ours) on the cores the model needs,
     # and the client as much again.
     stream_interval: float = 0.05
     # Generate: the most messages per second all of one model's streams send together (0: no
     # budget). With n streams running, a stream's messages are at least n / this seconds apart
-    # (when that is longer than stream_interval): 400 keeps 50 ms up to 20 streams and spaces
-    # 64 streams' messages 160 ms apart, so that messages cost a bounded share of the CPU.
+    # (when that is longer than stream_interval; at most 10 s): 400 keeps 50 ms up to 20
+    # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
+    # share of the CPU.
     max_messages_per_s: float = 400.0
     max_stop: int = 4
 
 
-# the longest --stream-interval-ms allowed: beyond that a stream looks stalled to its reader
-MAX_STREAM_INTERVAL = 10.0
+MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
 
 
 class Engine:

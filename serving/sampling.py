@@ -108,8 +108,9 @@ def draw(logits: np.ndarray, temperature: np.ndarray, u: np.ndarray, banned: tup
             z[list(banned)] = -np.inf
         z -= np.maximum.reduce(z)
         cdf = np.add.accumulate(np.exp(z, out=z), out=z)
-        # the number of CDF values <= the draw (the CDF never decreases), as below
-        return np.array([min(int(cdf.searchsorted(u[0] * cdf[-1], side="right")), len(cdf) - 1)])
+        # the number of CDF values <= the draw, counted as below (so a row that is not finite
+        # gives the same id alone as in a batch)
+        return np.array([min(int(np.add.reduce(cdf <= u[0] * cdf[-1])), len(cdf) - 1)])
     z = logits / temperature[:, None]  # float32 logits / float64 temperatures: float64
     if banned:
         z[:, list(banned)] = -np.inf

@@ -44,6 +44,10 @@ from serving.sampling import LOG2E, Sampler, bits, draw, greedy, log_softmax
 
 log = logging.getLogger("nlstm.serving")
 
+# the longest time between two messages of a stream (--stream-interval-ms, or the message
+# budget shared by many streams): beyond that a stream looks stalled to its reader
+MAX_SPACING = 10.0
+
 
 class Sequence:
     """One call's sequence. Fields written by the scheduler thread: `state`, `logits` (always
@@ -320,6 +324,13 @@ class Streams:
             self.next_due = float(self.due.min())
         return ids
 
+    def stepped(self, states: np.ndarray, logits: np.ndarray) -> None:
+        """The step fed the ids sampled: its outputs are the streams' positions now, and a
+        stream that sampled its last character is finished (as GenerateSequence.advance)."""
+        self.out = (states, logits)
+        for i in self.reasons:
+            self.seqs[i].finished = True
+
     def _give(self, i: int, reason: str | None, post: list) -> None:
         """Hand row i's characters made since the last hand-over to its sequence, and send them
         as a message with `reason` (None: keep them pending)."""
@@ -421,6 +432,9 @@ class Scheduler:
             self._stopped = True
             self._cond.notify()
         self._thread.join(10)
+        if self._thread.is_alive():  # a step longer than 10 s: the messenger stays for its callbacks
+            log.warning("scheduler %s did not stop within 10 s", self._thread.name)
+            return
         self._outbox_closed = True
         self._outbox_ready.set()
         self._messenger.join(10)
@@ -450,6 +464,7 @@ class Scheduler:
                     self._cond.wait(self.max_wait - (now - waited_since))
                     continue
             if ready:
+                self._changed = False  # everything added or poked so far is in this look
                 batch = ready[: self.max_batch]
                 self._waiting = len(ready) - len(batch)
                 if len(ready) > self.max_batch:  # the ones left go first next time
@@ -479,7 +494,7 @@ class Scheduler:
             same = last is not None and (batch is last[0] or (
                 len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))))
             try:
-                spacing = self._generating / self.message_rate if self.message_rate else 0.0
+                spacing = min(self._generating / self.message_rate, MAX_SPACING) if self.message_rate else 0.0
                 if streams is None and same and Streams.fits(batch):
                     streams = Streams(batch, last[1], last[2], spacing)
                     batch = streams.seqs
@@ -492,14 +507,11 @@ class Scheduler:
                     self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None, spacing)
                     inputs = np.stack([s.take_input() for s in batch])
                     states = last[1] if same else np.stack([s.pos[0] for s in batch])
-                if post:  # the messages just sampled go out while the step runs (the GIL is free then)
-                    self._post_all(post)
-                    post = []
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
                 elapsed = time.perf_counter() - t0
                 if streams is not None:
-                    streams.out = (new_states, logits)
+                    streams.stepped(new_states, logits)
                 else:
                     for s, row_logits, row_state in zip(batch, logits, new_states):
                         s.advance(row_logits, row_state, post)
@@ -565,7 +577,10 @@ class Scheduler:
                 def run_all(batches=batches):
                     for callbacks in batches:
                         for cb in callbacks:
-                            cb()
+                            try:
+                                cb()
+                            except Exception:  # one call's failure must not keep the others' messages
+                                log.exception("a scheduler callback failed")
                 try:
                     self._post(run_all)
                 except RuntimeError:  # the event loop is closed: there is nobody left to tell

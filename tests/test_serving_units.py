@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -160,20 +161,24 @@ def test_scheduler_generates_greedily_and_respects_max_batch():
 
 
 def test_sampler_draws_match_the_vectorised_path():
-    """One seeded request gives the same text whether it is sampled alone or in a batch."""
+    """One seeded request gives the same ids whether it is sampled alone (Sampler) or as a row
+    of a batch (draw, greedy), rows that are not finite included."""
+    from serving.sampling import draw, greedy
+
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 7))
-    one = Sampler(0.8, seed=3)
-    alone = [one(row) for row in logits]
-    s = Sampler(0.8, seed=3)
-    batched = []
-    for row in logits:
-        z = row[None] / 0.8
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        cdf = np.cumsum(p, axis=1)
-        u = np.array([s.rng.random()]) * cdf[:, -1]
-        batched.append(int(np.minimum((cdf <= u[:, None]).sum(axis=1), 6)[0]))
-    assert alone == batched
+    logits = (rng.normal(size=(300, 7)) * 3).astype(np.float32)
+    logits[5, 2] = np.nan
+    logits[6, 3] = np.inf
+    logits[7, [0, 1, 3, 4, 5, 6]] = -np.inf  # every id but the banned one impossible
+    for temperature in (0.05, 0.8, 2.0):
+        one = Sampler(temperature, seed=3, banned=(2,))
+        with np.errstate(invalid="ignore"):
+            alone = [one(row) for row in logits]
+            u = np.random.default_rng(3).random(len(logits))
+            batched = draw(logits, np.full(len(logits), temperature), u, (2,))
+        assert alone == batched.tolist()
+    alone = [Sampler(0.0, banned=(2,))(row) for row in logits]
+    assert alone == greedy(logits, (2,)).tolist()
 
 
 def test_scheduler_reports_a_failing_graph_to_its_calls_only():
@@ -481,3 +486,50 @@ def test_scheduler_spaces_messages_by_the_models_budget():
         assert len(out) == 30
     with pytest.raises(ValueError, match="message_rate must be >= 0"):
         Scheduler(StatefulModel().step, post=lambda cb: cb(), message_rate=float("nan"))
+
+
+class CountingModel:
+    """A slow step graph whose state counts the ids fed (the loop runs while it steps)."""
+
+    def step(self, inputs, states):
+        time.sleep(0.002)
+        return np.zeros((len(inputs), 5), np.float32), states + 1
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, columns):
+    """When a message reaches the event loop, its characters are in the sequence's position
+    (a session saved then includes everything the client has seen), and with the last one the
+    sequence is finished (so ending the call does not cancel it), in a Streams block or not."""
+    import serving.scheduler as scheduler
+
+    if not columns:
+        monkeypatch.setattr(scheduler.Streams, "fits", staticmethod(lambda batch: False))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(CountingModel().step, max_batch=4, max_wait=0.0, post=loop.call_soon_threadsafe)
+        checks, done, seqs = [], [loop.create_future() for _ in range(3)], []
+
+        def emitter(i):
+            delivered = [0]
+
+            def emit(text, bits, finish):
+                if text is None:
+                    done[i].set_result(None)
+                    return
+                delivered[0] += len(text)
+                fed = int(seqs[i].pos[0][0, 0])  # the start id and the characters fed so far
+                checks.append((fed >= 1 + delivered[0], not finish or seqs[i].finished))
+            return emit
+
+        for i in range(3):
+            seqs.append(GenerateSequence(np.zeros((1, 1), np.float32), None, [0], Sampler(1.0, seed=i), 40, [], False,
+                                         list("abcde"), None, emitter(i), interval=0.0))
+            sched.add(seqs[-1])
+        await asyncio.gather(*done)
+        await loop.run_in_executor(None, sched.stop)
+        return checks
+
+    checks = asyncio.run(main())
+    assert len(checks) >= 3 and all(a for a, _ in checks) and all(b for _, b in checks)

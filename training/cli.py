@@ -150,12 +150,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
     a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 50.0, float),
       help="Generate: the least time between two messages of a stream, each carrying every character "
-           "made meanwhile (the first is sent at once); 0 sends each as it is made "
-           "[NLSTM_STREAM_INTERVAL_MS] (default: 50)")
+           "made meanwhile (the first is sent at once); 0 sends each as it is made, within "
+           "--max-messages-per-s [NLSTM_STREAM_INTERVAL_MS] (default: 50)")
     a("--max-messages-per-s", type=float, default=_env("MAX_MESSAGES_PER_S", 400.0, float),
       help="Generate: the most messages per second all of one model's streams send together; with N "
-           "streams each stream's messages are at least N / this seconds apart when that is longer than "
-           "--stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at 64); 0 turns the budget off "
+           "streams each stream's messages are at least N / this seconds apart (at most 10 s) when that is "
+           "longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at 64); 0 turns the budget off "
            "[NLSTM_MAX_MESSAGES_PER_S] (default: 400)")
     a("--max-chars", type=int, default=_env("MAX_CHARS", 4096, int),
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
