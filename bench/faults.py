@@ -188,8 +188,17 @@ async def usable_after(stub, session_id: str, glimpse: bool, rng: np.random.Gene
         try:
             if glimpse:
                 calls["ClassifyGlimpses"] += 1
-                out = [r async for r in stub.ClassifyGlimpses(glimpse_requests(rng, session_id=session_id), timeout=30)]
-                assert len(out) == 20, f"{len(out)} answers to 20 glimpses"
+                # one glimpse, then its answer, then the next: each write follows an answer, so a
+                # stream the server ends early (ABORTED after the first glimpse) reports that code
+                # on the read. A write racing the server's status would get INTERNAL "Internal
+                # error from Core" in its place (grpc/grpc#36066).
+                stream = stub.ClassifyGlimpses(timeout=30)
+                out = []
+                for request in glimpse_requests(rng, session_id=session_id):
+                    await stream.write(request)
+                    out.append(await stream.read())
+                await stream.done_writing()
+                assert await stream.read() is grpc.aio.EOF and len(out) == 20, f"{len(out)} answers to 20 glimpses"
             else:
                 calls["Score"] += 1
                 await stub.Score(pb.ScoreRequest(session_id=session_id, text="the cat"), timeout=30)
