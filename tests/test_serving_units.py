@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from serving.scheduler import GenerateSequence, ScoreSequence, Scheduler
 from serving.sampling import Sampler, bits, check_sampling
+from serving.scheduler import GenerateSequence, Scheduler, ScoreSequence
 from serving.sessions import SessionBusy, SessionNotFound, SessionStore, TooManySessions
 
 
@@ -349,7 +349,7 @@ def test_streams_blocks_give_the_step_by_step_text(monkeypatch, eos_id, block):
     """The columnar steady state (Streams) sends the same messages, bits and finish reasons and
     leaves the same states as sampling sequence by sequence, across block boundaries, streams
     ending by length, stop string and end marker, greedy and temperature rows together."""
-    import serving.scheduler as scheduler
+    from serving import scheduler
 
     step_by_step = scheduler.Streams.fits
     monkeypatch.setattr(scheduler.Streams, "fits", staticmethod(lambda batch: False))
@@ -411,46 +411,48 @@ def test_sampler_uniform_stream_survives_taking_ahead():
     np.testing.assert_array_equal(got, plain)
 
 
+def _message_times(times, gap):
+    """When a stream's messages go: the first at once, then each `gap` after the last."""
+    due, out = 0.0, []
+    for now in times:
+        if now >= due:
+            out.append(now)
+            due = now + gap
+    return out
+
+
 def test_message_spacing_applies_in_both_paths():
     """A stream's next message waits max(its interval, the budget's spacing) after the last,
     whether it samples step by step (take_sample) or in a Streams block."""
-    import serving.scheduler as scheduler
+    from serving import scheduler
 
     texts = list("uvwxy")
+    times = [0.01 * t for t in range(40)]
     for interval, spacing in [(0.0, 0.1), (0.1, 0.02), (0.0, 0.0)]:
-        gap = max(interval, spacing)
-        times = [0.01 * t for t in range(40)]
-
-        def expect():  # the message times: the first at once, then every `gap`
-            due, out = 0.0, []
-            for now in times:
-                if now >= due:
-                    out.append(now)
-                    due = now + gap
-            return out
-
-        sent = []
+        expect = _message_times(times, max(interval, spacing))
+        sent: list = []
         seq = GenerateSequence(np.zeros((1, 1), np.float32), None, [], Sampler(0.0), 1000, [], False, texts, None,
-                               lambda *m: sent.append(m), interval=interval)
+                               lambda *m, out=sent: out.append(m), interval=interval)
         for now in times:
-            post = []
+            post: list = []
             seq.take_sample(0, None, post, now, spacing)
             for callback in post:
                 callback()
-        assert len(sent) == len(expect())
+        assert len(sent) == len(expect)
 
-        sent = []
+        block_sent: list = []
         seqs = [GenerateSequence(np.zeros((1, 1), np.float32), np.zeros(5), [], Sampler(0.0), 1000, [], False,
-                                 texts, None, lambda *m: sent.append(m), interval=interval) for _ in range(2)]
+                                 texts, None, lambda *m, out=block_sent: out.append(m), interval=interval)
+                for _ in range(2)]
         block = scheduler.Streams(seqs, np.zeros((2, 1, 1), np.float32), np.zeros((2, 5), np.float32), spacing)
         for now in times:
             post = []
             block.sample(now, post)
             for callback in post:
                 callback()
-        assert len(sent) == 2 * len(expect())
+        assert len(block_sent) == 2 * len(expect)
         block.release()  # the characters since each stream's last message go back to it, pending
-        assert "".join(t for t, _, _ in sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
+        assert "".join(t for t, _, _ in block_sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
 
 
 def test_scheduler_spaces_messages_by_the_models_budget():
@@ -501,7 +503,7 @@ def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, co
     """When a message reaches the event loop, its characters are in the sequence's position
     (a session saved then includes everything the client has seen), and with the last one the
     sequence is finished (so ending the call does not cancel it), in a Streams block or not."""
-    import serving.scheduler as scheduler
+    from serving import scheduler
 
     if not columns:
         monkeypatch.setattr(scheduler.Streams, "fits", staticmethod(lambda batch: False))
