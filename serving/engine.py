@@ -224,7 +224,11 @@ class Engine:
             seq.cancelled = True
             self.schedulers[name].poke()
         if session is not None:
-            session.state, session.logits = seq.pos
+            state, logits = seq.pos
+            # copies: the position is a row of a whole batch's step output, which a view would
+            # keep alive as long as the session (64 x 14 KB for the PTB model, per session)
+            session.state = state.copy()
+            session.logits = None if logits is None else logits.copy()
             self.store.release(session)
 
     # -------------------------------------------------------------- text

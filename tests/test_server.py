@@ -105,6 +105,21 @@ def test_generate_is_deterministic_by_seed_and_continues_a_session(server):
     assert sum(len(r.bits) for r in with_bits) == 5
 
 
+def test_a_session_keeps_its_own_copy_of_the_state(server):
+    """A session's state and logits after a call own their memory: a view of the batch's step
+    output would keep the whole (B, S, H) array alive as long as the session."""
+    stub = server.stub
+    sessions = [stub.CreateSession(pb.CreateSessionRequest(model="tiny-char")).session_id for _ in range(3)]
+    for sid in sessions:  # concurrent-ish calls share batches
+        gen(stub, session_id=sid, prompt="the ", max_chars=30, temperature=1.0, seed=1)
+        stub.Score(pb.ScoreRequest(session_id=sid, text="a cat"))
+    store = server.running.engine.store
+    for sid in sessions:
+        held = store._sessions[sid]
+        assert held.state.base is None and held.logits.base is None
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+
+
 def test_stop_sequences(server):
     stub = server.stub
     free = "".join(r.text for r in gen(stub, model="tiny-char", max_chars=60, temperature=1.0, seed=5))
