@@ -226,7 +226,7 @@ class Engine:
         if session is not None:
             state, logits = seq.pos
             # copies: the position is a row of a whole batch's step output, which a view would
-            # keep alive as long as the session (64 x 14 KB for the PTB model, per session)
+            # keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
             session.state = state.copy()
             session.logits = None if logits is None else logits.copy()
             self.store.release(session)
