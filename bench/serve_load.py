@@ -190,7 +190,10 @@ def main() -> None:
         name = export_random(folder, args.hidden, "\n".join(readme_lines()))
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
-    budget = "the server's default" if args.max_messages_per_s is None else f"{args.max_messages_per_s:g}/s"
+    if args.max_messages_per_s is None:
+        budget, budget_flags = "the server's default", []
+    else:
+        budget, budget_flags = f"{args.max_messages_per_s:g}/s", ["--max-messages-per-s", str(args.max_messages_per_s)]
     print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message budget: {budget}; "
           f"{args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
     window = args.seconds / args.rounds
@@ -199,9 +202,8 @@ def main() -> None:
         raw = RawRate(folder, name, n, args.threads)
         try:
             for interval in args.interval_ms:
-                budget = [] if args.max_messages_per_s is None else ["--max-messages-per-s", str(args.max_messages_per_s)]
                 with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads), "--max-sessions",
-                            "4096", "--stream-interval-ms", str(interval), *budget) as server:
+                            "4096", "--stream-interval-ms", str(interval), *budget_flags) as server:
                     res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds)
                     server.stop()
                 raw_step = float(np.mean(raw_steps))

@@ -84,9 +84,8 @@ class Limits:
     max_wait: float = 0.002  # seconds the oldest waiting step waits for company
     # Generate: after a message, a stream's next one waits until this many seconds have passed
     # and carries every character made meanwhile (0: each as soon as it is made, within the
-    # message budget below). Each message
-    # costs the server about 0.1 ms of Python (gRPC's and ours) on the cores the model needs,
-    # and the client as much again.
+    # message budget below). Each message costs the server about 0.1 ms of Python (gRPC's and
+    # ours) on the cores the model needs, and the client as much again.
     stream_interval: float = 0.05
     # Generate: the most messages per second all of one model's streams send together (0: no
     # budget). With n streams running, a stream's messages are at least n / this seconds apart

@@ -274,8 +274,7 @@ class Streams:
         for i in self.plain.tolist():
             self.u[i] = seqs[i].sampler.uniforms(self.steps)
         self.ids = np.empty((len(seqs), self.steps), dtype=np.int64)
-        self.logprobs = [i for i, s in enumerate(seqs) if s.logprobs]
-        self.bits = np.empty((len(seqs), self.steps)) if self.logprobs else None
+        self.bits = np.empty((len(seqs), self.steps)) if any(s.logprobs for s in seqs) else None
         self.stops = [i for i, s in enumerate(seqs) if s.keep]
         self.due = np.array([s.due for s in seqs])
         self.gap = np.maximum([s.interval for s in seqs], spacing)  # least time between a row's messages
@@ -444,14 +443,14 @@ class Scheduler:
         waited_since = None
         while True:
             post: list = []
-            keep = []
+            keep, generating = [], 0
             for s in self._seqs:
                 if s.finished or s.cancelled:
                     s.close(post)
                 else:
                     keep.append(s)
-            self._seqs = keep
-            self._generating = sum(isinstance(s, GenerateSequence) for s in keep)
+                    generating += isinstance(s, GenerateSequence)
+            self._seqs, self._generating = keep, generating
             if post:
                 self._post_all(post)
             if self._stopped:
