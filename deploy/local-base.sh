@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Builds, from Debian bookworm packages, a stand-in for a base image that cannot be pulled (an
+# air-gapped host, or one that reaches package mirrors but no container registry), and imports
+# it under the tag the Dockerfile or docker-compose.yml expects, so that those files stay
+# ordinary. docs/deploy.md ("Building without a registry") says when to use it.
+#
+#   deploy/local-base.sh python      [--tag python:3.11-slim]          # the images' Python base
+#   deploy/local-base.sh prometheus  [--tag prom/prometheus:v3.5.0]    # Debian's prometheus
+#   deploy/local-base.sh --for-image IMAGE    # the recipe that stands in for IMAGE, tagged IMAGE
+#
+# Needs root (debootstrap) and a Docker engine (`docker`, or $DOCKER). Each image is labelled
+# org.nlstm.local-base=RECIPE-KEY, where KEY hashes everything that goes into it; an image with
+# the current label is left alone, and the root filesystem is kept as a tarball in the cache
+# ($NLSTM_LOCAL_BASE_CACHE, default ~/.cache/nlstm/local-base), so that a later run, or a fresh
+# Docker engine, imports it in seconds instead of bootstrapping again (minutes).
+#
+# Settings: NLSTM_DEBIAN_MIRROR (default: the host's Debian mirror from /etc/apt, else
+# deb.debian.org), NLSTM_DEBIAN_SECURITY (likewise for bookworm-security). The python image's
+# /etc/pip.conf points pip at the host's index (PIP_INDEX_URL or `pip config`, else PyPI) and its
+# http(s) extra indexes, with the host's certificate bundle; file:// indexes are left out (a
+# container cannot see the host's folders) and the script says so.
+set -euo pipefail
+
+SUITE=bookworm
+# Bumped when the recipes change in a way the key below cannot see.
+RECIPE_VERSION=1
+DOCKER=${DOCKER:-docker}
+CACHE=${NLSTM_LOCAL_BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nlstm/local-base}
+
+die() { echo "local-base: $*" >&2; exit 1; }
+say() { echo "local-base: $*" >&2; }
+
+usage() {
+    sed -n '7,9p' "$0" | sed 's/^#   //' >&2
+    exit 2
+}
+
+# ------------------------------------------------------------------------------- arguments
+recipe="" tag=""
+while (($#)); do
+    case $1 in
+        python|prometheus) recipe=$1 ;;
+        --tag) tag=${2:?--tag needs an image name}; shift ;;
+        --for-image)
+            tag=${2:?--for-image needs an image name}; shift
+            case ${tag%%:*} in
+                python|library/python|docker.io/library/python) recipe=python ;;
+                prom/prometheus|docker.io/prom/prometheus) recipe=prometheus ;;
+                *) die "no Debian recipe stands in for $tag (recipes: python, prometheus)" ;;
+            esac ;;
+        -h|--help) usage ;;
+        *) echo "local-base: unknown argument $1" >&2; usage ;;
+    esac
+    shift
+done
+[[ -n $recipe ]] || usage
+case $recipe in
+    python) tag=${tag:-python:3.11-slim} ;;
+    prometheus) tag=${tag:-prom/prometheus:v3.5.0} ;;
+esac
+# Bookworm's python3 is 3.11: it can stand in for python:3.11-* only.
+if [[ $recipe == python && ${tag#*:} != 3.11* ]]; then
+    die "$tag: Debian $SUITE's python3 is 3.11, so the local base can only stand in for python:3.11-*" \
+        "(build with PYTHON_VERSION=3.11, or make the base reachable)"
+fi
+[[ $(id -u) == 0 ]] || die "debootstrap needs root"
+command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+"$DOCKER" info >/dev/null 2>&1 || die "no Docker engine answers ('$DOCKER info' fails)"
+
+# ------------------------------------------------------------------------- host's sources
+# The first Debian (and security) URI of the host's apt sources, deb822 or one-line format.
+host_uri() {  # $1: a regex the suite must match
+    local files=(/etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list)
+    awk -v want="$1" '
+        /^URIs:/ { uri = $2 }
+        /^Suites:/ { for (i = 2; i <= NF; i++) if ($i ~ want && uri != "") { print uri; exit } }
+        /^deb / { for (i = 2; i < NF; i++) if ($i ~ /^(http|https|file):/ && $(i+1) ~ want) { print $i; exit } }
+    ' "${files[@]}" 2>/dev/null | head -n1
+}
+MIRROR=${NLSTM_DEBIAN_MIRROR:-$(host_uri "^$SUITE\$")}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SECURITY=${NLSTM_DEBIAN_SECURITY:-$(host_uri "^$SUITE-security\$")}
+SECURITY=${SECURITY:-http://deb.debian.org/debian-security}
+
+# ---------------------------------------------------------------------------- the recipes
+# Each recipe: the packages, a step run on the root filesystem, and the image's settings
+# (`docker import --change`), chosen to behave like the image it stands in for.
+pip_conf=""
+case $recipe in
+    python)
+        packages=python3,python3-venv,python3-pip,ca-certificates
+        # pip's view of the host's index, as pip itself reports it (env and config files)
+        index=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}
+        index=${index:-https://pypi.org/simple}
+        extras=${PIP_EXTRA_INDEX_URL:-$(python3 -m pip config get global.extra-index-url 2>/dev/null || true)}
+        cert=${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
+        kept=()
+        for url in $extras; do
+            case $url in
+                http://*|https://*) kept+=("$url") ;;
+                *) say "leaving out pip's extra index $url: a container cannot reach it" ;;
+            esac
+        done
+        case $index in http://*|https://*) ;; *) die "pip's index $index is not reachable from a container: set PIP_INDEX_URL to an http(s) index" ;; esac
+        pip_conf="[global]"$'\n'"index-url = $index"$'\n'
+        ((${#kept[@]})) && pip_conf+="extra-index-url = ${kept[*]}"$'\n'
+        [[ -n $cert && -f $cert ]] && pip_conf+="cert = /etc/ssl/certs/pip-index.crt"$'\n'
+        changes=(
+            'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+            'ENV LANG=C.UTF-8'
+            'CMD ["python3"]'
+        )
+        ;;
+    prometheus)
+        packages=prometheus,ca-certificates
+        changes=(
+            'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+            # as prom/prometheus: runs as nobody in /prometheus, flags after the entrypoint
+            'USER nobody'
+            'WORKDIR /prometheus'
+            'EXPOSE 9090'
+            'ENTRYPOINT ["/usr/bin/prometheus"]'
+            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+        )
+        ;;
+esac
+
+key_input="$RECIPE_VERSION $SUITE $MIRROR $SECURITY $packages $pip_conf ${changes[*]}"
+[[ -n ${cert:-} && -f ${cert:-} ]] && key_input+=" $(sha256sum "$cert")"
+key=$(printf '%s' "$key_input" | sha256sum | cut -c1-16)
+label="$recipe-$key"
+
+have=$("$DOCKER" image inspect --format '{{ index .Config.Labels "org.nlstm.local-base" }}' "$tag" 2>/dev/null || true)
+if [[ $have == "$label" ]]; then
+    say "$tag is the current local $recipe base ($label)"
+    exit 0
+fi
+
+# ------------------------------------------------------------------ bootstrap (or the cache)
+mkdir -p "$CACHE"
+tarball="$CACHE/$label.tar"
+if [[ ! -f $tarball ]]; then
+    root=$(mktemp -d "${TMPDIR:-/tmp}/nlstm-local-base.XXXXXX")
+    trap 'rm -rf "$root"' EXIT
+    say "debootstrap $SUITE ($packages) from $MIRROR"
+    debootstrap --variant=minbase --include="$packages" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
+        || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; die "debootstrap failed (log above)"; }
+    rm -f "$root.log"
+    # Security updates: debootstrap installs the suite's point release only.
+    cat >"$root/etc/apt/sources.list" <<EOF
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+deb $SECURITY $SUITE-security main
+EOF
+    say "applying $SUITE-updates and $SUITE-security"
+    chroot "$root" sh -c 'apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade' >&2
+    if [[ -n $pip_conf ]]; then
+        printf '%s' "$pip_conf" >"$root/etc/pip.conf"
+        [[ -n ${cert:-} && -f ${cert:-} ]] && cp "$cert" "$root/etc/ssl/certs/pip-index.crt"
+    fi
+    if [[ $recipe == prometheus ]]; then
+        mkdir -p "$root/prometheus"
+        chroot "$root" chown nobody:nogroup /prometheus
+    fi
+    # What slim images leave out: package lists, downloaded .debs, documentation.
+    chroot "$root" apt-get -qq clean
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+        "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/var/cache/debconf/*-old
+    tar --numeric-owner -C "$root" -cf "$tarball.tmp" .
+    mv "$tarball.tmp" "$tarball"  # atomic: a killed run leaves no half tarball under the name
+    rm -rf "$root"
+    trap - EXIT
+fi
+
+args=()
+for change in "${changes[@]}"; do args+=(--change "$change"); done
+args+=(--change "LABEL org.nlstm.local-base=$label")
+args+=(--change "LABEL org.opencontainers.image.description=\"Local stand-in for $tag, from Debian $SUITE packages by deploy/local-base.sh\"")
+"$DOCKER" import "${args[@]}" "$tarball" "$tag" >/dev/null
+say "imported $tag ($label) from $tarball"

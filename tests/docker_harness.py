@@ -1,0 +1,124 @@
+"""A Docker engine of the tests' own, for tests/test_docker.py: dockerd started here (as root,
+`--storage-driver=vfs`, which needs no kernel overlay support), on a private socket, and stopped
+when the tests are done, with everything it ran.
+
+Where it cannot run (not root; dockerd, runc or debootstrap missing) the tests skip and say why;
+under CI (CI=true, or NLSTM_REQUIRE_DOCKER=1, which .ci/run sets after .ci/docker.sh installed
+Docker) they fail instead: there the images must be checked.
+
+Its data root (NLSTM_DOCKER_ROOT, default /var/lib/nlstm-test-docker) outlives the tests, so a
+second run on the same machine finds the local base and the build cache (minutes saved).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("NLSTM_DOCKER_ROOT", "/var/lib/nlstm-test-docker"))
+# What .ci/docker.sh installs from Debian: the engine, its runtime, and the local-base tools.
+TOOLS = {"dockerd": "docker.io", "docker": "docker.io", "containerd": "containerd", "runc": "runc",
+         "iptables": "iptables", "debootstrap": "debootstrap"}
+
+
+def required() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("NLSTM_REQUIRE_DOCKER") == "1"
+
+
+def unavailable(reason: str):
+    if required():
+        pytest.fail(f"{reason}; under CI the Docker tests must run (.ci/docker.sh installs Docker)")
+    pytest.skip(reason)
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Engine:
+    """The docker CLI pointed at the tests' dockerd."""
+
+    env: dict[str, str]
+
+    def run(self, argv: list[str], timeout: float, check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        out = subprocess.run(argv, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {out.returncode}:\n{tail(out.stdout)}\n{tail(out.stderr)}")
+        return out
+
+    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(["docker", *args], timeout=timeout, check=check)
+
+    def compose_command(self) -> list[str]:
+        """`docker compose` (the v2 plugin) where the CLI has it, else Debian's docker-compose (v1)."""
+        if self.run(["docker", "compose", "version"], timeout=30, check=False).returncode == 0:
+            return ["docker", "compose"]
+        if shutil.which("docker-compose"):
+            return ["docker-compose"]
+        unavailable("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+        raise AssertionError("unreachable")
+
+    def ensure_image(self, image: str) -> str:
+        """`image` present: already, pulled, or built by deploy/local-base.sh (no registry here).
+        Returns how it came."""
+        if self.docker("image", "inspect", image, check=False).returncode == 0:
+            return "present"
+        if self.docker("pull", "-q", image, timeout=600, check=False).returncode == 0:
+            return "pulled"
+        self.run([str(REPO / "deploy" / "local-base.sh"), "--for-image", image], timeout=1500)
+        return "local"
+
+
+class Dockerd:
+    """dockerd in its own process group; stop() ends it and everything it started."""
+
+    def __init__(self, workdir: Path):
+        if os.geteuid() != 0:
+            unavailable("the Docker tests start their own dockerd, which needs root")
+        missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+        if missing:
+            unavailable(f"not installed: {', '.join(missing)} (.ci/docker.sh installs them from Debian)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / "docker.sock"
+        self.log_path = workdir / "dockerd.log"
+        self.log = self.log_path.open("w")
+        argv = ["dockerd", "--storage-driver=vfs", f"--data-root={DATA_ROOT}",
+                f"--exec-root={workdir / 'exec'}", f"--host=unix://{self.socket}",
+                f"--pidfile={workdir / 'dockerd.pid'}"]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        self.engine = Engine({**env, "DOCKER_HOST": f"unix://{self.socket}"})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                unavailable(f"dockerd exited {self.proc.returncode}:\n{tail(self.log_path.read_text())}")
+            if self.socket.exists() and self.engine.docker("info", timeout=30, check=False).returncode == 0:
+                return
+            time.sleep(0.5)
+        self.stop()
+        unavailable(f"dockerd did not answer within 90 s:\n{tail(self.log_path.read_text())}")
+
+    def stop(self) -> None:
+        """SIGTERM: dockerd stops its containers and its containerd; SIGKILL to the group after 60 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the group (containerd, shims), by its id: ours alone
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
