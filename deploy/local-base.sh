@@ -23,7 +23,7 @@ set -euo pipefail
 
 SUITE=bookworm
 # Bumped when the recipes change in a way the key below cannot see.
-RECIPE_VERSION=1
+RECIPE_VERSION=2
 DOCKER=${DOCKER:-docker}
 CACHE=${NLSTM_LOCAL_BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nlstm/local-base}
 
@@ -142,6 +142,7 @@ tarball="$CACHE/$label.tar"
 if [[ ! -f $tarball ]]; then
     root=$(mktemp -d "${TMPDIR:-/tmp}/nlstm-local-base.XXXXXX")
     trap 'rm -rf "$root"' EXIT
+    chmod 755 "$root"  # it becomes the image's /: mktemp's 0700 would lock out every user but root
     say "debootstrap $SUITE ($packages) from $MIRROR"
     debootstrap --variant=minbase --include="$packages" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
         || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; die "debootstrap failed (log above)"; }
@@ -153,7 +154,9 @@ deb $MIRROR $SUITE-updates main
 deb $SECURITY $SUITE-security main
 EOF
     say "applying $SUITE-updates and $SUITE-security"
-    chroot "$root" sh -c 'apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade' >&2
+    chroot "$root" sh -c 'apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade' >"$root.log" 2>&1 \
+        || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; die "the upgrade failed (log above)"; }
+    rm -f "$root.log"
     if [[ -n $pip_conf ]]; then
         printf '%s' "$pip_conf" >"$root/etc/pip.conf"
         [[ -n ${cert:-} && -f ${cert:-} ]] && cp "$cert" "$root/etc/ssl/certs/pip-index.crt"

@@ -1,5 +1,5 @@
 """A Docker engine of the tests' own, for tests/test_docker.py: dockerd started here (as root,
-`--storage-driver=vfs`, which needs no kernel overlay support), on a private socket, and stopped
+overlay2 storage, else vfs, which needs no kernel support), on a private socket, and stopped
 when the tests are done, with everything it ran.
 
 Where it cannot run (not root; dockerd, runc or debootstrap missing) the tests skip and say why;
@@ -79,7 +79,12 @@ class Engine:
 
 
 class Dockerd:
-    """dockerd in its own process group; stop() ends it and everything it started."""
+    """dockerd in its own process group; stop() ends it and everything it started.
+
+    Storage: overlay2 where the kernel allows it, else vfs (which works anywhere but copies the
+    whole filesystem for every layer and every build step's container: on the 2-core machine a
+    build took 24 minutes on vfs, a few on overlay2). NLSTM_DOCKER_STORAGE_DRIVERS changes the
+    order ("vfs" alone: vfs only)."""
 
     def __init__(self, workdir: Path):
         if os.geteuid() != 0:
@@ -89,27 +94,37 @@ class Dockerd:
             unavailable(f"not installed: {', '.join(missing)} (.ci/docker.sh installs them from Debian)")
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "docker.sock"
-        self.log_path = workdir / "dockerd.log"
-        self.log = self.log_path.open("w")
-        argv = ["dockerd", "--storage-driver=vfs", f"--data-root={DATA_ROOT}",
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        self.engine = Engine({**env, "DOCKER_HOST": f"unix://{self.socket}"})
+        self.proc: subprocess.Popen | None = None
+        failures = []
+        for driver in os.environ.get("NLSTM_DOCKER_STORAGE_DRIVERS", "overlay2,vfs").split(","):
+            log_path = workdir / f"dockerd-{driver}.log"
+            if self._start(driver, workdir, log_path):
+                self.engine.env["NLSTM_STORAGE_DRIVER"] = driver  # for the tests' reports
+                return
+            failures.append(f"--storage-driver={driver}:\n{tail(log_path.read_text(), 15)}")
+        unavailable("dockerd did not start:\n" + "\n".join(failures))
+
+    def _start(self, driver: str, workdir: Path, log_path: Path) -> bool:
+        """Start dockerd with `driver`; False (and nothing left running) if it does not come up."""
+        self.log = log_path.open("w")
+        argv = ["dockerd", f"--storage-driver={driver}", f"--data-root={DATA_ROOT}",
                 f"--exec-root={workdir / 'exec'}", f"--host=unix://{self.socket}",
                 f"--pidfile={workdir / 'dockerd.pid'}"]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        self.engine = Engine({**env, "DOCKER_HOST": f"unix://{self.socket}"})
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                unavailable(f"dockerd exited {self.proc.returncode}:\n{tail(self.log_path.read_text())}")
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if self.socket.exists() and self.engine.docker("info", timeout=30, check=False).returncode == 0:
-                return
+                return True
             time.sleep(0.5)
         self.stop()
-        unavailable(f"dockerd did not answer within 90 s:\n{tail(self.log_path.read_text())}")
+        return False
 
     def stop(self) -> None:
         """SIGTERM: dockerd stops its containers and its containerd; SIGKILL to the group after 60 s."""
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -121,4 +136,5 @@ class Dockerd:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        self.proc = None
         self.log.close()
