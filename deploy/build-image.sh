@@ -56,7 +56,9 @@ esac
 "$DOCKER" info >/dev/null 2>&1 || die "no Docker engine answers ('$DOCKER info' fails): start dockerd, or set DOCKER_HOST"
 
 for base in "${bases[@]}"; do
-    if "$DOCKER" image inspect "$base" >/dev/null 2>&1; then
+    if local=$("$DOCKER" image inspect --format '{{ index .Config.Labels "org.nlstm.local-base" }}' "$base" 2>/dev/null); then
+        # a local stand-in is brought up to date when its recipe changed (a no-op otherwise)
+        [[ -z $local || $local == "<no value>" ]] || deploy/local-base.sh --for-image "$base"
         continue
     fi
     echo "build-image: pulling $base" >&2

@@ -22,7 +22,8 @@
 set -euo pipefail
 
 SUITE=bookworm
-# Bumped when the recipes change in a way the key below cannot see.
+# Bumped when the recipes change in a way the key below cannot see (each recipe has its own
+# revision too, below, so that changing one does not rebuild the other).
 RECIPE_VERSION=2
 DOCKER=${DOCKER:-docker}
 CACHE=${NLSTM_LOCAL_BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nlstm/local-base}
@@ -89,6 +90,7 @@ pip_conf=""
 case $recipe in
     python)
         packages=python3,python3-venv,python3-pip,ca-certificates
+        revision=""  # none yet
         # pip's view of the host's index, as pip itself reports it (env and config files)
         index=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}
         index=${index:-https://pypi.org/simple}
@@ -113,6 +115,7 @@ case $recipe in
         ;;
     prometheus)
         packages=prometheus,ca-certificates
+        revision=2
         changes=(
             'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
             # as prom/prometheus: runs as nobody in /prometheus, flags after the entrypoint
@@ -125,7 +128,7 @@ case $recipe in
         ;;
 esac
 
-key_input="$RECIPE_VERSION $SUITE $MIRROR $SECURITY $packages $pip_conf ${changes[*]}"
+key_input="$RECIPE_VERSION${revision:+.$revision} $SUITE $MIRROR $SECURITY $packages $pip_conf ${changes[*]}"
 [[ -n ${cert:-} && -f ${cert:-} ]] && key_input+=" $(sha256sum "$cert")"
 key=$(printf '%s' "$key_input" | sha256sum | cut -c1-16)
 label="$recipe-$key"
@@ -162,8 +165,14 @@ EOF
         [[ -n ${cert:-} && -f ${cert:-} ]] && cp "$cert" "$root/etc/ssl/certs/pip-index.crt"
     fi
     if [[ $recipe == prometheus ]]; then
-        mkdir -p "$root/prometheus"
-        chroot "$root" chown nobody:nogroup /prometheus
+        # Upstream keeps its data in data/ under the working directory (/prometheus/data in
+        # the official image); Debian's build defaults to /var/lib/prometheus/metrics2. Point
+        # that at the upstream place, so that flags written for the official image (compose's
+        # only set --config.file) and a volume on /prometheus work the same here.
+        mkdir -p "$root/prometheus/data"
+        rm -rf "$root/var/lib/prometheus/metrics2"
+        ln -s /prometheus/data "$root/var/lib/prometheus/metrics2"
+        chroot "$root" chown -R nobody:nogroup /prometheus
     fi
     # What slim images leave out: package lists, downloaded .debs, documentation.
     chroot "$root" apt-get -qq clean

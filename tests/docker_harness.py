@@ -68,12 +68,15 @@ class Engine:
         raise AssertionError("unreachable")
 
     def ensure_image(self, image: str) -> str:
-        """`image` present: already, pulled, or built by deploy/local-base.sh (no registry here).
-        Returns how it came."""
-        if self.docker("image", "inspect", image, check=False).returncode == 0:
+        """`image` present: already, pulled, or built by deploy/local-base.sh (no registry here;
+        a stand-in it built before is refreshed if its recipe changed). Returns how it came."""
+        label = self.docker("image", "inspect", "--format", '{{ index .Config.Labels "org.nlstm.local-base" }}',
+                            image, check=False)
+        if label.returncode == 0 and label.stdout.strip() in ("", "<no value>"):
             return "present"
-        if self.docker("pull", "-q", image, timeout=600, check=False).returncode == 0:
+        if label.returncode != 0 and self.docker("pull", "-q", image, timeout=600, check=False).returncode == 0:
             return "pulled"
+        # made here from Debian packages, or brought up to date if its recipe changed
         self.run([str(REPO / "deploy" / "local-base.sh"), "--for-image", image], timeout=1500)
         return "local"
 

@@ -232,7 +232,7 @@ def test_the_gpu_image_builds_as_far_as_its_base_allows(engine, serve_image):
     # on a base without cuDNN 9 (and a VARIANT it does not know) before installing anything.
     for variant, message in (("gpu", "VARIANT=gpu needs a BASE_IMAGE with CUDA 13 and cuDNN 9"),
                              ("tpu", "VARIANT must be cpu or gpu, not 'tpu'")):
-        out = engine.docker("build", "--target", "runtime", "--build-arg", f"VARIANT={variant}", "-t",
+        out = engine.docker("build", "--force-rm", "--target", "runtime", "--build-arg", f"VARIANT={variant}", "-t",
                             f"nlstm-test-runtime-{variant}", str(REPO), timeout=600, check=False)
         assert out.returncode != 0 and message in out.stdout + out.stderr, tail(out.stdout + out.stderr)
 
@@ -249,7 +249,9 @@ def test_compose_runs_the_server_and_a_prometheus_that_scrapes_it(engine, serve_
     compose_env = Engine(env)
     try:
         # Grafana's image has no Debian stand-in: the server and Prometheus only (docs/deploy.md)
-        compose_env.run([*cmd, "up", "-d", "--build", "server", "prometheus"], timeout=1200)
+        # the server's image is the one deploy/build-image.sh built above (compose v1 builds
+        # through docker-py, whose context misses the CLI's build cache: minutes for nothing)
+        compose_env.run([*cmd, "up", "-d", "--no-build", "server", "prometheus"], timeout=600)
         target = f"127.0.0.1:{grpc_port}"
         _wait("the composed server answers SERVING", lambda: _health(target) == "SERVING", 120)
         _generate(target)
