@@ -51,8 +51,9 @@ def engine(tmp_path_factory) -> Engine:
     dockerd = Dockerd(tmp_path_factory.mktemp("dockerd"))
     try:
         yield dockerd.engine
-        # dangling images left by rebuilds of changed sources; the tagged images and the build
-        # cache stay for the next run
+        # this engine is the tests' own: no container outlives them; dangling images left by
+        # rebuilds of changed sources go too (the tagged images and the build cache stay)
+        dockerd.engine.docker("container", "prune", "-f", check=False)
         dockerd.engine.docker("image", "prune", "-f", check=False)
     finally:
         dockerd.stop()
