@@ -132,3 +132,15 @@ def test_serve_load_smoke():
         assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
         assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05
+
+
+def test_quantized_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    (pair,) = result["pairs"].values()
+    for b in ("1", "64"):
+        assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+    assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
+    assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]
