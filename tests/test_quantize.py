@@ -230,6 +230,16 @@ def test_float16_graph_keeps_the_float32_signature(char_folder, tok, tmp_path):
     assert sb.dtype == np.float32 and np.abs(la - lb).max() < 2e-2 and np.abs(sa - sb).max() < 2e-2
 
 
+def test_float16_without_cuda_is_a_clear_error(char_folder, tmp_path, capsys):
+    from training.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    code = main(["quantize", str(char_folder), "--out", str(tmp_path / "x"), "--precision", "float16"])
+    assert code == 2 and "float16 step graphs are for the CUDA provider" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.gpu
 def test_float16_folder_runs_on_cuda(char_folder, tok, tmp_path):
     out = tmp_path / "m-f16"

@@ -531,6 +531,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     )
 
     try:
+        if args.precision == "float16":  # before the data is loaded: can CUDA start here?
+            from serving.runtime import load_model
+
+            try:
+                load_model(args.folder, providers="cuda")
+            except RuntimeError as exc:
+                raise QuantizationError(
+                    f"float16 step graphs are for the CUDA provider, which cannot start here: {exc}"
+                ) from None
         meta = ExportMeta.from_folder(args.folder)
         data = EvalData.for_task(meta, args.data_dir, args.cache_dir)
         result = quantize_folder(
@@ -544,7 +553,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except QuantizationCost as exc:
         print(f"nlstm quantize: REFUSED: {exc}", file=sys.stderr)
         return 3
-    except QuantizationError as exc:
+    except RuntimeError as exc:  # QuantizationError, or CUDA that cannot start
         print(f"nlstm quantize: error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(result.report))
