@@ -270,6 +270,33 @@ def test_nlstm_quantize_refuses_then_accepts_on_the_bundled_classifier(shared_da
     assert meta.quantization["reference_figures"]["test_items"] == 10_000
 
 
+@pytest.mark.slow
+def test_nlstm_export_quantize_writes_both_folders(shared_data, tmp_path):
+    """`nlstm export CKPT --out OUT --quantize int8` exports OUT, then quantizes it into
+    OUT-int8 in a fresh process, measured on the task's real data (a random MNIST model)."""
+    from training.checkpoint import Checkpoint, save_checkpoint
+
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(Checkpoint(task="mnist", model_config=model.config, model=model.state_dict(),
+                               tokenizer=None, train_config={"batch_size": 500}, step=1, epoch=1,
+                               metrics={"valid_acc": 0.1}), ckpt)
+    out = tmp_path / "mnist-random"
+    run = subprocess.run(
+        [sys.executable, "-m", "training.cli", "export", str(ckpt), "--out", str(out), "--no-sequence",
+         "--quantize", "int8", "--method", "dynamic-per-channel", "--accept-cost",
+         "--data-dir", str(shared_data), "--cache-dir", str(tmp_path / "cache")],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and "mnist-random-int8" in run.stdout
+    f32, int8 = ExportMeta.from_folder(out), ExportMeta.from_folder(tmp_path / "mnist-random-int8")
+    assert (f32.precision, int8.precision) == ("float32", "int8")
+    assert int8.quantization["source"]["files"] == f32.files
+    assert int8.quantization["settings"]["name"] == "dynamic-per-channel"
+    assert int8.quantization["figures"]["test_items"] == 10_000
+
+
 @pytest.mark.parametrize("name", ["ptb-nlstm-int8", "mnist-nlstm-int8", "poems-nlstm-int8"])
 def test_bundled_int8_models_record_their_cost_within_the_goals(name):
     """The bundled int8 folders: int8 graphs measured at quantization on the full validation
