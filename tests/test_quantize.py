@@ -252,6 +252,13 @@ def test_float16_folder_runs_on_cuda(char_folder, tok, tmp_path):
     assert abs(m.score_ids(ids).bits_per_char - ref.score_ids(ids).bits_per_char) < 0.05
 
 
+@pytest.mark.gpu
+def test_int8_folders_run_on_the_cpu_under_auto_providers():
+    """On a GPU machine "auto" puts float32 folders on CUDA but int8 ones on the CPU."""
+    assert load_model(REPO / "exported" / "ptb-nlstm-int8").device == "cpu"
+    assert load_model(REPO / "exported" / "ptb-nlstm").device == "cuda"
+
+
 # --------------------------------------------------------------------------- commands, real data
 @pytest.mark.slow
 def test_nlstm_quantize_refuses_then_accepts_on_the_bundled_classifier(shared_data, tmp_path):
