@@ -27,6 +27,9 @@ Static quantization has fixed scales (batch-independent) but costs more here (do
 The step graph is quantized; a float32 folder's sequence graph is not carried over (the server
 steps sessions through the step graph; `run` and `score` use it per step).
 
+How a model is measured (its figures on a split, a step's CPU time) is training/quant_measure.py.
+float16 folders record no speed here: the CPU provider is not where they are meant to run.
+
 This module never imports torch: `nlstm quantize` runs in a process without it, and so does the
 quantization after `nlstm export --quantize` (a subprocess), so that the timings are onnxruntime's.
 """
