@@ -151,6 +151,28 @@ def test_int8_folder_is_measured_against_float32_and_served_as_int8(char_folder,
     assert plain.precision == "float32" and not plain.reference_metrics and plain.quantization == ""
 
 
+def test_batch_invariant_says_whether_a_row_depends_on_the_batch(char_folder, tok, tmp_path):
+    """Dynamic int8 quantizes a MatMul's input with one scale over the whole batch, so a row's
+    result depends on the rows beside it (meta.json: batch_invariant false); static int8, with
+    calibrated fixed scales, computes each row alone, bit for bit as float32 does."""
+    data = stream_data(tok)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, tok.vocab_size, size=(30, 8))
+    for method, invariant in (("dynamic-per-tensor", False), ("static-per-channel", True)):
+        out = tmp_path / method
+        quantize(char_folder, out, data=data, method=method, screen_batches=2,
+                 thresholds=Thresholds(max_bpc_increase=10.0))
+        assert ExportMeta.from_folder(out).quantization["batch_invariant"] is invariant
+        m = load_model(out, providers="cpu")
+        alone, batch = m.initial_state(1), m.initial_state(8)
+        diff = 0.0
+        for t in range(len(x)):
+            la, alone = m.step(x[t, :1], alone)
+            lb, batch = m.step(x[t], batch)
+            diff = max(diff, float(np.abs(la[0] - lb[0]).max()))
+        assert (diff == 0.0) is invariant, (method, diff)
+
+
 def test_a_cost_over_the_threshold_is_refused_unless_accepted(glimpse_folder, tmp_path):
     data = glimpse_data(glimpse_folder)
     out = tmp_path / "g-int8"
