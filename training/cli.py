@@ -385,6 +385,29 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- summary
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="a results table (markdown) of one or more runs, mean and spread over seeds",
+        description=(
+            "Print each RUN's figures at its best validation (the test figure at that "
+            "evaluation, as the paper reports) as a markdown table. Runs whose folder names "
+            "differ only by a trailing -sN / -seedN are one row: mean and sample standard "
+            "deviation over the seeds. Every RUN must be of the same task."
+        ),
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder")
+    p.set_defaults(handler=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from training.summary import group, markdown, read_run
+
+    print(markdown(group([read_run(r) for r in args.runs])), end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ visualize
 def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -467,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_plot(sub)
+    _add_summary(sub)
     _add_visualize(sub)
     _add_serve(sub)
     _add_generate(sub)
