@@ -116,24 +116,30 @@ class PrefixCache:
         deepest cached prefix of feed (else the initial state and None); the recorder stores
         this prompt's checkpoints still missing as the sequence's steps complete."""
         ids = np.asarray(feed, dtype=IDS)
-        hit = self.lookup(model, ids)
+        node, entry = self._lookup(model, ids)
         n, logits = 0, None
-        if hit is not None:
-            n, state, logits = hit
+        if node is not None:
+            n, (state, logits) = node.depth, entry
         if self._metrics is not None:
-            if hit is None:
+            if node is None:
                 self._metrics.prefix_cache_misses.labels(model).inc()
             else:
                 self._metrics.prefix_cache_hits.labels(model).inc()
                 # the start symbol is not a character of the prompt
                 self._metrics.prefix_cache_skipped_chars.labels(model).inc(n - 1)
-        recorder = Recorder(self, model, ids, n) if n < len(ids) else None
+        recorder = Recorder(self, model, ids, n, node) if n < len(ids) else None
         return state, logits, feed[n:], recorder
 
     # ----------------------------------------------------------------------------- the trie
     def lookup(self, model: str, ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
         """(n, state, logits) of the deepest entry whose symbols are ids[:n], or None; that
         entry becomes the most recently used."""
+        node, entry = self._lookup(model, ids)
+        return None if node is None else (node.depth, *entry)
+
+    def _lookup(self, model: str, ids: np.ndarray):
+        """(node, its entry) of lookup()'s entry, or (None, None); the entry is read under the
+        lock, as an eviction may take it from the node the moment the lock is let go."""
         with self._lock:
             node, d, best = self._roots[model], 0, None
             while d < len(ids):
@@ -147,9 +153,9 @@ class PrefixCache:
                 if node.entry is not None:
                     best = node
             if best is None:
-                return None
+                return None, None
             self._lru.move_to_end(best)
-            return (best.depth, *best.entry)
+            return best, best.entry
 
     def insert(self, model: str, ids: np.ndarray, n: int, state: np.ndarray, logits: np.ndarray,
                cursor: _Node | None = None) -> _Node | None:
@@ -249,10 +255,12 @@ class Recorder:
 
     __slots__ = ("cache", "model", "ids", "fed", "cursor")
 
-    def __init__(self, cache: PrefixCache, model: str, ids: np.ndarray, fed: int) -> None:
+    def __init__(self, cache: PrefixCache, model: str, ids: np.ndarray, fed: int,
+                 cursor: _Node | None = None) -> None:
         self.cache, self.model, self.ids = cache, model, ids
         self.fed = fed  # symbols of ids in the sequence's state
-        self.cursor: _Node | None = None  # the last node inserted: the next walk starts there
+        # a node on ids' path (the hit, then the last node inserted): the next walk starts there
+        self.cursor = cursor
 
     def stepped(self, state: np.ndarray, logits: np.ndarray) -> bool:
         """One more symbol of ids is in (state, logits): keep a checkpoint where one is due.

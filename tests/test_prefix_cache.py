@@ -123,17 +123,26 @@ def test_random_prompts_keep_exact_accounting_within_the_bound(budget_entries):
     cache = PrefixCache(budget_entries * one_entry_bytes(8), every=4)
     cache.add_model("m")
     prompts = [rng.integers(0, 3, rng.integers(1, 30)).astype(np.int32) for _ in range(300)]
+    zeros = np.zeros((S, H), np.float32)
+    starts = []  # symbols skipped, per prompt
     for ids in prompts:
-        hit = cache.lookup("m", ids)
-        n0 = 0 if hit is None else hit[0]
-        if hit is not None:
-            assert np.array_equal(hit[1], state_of(ids[:n0])[0]) and np.array_equal(hit[2], state_of(ids[:n0])[1])
-        recorder = Recorder(cache, "m", ids, n0)
+        # as the engine does: start after the deepest cached prefix, record the rest
+        state, logits, rest, recorder = cache.start("m", ids.tolist(), zeros)
+        n0 = len(ids) - len(rest)
+        starts.append((n0, len(ids)))
+        assert rest == ids[n0:].tolist()
+        if n0:
+            assert np.array_equal(state, state_of(ids[:n0])[0]) and np.array_equal(logits, state_of(ids[:n0])[1])
+        else:
+            assert state is zeros and logits is None
+        assert (recorder is None) == (n0 == len(ids))
         for n in range(n0 + 1, len(ids) + 1):
             more = recorder.stepped(*state_of(ids[:n]))
             assert more == (n < len(ids))
             assert cache.bytes == recount(cache) <= cache.max_bytes
     assert cache.model_bytes("m") == cache.bytes
+    # prompts started inside (7, 154, 227 of the 300) and after their whole (1, 7, 21)
+    assert sum(0 < n0 < n for n0, n in starts) >= 5 and sum(n0 == n for n0, n in starts) >= 1
     if budget_entries < 40:
         assert cache.evicted > 0
     # every entry left is found, with its own state
@@ -288,6 +297,27 @@ class Counts:
         now = self.now()
         moved, self.last = {n: now[n] - self.last[n] for n in self.NAMES}, now
         return moved
+
+
+def test_a_row_of_a_batched_step_does_not_depend_on_the_other_rows(models_dir):
+    """What bit-identity rests on: a state cached from a call that ran in a batch is the one
+    a call alone computes (onnxruntime's CPU kernels reduce each row in the same order)."""
+    from serving.server import load_models
+
+    for threads in (1, 2):
+        model = load_models(models_dir, providers="cpu", intra_op_threads=threads)[CHAR_MODEL]
+        rng = np.random.default_rng(threads)
+        ids = rng.integers(0, model.meta.vocab_size, 60)
+        alone = model.initial_state(1)
+        for i in ids:
+            logits, alone = model.step(np.array([i]), alone)
+        for batch, row in ((2, 1), (7, 3), (64, 0)):
+            others = rng.integers(0, model.meta.vocab_size, (len(ids), batch))
+            others[:, row] = ids
+            state = model.initial_state(batch)
+            for t in range(len(ids)):
+                batch_logits, state = model.step(others[t], state)
+            assert np.array_equal(state[row], alone[0]) and np.array_equal(batch_logits[row], logits[0])
 
 
 def test_the_same_seed_gives_the_same_text_with_and_without_the_cache(servers):
