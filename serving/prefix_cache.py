@@ -4,7 +4,8 @@ a prompt, kept so that later calls sharing that opening skip its prefill.
 A fresh sequence (a call without a session, or on a session that has taken in nothing yet)
 starts from the model's initial state and feeds the start symbol, then the prompt, one step
 per symbol. Every such sequence that feeds the same symbols reaches the same state, bit for
-bit: rows of a batched step do not depend on the other rows (tests/test_prefix_cache.py).
+bit: rows of a batched step do not depend on the other rows (onnxruntime's CPU kernels;
+tests/test_prefix_cache.py checks it; docs/serving.md says what may differ on CUDA).
 So the cache keys states by the ids fed from the initial state, start symbol first, in a
 trie per model, and a call starts from the deepest cached prefix of its own ids and feeds
 only the rest; what it then computes is what it would have computed anyway.
@@ -40,7 +41,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# Python objects around the arrays, in bytes (CPython 3.12, numpy 2, 64-bit; see the module
+# Python objects around the arrays, in bytes (measured on CPython 3.11, numpy 2.4, 64-bit; see the module
 # doc): a node's object, its children dict and its edge array's header; an entry's two array
 # headers, its tuple and its slot in the LRU order.
 NODE_BYTES = 400
