@@ -71,6 +71,6 @@ class Metrics:
             "nlstm_prefix_cache_entries", "Prefix states the cache holds for the model", ["model"], registry=r,
         )
         self.prefix_cache_max_bytes = Gauge(
-            "nlstm_prefix_cache_max_bytes", "The prefix-state cache's bound over all models (--prefix-cache-mb; 0: off)",
-            registry=r,
+            "nlstm_prefix_cache_max_bytes",
+            "The prefix-state cache's bound over all models (--prefix-cache-mb; 0: off)", registry=r,
         )
