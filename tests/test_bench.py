@@ -150,7 +150,7 @@ def test_prefix_cache_smoke():
 
 
 def test_quantized_smoke():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
