@@ -1,0 +1,174 @@
+"""The session store backends (serving/store.py) against a real file system and a real
+redis-server: blobs with expiry, leases with owners and expiry, conditional writes, a store
+that goes away and comes back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis_harness import RedisServer
+
+from serving.store import (
+    GONE,
+    LEASE_LOST,
+    SAVED,
+    FileBackend,
+    RedisBackend,
+    StoreUnavailable,
+    open_backend,
+)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["file", "redis"])
+def backend(request, tmp_path):
+    if request.param == "file":
+        b = FileBackend(tmp_path / "sessions")
+    else:
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        b = RedisBackend(server.url)
+    yield b
+    b.close()
+
+
+def test_put_get_delete(backend):
+    assert backend.get("abc") is None
+    backend.put("abc", b"\x00state\xff" * 100, ttl=60)
+    assert backend.get("abc") == b"\x00state\xff" * 100
+    backend.put("abc", b"newer", ttl=60)  # replaced whole
+    assert backend.get("abc") == b"newer"
+    assert backend.count() >= 1
+    assert backend.delete("abc") is True
+    assert backend.get("abc") is None and backend.delete("abc") is False
+
+
+@pytest.mark.parametrize("sid", ["", "../../etc/passwd", "a/b", "nlstm:*", "x" * 129, "sp ace"])
+def test_ids_that_are_no_session_are_never_keys_or_paths(backend, sid):
+    assert backend.get(sid) is None
+    assert backend.delete(sid) is False
+    assert backend.save(sid, b"x", 60, "me", 5) == GONE
+    with pytest.raises(ValueError, match="not a session id"):
+        backend.put(sid, b"x", 60)
+
+
+def test_sessions_expire_after_their_ttl_and_writes_renew_it(backend):
+    backend.put("short", b"a", ttl=0.3)
+    backend.put("kept", b"b", ttl=0.3)
+    assert backend.acquire("kept", "me", 5)
+    time.sleep(0.2)
+    assert backend.save("kept", b"c", 0.6, "me", 5) == SAVED  # a write renews the idle timeout
+    time.sleep(0.25)
+    assert backend.get("short") is None
+    assert backend.get("kept") == b"c"
+    assert backend.renew("kept", "me", 5, 0.6) == SAVED  # so does a renewal without a write
+    time.sleep(0.4)
+    assert backend.get("kept") == b"c"
+    backend.expire()
+    assert backend.get("short") is None and backend.count() == 1
+
+
+def test_lease_is_exclusive_and_only_its_owner_releases_it(backend):
+    backend.put("s", b"x", ttl=60)
+    assert backend.acquire("s", "call-a", 5) is True
+    assert backend.acquire("s", "call-b", 5) is False
+    assert backend.release("s", "call-b") is False  # not b's to give back
+    assert backend.acquire("s", "call-b", 5) is False
+    assert backend.release("s", "call-a") is True
+    assert backend.acquire("s", "call-b", 5) is True
+    assert backend.release("s", "call-a") is False
+
+
+def test_lease_of_a_dead_holder_lapses(backend):
+    backend.put("s", b"x", ttl=60)
+    assert backend.acquire("s", "dead", 0.3)
+    assert not backend.acquire("s", "alive", 5)
+    time.sleep(0.4)
+    assert backend.acquire("s", "alive", 5)
+    # the dead holder, back from a long pause, can no longer write over the new holder
+    assert backend.save("s", b"stale", 60, "dead", 5) == LEASE_LOST
+    assert backend.renew("s", "dead", 5, 60) == LEASE_LOST
+    assert backend.get("s") == b"x"
+    assert backend.save("s", b"new", 60, "alive", 5) == SAVED
+    assert backend.get("s") == b"new"
+
+
+def test_a_closed_session_is_not_resurrected_by_its_running_call(backend):
+    backend.put("s", b"x", ttl=60)
+    assert backend.acquire("s", "call", 5)
+    assert backend.delete("s") is True  # CloseSession from another call
+    assert backend.save("s", b"late", 60, "call", 5) == LEASE_LOST  # close took the lease too
+    assert backend.get("s") is None
+    backend.put("t", b"x", ttl=60)
+    assert backend.acquire("t", "call", 5)
+    backend.put("t", b"x", ttl=0.1)
+    time.sleep(0.2)  # expired under a held lease (its call stopped renewing)
+    assert backend.save("t", b"late", 60, "call", 5) == GONE
+    assert backend.renew("t", "call", 5, 60) == GONE
+    assert backend.get("t") is None
+
+
+def test_file_store_survives_a_new_process_and_leaves_no_partial_files(tmp_path):
+    a = FileBackend(tmp_path)
+    a.put("s1", b"one", ttl=60)
+    assert a.acquire("s1", "x", 5)
+    assert a.save("s1", b"two", 60, "x", 5) == SAVED
+    a.close()
+    (tmp_path / "sessions" / "s1.snap.tmp-dead").write_bytes(b"half a write")  # a killed writer
+    b = FileBackend(tmp_path)  # as a restarted server opens it
+    assert b.get("s1") == b"two"
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["s1.snap"]
+    assert not b.acquire("s1", "y", 5)  # x's lease is still recorded
+    # the recorded expiry is wall-clock time: it survives the restart too
+    assert (tmp_path / "sessions" / "s1.snap").stat().st_mtime > time.time() + 50
+
+
+def test_file_store_refuses_a_directory_it_cannot_use(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ValueError, match="cannot use"):
+        FileBackend(tmp_path / "file")
+
+
+def test_open_backend_urls(tmp_path):
+    assert open_backend("memory") is None
+    b = open_backend(f"file:{tmp_path}/s")
+    assert isinstance(b, FileBackend) and (tmp_path / "s" / "sessions").is_dir()
+    assert isinstance(open_backend("redis://127.0.0.1:1/0"), RedisBackend)  # connects lazily
+    with pytest.raises(ValueError, match="memory .*file:DIR or redis://HOST:PORT/DB"):
+        open_backend("postgres://db/sessions")
+    with pytest.raises(ValueError, match="needs a directory"):
+        open_backend("file:")
+
+
+def test_redis_password_is_masked_in_messages():
+    b = RedisBackend("redis://user:s3cret@127.0.0.1:1/0", timeout=0.2)
+    with pytest.raises(StoreUnavailable) as info:
+        b.get("abc")
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+    assert "unreachable" in str(info.value)
+
+
+def test_redis_down_is_unavailable_then_recovers_by_itself(redis_server):
+    b = RedisBackend(redis_server.url, timeout=0.5)
+    b.put("s", b"x", ttl=60)
+    redis_server.stop()
+    try:
+        t0 = time.perf_counter()
+        for op in (lambda: b.get("s"), lambda: b.put("s", b"y", 60), lambda: b.acquire("s", "o", 5), b.ping):
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                op()
+        assert time.perf_counter() - t0 < 5  # refused at once, not after long retries
+    finally:
+        redis_server.start()
+    b.ping()  # the same client reconnects: no restart needed
+    assert b.get("s") is None  # this Redis came back empty (no persistence in the tests)
+    b.put("s", b"z", ttl=60)
+    assert b.get("s") == b"z"
+    b.close()
