@@ -7,7 +7,7 @@ with its own short expiry. The lease is what keeps the one-call-at-a-time rule a
 replicas: a call takes it before it reads the session and gives it back after its last write;
 a replica that dies mid-call stops renewing it, and it lapses after `lease_ttl` seconds, so
 another replica can serve the session from its last write. Every write made during a call
-(`save`) is conditional on still holding the lease and on the session still existing, so a
+(`commit`) is conditional on still holding the lease and on the session still existing, so a
 replica that lost its lease (paused past the lease's expiry) or a call on a session closed
 meanwhile never overwrites or resurrects anything.
 
@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 # must never become a path or a key pattern).
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
-# save() outcomes
+# commit() outcomes
 SAVED, LEASE_LOST, GONE = 1, 0, -1
 
 
@@ -67,15 +67,15 @@ class Backend:
         """Write a new session (no lease needed: nobody else knows its id yet)."""
         raise NotImplementedError
 
-    def save(self, sid: str, data: bytes, ttl: float, owner: str, lease_ttl: float) -> int:
-        """Write the session held by `owner` and renew the lease: SAVED; LEASE_LOST when
-        `owner` no longer holds it; GONE when the session was closed or expired (nothing is
-        written in either case)."""
+    def peek(self, sid: str) -> tuple[bytes | None, bool]:
+        """(the session's bytes or None, whether a call holds its lease), for a look only."""
         raise NotImplementedError
 
-    def renew(self, sid: str, owner: str, lease_ttl: float, ttl: float) -> int:
-        """Extend the lease and the session's expiry without writing it (a call that must not
-        write a partial result yet, such as a Score): SAVED, LEASE_LOST or GONE as save()."""
+    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None) -> int:
+        """For the call holding the lease (`owner`), atomically: write `data` (None: keep the
+        stored bytes) with a new expiry of `ttl` seconds, then renew the lease for `lease_ttl`
+        seconds (None: give it back). SAVED; LEASE_LOST when `owner` no longer holds the lease;
+        GONE when the session was closed or expired (nothing is written in either case)."""
         raise NotImplementedError
 
     def acquire(self, sid: str, owner: str, lease_ttl: float) -> bool:
@@ -230,30 +230,34 @@ class FileBackend(Backend):
             return LEASE_LOST
         return SAVED if path is not None and self._alive(path) else GONE
 
-    def save(self, sid, data, ttl, owner, lease_ttl) -> int:
-        if not valid_id(sid):
-            return GONE
+    def peek(self, sid: str) -> tuple[bytes | None, bool]:
+        data = self.get(sid)
+        if data is None:
+            return None, False
         try:
             with self._locked():
-                held = self._held(sid, owner)
-                if held == SAVED:
-                    self._write(self._path(sid), data, ttl)
-                    self._set_lease(sid, owner, lease_ttl)
-                return held
+                return data, self._lease(sid) is not None
         except OSError as exc:
             raise self._unavailable(exc) from None
 
-    def renew(self, sid, owner, lease_ttl, ttl) -> int:
+    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
         if not valid_id(sid):
             return GONE
         try:
             with self._locked():
                 held = self._held(sid, owner)
-                if held == SAVED:
+                if held != SAVED:
+                    return held
+                if data is not None:
+                    self._write(self._path(sid), data, ttl)
+                else:
                     deadline = self._clock() + ttl
                     os.utime(self._path(sid), (deadline, deadline))
+                if lease_ttl is None:
+                    (self._leases / sid).unlink()
+                else:
                     self._set_lease(sid, owner, lease_ttl)
-                return held
+                return SAVED
         except OSError as exc:
             raise self._unavailable(exc) from None
 
@@ -340,19 +344,18 @@ class FileBackend(Backend):
 
 
 # ------------------------------------------------------------------------------------ Redis
-# KEYS[1] lease, KEYS[2] session; ARGV owner, lease ms, [data, ttl ms | ttl ms]. Atomic on the
-# server: nobody can take the lease or close the session between the check and the write.
-_SAVE = """
+# KEYS[1] lease, KEYS[2] session; ARGV owner, lease ms (0: release), data ('' : keep the stored
+# bytes), ttl ms. Atomic on the server: nobody can take the lease or close the session between
+# the check and the write. (A snapshot is never empty, so '' is free to mean "no data".)
+_COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('PEXPIRE', KEYS[2], ARGV[3]) == 0 then return -1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] == '' then
+    if redis.call('PEXPIRE', KEYS[2], ARGV[4]) == 0 then return -1 end
+else
+    if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 _RELEASE = """
@@ -402,8 +405,7 @@ class RedisBackend(Backend):
             )
         except ValueError as exc:
             raise ValueError(f"--session-store {self.url}: {exc}") from None
-        self._save = self.r.register_script(_SAVE)
-        self._renew = self.r.register_script(_RENEW)
+        self._commit = self.r.register_script(_COMMIT)
         self._release = self.r.register_script(_RELEASE)
         self._count = (0.0, 0)  # (when, value): SCAN walks every key, so it is cached a little
 
@@ -431,17 +433,23 @@ class RedisBackend(Backend):
         with self._call():
             self.r.set(self._keys(sid)[1], data, px=_ms(ttl))
 
-    def save(self, sid, data, ttl, owner, lease_ttl) -> int:
+    def peek(self, sid):
         if not valid_id(sid):
-            return GONE
+            return None, False
+        lease, session = self._keys(sid)
         with self._call():
-            return int(self._save(keys=self._keys(sid), args=[owner, _ms(lease_ttl), data, _ms(ttl)]))
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(session)
+            pipe.exists(lease)
+            data, held = pipe.execute()
+        return data, bool(held) and data is not None
 
-    def renew(self, sid, owner, lease_ttl, ttl) -> int:
+    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
         if not valid_id(sid):
             return GONE
+        lease_ms = 0 if lease_ttl is None else _ms(lease_ttl)
         with self._call():
-            return int(self._renew(keys=self._keys(sid), args=[owner, _ms(lease_ttl), _ms(ttl)]))
+            return int(self._commit(keys=self._keys(sid), args=[owner, lease_ms, data or b"", _ms(ttl)]))
 
     def acquire(self, sid, owner, lease_ttl) -> bool:
         if not valid_id(sid):

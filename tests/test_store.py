@@ -54,7 +54,8 @@ def test_put_get_delete(backend):
 def test_ids_that_are_no_session_are_never_keys_or_paths(backend, sid):
     assert backend.get(sid) is None
     assert backend.delete(sid) is False
-    assert backend.save(sid, b"x", 60, "me", 5) == GONE
+    assert backend.commit(sid, "me", b"x", 60, 5) == GONE
+    assert backend.peek(sid) == (None, False)
     with pytest.raises(ValueError, match="not a session id"):
         backend.put(sid, b"x", 60)
 
@@ -64,11 +65,11 @@ def test_sessions_expire_after_their_ttl_and_writes_renew_it(backend):
     backend.put("kept", b"b", ttl=0.3)
     assert backend.acquire("kept", "me", 5)
     time.sleep(0.2)
-    assert backend.save("kept", b"c", 0.6, "me", 5) == SAVED  # a write renews the idle timeout
+    assert backend.commit("kept", "me", b"c", 0.6, 5) == SAVED  # a write renews the idle timeout
     time.sleep(0.25)
     assert backend.get("short") is None
     assert backend.get("kept") == b"c"
-    assert backend.renew("kept", "me", 5, 0.6) == SAVED  # so does a renewal without a write
+    assert backend.commit("kept", "me", None, 0.6, 5) == SAVED  # so does a renewal without a write
     time.sleep(0.4)
     assert backend.get("kept") == b"c"
     backend.expire()
@@ -81,9 +82,15 @@ def test_lease_is_exclusive_and_only_its_owner_releases_it(backend):
     assert backend.acquire("s", "call-b", 5) is False
     assert backend.release("s", "call-b") is False  # not b's to give back
     assert backend.acquire("s", "call-b", 5) is False
+    assert backend.peek("s") == (b"x", True)
     assert backend.release("s", "call-a") is True
+    assert backend.peek("s") == (b"x", False)
     assert backend.acquire("s", "call-b", 5) is True
     assert backend.release("s", "call-a") is False
+    # a commit that gives the lease back writes and frees the session in one step
+    assert backend.commit("s", "call-b", b"y", 60, None) == SAVED
+    assert backend.peek("s") == (b"y", False)
+    assert backend.commit("s", "call-b", b"z", 60, None) == LEASE_LOST
 
 
 def test_lease_of_a_dead_holder_lapses(backend):
@@ -93,10 +100,10 @@ def test_lease_of_a_dead_holder_lapses(backend):
     time.sleep(0.4)
     assert backend.acquire("s", "alive", 5)
     # the dead holder, back from a long pause, can no longer write over the new holder
-    assert backend.save("s", b"stale", 60, "dead", 5) == LEASE_LOST
-    assert backend.renew("s", "dead", 5, 60) == LEASE_LOST
+    assert backend.commit("s", "dead", b"stale", 60, 5) == LEASE_LOST
+    assert backend.commit("s", "dead", None, 60, None) == LEASE_LOST
     assert backend.get("s") == b"x"
-    assert backend.save("s", b"new", 60, "alive", 5) == SAVED
+    assert backend.commit("s", "alive", b"new", 60, 5) == SAVED
     assert backend.get("s") == b"new"
 
 
@@ -104,14 +111,14 @@ def test_a_closed_session_is_not_resurrected_by_its_running_call(backend):
     backend.put("s", b"x", ttl=60)
     assert backend.acquire("s", "call", 5)
     assert backend.delete("s") is True  # CloseSession from another call
-    assert backend.save("s", b"late", 60, "call", 5) == LEASE_LOST  # close took the lease too
+    assert backend.commit("s", "call", b"late", 60, 5) == LEASE_LOST  # close took the lease too
     assert backend.get("s") is None
     backend.put("t", b"x", ttl=60)
     assert backend.acquire("t", "call", 5)
     backend.put("t", b"x", ttl=0.1)
     time.sleep(0.2)  # expired under a held lease (its call stopped renewing)
-    assert backend.save("t", b"late", 60, "call", 5) == GONE
-    assert backend.renew("t", "call", 5, 60) == GONE
+    assert backend.commit("t", "call", b"late", 60, 5) == GONE
+    assert backend.commit("t", "call", None, 60, 5) == GONE
     assert backend.get("t") is None
 
 
@@ -119,7 +126,7 @@ def test_file_store_survives_a_new_process_and_leaves_no_partial_files(tmp_path)
     a = FileBackend(tmp_path)
     a.put("s1", b"one", ttl=60)
     assert a.acquire("s1", "x", 5)
-    assert a.save("s1", b"two", 60, "x", 5) == SAVED
+    assert a.commit("s1", "x", b"two", 60, 5) == SAVED
     a.close()
     (tmp_path / "sessions" / "s1.snap.tmp-dead").write_bytes(b"half a write")  # a killed writer
     b = FileBackend(tmp_path)  # as a restarted server opens it
