@@ -77,7 +77,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     tok = m.tokenizer
     pieces: list[str] = []
 
-    def emit(text, _bits, _reason):
+    def emit(text, _bits, _reason, _made):
         if text:
             out.write(text)
             out.flush()

@@ -300,3 +300,10 @@ def check_model(
             f"snapshot has {s.logits.size} logits, but model {name!r} predicts {output_size} "
             "symbols: the snapshot is corrupt"
         )
+
+
+def max_size(state_shape: tuple[int, int], output_size: int) -> int:
+    """The most bytes a snapshot of a model with this state shape and output size takes (with
+    room for a header naming any model a folder name can): the bound RestoreSession applies."""
+    arrays = 4 * (state_shape[0] * state_shape[1] + output_size)
+    return _FIXED.size + 4096 + arrays + 2 * DIGEST_SIZE

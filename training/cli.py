@@ -167,6 +167,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
     a("--providers", default=_env("PROVIDERS", "auto"),
       help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda [NLSTM_PROVIDERS]")
+    a("--snapshot-key-file", type=Path, default=_env("SNAPSHOT_KEY_FILE", None, Path),
+      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding whitespace "
+           "is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and RestoreSession refuses "
+           "snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: none, snapshots are checksummed only)")
     a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
@@ -193,10 +197,22 @@ def _run_serve(args: argparse.Namespace) -> int:
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
+    snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      limits=limits, grace=args.grace, runtime_options=runtime))
+                      limits=limits, grace=args.grace, runtime_options=runtime, snapshot_key=snapshot_key))
     return 0
+
+
+def _read_snapshot_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise OSError(f"--snapshot-key-file: cannot read {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ValueError(f"--snapshot-key-file: {path} holds {len(key)} bytes; a snapshot key needs at least 16 "
+                         f"(e.g. `openssl rand -hex 32 > {path}`)")
+    return key
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
