@@ -5,7 +5,7 @@ small exported models, and pieces of client traffic.
 picked from its log, and keeps reading the log in a thread so that the pipe never fills and
 blocks the server; the lines stay in `Server.log` for the reports. `rss_mib` and
 `cpu_seconds` read a process's resident memory and CPU time (psutil when installed, else
-/proc). `export_random` writes a random character model with torch, in the calling process
+/proc). `redis_server()` runs a throwaway `redis-server` for a benchmark's session store. `export_random` writes a random character model with torch, in the calling process
 (the server never imports torch); `models_folder` gives a models folder: the one asked for,
 or a temporary one of tiny models. `pick_models` and `glimpse_requests` build client traffic.
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -214,3 +216,31 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A `redis-server` on a free loopback port, without persistence, for the run; yields its
+    URL (redis://127.0.0.1:PORT/0)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,15 @@ def test_fuzz_smoke(bench_models):
         "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+
+
+def test_serve_load_smoke_on_sessions():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("serve_load.py", "--smoke", "--streams", "4", "--stores", "memory", "redis", "file")
+    assert [r["store"] for r in result["results"]] == ["memory", "redis", "file"]
+    for r in result["results"]:  # every stream on its own session, continued by each of its calls
+        assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
 
 
 def test_serve_load_smoke():

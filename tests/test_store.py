@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from redis_harness import RedisServer
 
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
+from serving.sessions import SessionBusy, SessionNotFound, TooManySessions
 from serving.store import (
     GONE,
     LEASE_LOST,
@@ -179,3 +182,74 @@ def test_redis_down_is_unavailable_then_recovers_by_itself(redis_server):
     b.put("s", b"z", ttl=60)
     assert b.get("s") == b"z"
     b.close()
+
+
+# ------------------------------------------------------------- sessions over a backend
+def durable(backend, **kw) -> DurableSessions:
+    kw.setdefault("lease_ttl", 5.0)
+    return DurableSessions(backend, {"m": "a" * 64, "other": "b" * 64}, **kw)
+
+
+def test_durable_sessions_round_trip_and_one_call_at_a_time(backend):
+    store = durable(backend, key=b"k" * 16)
+    state, logits = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(5, np.float32)
+    s = store.create("m", state, logits, position=7)
+    held = store.acquire(s.session_id)
+    assert (held.model, held.position, held.in_use) == ("m", 7, True)
+    assert np.array_equal(held.state, state) and np.array_equal(held.logits, logits)
+    with pytest.raises(SessionBusy, match="in use by another call"):
+        store.acquire(s.session_id)
+    assert store.get(s.session_id).in_use  # a look is allowed while a call holds it
+    store.checkpoint(held, (state + 1, None, 9))  # what a crash would leave
+    assert store.get(s.session_id).position == 9 and store.get(s.session_id).logits is None
+    held.state, held.position = state + 2, 10
+    store.release(held)
+    look = store.get(s.session_id)
+    assert (look.position, look.in_use) == (10, False) and np.array_equal(look.state, state + 2)
+    store.delete(s.session_id)
+    with pytest.raises(SessionNotFound, match="closed or expired"):
+        store.acquire(s.session_id)
+    with pytest.raises(SessionNotFound):
+        store.acquire("../etc/passwd")
+
+
+def test_durable_sessions_refuse_what_they_must_not_continue(backend):
+    store = durable(backend)
+    sid = store.create("m", np.zeros((2, 3), np.float32)).session_id
+    # another export of the model (a rolling update with new weights): FAILED_PRECONDITION
+    with pytest.raises(SessionMismatch, match="another export"):
+        DurableSessions(backend, {"m": "c" * 64}).acquire(sid)
+    with pytest.raises(SessionMismatch, match="does not serve"):
+        DurableSessions(backend, {"x": "c" * 64}).acquire(sid)
+    with pytest.raises(SessionCorrupt, match="cannot be read"):  # signed only where a key is set
+        durable(backend, key=b"k" * 16).acquire(sid)
+    backend.put(sid, b"not a snapshot", 60)
+    with pytest.raises(SessionCorrupt, match="cannot be read"):
+        store.acquire(sid)
+    assert backend.acquire(sid, "probe", 5)  # every refusal gave its lease back
+
+
+def test_durable_sessions_a_lapsed_lease_loses_the_call(backend):
+    store = durable(backend, lease_ttl=0.2)
+    sid = store.create("m", np.zeros((2, 3), np.float32)).session_id
+    slow = store.acquire(sid)
+    time.sleep(0.3)
+    fast = store.acquire(sid)  # the lease lapsed: another call may take the session
+    fast.position = 3
+    store.release(fast)
+    slow.position = 99
+    with pytest.raises(SessionLost, match="taken over"):
+        store.release(slow)
+    assert store.get(sid).position == 3  # the late writer changed nothing
+
+
+def test_durable_sessions_bound_and_expiry(tmp_path):
+    evicted = []
+    store = durable(FileBackend(tmp_path), max_sessions=2, idle_timeout=0.2, on_evict=evicted.append)
+    for _ in range(2):
+        store.create("m", np.zeros((2, 3), np.float32))
+    with pytest.raises(TooManySessions, match="maximum of 2"):
+        store.create("m", np.zeros((2, 3), np.float32))
+    assert len(store) == 2
+    time.sleep(0.3)
+    assert store.expire() == 2 and evicted == [2] and len(store) == 0
