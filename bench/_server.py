@@ -125,13 +125,22 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def _die_with_parent() -> None:
-    """In the server's process before exec (Linux): SIGTERM it when the benchmark that started
-    it dies, even by a signal that skips the context manager's cleanup."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Runs in the server's process before it becomes the server (Linux): SIGTERM it when the
+# process that started it dies, even by a signal that skips the context manager's cleanup; then
+# exec the real command (same pid). Not a preexec_fn: forking a process whose gRPC threads run
+# (a test or benchmark with channels open) and running Python in the child before exec can
+# kill the child in gRPC's fork handlers ("epoll_wait error: Bad file descriptor").
+_DIE_WITH_PARENT = (
+    "import os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when the process that starts it dies."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, *argv]
 
 
 class Server:
@@ -143,10 +152,9 @@ class Server:
 
     def __init__(self, models: Path, *flags: str, metrics: bool = True, start_timeout: float = 120.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve", "--models", str(models), "--port", "0",
-             "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags],
+            die_with_parent([sys.executable, "-m", "training.cli", "serve", "--models", str(models), "--port", "0",
+                             "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags]),
             stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            preexec_fn=_die_with_parent,
         )
         self.log: list[str] = []
         self.port = 0
@@ -228,8 +236,9 @@ def redis_server() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(die_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                             "--appendonly", "no"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while True:

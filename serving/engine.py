@@ -38,11 +38,11 @@ from typing import AsyncIterator, Protocol
 import numpy as np
 
 from serving import snapshot
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.sampling import Sampler, check_sampling, log_softmax
 from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
-from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 from serving.store import Backend, StoreUnavailable, open_backend
 
@@ -245,8 +245,7 @@ class Engine:
         while True:
             await asyncio.sleep(self.limits.checkpoint_interval)
             calls = list(self._calls.values())
-            results = await asyncio.gather(
-                *(self._store(self.store.checkpoint, c.session, c.keep()) for c in calls), return_exceptions=True)
+            results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
             for call, result in zip(calls, results):
                 if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
                     log.warning("%s", result)
@@ -254,6 +253,12 @@ class Engine:
                     self.schedulers[call.name].poke()
                 elif isinstance(result, Exception):  # the store is away: the call's last write tells
                     log.warning("checkpoint of session %s failed: %s", call.session.session_id, result)
+
+    async def _checkpoint(self, call: Call) -> None:
+        # still running? (it may have ended since the list was taken: then its last write is
+        # queued already, and a checkpoint after it would find the lease given back)
+        if self._calls.get(id(call.session)) is call:
+            await self._store(self.store.checkpoint, call.session, call.keep())
 
     def expire_sessions(self) -> int:
         """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total).

@@ -186,7 +186,8 @@ def test_sessions_expire_through_redis(pair, redis_server):
 
 def test_sigterm_and_restart_on_a_file_store(models_dir, tmp_path):
     store = f"file:{tmp_path / 'sessions'}"
-    first = Replica(models_dir, store)
+    keep = ("--idle-timeout", "600")  # a restart on a loaded machine may take longer than IDLE
+    first = Replica(models_dir, store, *keep)
     try:
         scored = session(first.stub)
         first.stub.Score(pb.ScoreRequest(session_id=scored, text="the cat sat"))
@@ -200,7 +201,7 @@ def test_sigterm_and_restart_on_a_file_store(models_dir, tmp_path):
         assert first.server.proc.wait(30) == 0
     finally:
         first.close()
-    second = Replica(models_dir, store)
+    second = Replica(models_dir, store, *keep)
     try:
         x = second.stub.Score(pb.ScoreRequest(session_id=scored, text=" on the mat", per_char=True))
         ref = session(second.stub)
