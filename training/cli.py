@@ -283,6 +283,53 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 
+def _add_session(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "session", help="create, show, close, snapshot, restore or fork a session on a running server",
+        description="Sessions hold a sequence's state on the server between calls (use the id with "
+                    "generate/score --session). create, restore and fork print the new session's id alone; "
+                    "snapshot writes the state to a file that restore turns into a new session, on this "
+                    "server or any other running the same export of the model.",
+    )
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_: str) -> argparse.ArgumentParser:
+        q = ssub.add_parser(name, help=help_)
+        q.add_argument("--target", default=_env("TARGET", "localhost:50051"),
+                       help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
+        q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        q.set_defaults(handler=_run_session)
+        return q
+
+    action("create", "a new session on --model").add_argument("--model", required=True, help="model name")
+    action("show", "a session's model, position, idle timeout").add_argument("session_id")
+    action("close", "free a session").add_argument("session_id")
+    q = action("snapshot", "write a session's state to a file")
+    q.add_argument("session_id")
+    q.add_argument("--out", required=True, help="file to write (atomically), or - for standard output")
+    action("restore", "a new session from a snapshot file").add_argument(
+        "file", help="a file written by `nlstm session snapshot`, or - for standard input")
+    action("fork", "a new session with a copy of a session's state").add_argument("session_id")
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    from serving import client
+
+    if args.action == "create":
+        client.session_create(args.target, args.model, args.timeout)
+    elif args.action == "show":
+        client.session_show(args.target, args.session_id, args.timeout)
+    elif args.action == "close":
+        client.session_close(args.target, args.session_id, args.timeout)
+    elif args.action == "snapshot":
+        client.session_snapshot(args.target, args.session_id, args.out, args.timeout)
+    elif args.action == "restore":
+        client.session_restore(args.target, args.file, args.timeout)
+    else:
+        client.session_fork(args.target, args.session_id, args.timeout)
+    return 0
+
+
 def _client(command: str, args: argparse.Namespace) -> int:
     from serving import client
 
@@ -497,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_score(sub)
     _add_classify(sub)
+    _add_session(sub)
     return parser
 
 
