@@ -384,11 +384,13 @@ class RedisBackend(Backend):
     The client times out after `timeout` seconds and retries a failed command once, on a new
     connection (a pooled connection is broken after Redis restarts): so a Redis that is down
     costs a call at most about 2 x timeout, and the first command after Redis is back
-    reconnects by itself, with no restart of the server."""
+    reconnects by itself, with no restart of the server. After a failure, commands fail at once
+    for `backoff` seconds without trying: a Redis that does not answer (a host that drops
+    packets) must not hold every call, or a drain's writes, for 2 x timeout each."""
 
     PREFIX = "nlstm:"
 
-    def __init__(self, url: str, timeout: float = 1.0) -> None:
+    def __init__(self, url: str, timeout: float = 1.0, backoff: float = 0.5) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -408,15 +410,21 @@ class RedisBackend(Backend):
         self._commit = self.r.register_script(_COMMIT)
         self._release = self.r.register_script(_RELEASE)
         self._count = (0.0, 0)  # (when, value): SCAN walks every key, so it is cached a little
+        self._backoff = backoff
+        self._down: tuple[float, str] = (0.0, "")  # (until when commands fail at once, why)
 
     def _keys(self, sid: str) -> tuple[str, str]:
         return f"{self.PREFIX}lease:{sid}", f"{self.PREFIX}session:{sid}"
 
     @contextlib.contextmanager
     def _call(self):
+        until, why = self._down
+        if time.monotonic() < until:
+            raise StoreUnavailable(f"the session store {self.url} is unreachable ({why})")
         try:
             yield
         except self._errors as exc:
+            self._down = (time.monotonic() + self._backoff, str(exc))
             raise StoreUnavailable(f"the session store {self.url} is unreachable ({exc})") from None
         except self._redis_error as exc:  # e.g. OOM (maxmemory), READONLY (a replica)
             raise StoreUnavailable(f"the session store {self.url} refused the request ({exc})") from None

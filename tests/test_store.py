@@ -177,7 +177,16 @@ def test_redis_down_is_unavailable_then_recovers_by_itself(redis_server):
         assert time.perf_counter() - t0 < 5  # refused at once, not after long retries
     finally:
         redis_server.start()
-    b.ping()  # the same client reconnects: no restart needed
+    # for a moment after a failure, commands fail at once without trying (a Redis that drops
+    # packets would cost each 2 x timeout); then the same client reconnects, no restart needed
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            b.ping()
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     assert b.get("s") is None  # this Redis came back empty (no persistence in the tests)
     b.put("s", b"z", ttl=60)
     assert b.get("s") == b"z"
@@ -253,3 +262,22 @@ def test_durable_sessions_bound_and_expiry(tmp_path):
     assert len(store) == 2
     time.sleep(0.3)
     assert store.expire() == 2 and evicted == [2] and len(store) == 0
+
+
+def test_a_redis_that_hangs_costs_one_timeout_then_fails_fast():
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        b = RedisBackend(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout=0.3, backoff=2.0)
+        t0 = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            b.get("abc")
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(5):  # within the backoff: no more waiting on the silent server
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                b.commit("abc", "me", b"x", 60, None)
+        assert first >= 0.3 and time.perf_counter() - t0 < 0.1
+        b.close()
