@@ -132,6 +132,16 @@ def test_serve_load_smoke_on_sessions():
         assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
 
 
+def test_store_ops_smoke():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("store_ops.py", "--smoke")
+    assert set(result["results"]) == {"redis", "file"}
+    for ops in result["results"].values():
+        assert set(ops) == {"acquire", "checkpoint", "release"}
+        assert all(v["wall_us"] > 0 and v["cpu_us"] >= 0 for v in ops.values())
+
+
 def test_serve_load_smoke():
     result = run_bench("serve_load.py", "--smoke", "--interval-ms", "0", "20")
     runs = {(r["streams"], r["interval_ms"]) for r in result["results"]}
