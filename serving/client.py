@@ -35,8 +35,9 @@ def _rpc_error(exc: grpc.RpcError) -> ValueError:
 
 
 def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
+             top_p: float, seed: int | None, stop: list[str], session_id: str, out=None,
              timeout: float | None = None) -> str:
+    out = sys.stdout if out is None else out  # read now: a default bound at import outlives a replaced stdout
     channel, stub = _stub(target, timeout)
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
@@ -57,7 +58,7 @@ def generate(target: str, model: str, prompt: str, max_chars: int, temperature: 
 
 
 def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-                   top_p: float, seed: int | None, stop: list[str], out=sys.stdout, providers: str = "auto",
+                   top_p: float, seed: int | None, stop: list[str], out=None, providers: str = "auto",
                    threads: int | None = None) -> str:
     """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
@@ -68,6 +69,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     from serving.sampling import Sampler
     from serving.scheduler import GenerateSequence
 
+    out = sys.stdout if out is None else out
     m = _local_model(models_dir, model, providers, threads)
     if not 1 <= max_chars:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
@@ -85,7 +87,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
 
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
     seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit)
+                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit, boundaries=False)
     while not seq.finished:
         post: list = []
         if seq.wants_sample:
