@@ -119,12 +119,17 @@ class Limits:
     max_messages_per_s: float = 400.0
     max_stop: int = 4
     # With a file or Redis session store: how often a running call writes its session (and
-    # renews its lease, which lapses after 3 of these: how long a dead replica's sessions stay
-    # locked). A replica that dies loses at most this much of a long Generate.
+    # renews its lease, which lapses after 3 of these, at least LEASE_MIN: how long a dead
+    # replica's sessions stay locked). A replica that dies loses at most this much of a long
+    # Generate.
     checkpoint_interval: float = 2.0
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
+# The shortest lease on a session in a shared store: a lease that lapses while its call still
+# runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
+# checkpoints get a lease that outlives a stall of a second or two.
+LEASE_MIN = 2.0
 
 
 class Engine:
@@ -155,7 +160,7 @@ class Engine:
         else:
             self.store = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
-                idle_timeout=self.limits.idle_timeout, lease_ttl=3 * self.limits.checkpoint_interval,
+                idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
                 key=snapshot_key, on_evict=self.metrics.evictions.inc)
             # one thread: the store's reads and writes run in the order they were asked for (a
             # call's last write after its checkpoints), off the event loop
@@ -228,8 +233,14 @@ class Engine:
         shared store; the shared store's own failures become their status codes."""
         if self._io is None:
             return fn(*args)
+        # Shielded: a call whose client went away is cancelled while its last write waits its
+        # turn on the store thread, and an awaited run_in_executor would then drop the queued
+        # write (cancelling the asyncio future cancels the pending job); the session would keep
+        # its lease until it lapsed and lose what the call did. The job runs whatever happens.
+        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        job.add_done_callback(_retrieved)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+            return await asyncio.shield(job)
         except StoreUnavailable as exc:
             raise Unavailable(f"{exc}; calls that need a session fail until it answers again, "
                               "calls without one still work") from None
@@ -561,6 +572,12 @@ class Call:
     session: Session
     seq: Sequence
     keep: object  # () -> (state, logits, position) | None
+
+
+def _retrieved(job: asyncio.Future) -> None:
+    """Mark a store job's failure as seen (its caller may have been cancelled meanwhile)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def id_texts(tok) -> list[str]:

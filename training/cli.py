@@ -177,7 +177,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
            "(default: memory)")
     a("--session-checkpoint-s", type=float, default=_env("SESSION_CHECKPOINT_S", 2.0, float),
       help="file or Redis store: how often a running call writes its session and renews its lease (a dead "
-           "replica's sessions are free again after 3 of these) [NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
+           "replica's sessions are free again after 3 of these, at least 2 s) [NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
     a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
