@@ -281,3 +281,20 @@ def test_a_redis_that_hangs_costs_one_timeout_then_fails_fast():
                 b.commit("abc", "me", b"x", 60, None)
         assert first >= 0.3 and time.perf_counter() - t0 < 0.1
         b.close()
+
+
+def test_serve_session_store_flags_and_environment(monkeypatch, tmp_path, capsys):
+    from training.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.session_store, args.session_checkpoint_s) == ("memory", 2.0)
+    monkeypatch.setenv("NLSTM_SESSION_STORE", f"file:{tmp_path}")
+    monkeypatch.setenv("NLSTM_SESSION_CHECKPOINT_S", "0.5")
+    args = build_parser().parse_args(["serve"])
+    assert (args.session_store, args.session_checkpoint_s) == (f"file:{tmp_path}", 0.5)
+    # refused before any model loads (the models folder does not even exist)
+    missing = str(tmp_path / "no-models")
+    assert main(["serve", "--models", missing, "--session-store", "postgres://db/x"]) == 2
+    assert "not a store this server knows; use memory" in capsys.readouterr().err
+    assert main(["serve", "--models", missing, "--session-checkpoint-s", "0"]) == 2
+    assert "--session-checkpoint-s must be in [0.05, 600]" in capsys.readouterr().err

@@ -197,6 +197,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
     if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
         raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
+    if not 0.05 <= args.session_checkpoint_s <= 600:
+        raise ValueError(f"--session-checkpoint-s must be in [0.05, 600] seconds, got {args.session_checkpoint_s}")
     if not 0 <= args.max_messages_per_s < float("inf"):
         raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
                          f"got {args.max_messages_per_s}")
