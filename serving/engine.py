@@ -11,6 +11,14 @@ and the messages sent; Score: unchanged; glimpses: those answered), and `_finish
 each call commits what its session keeps. Sessions also travel as snapshots
 (serving/snapshot.py).
 
+Sessions live in the process (SessionStore, `--session-store memory`) or in a shared store
+(serving/durable.py over serving/store.py: `file:DIR`, `redis://...`). With a shared store a
+call reads its session when it starts and writes it when it ends, on the store thread (never
+on the event loop, never per character on the scheduler's); while it runs, a checkpoint task
+writes what the session would keep if the call ended now (Generate: the prompt and the
+messages sent; glimpses: those answered) and renews the call's lease every
+`checkpoint_interval` seconds, so that a replica that dies loses at most that much.
+
 A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence symbol if it
 has one (the poems), else the newline if it is in the vocabulary (PTB: text follows a line
 break), else the space (text8); its prediction scores the first character
@@ -21,20 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
 from serving import snapshot
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
 from serving.sampling import Sampler, check_sampling, log_softmax
 from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
+from serving.store import Backend, StoreUnavailable, open_backend
+
+log = logging.getLogger("nlstm.serving")
 
 
 # The errors of the domain, each one gRPC status code (see the .proto's header).
@@ -64,6 +78,10 @@ class Aborted(ServingError):
 
 class Unavailable(ServingError):
     code = "UNAVAILABLE"
+
+
+class DataLoss(ServingError):
+    code = "DATA_LOSS"
 
 
 class ServedModel(Protocol):
@@ -104,15 +122,25 @@ class Limits:
     max_stop: int = 4
     # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
     prefix_cache_mb: float = 64.0
+    # With a file or Redis session store: how often a running call writes its session (and
+    # renews its lease, which lapses after 3 of these, at least LEASE_MIN: how long a dead
+    # replica's sessions stay locked). A replica that dies loses at most this much of a long
+    # Generate.
+    checkpoint_interval: float = 2.0
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
 MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
+# The shortest lease on a session in a shared store: a lease that lapses while its call still
+# runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
+# checkpoints get a lease that outlives a stall of a second or two.
+LEASE_MIN = 2.0
 
 
 class Engine:
     def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
-                 metrics: Metrics | None = None, snapshot_key: bytes | None = None) -> None:
+                 metrics: Metrics | None = None, snapshot_key: bytes | None = None,
+                 session_store: str | Backend | None = "memory") -> None:
         self.models = models
         self.limits = limits or Limits()
         if snapshot_key is not None and len(snapshot_key) < 16:
@@ -128,11 +156,27 @@ class Engine:
         if not 0 <= self.limits.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
             raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
                              f"got {self.limits.prefix_cache_mb}")
+        if not 0.05 <= self.limits.checkpoint_interval <= 600:  # NaN fails too
+            raise ValueError(f"checkpoint_interval must be in [0.05, 600] seconds, got {self.limits.checkpoint_interval}")
         self.metrics = metrics or Metrics()
         cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
-        self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
-                                  on_evict=self.metrics.evictions.inc)
+        backend = open_backend(session_store) if isinstance(session_store, str) else session_store
+        self.store: SessionStore | DurableSessions
+        if backend is None:
+            self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
+                                      on_evict=self.metrics.evictions.inc)
+            self._io: ThreadPoolExecutor | None = None
+        else:
+            self.store = DurableSessions(
+                backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
+                idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
+                key=snapshot_key, on_evict=self.metrics.evictions.inc)
+            # one thread: the store's reads and writes run in the order they were asked for (a
+            # call's last write after its checkpoints), off the event loop
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._calls: dict[int, Call] = {}  # calls holding a stored session, by id(session)
+        self._checkpoints: asyncio.Task | None = None
         self.metrics.max_sessions.set(self.limits.max_sessions)
         self.metrics.active_sessions.set_function(self.store.__len__)  # read at each scrape
         self.schedulers: dict[str, Scheduler] = {}
@@ -158,6 +202,14 @@ class Engine:
                 self.texts[name] = id_texts(model.tokenizer)
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_model(name)
+        if self._io is not None:
+            self._checkpoints = asyncio.ensure_future(self._checkpoint_forever())
+            try:
+                self.store.backend.ping()
+            except StoreUnavailable as exc:  # serve anyway: stateless calls work, sessions once it is back
+                log.warning("%s; calls on sessions get UNAVAILABLE until it answers", exc)
+            else:
+                log.info("sessions in %s", self.store.backend.url)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -174,12 +226,71 @@ class Engine:
             s.cancel(GenerateSequence)
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
         for s in self.schedulers.values():
-            await asyncio.get_running_loop().run_in_executor(None, s.stop)
+            await loop.run_in_executor(None, s.stop)
+        if self._io is not None:
+            # the calls the drain cancelled write their sessions as they unwind: let them, then
+            # wait for every write to reach the store (the SIGTERM drain loses no session)
+            deadline = time.monotonic() + 5
+            while self._calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self._checkpoints is not None:
+                self._checkpoints.cancel()
+            await loop.run_in_executor(None, functools.partial(self._io.shutdown, wait=True))
+            self.store.close()
+
+    async def _store(self, fn, *args):
+        """Run a store method: at once for sessions in memory, on the store thread for a
+        shared store; the shared store's own failures become their status codes."""
+        if self._io is None:
+            return fn(*args)
+        # Shielded: a call whose client went away is cancelled while its last write waits its
+        # turn on the store thread, and an awaited run_in_executor would then drop the queued
+        # write (cancelling the asyncio future cancels the pending job); the session would keep
+        # its lease until it lapsed and lose what the call did. The job runs whatever happens.
+        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        job.add_done_callback(_retrieved)
+        try:
+            return await asyncio.shield(job)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"{exc}; calls that need a session fail until it answers again, "
+                              "calls without one still work") from None
+        except SessionLost as exc:
+            raise Aborted(str(exc)) from None
+        except SessionMismatch as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except SessionCorrupt as exc:
+            raise DataLoss(str(exc)) from None
+
+    async def _checkpoint_forever(self) -> None:
+        """Write the sessions of running calls, and renew their leases, every checkpoint_interval."""
+        while True:
+            await asyncio.sleep(self.limits.checkpoint_interval)
+            calls = list(self._calls.values())
+            results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
+            for call, result in zip(calls, results):
+                if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
+                    log.warning("%s", result)
+                    call.seq.cancelled = True
+                    self.schedulers[call.name].poke()
+                elif isinstance(result, Exception):  # the store is away: the call's last write tells
+                    log.warning("checkpoint of session %s failed: %s", call.session.session_id, result)
+
+    async def _checkpoint(self, call: Call) -> None:
+        # still running? (it may have ended since the list was taken: then its last write is
+        # queued already, and a checkpoint after it would find the lease given back)
+        if self._calls.get(id(call.session)) is call:
+            await self._store(self.store.checkpoint, call.session, call.keep())
 
     def expire_sessions(self) -> int:
-        """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total)."""
-        return self.store.expire()
+        """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total).
+        Blocks on a file store's directory: the server runs it off the event loop."""
+        try:
+            return self.store.expire()
+        except StoreUnavailable as exc:
+            log.warning("session expiry: %s", exc)
+            return 0
 
     # ---------------------------------------------------------------- models
     def model(self, name: str) -> ServedModel:
@@ -190,30 +301,30 @@ class Engine:
         except KeyError:
             raise NotFound(f"no model {name!r}; this server runs {sorted(self.models)}") from None
 
-    def create_session(self, model_name: str) -> Session:
+    async def create_session(self, model_name: str) -> Session:
         model = self.model(model_name)
         try:
-            session = self.store.create(model_name, model.initial_state(1)[0])
+            session = await self._store(self.store.create, model_name, model.initial_state(1)[0])
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
         return session
 
-    def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str) -> Session:
         """The session for a look (it may be in use: then `in_use` is set and its position is
         the one before the running call)."""
         if not session_id:
             raise InvalidArgument("session_id is required")
         try:
-            return self.store.get(session_id)
+            return await self._store(self.store.get, session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
 
-    def _hold(self, session_id: str) -> Session:
+    async def _hold(self, session_id: str) -> Session:
         """Acquire a session for a snapshot or a fork (one call at a time, as for every call)."""
         if not session_id:
             raise InvalidArgument("session_id is required")
         try:
-            return self.store.acquire(session_id)
+            return await self._store(self.store.acquire, session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
         except SessionBusy as exc:
@@ -225,17 +336,17 @@ class Engine:
             self._model_ids[name] = snapshot.model_identity(self.models[name].meta)
         return self._model_ids[name]
 
-    def snapshot_session(self, session_id: str) -> tuple[bytes, Session]:
+    async def snapshot_session(self, session_id: str) -> tuple[bytes, Session]:
         """The session's snapshot bytes (signed with the server's key, if any)."""
-        session = self._hold(session_id)
+        session = await self._hold(session_id)
         try:
             state = snapshot.SessionState(session.model, self.model_id(session.model), session.position,
                                           session.state, session.logits)
             return snapshot.encode(state, self.snapshot_key), session
         finally:
-            self.store.release(session)
+            await self._store(self.store.release, session)
 
-    def restore_session(self, data: bytes) -> Session:
+    async def restore_session(self, data: bytes) -> Session:
         """A new session holding a snapshot's state: refused with INVALID_ARGUMENT (not a
         readable, verified snapshot) or FAILED_PRECONDITION (another model or export)."""
         if not data:
@@ -255,7 +366,7 @@ class Engine:
         except snapshot.SnapshotInvalid as exc:
             raise InvalidArgument(str(exc)) from None
         try:
-            return self.store.create(s.model, s.state, s.logits, s.position)
+            return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
 
@@ -263,25 +374,25 @@ class Engine:
         """The largest snapshot one of this server's models makes, with room for the header."""
         return max(snapshot.max_size(tuple(m.meta.state_shape), m.meta.output_size) for m in self.models.values())
 
-    def fork_session(self, session_id: str) -> Session:
+    async def fork_session(self, session_id: str) -> Session:
         """A new session with a copy of the session's state and position."""
-        session = self._hold(session_id)
+        session = await self._hold(session_id)
         try:
-            return self.store.create(session.model, session.state, session.logits, session.position)
+            return await self._store(self.store.create, session.model, session.state, session.logits, session.position)
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
         finally:
-            self.store.release(session)
+            await self._store(self.store.release, session)
 
-    def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str) -> None:
         if not session_id:
             raise InvalidArgument("session_id is required")
         try:
-            self.store.delete(session_id)
+            await self._store(self.store.delete, session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
 
-    def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
+    async def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
         """(model name, model, session or None, state, logits) for a call; the caller must
         _finish it."""
         if self.closing:
@@ -289,13 +400,13 @@ class Engine:
         session = None
         if session_id:
             try:
-                session = self.store.acquire(session_id)
+                session = await self._store(self.store.acquire, session_id)
             except SessionNotFound as exc:
                 raise NotFound(str(exc)) from None
             except SessionBusy as exc:
                 raise Aborted(str(exc)) from None
             if model_name and model_name != session.model:
-                self.store.release(session)
+                await self._store(self.store.release, session)
                 raise InvalidArgument(
                     f"session {session_id} runs model {session.model!r}, not {model_name!r} "
                     "(leave model empty or name the session's model)"
@@ -304,7 +415,7 @@ class Engine:
         model = self.model(model_name)
         if model.meta.kind != kind:
             if session is not None:
-                self.store.release(session)
+                await self._store(self.store.release, session)
             what = "character models" if kind == "char" else "glimpse classifiers"
             raise FailedPrecondition(
                 f"{rpc} runs on {what}; model {model_name!r} is a {model.meta.kind} model"
@@ -313,21 +424,28 @@ class Engine:
             return model_name, model, session, session.state, session.logits
         return model_name, model, None, model.initial_state(1)[0], None
 
-    def _finish(self, name: str, session: Session | None, seq: Sequence,
-                keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+    def _track(self, name: str, session: Session | None, seq: Sequence, keep) -> None:
+        """With a shared store: checkpoint this call's session while it runs; `keep()` says
+        what the session would hold if the call ended now (None: as it was)."""
+        if session is not None and self._io is not None:
+            self._calls[id(session)] = Call(name, session, seq, keep)
+
+    async def _finish(self, name: str, session: Session | None, seq: Sequence,
+                      keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
         """End a call: stop its sequence if it still runs, store `keep` (state, logits,
         position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
             seq.cancelled = True
             self.schedulers[name].poke()
         if session is not None:
+            self._calls.pop(id(session), None)
             if keep is not None:
                 state, logits, session.position = keep
                 # copies: the state is often a row of a whole batch's step output, which a view
                 # would keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
                 session.state = state.copy()
                 session.logits = None if logits is None else logits.copy()
-            self.store.release(session)
+            await self._store(self.store.release, session)
 
     # -------------------------------------------------------------- text
     async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
@@ -337,7 +455,7 @@ class Engine:
             raise ResourceExhausted(
                 f"text has {len(text)} characters; this server scores at most {self.limits.max_text} per call"
             )
-        name, model, session, state, logits = self._open(model_name, session_id, "char", "Score")
+        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Score")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         enc = model.tokenizer.encode(text)
@@ -346,6 +464,7 @@ class Engine:
                             lambda s: done.done() or done.set_result(s))
         position = (session.position if session is not None else 0) + len(enc.ids)
         keep = None  # all or nothing: the session changes only when the whole text was scored
+        self._track(name, session, seq, lambda: None)  # checkpoints only renew the lease
         try:
             self.schedulers[name].add(seq)
             await done
@@ -353,7 +472,7 @@ class Engine:
                 raise seq.error
             keep = (*seq.pos, position)
         finally:
-            self._finish(name, session, seq, keep)
+            await self._finish(name, session, seq, keep)
         self.metrics.chars_scored.labels(name).inc(len(enc.ids))
         total = float(seq.bits.sum())
         return {
@@ -392,7 +511,7 @@ class Engine:
             raise ResourceExhausted(
                 f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
             )
-        name, model, session, state, logits = self._open(model_name, session_id, "char", "Generate")
+        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Generate")
         tok = model.tokenizer
         banned = banned_ids(tok)
         box = Mailbox()
@@ -420,6 +539,11 @@ class Engine:
         seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
+
+        def keep():  # what the session holds if the call ends now (`sent` as it is then)
+            mark = seq.mark(sent)
+            return None if mark is None else (*mark, base + len(prompt_ids) + sent)
+        self._track(name, session, seq, keep)
         try:
             self.schedulers[name].add(seq)
             while True:
@@ -444,15 +568,33 @@ class Engine:
                         raise seq.error
                     return
         finally:
-            mark = seq.mark(sent)  # None: the prompt was never all fed; the session stays as it was
-            self._finish(name, session, seq, None if mark is None else (*mark, base + len(prompt_ids) + sent))
+            # None: the prompt was never all fed; the session stays as it was
+            await self._finish(name, session, seq, keep())
 
     # ------------------------------------------------------------- glimpses
-    def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
-        name, model, session, state, _ = self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
+    async def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
+        name, model, session, state, _ = await self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
-        return GlimpseStream(self, name, session, seq)
+        stream = GlimpseStream(self, name, session, seq)
+        self._track(name, session, seq, lambda: stream._sent)
+        return stream
+
+
+@dataclass
+class Call:
+    """A running call on a session in a shared store (what the checkpoint task needs)."""
+
+    name: str
+    session: Session
+    seq: Sequence
+    keep: object  # () -> (state, logits, position) | None
+
+
+def _retrieved(job: asyncio.Future) -> None:
+    """Mark a store job's failure as seen (its caller may have been cancelled meanwhile)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def id_texts(tok) -> list[str]:
@@ -530,12 +672,12 @@ class GlimpseStream:
         """The answer to the last glimpse went out: the session will keep that glimpse."""
         self._sent = self._answer
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.seq.finished = True  # nothing more will come; the scheduler drops it
-        self.engine._finish(self.name, self.session, self.seq, self._sent)
+        await self.engine._finish(self.name, self.session, self.seq, self._sent)
 
 
 __all__ = [
-    "Aborted", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
+    "Aborted", "DataLoss", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
     "NotFound", "ResourceExhausted", "ServingError", "Unavailable",
 ]

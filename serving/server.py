@@ -25,6 +25,7 @@ from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Engine, Limits
 from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
+from serving.store import Backend, open_backend
 
 log = logging.getLogger("nlstm.serving")
 
@@ -59,9 +60,9 @@ class Running:
 
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
                        metrics: Metrics | None = None, max_message_bytes: int = 16 << 20,
-                       snapshot_key: bytes | None = None) -> Running:
+                       snapshot_key: bytes | None = None, session_store: str | Backend | None = "memory") -> Running:
     metrics = metrics or Metrics()
-    engine = Engine(models, limits, metrics, snapshot_key=snapshot_key)
+    engine = Engine(models, limits, metrics, snapshot_key=snapshot_key, session_store=session_store)
     engine.start()
     server = grpc.aio.server(
         interceptors=[ErrorsAndMetrics(metrics)],
@@ -101,8 +102,9 @@ async def shutdown(running: Running, grace: float) -> None:
 
 async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]", metrics_port: int | None = 9090,
                 limits: Limits | None = None, grace: float = 10.0, runtime_options: dict | None = None,
-                ready=None, snapshot_key: bytes | None = None) -> None:
+                ready=None, snapshot_key: bytes | None = None, session_store: str = "memory") -> None:
     """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound."""
+    store = open_backend(session_store)  # a bad URL fails now, before the models load
     models = load_models(models_dir, **(runtime_options or {}))
     metrics = Metrics()
     if metrics_port is not None:
@@ -111,7 +113,7 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
         http, _ = start_http_server(metrics_port, registry=metrics.registry)
         log.info("metrics on http://0.0.0.0:%d/metrics", http.server_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
-                                 snapshot_key=snapshot_key)
+                                 snapshot_key=snapshot_key, session_store=store)
     log.info("serving %s on port %d", ", ".join(sorted(models)), running.port)
     if ready is not None:
         ready(running)
@@ -124,7 +126,7 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
         period = max(1.0, min(30.0, running.engine.limits.idle_timeout / 4))
         while True:
             await asyncio.sleep(period)
-            running.engine.expire_sessions()
+            await loop.run_in_executor(None, running.engine.expire_sessions)  # a file store sweeps a folder
 
     expiry = asyncio.create_task(expire_forever())
     await stop.wait()

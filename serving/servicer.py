@@ -66,25 +66,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
     async def CreateSession(self, request, context):
-        return session_info(self.engine, self.engine.create_session(request.model))
+        return session_info(self.engine, await self.engine.create_session(request.model))
 
     async def CloseSession(self, request, context):
-        self.engine.close_session(request.session_id)
+        await self.engine.close_session(request.session_id)
         return pb.CloseSessionResponse()
 
     async def GetSession(self, request, context):
-        s = self.engine.get_session(request.session_id)
+        s = await self.engine.get_session(request.session_id)
         return session_info(self.engine, s, in_use=s.in_use)
 
     async def SnapshotSession(self, request, context):
-        data, s = self.engine.snapshot_session(request.session_id)
+        data, s = await self.engine.snapshot_session(request.session_id)
         return pb.SessionSnapshot(data=data, model=s.model, position=s.position)
 
     async def RestoreSession(self, request, context):
-        return session_info(self.engine, self.engine.restore_session(request.data))
+        return session_info(self.engine, await self.engine.restore_session(request.data))
 
     async def ForkSession(self, request, context):
-        return session_info(self.engine, self.engine.fork_session(request.session_id))
+        return session_info(self.engine, await self.engine.fork_session(request.session_id))
 
     async def Generate(self, request, context):
         seed = request.seed if request.HasField("seed") else None
@@ -106,7 +106,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             async for request in request_iterator:
                 if stream is None:
-                    stream = self.engine.glimpse_stream(request.model, request.session_id)
+                    stream = await self.engine.glimpse_stream(request.model, request.session_id)
                 elif (request.model and request.model != stream.name) or request.session_id:
                     raise InvalidArgument("model and session_id go on the first message of a stream only")
                 step, probs, cls, position = await stream.push(request.pixels)
@@ -114,7 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 stream.sent()  # resumed: the answer went out, the session keeps this glimpse
         finally:
             if stream is not None:
-                stream.close()
+                await stream.close()
 
 
 class Malformed:

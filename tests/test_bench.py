@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,26 @@ def test_fuzz_smoke(bench_models):
         "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+
+
+def test_serve_load_smoke_on_sessions():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("serve_load.py", "--smoke", "--stores", "memory", "redis")
+    assert [(r["streams"], r["store"]) for r in result["results"]] == [
+        (4, "memory"), (4, "redis"), (1, "memory"), (1, "redis")]
+    for r in result["results"]:  # every stream on its own session, continued by each of its calls
+        assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
+
+
+def test_store_ops_smoke():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("store_ops.py", "--smoke")
+    assert set(result["results"]) == {"redis", "file"}
+    for ops in result["results"].values():
+        assert set(ops) == {"acquire", "checkpoint", "release"}
+        assert all(v["wall_us"] > 0 and v["cpu_us"] >= 0 for v in ops.values())
 
 
 def test_serve_load_smoke():

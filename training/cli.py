@@ -175,6 +175,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding whitespace "
            "is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and RestoreSession refuses "
            "snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: none, snapshots are checksummed only)")
+    a("--session-store", default=_env("SESSION_STORE", "memory"),
+      help="where sessions live: memory (this process), file:DIR (survives a restart on the same DIR) or "
+           "redis://HOST:PORT/DB (shared by replicas: any replica serves any session) [NLSTM_SESSION_STORE] "
+           "(default: memory)")
+    a("--session-checkpoint-s", type=float, default=_env("SESSION_CHECKPOINT_S", 2.0, float),
+      help="file or Redis store: how often a running call writes its session and renews its lease (a dead "
+           "replica's sessions are free again after 3 of these, at least 2 s) [NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
     a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
@@ -194,6 +201,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
     if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
         raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
+    if not 0.05 <= args.session_checkpoint_s <= 600:
+        raise ValueError(f"--session-checkpoint-s must be in [0.05, 600] seconds, got {args.session_checkpoint_s}")
     if not 0 <= args.max_messages_per_s < float("inf"):
         raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
                          f"got {args.max_messages_per_s}")
@@ -203,12 +212,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
-                    prefix_cache_mb=args.prefix_cache_mb)
+                    prefix_cache_mb=args.prefix_cache_mb,
+                    checkpoint_interval=args.session_checkpoint_s)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      limits=limits, grace=args.grace, runtime_options=runtime, snapshot_key=snapshot_key))
+                      limits=limits, grace=args.grace, runtime_options=runtime, snapshot_key=snapshot_key,
+                      session_store=args.session_store))
     return 0
 
 
