@@ -24,6 +24,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import grpc
 
@@ -55,12 +56,12 @@ def current_caller() -> Caller:
 
 
 def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.1:5000' -> 'ipv4:10.0.0.1', 'ipv6:[::1]:5000' -> 'ipv6:[::1]': a client's
+    """'ipv4:10.0.0.1:5000' -> 'ipv4:10.0.0.1', 'ipv6:%5B::1%5D:5000' -> 'ipv6:[::1]': a client's
     address without the port, which changes with every connection."""
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6") and ":" in address:
         address = address.rsplit(":", 1)[0]
-    return f"{kind}:{address}"
+    return f"{kind}:{unquote(address)}"  # grpc writes IPv6 brackets percent-encoded
 
 
 def fingerprint(key: str) -> str:
