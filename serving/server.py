@@ -147,9 +147,8 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
     if metrics_port is not None:
         http = MetricsServer(metrics.registry)
         await http.start(metrics_host if metrics_host is not None else host, metrics_port)
-        for sock in (s for server in http._servers for s in server.sockets):
-            a = sock.getsockname()
-            log.info("metrics on http://%s:%d/metrics", f"[{a[0]}]" if ":" in a[0] else a[0], a[1])
+        for address, bound_port in http.addresses():
+            log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
                                  server_limits=server_limits, api_keys=api_keys, tls=tls)
     if api_keys is not None and tls is None:

@@ -259,7 +259,7 @@ def test_metrics_endpoint_binds_its_host_and_idle_connections_cost_no_thread(mon
     async def main():
         server = MetricsServer(registry)
         await server.start("127.0.0.1", 0)
-        addresses = {s.getsockname()[0] for srv in server._servers for s in srv.sockets}
+        addresses = {a for a, _ in server.addresses()}
         assert addresses == {"127.0.0.1"}  # where it was told, not 0.0.0.0
         port = server.port
         threads = threading.active_count()
