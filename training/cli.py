@@ -190,6 +190,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--api-keys-file", type=Path, default=_env("API_KEYS_FILE", None, Path),
       help="file of API keys, one a line: every call but health checks must send 'authorization: Bearer KEY', "
            "and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
+    a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
+      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
+           "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
     a("--grace", type=float, default=_env("GRACE", 10.0, float),
       help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
     a("--threads", type=int, default=_env("THREADS", 0, int),
@@ -222,7 +225,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
                     max_stop_chars=args.max_stop_chars, max_glimpses=args.max_glimpses,
-                    max_sessions_per_client=args.max_sessions_per_client)
+                    max_sessions_per_client=args.max_sessions_per_client, prefix_cache_mb=args.prefix_cache_mb)
     server_limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes,
                                  max_concurrent_calls=args.max_concurrent_calls,
                                  max_client_requests_per_s=args.max_client_requests_per_s)
@@ -433,6 +436,29 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- summary
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="a results table (markdown) of one or more runs, mean and spread over seeds",
+        description=(
+            "Print each RUN's figures at its best validation (the test figure at that "
+            "evaluation, as the paper reports) as a markdown table. Runs whose folder names "
+            "differ only by a trailing -sN / -seedN are one row: mean and sample standard "
+            "deviation over the seeds. Every RUN must be of the same task."
+        ),
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder")
+    p.set_defaults(handler=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from training.summary import group, markdown, read_run
+
+    print(markdown(group([read_run(r) for r in args.runs])), end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ visualize
 def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -515,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_plot(sub)
+    _add_summary(sub)
     _add_visualize(sub)
     _add_serve(sub)
     _add_generate(sub)
