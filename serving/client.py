@@ -64,8 +64,9 @@ def _rpc_error(exc: grpc.RpcError) -> ValueError:
 
 
 def generate(target: Connection | str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
+             top_p: float, seed: int | None, stop: list[str], session_id: str, out=None,
              timeout: float | None = None) -> str:
+    out = out or sys.stdout  # looked up per call: a default bound at import goes stale
     channel, stub, metadata = _stub(target, timeout)
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
@@ -86,7 +87,7 @@ def generate(target: Connection | str, model: str, prompt: str, max_chars: int, 
 
 
 def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-                   top_p: float, seed: int | None, stop: list[str], out=sys.stdout, providers: str = "auto",
+                   top_p: float, seed: int | None, stop: list[str], out=None, providers: str = "auto",
                    threads: int | None = None) -> str:
     """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
@@ -97,6 +98,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     from serving.sampling import Sampler
     from serving.scheduler import GenerateSequence
 
+    out = out or sys.stdout
     m = _local_model(models_dir, model, providers, threads)
     if not 1 <= max_chars:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
