@@ -160,22 +160,9 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
 
-        def finish(code: str, start: float, context=None) -> None:
-            elapsed = time.perf_counter() - start
-            if context is None or code != "OK":
-                metrics.requests.labels(method, code).inc()
-                metrics.latency.labels(method).observe(elapsed)
-                return
-
-            # An OK from the handler is what the client got only if the call then ended
-            # well: a glimpse stream whose client cancels it or vanishes mostly ends with the
-            # handler returning (grpc ends its request iterator as if the client had finished
-            # sending), and grpc knows it was cancelled only when the call is done.
-            def done(_context) -> None:
-                metrics.requests.labels(method, "CANCELLED" if context.cancelled() else "OK").inc()
-                metrics.latency.labels(method).observe(elapsed)
-
-            context.add_done_callback(done)
+        def finish(code: str, start: float) -> None:
+            metrics.requests.labels(method, code).inc()
+            metrics.latency.labels(method).observe(time.perf_counter() - start)
 
         async def fail(context, exc: BaseException, start: float):
             if isinstance(exc, ServingError):
@@ -200,7 +187,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                         finish(_code_name(context), start)
                         raise
                     await fail(context, exc, start)
-                finish("OK", start, context)
+                finish("OK", start)
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
@@ -219,7 +206,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                     async for response in responses:
                         yield response
                 if handler.stream_stream and context is not None:
-                    await _settle()
+                    await _settle()  # a cancellation may be on its way: see _settle
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: grpc stops iterating a stream cancelled while a response was
                 # being sent, and the stream is closed later, at its `yield`
@@ -230,7 +217,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                     finish(_code_name(context), start)
                     raise
                 await fail(context, exc, start)
-            finish("OK", start, context)  # or CANCELLED, when the call ends (see finish)
+            finish("OK", start)
 
         return kind(stream, request_deserializer=_lenient(handler.request_deserializer, self.budget),
                     response_serializer=handler.response_serializer)
