@@ -36,13 +36,20 @@ MAX_DETAILS = 512
 
 def model_info(name: str, model) -> pb.ModelInfo:
     m = model.meta
-    figures = {k: float(v) for k, v in (m.figures or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    figures = _numbers(m.figures or {})
+    q = m.quantization or {}
     return pb.ModelInfo(
         name=name, task=m.task, kind=m.core,
         vocab_size=(m.vocab_size or 0) if m.kind == "char" else 0,
         num_classes=(m.num_classes or 0) if m.kind == "glimpse" else 0,
         metrics=figures, depth=m.depth, num_layers=m.num_layers, hidden_size=m.hidden_size,
+        precision=m.precision, reference_metrics=_numbers(q.get("reference_figures", {})),
+        quantization=f"{m.precision} {q['settings']['name']} ({q['settings'].get('tool', '')})" if q else "",
     )
+
+
+def _numbers(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -182,7 +189,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     finish("CANCELLED", start)
                     raise
-                except Exception as exc:  # noqa: BLE001 - the one place that maps them all
+                except Exception as exc:
                     if _is_abort(exc):  # an inner interceptor ended the call (serving.auth)
                         finish(_code_name(context), start)
                         raise
@@ -212,7 +219,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 # being sent, and the stream is closed later, at its `yield`
                 finish("CANCELLED", start)
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if _is_abort(exc):
                     finish(_code_name(context), start)
                     raise
