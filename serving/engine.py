@@ -40,6 +40,7 @@ import numpy as np
 
 from serving import snapshot
 from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
+from serving.auth import current_caller
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
@@ -119,7 +120,14 @@ class Limits:
     # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
     # share of the CPU.
     max_messages_per_s: float = 400.0
-    max_stop: int = 4
+    max_stop: int = 4  # stop strings one Generate may give
+    # the longest stop string, in characters: each generated character is checked against the
+    # stream's stop strings (a tail of this length is kept), and the request holds them
+    max_stop_chars: int = 256
+    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
+    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
+    # beyond max_sessions
+    max_sessions_per_client: int = 0
     # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
     prefix_cache_mb: float = 64.0
     # With a file or Redis session store: how often a running call writes its session (and
@@ -165,9 +173,13 @@ class Engine:
         self.store: SessionStore | DurableSessions
         if backend is None:
             self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
-                                      on_evict=self.metrics.evictions.inc)
+                                      on_evict=self.metrics.evictions.inc,
+                                      max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             self._io: ThreadPoolExecutor | None = None
         else:
+            if self.limits.max_sessions_per_client:
+                raise ValueError("max_sessions_per_client is not supported with a shared session store "
+                                 "(file: or redis://) yet: its sessions carry no owner; use the memory store")
             self.store = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
                 idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
@@ -507,6 +519,12 @@ class Engine:
                 f"stop takes at most {self.limits.max_stop} non-empty strings, got {len(stop)}"
                 + (" including an empty one" if any(not s for s in stop) else "")
             )
+        longest = max(map(len, stop), default=0)
+        if longest > self.limits.max_stop_chars:
+            raise InvalidArgument(
+                f"a stop string has {longest} characters; this server allows at most "
+                f"{self.limits.max_stop_chars} per stop string"
+            )
         if len(prompt) > self.limits.max_text:
             raise ResourceExhausted(
                 f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
@@ -651,6 +669,11 @@ class GlimpseStream:
         self._sent = None  # the same after the last answer sent
 
     async def push(self, pixels) -> tuple[int, list[float], int]:
+        if self.steps >= self.engine.limits.max_glimpses:
+            raise ResourceExhausted(
+                f"this stream has sent {self.steps} glimpses, the most one stream may send; "
+                "continue in a new stream on the same session"
+            )
         x = np.asarray(pixels, dtype=np.float32)
         if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise InvalidArgument(
@@ -673,7 +696,9 @@ class GlimpseStream:
         self._sent = self._answer
 
     async def close(self) -> None:
-        self.seq.finished = True  # nothing more will come; the scheduler drops it
+        # Nothing more will come. Not marked finished: _finish marks it cancelled and wakes the
+        # scheduler, which drops it now (a stream marked finished here stayed in the scheduler,
+        # and in nlstm_active_sequences, until some other call woke it).
         await self.engine._finish(self.name, self.session, self.seq, self._sent)
 
 
