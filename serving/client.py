@@ -77,7 +77,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     tok = m.tokenizer
     pieces: list[str] = []
 
-    def emit(text, _bits, _reason):
+    def emit(text, _bits, _reason, _made):
         if text:
             out.write(text)
             out.flush()
@@ -187,3 +187,64 @@ def classify(target: str, model: str, image: np.ndarray, label: int | None = Non
     if label is not None:
         print(f"label: {label}")
     return out
+
+
+# --------------------------------------------------------------------------------- sessions
+def _session_call(target: str, timeout: float | None, method: str, request):
+    channel, stub = _stub(target, timeout)
+    try:
+        return getattr(stub, method)(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        channel.close()
+
+
+def session_create(target: str, model: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session create`: prints the new session's id alone (for `sid=$(...)`)."""
+    s = _session_call(target, timeout, "CreateSession", pb.CreateSessionRequest(model=model))
+    print(s.session_id)
+    return s
+
+
+def session_show(target: str, session_id: str, timeout: float | None = None) -> pb.Session:
+    s = _session_call(target, timeout, "GetSession", pb.GetSessionRequest(session_id=session_id))
+    print(f"session: {s.session_id}\nmodel: {s.model}\nposition: {s.position}\n"
+          f"idle timeout: {s.idle_timeout_seconds} s\nin use: {'yes' if s.in_use else 'no'}")
+    return s
+
+
+def session_close(target: str, session_id: str, timeout: float | None = None) -> None:
+    _session_call(target, timeout, "CloseSession", pb.CloseSessionRequest(session_id=session_id))
+
+
+def session_snapshot(target: str, session_id: str, path: str, timeout: float | None = None) -> pb.SessionSnapshot:
+    """`nlstm session snapshot`: the session's snapshot to `path` (written atomically; - for
+    standard output), what it holds to standard error."""
+    snap = _session_call(target, timeout, "SnapshotSession", pb.SnapshotSessionRequest(session_id=session_id))
+    if path == "-":
+        sys.stdout.buffer.write(snap.data)
+        sys.stdout.flush()
+    else:
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(snap.data)
+        tmp.replace(out)  # atomic: a reader never sees half a snapshot
+    print(f"{len(snap.data)} bytes: model {snap.model}, position {snap.position}", file=sys.stderr)
+    return snap
+
+
+def session_restore(target: str, path: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session restore`: a new session from a snapshot file (- for standard input);
+    prints its id alone."""
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    s = _session_call(target, timeout, "RestoreSession", pb.RestoreSessionRequest(data=data))
+    print(s.session_id)
+    return s
+
+
+def session_fork(target: str, session_id: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session fork`: a new session with a copy of the state; prints its id alone."""
+    s = _session_call(target, timeout, "ForkSession", pb.ForkSessionRequest(session_id=session_id))
+    print(s.session_id)
+    return s

@@ -3,9 +3,12 @@ sessions and batched steps. No gRPC here: the servicer converts protos and maps 
 below to status codes.
 
 Each model is served through its `Batcher` (one batched step graph call for all sequences
-that are ready). A sequence's position is (state, logits): the state after the last symbol fed
+that are ready). A sequence's place is (state, logits): the state after the last symbol fed
 and the logits that predict the next one, so a session continues exactly where its last call
-stopped. A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence
+stopped; its position counts the characters (or glimpses) that state has taken in. A call
+that does not complete leaves its session as the .proto's header says (Generate: the prompt
+and the messages sent; Score: unchanged; glimpses: those answered), and `_finish` is where
+each call commits what its session keeps. Sessions also travel as snapshots (serving/snapshot.py). A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence
 symbol if it has one (the poems), else the newline if it is in the vocabulary (PTB: text
 follows a line break), else the space (text8); its prediction scores the first character
 (serving.formats.start_id, which ExportedModel.score shares).
@@ -22,6 +25,7 @@ from typing import AsyncIterator, Protocol
 
 import numpy as np
 
+from serving import snapshot
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
@@ -105,9 +109,13 @@ MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
 
 class Engine:
     def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, snapshot_key: bytes | None = None) -> None:
         self.models = models
         self.limits = limits or Limits()
+        if snapshot_key is not None and len(snapshot_key) < 16:
+            raise ValueError(f"a snapshot key must be at least 16 bytes, got {len(snapshot_key)}")
+        self.snapshot_key = snapshot_key  # signs snapshots and is required of restored ones
+        self._model_ids: dict[str, str] = {}
         if not 0 <= self.limits.stream_interval <= MAX_STREAM_INTERVAL:  # NaN fails too
             raise ValueError(f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
                              f"got {self.limits.stream_interval}")
@@ -187,6 +195,81 @@ class Engine:
             raise ResourceExhausted(str(exc)) from None
         return session
 
+    def get_session(self, session_id: str) -> Session:
+        """The session for a look (it may be in use: then `in_use` is set and its position is
+        the one before the running call)."""
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        try:
+            return self.store.get(session_id)
+        except SessionNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def _hold(self, session_id: str) -> Session:
+        """Acquire a session for a snapshot or a fork (one call at a time, as for every call)."""
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        try:
+            return self.store.acquire(session_id)
+        except SessionNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except SessionBusy as exc:
+            raise Aborted(str(exc)) from None
+
+    def model_id(self, name: str) -> str:
+        """The identity of the export served as `name` (serving.snapshot.model_identity)."""
+        if name not in self._model_ids:
+            self._model_ids[name] = snapshot.model_identity(self.models[name].meta)
+        return self._model_ids[name]
+
+    def snapshot_session(self, session_id: str) -> tuple[bytes, Session]:
+        """The session's snapshot bytes (signed with the server's key, if any)."""
+        session = self._hold(session_id)
+        try:
+            state = snapshot.SessionState(session.model, self.model_id(session.model), session.position,
+                                          session.state, session.logits)
+            return snapshot.encode(state, self.snapshot_key), session
+        finally:
+            self.store.release(session)
+
+    def restore_session(self, data: bytes) -> Session:
+        """A new session holding a snapshot's state: refused with INVALID_ARGUMENT (not a
+        readable, verified snapshot) or FAILED_PRECONDITION (another model or export)."""
+        if not data:
+            raise InvalidArgument("data is required: the bytes of a SessionSnapshot")
+        try:
+            s = snapshot.decode(data, self.snapshot_key, max_bytes=self._snapshot_max_bytes())
+            if s.model not in self.models:
+                raise snapshot.SnapshotMismatch(
+                    f"snapshot is of model {s.model!r}, which this server does not run "
+                    f"(it runs {sorted(self.models)})"
+                )
+            model = self.models[s.model]
+            snapshot.check_model(s, s.model, self.model_id(s.model), tuple(model.meta.state_shape),
+                                 model.meta.output_size)
+        except snapshot.SnapshotMismatch as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except snapshot.SnapshotInvalid as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            return self.store.create(s.model, s.state, s.logits, s.position)
+        except TooManySessions as exc:
+            raise ResourceExhausted(str(exc)) from None
+
+    def _snapshot_max_bytes(self) -> int:
+        """The largest snapshot one of this server's models makes, with room for the header."""
+        return max(snapshot.max_size(tuple(m.meta.state_shape), m.meta.output_size) for m in self.models.values())
+
+    def fork_session(self, session_id: str) -> Session:
+        """A new session with a copy of the session's state and position."""
+        session = self._hold(session_id)
+        try:
+            return self.store.create(session.model, session.state, session.logits, session.position)
+        except TooManySessions as exc:
+            raise ResourceExhausted(str(exc)) from None
+        finally:
+            self.store.release(session)
+
     def close_session(self, session_id: str) -> None:
         if not session_id:
             raise InvalidArgument("session_id is required")
@@ -227,18 +310,20 @@ class Engine:
             return model_name, model, session, session.state, session.logits
         return model_name, model, None, model.initial_state(1)[0], None
 
-    def _finish(self, name: str, session: Session | None, seq: Sequence) -> None:
-        """End a call: stop its sequence if it still runs, keep its last whole step in the
-        session, release the session."""
+    def _finish(self, name: str, session: Session | None, seq: Sequence,
+                keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+        """End a call: stop its sequence if it still runs, store `keep` (state, logits,
+        position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
             seq.cancelled = True
             self.schedulers[name].poke()
         if session is not None:
-            state, logits = seq.pos
-            # copies: the position is a row of a whole batch's step output, which a view would
-            # keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
-            session.state = state.copy()
-            session.logits = None if logits is None else logits.copy()
+            if keep is not None:
+                state, logits, session.position = keep
+                # copies: the state is often a row of a whole batch's step output, which a view
+                # would keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
+                session.state = state.copy()
+                session.logits = None if logits is None else logits.copy()
             self.store.release(session)
 
     # -------------------------------------------------------------- text
@@ -256,13 +341,16 @@ class Engine:
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
         seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
                             lambda s: done.done() or done.set_result(s))
+        position = (session.position if session is not None else 0) + len(enc.ids)
+        keep = None  # all or nothing: the session changes only when the whole text was scored
         try:
             self.schedulers[name].add(seq)
             await done
             if seq.error is not None:
                 raise seq.error
+            keep = (*seq.pos, position)
         finally:
-            self._finish(name, session, seq)
+            self._finish(name, session, seq, keep)
         self.metrics.chars_scored.labels(name).inc(len(enc.ids))
         total = float(seq.bits.sum())
         return {
@@ -272,14 +360,20 @@ class Engine:
             "bits": seq.bits.astype(np.float32).tolist() if per_char else [],
             "unknown_chars": int(enc.unknown_chars),
             "boundaries": [b.decode() for b in seq.boundaries] if per_char else [],
+            "position": position,
         }
 
     async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
                        temperature: float, top_k: int, top_p: float, seed: int | None,
                        stop: list[str], logprobs: bool) -> AsyncIterator[tuple[str, list[float], str]]:
-        """Yields (text, bits, finish_reason): the characters generated since the last yield
-        (several when the reader is slower than generation), finish_reason "" until the last
-        ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it)."""
+        """Yields (text, bits, finish_reason, position): the characters generated since the last
+        yield (several when the reader is slower than generation), finish_reason "" until the
+        last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the
+        position after them.
+
+        The caller asks for the next item only once it has sent the last one: that is how this
+        generator knows which messages went out. When it is closed, the session keeps the prompt
+        and the characters of the messages sent (their boundary states, kept by the sequence)."""
         if not 1 <= max_chars <= self.limits.max_chars:
             raise InvalidArgument(f"max_chars must be in [1, {self.limits.max_chars}], got {max_chars}")
         try:
@@ -299,11 +393,14 @@ class Engine:
         tok = model.tokenizer
         banned = banned_ids(tok)
         box = Mailbox()
-        feed = ([start_id(model.tokenizer)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
+        prompt_ids = [int(i) for i in tok.encode(prompt).ids]
+        feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
         recorder = None
         if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
             # from the initial state: start after the longest cached prefix of the feed
             state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
+        base = session.position if session is not None else 0
+        sent = 0  # symbols generated up to the end of the last message sent
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
             self.texts[name], tok.eos_id, box.put, interval=self.limits.stream_interval,
@@ -323,13 +420,19 @@ class Engine:
                         self.metrics.first_char.labels(name).observe(time.perf_counter() - t0)
                         first = False
                     counter.inc(len(text))
-                    yield text, [b for c in chunk for b in c[1]], chunk[-1][2]
+                    made = chunk[-1][3]  # None: the prompt was not all fed (a drain stopped it)
+                    position = base if made is None else base + len(prompt_ids) + made
+                    yield text, [b for c in chunk for b in c[1]], chunk[-1][2], position
+                    if made is not None:  # resumed: the caller sent that message
+                        sent = made
+                        seq.forget(made)
                 if items[-1][0] is None:  # end of stream
                     if seq.error is not None:
                         raise seq.error
                     return
         finally:
-            self._finish(name, session, seq)
+            mark = seq.mark(sent)  # None: the prompt was never all fed; the session stays as it was
+            self._finish(name, session, seq, None if mark is None else (*mark, base + len(prompt_ids) + sent))
 
     # ------------------------------------------------------------- glimpses
     def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
@@ -382,11 +485,15 @@ class Mailbox:
 
 
 class GlimpseStream:
-    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried."""
+    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried. The
+    session keeps the glimpses whose answers were sent: the caller says so with `sent()`."""
 
     def __init__(self, engine: Engine, name: str, session, seq: GlimpseSequence):
         self.engine, self.name, self.session, self.seq = engine, name, session, seq
         self.steps = 0
+        self.base = session.position if session is not None else 0
+        self._answer = None  # (state, logits, position) after the last glimpse answered
+        self._sent = None  # the same after the last answer sent
 
     async def push(self, pixels) -> tuple[int, list[float], int]:
         x = np.asarray(pixels, dtype=np.float32)
@@ -397,17 +504,22 @@ class GlimpseStream:
             )
         loop = asyncio.get_running_loop()
         reply = loop.create_future()
-        self.seq.inputs.append((x, lambda logits: reply.done() or reply.set_result(logits)))
+        self.seq.inputs.append((x, lambda *out: reply.done() or reply.set_result(out)))
         self.engine.schedulers[self.name].poke()
-        logits = await reply
+        logits, state = await reply
         self.steps += 1
+        self._answer = (state, logits, self.base + self.steps)
         self.engine.metrics.glimpses.labels(self.name).inc()
         p = np.exp(log_softmax(logits))
-        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p))
+        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p)), self.base + self.steps
+
+    def sent(self) -> None:
+        """The answer to the last glimpse went out: the session will keep that glimpse."""
+        self._sent = self._answer
 
     def close(self) -> None:
         self.seq.finished = True  # nothing more will come; the scheduler drops it
-        self.engine._finish(self.name, self.session, self.seq)
+        self.engine._finish(self.name, self.session, self.seq, self._sent)
 
 
 __all__ = [

@@ -58,9 +58,10 @@ class Running:
 
 
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
-                       metrics: Metrics | None = None, max_message_bytes: int = 16 << 20) -> Running:
+                       metrics: Metrics | None = None, max_message_bytes: int = 16 << 20,
+                       snapshot_key: bytes | None = None) -> Running:
     metrics = metrics or Metrics()
-    engine = Engine(models, limits, metrics)
+    engine = Engine(models, limits, metrics, snapshot_key=snapshot_key)
     engine.start()
     server = grpc.aio.server(
         interceptors=[ErrorsAndMetrics(metrics)],
@@ -100,7 +101,7 @@ async def shutdown(running: Running, grace: float) -> None:
 
 async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]", metrics_port: int | None = 9090,
                 limits: Limits | None = None, grace: float = 10.0, runtime_options: dict | None = None,
-                ready=None) -> None:
+                ready=None, snapshot_key: bytes | None = None) -> None:
     """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound."""
     models = load_models(models_dir, **(runtime_options or {}))
     metrics = Metrics()
@@ -109,7 +110,8 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
 
         http, _ = start_http_server(metrics_port, registry=metrics.registry)
         log.info("metrics on http://0.0.0.0:%d/metrics", http.server_port)
-    running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics)
+    running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
+                                 snapshot_key=snapshot_key)
     log.info("serving %s on port %d", ", ".join(sorted(models)), running.port)
     if ready is not None:
         ready(running)

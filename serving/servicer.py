@@ -44,6 +44,11 @@ def model_info(name: str, model) -> pb.ModelInfo:
     )
 
 
+def session_info(engine: Engine, s, in_use: bool = False) -> pb.Session:
+    return pb.Session(session_id=s.session_id, model=s.model, position=s.position, in_use=in_use,
+                      idle_timeout_seconds=int(engine.limits.idle_timeout))
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -54,13 +59,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
     async def CreateSession(self, request, context):
-        s = self.engine.create_session(request.model)
-        return pb.Session(session_id=s.session_id, model=s.model,
-                          idle_timeout_seconds=int(self.engine.limits.idle_timeout))
+        return session_info(self.engine, self.engine.create_session(request.model))
 
     async def CloseSession(self, request, context):
         self.engine.close_session(request.session_id)
         return pb.CloseSessionResponse()
+
+    async def GetSession(self, request, context):
+        s = self.engine.get_session(request.session_id)
+        return session_info(self.engine, s, in_use=s.in_use)
+
+    async def SnapshotSession(self, request, context):
+        data, s = self.engine.snapshot_session(request.session_id)
+        return pb.SessionSnapshot(data=data, model=s.model, position=s.position)
+
+    async def RestoreSession(self, request, context):
+        return session_info(self.engine, self.engine.restore_session(request.data))
+
+    async def ForkSession(self, request, context):
+        return session_info(self.engine, self.engine.fork_session(request.session_id))
 
     async def Generate(self, request, context):
         seed = request.seed if request.HasField("seed") else None
@@ -70,8 +87,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request.logprobs,
         )
         async with contextlib.aclosing(chars):  # closing this stream ends the call's sequence now
-            async for text, bits, finish in chars:
-                yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish])
+            async for text, bits, finish, position in chars:
+                yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish], position=position)
 
     async def Score(self, request, context):
         r = await self.engine.score(request.model, request.session_id, request.text, request.per_char)
@@ -85,8 +102,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     stream = self.engine.glimpse_stream(request.model, request.session_id)
                 elif (request.model and request.model != stream.name) or request.session_id:
                     raise InvalidArgument("model and session_id go on the first message of a stream only")
-                step, probs, cls = await stream.push(request.pixels)
-                yield pb.GlimpseResponse(step=step, probabilities=probs, predicted_class=cls)
+                step, probs, cls, position = await stream.push(request.pixels)
+                yield pb.GlimpseResponse(step=step, probabilities=probs, predicted_class=cls, position=position)
+                stream.sent()  # resumed: the answer went out, the session keeps this glimpse
         finally:
             if stream is not None:
                 stream.close()

@@ -5,8 +5,8 @@ rows: every layer's h, its outer and inner memories, an HM-LSTM's boundaries). I
 random bits. Sessions expire after `idle_timeout` seconds without use and are bounded in
 number; a session in use by one call is not handed to another: the second call gets
 SessionBusy (the servicer answers ABORTED), so two calls can never interleave their steps on
-one state. State is written back only when a call completes a step, so a cancelled call leaves
-its session at the last whole step.
+one state. A call writes the state back when it ends (serving/engine.py decides which state:
+the rules for calls that do not complete are in the .proto's header).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Session:
     model: str
     state: np.ndarray  # (S, H) float32: after the last symbol fed
     logits: np.ndarray | None = None  # what that step predicts next; None: nothing fed yet
+    position: int = 0  # characters (or glimpses) the state has taken in since creation
     last_used: float = field(default_factory=time.monotonic)
     in_use: bool = False
 
@@ -68,7 +69,10 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def create(self, model: str, state: np.ndarray) -> Session:
+    def create(self, model: str, state: np.ndarray, logits: np.ndarray | None = None,
+               position: int = 0) -> Session:
+        """A new session holding (copies of) `state` and `logits` (a restore or a fork: at
+        `position`; a fresh session: the initial state, nothing fed)."""
         with self._lock:
             self._expire_locked()
             if len(self._sessions) >= self.max_sessions:
@@ -77,7 +81,9 @@ class SessionStore:
                     "sessions (CloseSession) or retry later"
                 )
             sid = secrets.token_urlsafe(16)  # 128 random bits
-            session = Session(sid, model, state.astype(np.float32, copy=True), last_used=self._clock())
+            session = Session(sid, model, state.astype(np.float32, copy=True),
+                              None if logits is None else logits.astype(np.float32, copy=True),
+                              position, last_used=self._clock())
             self._sessions[sid] = session
             return session
 
@@ -92,6 +98,11 @@ class SessionStore:
                 )
             session.in_use = True
             return session
+
+    def get(self, session_id: str) -> Session:
+        """The session, for a look only (GetSession): it may be in use by a call."""
+        with self._lock:
+            return self._get_locked(session_id)
 
     def release(self, session: Session) -> None:
         with self._lock:

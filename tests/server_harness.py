@@ -45,7 +45,8 @@ def export_tiny_models(root: Path) -> Path:
 class ServerThread:
     """An asyncio loop in a thread running build_server; tests talk to it with sync stubs."""
 
-    def __init__(self, models_dir: Path, limits: Limits):
+    def __init__(self, models_dir: Path, limits: Limits, **server_options):
+        self.server_options = server_options  # more keywords of build_server (snapshot_key)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.models = load_models(models_dir, providers="cpu", intra_op_threads=1)
@@ -59,7 +60,8 @@ class ServerThread:
         asyncio.set_event_loop(self.loop)
 
         async def start():
-            self.running = await build_server(self.models, port=0, host="localhost", limits=limits)
+            self.running = await build_server(self.models, port=0, host="localhost", limits=limits,
+                                              **self.server_options)
             self.ready.set()
 
         self.loop.run_until_complete(start())

@@ -170,6 +170,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
     a("--providers", default=_env("PROVIDERS", "auto"),
       help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda [NLSTM_PROVIDERS]")
+    a("--snapshot-key-file", type=Path, default=_env("SNAPSHOT_KEY_FILE", None, Path),
+      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding whitespace "
+           "is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and RestoreSession refuses "
+           "snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: none, snapshots are checksummed only)")
     a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
@@ -200,10 +204,22 @@ def _run_serve(args: argparse.Namespace) -> int:
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
                     prefix_cache_mb=args.prefix_cache_mb)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
+    snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      limits=limits, grace=args.grace, runtime_options=runtime))
+                      limits=limits, grace=args.grace, runtime_options=runtime, snapshot_key=snapshot_key))
     return 0
+
+
+def _read_snapshot_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise OSError(f"--snapshot-key-file: cannot read {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ValueError(f"--snapshot-key-file: {path} holds {len(key)} bytes; a snapshot key needs at least 16 "
+                         f"(e.g. `openssl rand -hex 32 > {path}`)")
+    return key
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -263,6 +279,53 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", Path.home() / ".cache" / "nlstm" / "raw", Path),
                    help="folder with mnist/t10k-images-idx3-ubyte.gz [NLSTM_DATA_DIR]")
     p.set_defaults(handler=lambda a: _client("classify", a))
+
+
+def _add_session(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "session", help="create, show, close, snapshot, restore or fork a session on a running server",
+        description="Sessions hold a sequence's state on the server between calls (use the id with "
+                    "generate/score --session). create, restore and fork print the new session's id alone; "
+                    "snapshot writes the state to a file that restore turns into a new session, on this "
+                    "server or any other running the same export of the model.",
+    )
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_: str) -> argparse.ArgumentParser:
+        q = ssub.add_parser(name, help=help_)
+        q.add_argument("--target", default=_env("TARGET", "localhost:50051"),
+                       help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
+        q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        q.set_defaults(handler=_run_session)
+        return q
+
+    action("create", "a new session on --model").add_argument("--model", required=True, help="model name")
+    action("show", "a session's model, position, idle timeout").add_argument("session_id")
+    action("close", "free a session").add_argument("session_id")
+    q = action("snapshot", "write a session's state to a file")
+    q.add_argument("session_id")
+    q.add_argument("--out", required=True, help="file to write (atomically), or - for standard output")
+    action("restore", "a new session from a snapshot file").add_argument(
+        "file", help="a file written by `nlstm session snapshot`, or - for standard input")
+    action("fork", "a new session with a copy of a session's state").add_argument("session_id")
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    from serving import client
+
+    if args.action == "create":
+        client.session_create(args.target, args.model, args.timeout)
+    elif args.action == "show":
+        client.session_show(args.target, args.session_id, args.timeout)
+    elif args.action == "close":
+        client.session_close(args.target, args.session_id, args.timeout)
+    elif args.action == "snapshot":
+        client.session_snapshot(args.target, args.session_id, args.out, args.timeout)
+    elif args.action == "restore":
+        client.session_restore(args.target, args.file, args.timeout)
+    else:
+        client.session_fork(args.target, args.session_id, args.timeout)
+    return 0
 
 
 def _client(command: str, args: argparse.Namespace) -> int:
@@ -503,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_score(sub)
     _add_classify(sub)
+    _add_session(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$serving/api/nlstm/v1/inference.proto\x12\x08nlstm.v1\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.nlstm.v1.ModelInfo\"\xf9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .nlstm.v1.ModelInfo.MetricsEntry\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\"J\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x14idle_timeout_seconds\x18\x03 \x01(\r\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\xc6\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tmax_chars\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x07\n\x05_seed\"]\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.nlstm.v1.FinishReason\"Q\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08per_char\x18\x04 \x01(\x08\"\x86\x01\n\rScoreResponse\x12\x15\n\rbits_per_char\x18\x01 \x01(\x01\x12\x12\n\ntotal_bits\x18\x02 \x01(\x01\x12\x11\n\tnum_chars\x18\x03 \x01(\r\x12\x0c\n\x04\x62its\x18\x04 \x03(\x02\x12\x15\n\runknown_chars\x18\x05 \x01(\r\x12\x12\n\nboundaries\x18\x06 \x03(\t\"C\n\x0eGlimpseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06pixels\x18\x03 \x03(\x02\"O\n\x0fGlimpseResponse\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x17\n\x0fpredicted_class\x18\x03 \x01(\r*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb3\x03\n\tInference\x12G\n\nListModels\x12\x1b.nlstm.v1.ListModelsRequest\x1a\x1c.nlstm.v1.ListModelsResponse\x12\x42\n\rCreateSession\x12\x1e.nlstm.v1.CreateSessionRequest\x1a\x11.nlstm.v1.Session\x12M\n\x0c\x43loseSession\x12\x1d.nlstm.v1.CloseSessionRequest\x1a\x1e.nlstm.v1.CloseSessionResponse\x12\x43\n\x08Generate\x12\x19.nlstm.v1.GenerateRequest\x1a\x1a.nlstm.v1.GenerateResponse0\x01\x12\x38\n\x05Score\x12\x16.nlstm.v1.ScoreRequest\x1a\x17.nlstm.v1.ScoreResponse\x12K\n\x10\x43lassifyGlimpses\x12\x18.nlstm.v1.GlimpseRequest\x1a\x19.nlstm.v1.GlimpseResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$serving/api/nlstm/v1/inference.proto\x12\x08nlstm.v1\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.nlstm.v1.ModelInfo\"\xf9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .nlstm.v1.ModelInfo.MetricsEntry\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\"l\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x14idle_timeout_seconds\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x0e\n\x06in_use\x18\x05 \x01(\x08\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\",\n\x16SnapshotSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"@\n\x0fSessionSnapshot\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x04\"%\n\x15RestoreSessionRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"(\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\xc6\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tmax_chars\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x07\n\x05_seed\"o\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.nlstm.v1.FinishReason\x12\x10\n\x08position\x18\x04 \x01(\x04\"Q\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08per_char\x18\x04 \x01(\x08\"\x98\x01\n\rScoreResponse\x12\x15\n\rbits_per_char\x18\x01 \x01(\x01\x12\x12\n\ntotal_bits\x18\x02 \x01(\x01\x12\x11\n\tnum_chars\x18\x03 \x01(\r\x12\x0c\n\x04\x62its\x18\x04 \x03(\x02\x12\x15\n\runknown_chars\x18\x05 \x01(\r\x12\x12\n\nboundaries\x18\x06 \x03(\t\x12\x10\n\x08position\x18\x07 \x01(\x04\"C\n\x0eGlimpseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06pixels\x18\x03 \x03(\x02\"a\n\x0fGlimpseResponse\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x17\n\x0fpredicted_class\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xc7\x05\n\tInference\x12G\n\nListModels\x12\x1b.nlstm.v1.ListModelsRequest\x1a\x1c.nlstm.v1.ListModelsResponse\x12\x42\n\rCreateSession\x12\x1e.nlstm.v1.CreateSessionRequest\x1a\x11.nlstm.v1.Session\x12M\n\x0c\x43loseSession\x12\x1d.nlstm.v1.CloseSessionRequest\x1a\x1e.nlstm.v1.CloseSessionResponse\x12<\n\nGetSession\x12\x1b.nlstm.v1.GetSessionRequest\x1a\x11.nlstm.v1.Session\x12N\n\x0fSnapshotSession\x12 .nlstm.v1.SnapshotSessionRequest\x1a\x19.nlstm.v1.SessionSnapshot\x12\x44\n\x0eRestoreSession\x12\x1f.nlstm.v1.RestoreSessionRequest\x1a\x11.nlstm.v1.Session\x12>\n\x0b\x46orkSession\x12\x1c.nlstm.v1.ForkSessionRequest\x1a\x11.nlstm.v1.Session\x12\x43\n\x08Generate\x12\x19.nlstm.v1.GenerateRequest\x1a\x1a.nlstm.v1.GenerateResponse0\x01\x12\x38\n\x05Score\x12\x16.nlstm.v1.ScoreRequest\x1a\x17.nlstm.v1.ScoreResponse\x12K\n\x10\x43lassifyGlimpses\x12\x18.nlstm.v1.GlimpseRequest\x1a\x19.nlstm.v1.GlimpseResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1231
-  _globals['_FINISHREASON']._serialized_end=1364
+  _globals['_FINISHREASON']._serialized_start=1553
+  _globals['_FINISHREASON']._serialized_end=1686
   _globals['_LISTMODELSREQUEST']._serialized_start=50
   _globals['_LISTMODELSREQUEST']._serialized_end=69
   _globals['_LISTMODELSRESPONSE']._serialized_start=71
@@ -46,23 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESESSIONREQUEST']._serialized_start=382
   _globals['_CREATESESSIONREQUEST']._serialized_end=419
   _globals['_SESSION']._serialized_start=421
-  _globals['_SESSION']._serialized_end=495
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=497
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=538
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=540
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=562
-  _globals['_GENERATEREQUEST']._serialized_start=565
-  _globals['_GENERATEREQUEST']._serialized_end=763
-  _globals['_GENERATERESPONSE']._serialized_start=765
-  _globals['_GENERATERESPONSE']._serialized_end=858
-  _globals['_SCOREREQUEST']._serialized_start=860
-  _globals['_SCOREREQUEST']._serialized_end=941
-  _globals['_SCORERESPONSE']._serialized_start=944
-  _globals['_SCORERESPONSE']._serialized_end=1078
-  _globals['_GLIMPSEREQUEST']._serialized_start=1080
-  _globals['_GLIMPSEREQUEST']._serialized_end=1147
-  _globals['_GLIMPSERESPONSE']._serialized_start=1149
-  _globals['_GLIMPSERESPONSE']._serialized_end=1228
-  _globals['_INFERENCE']._serialized_start=1367
-  _globals['_INFERENCE']._serialized_end=1802
+  _globals['_SESSION']._serialized_end=529
+  _globals['_GETSESSIONREQUEST']._serialized_start=531
+  _globals['_GETSESSIONREQUEST']._serialized_end=570
+  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_start=572
+  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_end=616
+  _globals['_SESSIONSNAPSHOT']._serialized_start=618
+  _globals['_SESSIONSNAPSHOT']._serialized_end=682
+  _globals['_RESTORESESSIONREQUEST']._serialized_start=684
+  _globals['_RESTORESESSIONREQUEST']._serialized_end=721
+  _globals['_FORKSESSIONREQUEST']._serialized_start=723
+  _globals['_FORKSESSIONREQUEST']._serialized_end=763
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=765
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=806
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=808
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=830
+  _globals['_GENERATEREQUEST']._serialized_start=833
+  _globals['_GENERATEREQUEST']._serialized_end=1031
+  _globals['_GENERATERESPONSE']._serialized_start=1033
+  _globals['_GENERATERESPONSE']._serialized_end=1144
+  _globals['_SCOREREQUEST']._serialized_start=1146
+  _globals['_SCOREREQUEST']._serialized_end=1227
+  _globals['_SCORERESPONSE']._serialized_start=1230
+  _globals['_SCORERESPONSE']._serialized_end=1382
+  _globals['_GLIMPSEREQUEST']._serialized_start=1384
+  _globals['_GLIMPSEREQUEST']._serialized_end=1451
+  _globals['_GLIMPSERESPONSE']._serialized_start=1453
+  _globals['_GLIMPSERESPONSE']._serialized_end=1550
+  _globals['_INFERENCE']._serialized_start=1689
+  _globals['_INFERENCE']._serialized_end=2400
 # @@protoc_insertion_point(module_scope)
