@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,30 +22,58 @@ from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.formats import image_to_glimpses
 
 
-def _stub(target: str, timeout: float | None):
-    channel = grpc.insecure_channel(target)
+@dataclass
+class Connection:
+    """How to reach a server: its address, TLS (the CA that signed its certificate; a client
+    certificate and key for mutual TLS) and the API key sent with every call."""
+
+    target: str
+    tls_ca: str | Path | None = None
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    api_key: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target)
+        from serving.auth import channel_credentials
+
+        return grpc.secure_channel(self.target, channel_credentials(self.tls_ca, self.tls_cert, self.tls_key))
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        from serving.auth import bearer
+
+        return bearer(self.api_key)
+
+
+def _stub(conn: Connection | str, timeout: float | None):
+    conn = Connection(conn) if isinstance(conn, str) else conn
+    channel = conn.channel()
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout or 10)
     except grpc.FutureTimeoutError:
-        raise OSError(f"no nlstm server answers at {target}") from None
-    return channel, pb_grpc.InferenceStub(channel)
+        channel.close()
+        raise OSError(f"no nlstm server answers at {conn.target}"
+                      + (" over TLS (check --tls-ca and the server's certificate)" if conn.tls_ca else "")) from None
+    return channel, pb_grpc.InferenceStub(channel), conn.metadata
 
 
 def _rpc_error(exc: grpc.RpcError) -> ValueError:
     return ValueError(f"{exc.code().name}: {exc.details()}")
 
 
-def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
+def generate(target: Connection | str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
              top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
              timeout: float | None = None) -> str:
-    channel, stub = _stub(target, timeout)
+    channel, stub, metadata = _stub(target, timeout)
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
     if seed is not None:
         request.seed = seed
     text = []
     try:
-        for response in stub.Generate(request, timeout=timeout):
+        for response in stub.Generate(request, timeout=timeout, metadata=metadata):
             out.write(response.text)
             out.flush()
             text.append(response.text)
@@ -71,9 +100,11 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     m = _local_model(models_dir, model, providers, threads)
     if not 1 <= max_chars:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
-    max_stop = Limits().max_stop  # the server's default bound
+    max_stop, max_stop_chars = Limits().max_stop, Limits().max_stop_chars  # the server's default bounds
     if len(stop) > max_stop or any(not s for s in stop):
         raise ValueError(f"--stop takes at most {max_stop} non-empty strings")
+    if any(len(s) > max_stop_chars for s in stop):
+        raise ValueError(f"a --stop string has at most {max_stop_chars} characters")
     tok = m.tokenizer
     pieces: list[str] = []
 
@@ -137,13 +168,13 @@ def score_local(models_dir: str, model: str, path: str, per_char: bool, provider
     return r
 
 
-def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
+def score(target: Connection | str, model: str, path: str, per_char: bool, session_id: str = "",
           timeout: float | None = None) -> pb.ScoreResponse:
     text = read_text(path)
-    channel, stub = _stub(target, timeout)
+    channel, stub, metadata = _stub(target, timeout)
     try:
         r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
-                       timeout=timeout)
+                       timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from None
     finally:
@@ -166,10 +197,10 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     return images[index], int(labels[index])
 
 
-def classify(target: str, model: str, image: np.ndarray, label: int | None = None,
+def classify(target: Connection | str, model: str, image: np.ndarray, label: int | None = None,
              timeout: float | None = None) -> list[pb.GlimpseResponse]:
     glimpses = image_to_glimpses(image)  # (20, 49)
-    channel, stub = _stub(target, timeout)
+    channel, stub, metadata = _stub(target, timeout)
 
     def requests():
         for i, g in enumerate(glimpses):
@@ -177,7 +208,7 @@ def classify(target: str, model: str, image: np.ndarray, label: int | None = Non
 
     out = []
     try:
-        for r in stub.ClassifyGlimpses(requests(), timeout=timeout):
+        for r in stub.ClassifyGlimpses(requests(), timeout=timeout, metadata=metadata):
             out.append(r)
             print(f"glimpse {r.step:2d}: class {r.predicted_class} (p = {max(r.probabilities):.3f})")
     except grpc.RpcError as exc:
@@ -190,10 +221,10 @@ def classify(target: str, model: str, image: np.ndarray, label: int | None = Non
 
 
 # --------------------------------------------------------------------------------- sessions
-def _session_call(target: str, timeout: float | None, method: str, request):
-    channel, stub = _stub(target, timeout)
+def _session_call(target: Connection | str, timeout: float | None, method: str, request):
+    channel, stub, metadata = _stub(target, timeout)
     try:
-        return getattr(stub, method)(request, timeout=timeout)
+        return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from None
     finally:

@@ -26,6 +26,7 @@ from typing import AsyncIterator, Protocol
 import numpy as np
 
 from serving import snapshot
+from serving.auth import current_caller
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
@@ -98,7 +99,14 @@ class Limits:
     # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
     # share of the CPU.
     max_messages_per_s: float = 400.0
-    max_stop: int = 4
+    max_stop: int = 4  # stop strings one Generate may give
+    # the longest stop string, in characters: each generated character is checked against the
+    # stream's stop strings (a tail of this length is kept), and the request holds them
+    max_stop_chars: int = 256
+    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
+    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
+    # beyond max_sessions
+    max_sessions_per_client: int = 0
     # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
     prefix_cache_mb: float = 64.0
 
@@ -129,7 +137,8 @@ class Engine:
         cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
-                                  on_evict=self.metrics.evictions.inc)
+                                  on_evict=self.metrics.evictions.inc,
+                                  max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
         self.metrics.max_sessions.set(self.limits.max_sessions)
         self.metrics.active_sessions.set_function(self.store.__len__)  # read at each scrape
         self.schedulers: dict[str, Scheduler] = {}
@@ -385,6 +394,12 @@ class Engine:
                 f"stop takes at most {self.limits.max_stop} non-empty strings, got {len(stop)}"
                 + (" including an empty one" if any(not s for s in stop) else "")
             )
+        longest = max(map(len, stop), default=0)
+        if longest > self.limits.max_stop_chars:
+            raise InvalidArgument(
+                f"a stop string has {longest} characters; this server allows at most "
+                f"{self.limits.max_stop_chars} per stop string"
+            )
         if len(prompt) > self.limits.max_text:
             raise ResourceExhausted(
                 f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
@@ -496,6 +511,11 @@ class GlimpseStream:
         self._sent = None  # the same after the last answer sent
 
     async def push(self, pixels) -> tuple[int, list[float], int]:
+        if self.steps >= self.engine.limits.max_glimpses:
+            raise ResourceExhausted(
+                f"this stream has sent {self.steps} glimpses, the most one stream may send; "
+                "continue in a new stream on the same session"
+            )
         x = np.asarray(pixels, dtype=np.float32)
         if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise InvalidArgument(
@@ -518,7 +538,9 @@ class GlimpseStream:
         self._sent = self._answer
 
     def close(self) -> None:
-        self.seq.finished = True  # nothing more will come; the scheduler drops it
+        # Nothing more will come. Marked cancelled, not finished, so that _finish wakes the
+        # scheduler, which drops it now: a stream marked finished here stayed in the scheduler
+        # (and in nlstm_active_sequences) until some other call woke it.
         self.engine._finish(self.name, self.session, self.seq, self._sent)
 
 

@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.auth import ApiKeys, Gate
 from serving.engine import Engine, Limits
+from serving.limits import InflightBytes, RateLimiter, ServerLimits, request_bytes_needed
 from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
 
@@ -57,18 +59,50 @@ class Running:
     metrics: Metrics
 
 
+def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
+    """gRPC's receive limit: the setting, or the longest request the engine accepts. A setting
+    below that would refuse requests the engine allows, so it is an error."""
+    needed = request_bytes_needed(limits.max_text, limits.max_stop, limits.max_stop_chars)
+    if server_limits.max_request_bytes == 0:
+        return needed
+    if server_limits.max_request_bytes < needed:
+        raise ValueError(
+            f"max_request_bytes {server_limits.max_request_bytes} is below the {needed} bytes a request "
+            f"within the other limits may take (max_text {limits.max_text} characters and {limits.max_stop} stop "
+            f"strings of {limits.max_stop_chars}, 4 bytes a character in UTF-8, and {16 << 10} for the rest); "
+            "raise it, or lower max_text"
+        )
+    return server_limits.max_request_bytes
+
+
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
-                       metrics: Metrics | None = None, max_message_bytes: int = 16 << 20,
+                       metrics: Metrics | None = None, server_limits: ServerLimits | None = None,
+                       api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None,
                        snapshot_key: bytes | None = None) -> Running:
+    """Start the engine and a gRPC server on host:port (plaintext, or TLS with `tls`); with
+    `api_keys`, every call but health checks needs one (serving.auth)."""
     metrics = metrics or Metrics()
+    limits = limits or Limits()
+    server_limits = server_limits or ServerLimits()
+    max_request = receive_limit(limits, server_limits)
+    if server_limits.max_inflight_bytes < max_request:
+        raise ValueError(f"max_inflight_bytes {server_limits.max_inflight_bytes} is below the receive limit "
+                         f"({max_request} bytes): the largest request allowed could never be served")
+    rate = (RateLimiter(server_limits.max_client_requests_per_s)
+            if server_limits.max_client_requests_per_s > 0 else None)
     engine = Engine(models, limits, metrics, snapshot_key=snapshot_key)
     engine.start()
     server = grpc.aio.server(
-        interceptors=[ErrorsAndMetrics(metrics)],
+        # outermost first: every call is counted, whatever ends it
+        interceptors=[ErrorsAndMetrics(metrics, InflightBytes(server_limits.max_inflight_bytes)),
+                      Gate(api_keys, rate)],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_request),
+            # the longest answer: a per-character Score of max_text characters (a float and a
+            # boundary bit per layer each); 16 MiB is far above it at the allowed max_text
+            ("grpc.max_send_message_length", 16 << 20),
         ],
+        maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
@@ -77,7 +111,8 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
@@ -100,19 +135,30 @@ async def shutdown(running: Running, grace: float) -> None:
 
 
 async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]", metrics_port: int | None = 9090,
-                limits: Limits | None = None, grace: float = 10.0, runtime_options: dict | None = None,
-                ready=None, snapshot_key: bytes | None = None) -> None:
-    """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound."""
+                metrics_host: str | None = None, limits: Limits | None = None, grace: float = 10.0,
+                runtime_options: dict | None = None, server_limits: ServerLimits | None = None,
+                api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None, ready=None,
+                snapshot_key: bytes | None = None) -> None:
+    """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound. The
+    metrics endpoint listens on metrics_host (default: host)."""
+    from serving.metrics_http import MetricsServer
+
     models = load_models(models_dir, **(runtime_options or {}))
     metrics = Metrics()
+    http = None
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        http, _ = start_http_server(metrics_port, registry=metrics.registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", http.server_port)
+        http = MetricsServer(metrics.registry)
+        await http.start(metrics_host if metrics_host is not None else host, metrics_port)
+        for sock in (s for server in http._servers for s in server.sockets):
+            a = sock.getsockname()
+            log.info("metrics on http://%s:%d/metrics", f"[{a[0]}]" if ":" in a[0] else a[0], a[1])
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
+                                 server_limits=server_limits, api_keys=api_keys, tls=tls,
                                  snapshot_key=snapshot_key)
-    log.info("serving %s on port %d", ", ".join(sorted(models)), running.port)
+    if api_keys is not None and tls is None:
+        log.warning("API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)")
+    log.info("serving %s on port %d%s%s", ", ".join(sorted(models)), running.port, " with TLS" if tls else "",
+             f", {len(api_keys)} API keys" if api_keys else "")
     if ready is not None:
         ready(running)
     stop = asyncio.Event()
@@ -131,4 +177,6 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
     log.info("shutting down: draining calls for up to %.1f s", grace)
     expiry.cancel()
     await shutdown(running, grace)
+    if http is not None:
+        await http.close()
     log.info("stopped")

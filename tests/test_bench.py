@@ -113,6 +113,11 @@ def test_faults_smoke(bench_models):
     assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [(n, True, []) for n in "abcde"]
 
 
+def test_abuse_smoke(bench_models):
+    result = run_bench("abuse.py", "--smoke", "--models", str(bench_models))
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["abuse"]] == [(n, True, []) for n in "fghijk"]
+
+
 def test_fuzz_smoke(bench_models):
     result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and set(result["fuzz"]) == {

@@ -140,14 +140,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
     a("--metrics-port", type=int, default=_env("METRICS_PORT", 9090, int),
       help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
+    a("--metrics-host", default=_env("METRICS_HOST", None),
+      help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] (default: --host)")
     a("--max-sessions", type=int, default=_env("MAX_SESSIONS", 1024, int),
       help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: 1024)")
+    a("--max-sessions-per-client", type=int, default=_env("MAX_SESSIONS_PER_CLIENT", 0, int),
+      help="sessions one client (its API key, or its address without --api-keys-file) may hold; 0: no bound "
+           "[NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)")
+    a("--max-client-requests-per-s", type=float, default=_env("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
+      help="calls per second one client may start, in bursts of twice that; more get RESOURCE_EXHAUSTED; 0: no "
+           "limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)")
     a("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT", 600.0, float),
-      help="seconds after which an unused session is freed [NLSTM_IDLE_TIMEOUT] (default: 600)")
+      help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] (default: 600)")
     a("--max-batch", type=int, default=_env("MAX_BATCH", 64, int),
       help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
     a("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0, float),
-      help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
+      help="how long the oldest waiting step waits to fill a batch, 0 to 1000 [NLSTM_MAX_WAIT_MS] (default: 2)")
     a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 50.0, float),
       help="Generate: the least time between two messages of a stream, each carrying every character "
            "made meanwhile (the first is sent at once); 0 sends each as it is made, within "
@@ -164,6 +172,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
       help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
            "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
+    a("--max-stop-chars", type=int, default=_env("MAX_STOP_CHARS", 256, int),
+      help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)")
+    a("--max-glimpses", type=int, default=_env("MAX_GLIMPSES", 4096, int),
+      help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)")
+    a("--max-request-bytes", type=int, default=_env("MAX_REQUEST_BYTES", 0, int),
+      help="largest request message in bytes after decompression; 0 sizes it from --max-text and the stop "
+           "limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)")
+    a("--max-inflight-bytes", type=int, default=_env("MAX_INFLIGHT_BYTES", 64 << 20, int),
+      help="bytes of request messages all running calls together may hold; more get RESOURCE_EXHAUSTED "
+           "[NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)")
+    a("--max-concurrent-calls", type=int, default=_env("MAX_CONCURRENT_CALLS", 4096, int),
+      help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
+           "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)")
+    a("--tls-cert", type=Path, default=_env("TLS_CERT", None, Path),
+      help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]")
+    a("--tls-key", type=Path, default=_env("TLS_KEY", None, Path), help="PEM private key of --tls-cert [NLSTM_TLS_KEY]")
+    a("--tls-client-ca", type=Path, default=_env("TLS_CLIENT_CA", None, Path),
+      help="PEM CA: mutual TLS, every client must present a certificate it signed [NLSTM_TLS_CLIENT_CA]")
+    a("--api-keys-file", type=Path, default=_env("API_KEYS_FILE", None, Path),
+      help="file of API keys, one a line: every call but health checks must send 'authorization: Bearer KEY', "
+           "and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
     a("--grace", type=float, default=_env("GRACE", 10.0, float),
       help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
     a("--threads", type=int, default=_env("THREADS", 0, int),
@@ -182,32 +211,37 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from serving.auth import ApiKeys, server_credentials
     from serving.engine import MAX_PREFIX_CACHE_MB, Limits
+    from serving.limits import ServerLimits
     from serving.server import serve
+    from serving.settings import check_serve_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("max_sessions", "max_batch", "max_chars", "max_text"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0:
-        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
-    if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
-        raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
-    if not 0 <= args.max_messages_per_s < float("inf"):
-        raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
-                         f"got {args.max_messages_per_s}")
+    check_serve_settings(vars(args))  # every numeric flag in its range, or one clear error
     if not 0 <= args.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
         raise ValueError(f"--prefix-cache-mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0 turns the cache off), "
                          f"got {args.prefix_cache_mb}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else None
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
-                    prefix_cache_mb=args.prefix_cache_mb)
+                    max_stop_chars=args.max_stop_chars, max_glimpses=args.max_glimpses,
+                    max_sessions_per_client=args.max_sessions_per_client, prefix_cache_mb=args.prefix_cache_mb)
+    server_limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes,
+                                 max_concurrent_calls=args.max_concurrent_calls,
+                                 max_client_requests_per_s=args.max_client_requests_per_s)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
     asyncio.run(serve(args.models, port=args.port, host=args.host,
-                      metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      limits=limits, grace=args.grace, runtime_options=runtime, snapshot_key=snapshot_key))
+                      metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
+                      limits=limits, grace=args.grace, runtime_options=runtime, server_limits=server_limits,
+                      api_keys=keys, tls=tls, snapshot_key=snapshot_key))
     return 0
 
 
@@ -228,6 +262,15 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="model name (see the server's ListModels); needed without --session")
     p.add_argument("--session", default="", help="continue an existing session's state")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--api-key", default=_env("API_KEY", None),
+                   help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' [NLSTM_API_KEY]")
+    p.add_argument("--tls-ca", type=Path, default=_env("TLS_CA", None, Path),
+                   help="connect over TLS, trusting the server certificate this PEM CA signed [NLSTM_TLS_CA]")
+    p.add_argument("--tls-client-cert", type=Path, default=_env("TLS_CLIENT_CERT", None, Path),
+                   help="PEM certificate for a server with mutual TLS (with --tls-client-key, needs --tls-ca) "
+                        "[NLSTM_TLS_CLIENT_CERT]")
+    p.add_argument("--tls-client-key", type=Path, default=_env("TLS_CLIENT_KEY", None, Path),
+                   help="PEM private key of --tls-client-cert [NLSTM_TLS_CLIENT_KEY]")
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
@@ -333,20 +376,24 @@ def _client(command: str, args: argparse.Namespace) -> int:
 
     if command in ("generate", "score") and args.backend == "onnx" and args.session:
         raise ValueError("--session needs --backend server: sessions live in a server")
+    if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
+        raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
+    conn = client.Connection(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_client_cert,
+                             tls_key=args.tls_client_key, api_key=args.api_key)
     if command == "generate" and args.backend == "onnx":
         client.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                               args.top_p, args.seed, args.stop, providers=args.providers, threads=args.threads or None)
     elif command == "generate":
-        client.generate(args.target, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
+        client.generate(conn, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                         args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
     elif command == "score" and args.backend == "onnx":
         client.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
                            args.threads or None)
     elif command == "score":
-        client.score(args.target, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
+        client.score(conn, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
     else:
         image, label = client.read_mnist_image(str(args.data_dir), args.index)
-        client.classify(args.target, args.model, image, label, timeout=args.timeout)
+        client.classify(conn, args.model, image, label, timeout=args.timeout)
     return 0
 
 
