@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +29,9 @@ from serving.engine import Engine, Limits
 from serving.limits import InflightBytes, RateLimiter, ServerLimits, request_bytes_needed
 from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
+
+if TYPE_CHECKING:
+    from serving.http import HttpFront
 
 log = logging.getLogger("nlstm.serving")
 
@@ -57,6 +62,8 @@ class Running:
     engine: Engine
     health: health.aio.HealthServicer
     metrics: Metrics
+    http: HttpFront | None = None  # the HTTP/JSON front (serving.http), when asked for
+    http_port: int = 0
 
 
 def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
@@ -78,9 +85,12 @@ def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
                        metrics: Metrics | None = None, server_limits: ServerLimits | None = None,
                        api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None,
-                       snapshot_key: bytes | None = None) -> Running:
+                       snapshot_key: bytes | None = None, http_port: int | None = None,
+                       http_ssl: ssl.SSLContext | None = None) -> Running:
     """Start the engine and a gRPC server on host:port (plaintext, or TLS with `tls`); with
-    `api_keys`, every call but health checks needs one (serving.auth)."""
+    `api_keys`, every call but health checks needs one (serving.auth). With `http_port`, the
+    HTTP/JSON front too (serving.http, TLS with `http_ssl`), on the same host, engine, keys,
+    rate limiter and in-flight byte budget."""
     metrics = metrics or Metrics()
     limits = limits or Limits()
     server_limits = server_limits or ServerLimits()
@@ -92,9 +102,10 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
             if server_limits.max_client_requests_per_s > 0 else None)
     engine = Engine(models, limits, metrics, snapshot_key=snapshot_key)
     engine.start()
+    budget = InflightBytes(server_limits.max_inflight_bytes)  # one budget for gRPC and HTTP
     server = grpc.aio.server(
         # outermost first: every call is counted, whatever ends it
-        interceptors=[ErrorsAndMetrics(metrics, InflightBytes(server_limits.max_inflight_bytes)),
+        interceptors=[ErrorsAndMetrics(metrics, budget),
                       Gate(api_keys, rate)],
         options=[
             ("grpc.max_receive_message_length", max_request),
@@ -104,7 +115,8 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         ],
         maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    servicer = InferenceServicer(engine)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -118,7 +130,18 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, engine, health_servicer, metrics)
+    running = Running(server, bound, engine, health_servicer, metrics)
+    if http_port is not None:
+        from serving.http import HttpFront
+
+        running.http = HttpFront(servicer, health_servicer, metrics, keys=api_keys, rate=rate, budget=budget,
+                                 max_body=max_request, max_concurrent=server_limits.max_concurrent_calls)
+        try:
+            running.http_port = await running.http.start(host, http_port, http_ssl)
+        except OSError:
+            await shutdown(running, 0)
+            raise
+    return running
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -128,6 +151,8 @@ async def shutdown(running: Running, grace: float) -> None:
     await running.health.enter_graceful_shutdown()
     running.engine.closing = True
     stopping = asyncio.ensure_future(running.server.stop(grace))
+    if running.http is not None:
+        stopping = asyncio.ensure_future(asyncio.gather(stopping, running.http.stop(grace)))
     await asyncio.wait({stopping}, timeout=max(0.0, grace - GENERATE_END_MARGIN))
     running.engine.end_generation()
     await stopping
@@ -138,9 +163,11 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
                 metrics_host: str | None = None, limits: Limits | None = None, grace: float = 10.0,
                 runtime_options: dict | None = None, server_limits: ServerLimits | None = None,
                 api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None, ready=None,
-                snapshot_key: bytes | None = None) -> None:
+                snapshot_key: bytes | None = None, http_port: int | None = None,
+                http_ssl: ssl.SSLContext | None = None) -> None:
     """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound. The
-    metrics endpoint listens on metrics_host (default: host)."""
+    metrics endpoint listens on metrics_host (default: host); with http_port, the HTTP/JSON
+    front and the playground page on host too."""
     from serving.metrics_http import MetricsServer
 
     models = load_models(models_dir, **(runtime_options or {}))
@@ -154,7 +181,10 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
             log.info("metrics on http://%s:%d/metrics", f"[{a[0]}]" if ":" in a[0] else a[0], a[1])
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
                                  server_limits=server_limits, api_keys=api_keys, tls=tls,
-                                 snapshot_key=snapshot_key)
+                                 snapshot_key=snapshot_key, http_port=http_port, http_ssl=http_ssl)
+    if running.http is not None:
+        log.info("HTTP/JSON and the playground on %s://%s:%d/", "https" if http_ssl else "http",
+                 host, running.http_port)
     if api_keys is not None and tls is None:
         log.warning("API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)")
     log.info("serving %s on port %d%s%s", ", ".join(sorted(models)), running.port, " with TLS" if tls else "",

@@ -138,6 +138,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--host", default=_env("HOST", "[::]"), help="address to bind [NLSTM_HOST] (default: all)")
     a("--port", type=int, default=_env("PORT", 50051, int),
       help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
+    a("--http-port", type=int, default=_env("HTTP_PORT", None, int),
+      help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on this port, "
+           "bound to --host; off unless set [NLSTM_HTTP_PORT]")
     a("--metrics-port", type=int, default=_env("METRICS_PORT", 9090, int),
       help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
     a("--metrics-host", default=_env("METRICS_HOST", None),
@@ -241,8 +244,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
                       limits=limits, grace=args.grace, runtime_options=runtime, server_limits=server_limits,
-                      api_keys=keys, tls=tls, snapshot_key=snapshot_key))
+                      api_keys=keys, tls=tls, snapshot_key=snapshot_key, http_port=args.http_port,
+                      http_ssl=_http_ssl(args) if args.http_port is not None else None))
     return 0
+
+
+def _http_ssl(args: argparse.Namespace):
+    """HTTPS on --http-port with gRPC's --tls-cert/--tls-key (and --tls-client-ca), if given."""
+    if args.tls_cert is None:
+        return None
+    from serving.http import ssl_context
+
+    return ssl_context(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def _read_snapshot_key(path: Path) -> bytes:
