@@ -49,7 +49,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
-from serving.auth import Caller, run_as, rate_refusal
+from serving.auth import Caller, rate_refusal, run_as
 from serving.engine import ServingError
 from serving.formats import image_to_glimpses
 from serving.limits import OverBudget

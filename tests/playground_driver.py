@@ -12,6 +12,7 @@ process and writes docs/playground-{generate,score,boundaries,digit}.png.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -115,7 +116,7 @@ def draw_digit(driver, strokes: list[list[tuple[int, int]]]) -> None:
         # offsets are from the element's centre in Selenium 4
         chain = ActionChains(driver).move_to_element_with_offset(canvas, points[0][0] - 140, points[0][1] - 140)
         chain.click_and_hold()
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
             chain.move_by_offset(x1 - x0, y1 - y0)
         chain.release().perform()
 
