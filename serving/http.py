@@ -509,7 +509,9 @@ class HttpFront:
                                   "position": snap.position})
 
     async def restore_session(self, request, body) -> web.Response:
-        _fields(body, {"data"}, "the body")
+        # "model" and "position" too, so that snapshot's answer can be sent back as it is
+        # (the data holds both; these copies are not read)
+        _fields(body, {"data", "model", "position"}, "the body")
         if not isinstance(body.get("data"), str):
             raise HttpError(400, 'restore takes {"data": "..."}: a snapshot\'s data, base64-encoded as '
                                  "snapshot returns it")
