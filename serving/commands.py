@@ -74,7 +74,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
 
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
     seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit)
+                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit, boundaries=False)
     while not seq.finished:
         post: list = []
         if seq.wants_sample:

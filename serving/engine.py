@@ -408,6 +408,14 @@ class Engine:
         tok = model.tokenizer
         banned = banned_ids(tok)
         box = Mailbox()
+
+        def put(text, bits, reason, made) -> None:  # a message (or the end) from the scheduler
+            waiting = box.items
+            if made is not None and waiting and waiting[-1][3] not in (None, made):
+                # not taken yet: it goes out coalesced with this one, its boundary is never needed
+                seq.forget(waiting[-1][3])
+            box.put(text, bits, reason, made)
+
         prompt_ids = [int(i) for i in tok.encode(prompt).ids]
         feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
         recorder = None
@@ -418,7 +426,8 @@ class Engine:
         sent = 0  # symbols generated up to the end of the last message sent
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
-            self.texts[name], tok.eos_id, box.put, interval=self.limits.stream_interval,
+            self.texts[name], tok.eos_id, put, interval=self.limits.stream_interval,
+            boundaries=session is not None,
         )
         seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
@@ -439,8 +448,9 @@ class Engine:
                     position = base if made is None else base + len(prompt_ids) + made
                     yield text, [b for c in chunk for b in c[1]], chunk[-1][2], position
                     if made is not None:  # resumed: the caller sent that message
+                        if made != sent:
+                            seq.forget(sent)  # the boundary before it is no longer needed
                         sent = made
-                        seq.forget(made)
                 if items[-1][0] is None:  # end of stream
                     if seq.error is not None:
                         raise seq.error

@@ -131,10 +131,11 @@ class GenerateSequence(Sequence):
     is its row of the block's last step (`pos` reads it there).
 
     Message boundaries: each message carries `made`, the symbols generated up to its end, and
-    `marks` keeps (made, state, logits) after the step that fed a message's last character,
-    and (0, ...) after the prompt: where a session goes back to when the call ends before the
-    next message is sent (the event loop forgets the marks before the last message sent). It
-    costs a copy of the state per message, nothing per character."""
+    `marks[made]` keeps (state, logits) after the step that fed a message's last character
+    (`marks[0]`: after the prompt): where a session goes back to when the call ends before the
+    next message is sent. The event loop forgets each boundary once it cannot be needed (a
+    later message was sent, or coalesced with a later one before it went), so a stream holds a
+    few. It costs a copy of the state per message, nothing per character."""
 
     _at: tuple[Streams, int] | None = None  # (block, row) while a Streams block runs this sequence
     # serving.prefix_cache.Recorder while a fresh sequence's prompt is fed (the engine sets it)
@@ -154,7 +155,7 @@ class GenerateSequence(Sequence):
 
     def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
                  stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
-                 interval: float = 0.0) -> None:
+                 interval: float = 0.0, boundaries: bool = True) -> None:
         super().__init__(state, logits)
         self.feed: deque[int] = deque(feed)
         self.sampler = sampler
@@ -171,12 +172,15 @@ class GenerateSequence(Sequence):
         self.pending_bits: list[float] = []
         # no start or prompt to feed: a session's position already predicts the next character
         self.wants_sample = not self.feed
-        # (made, state, logits) at message boundaries, appended here, read and trimmed by the
-        # event loop (deque appends and pops are atomic); the state after the prompt first
-        self.marks: deque[tuple[int, np.ndarray, np.ndarray]] = deque()
+        # made -> (state, logits) at message boundaries: set here, read and dropped by the event
+        # loop (single dict operations are atomic); the state after the prompt first. None
+        # (boundaries=False): a call without a session, which keeps nothing
+        self.marks: dict[int, tuple] | None = {} if boundaries else None
         self._capture: int | None = 0  # `made` of the message whose boundary the next step makes
-        if not self.feed:
-            self.marks.append((0, state, logits))
+        self.prompt_fed = not self.feed
+        if self.prompt_fed:
+            if self.marks is not None:
+                self.marks[0] = (state, logits)
             self._capture = None
 
     def ready(self) -> bool:
@@ -192,8 +196,10 @@ class GenerateSequence(Sequence):
         if self.feed:  # still feeding the start symbol or the prompt
             return
         if self._capture is not None:  # this step fed a message's last character (or the prompt's)
-            self.marks.append((self._capture, state.copy(), logits.copy()))
+            if self.marks is not None:
+                self.marks[self._capture] = (state.copy(), logits.copy())
             self._capture = None
+            self.prompt_fed = True
         if self.finish_reason:  # the last character is in the state now
             self.finished = True
         else:
@@ -238,27 +244,28 @@ class GenerateSequence(Sequence):
     def mark(self, made: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(state, logits) after the prompt and `made` generated symbols, if that is a message
         boundary still kept; None when the prompt was never all fed."""
-        for m in list(self.marks):  # a copy: the scheduler thread may append meanwhile
-            if m[0] == made:
-                return m[1], m[2]
-        return None
+        m = None if self.marks is None else self.marks.get(made)
+        if m is not None and len(m) == 3:  # (rows' states, rows' logits, row) from a Streams block
+            return m[0][m[2]], m[1][m[2]]
+        return m
 
     def forget(self, made: int) -> None:
-        """The message ending at `made` was sent: earlier boundaries are no longer needed."""
-        marks = self.marks
-        while len(marks) > 1 and marks[0][0] < made:
-            marks.popleft()
+        """The boundary at `made` will not be needed (a later message was sent, or this one
+        was coalesced with a later one)."""
+        if self.marks is not None:
+            self.marks.pop(made, None)
 
     def close(self, post) -> None:
         # A failed step: the characters not sent yet are dropped (the step did not feed the
         # last one, so no message boundary holds them); the error follows what was sent.
         if self.error is None and not self.finish_reason:  # cancelled, or the server is draining
-            if not self.marks:  # the prompt was not all fed: the session will not change
+            if not self.prompt_fed:  # the session will not change
                 self._flush("CANCELLED", post, None)
             else:  # with the characters made since the last message, all fed
                 made = self.max_chars - self.remaining
-                state, logits = self.pos
-                self.marks.append((made, state.copy(), None if logits is None else logits.copy()))
+                if self.marks is not None:
+                    state, logits = self.pos
+                    self.marks[made] = (state.copy(), None if logits is None else logits.copy())
                 self._flush("CANCELLED", post, made)
         post.append(lambda: self._emit(None, None, None, None))  # end of stream
 
@@ -313,6 +320,7 @@ class Streams:
         first = seqs[0]
         self.texts, self.eos_id, self.banned = first.texts, first.eos_id, first.sampler.banned
         self.remaining = np.array([s.remaining for s in seqs])
+        self.made = [s.max_chars - s.remaining for s in seqs]  # row i: symbols made before the block
         # a block ends at the step where the first stream reaches max_chars
         self.steps = min(self.BLOCK, int(self.remaining.min()))
         temperature = np.array([s.sampler.temperature for s in seqs])
@@ -380,11 +388,19 @@ class Streams:
         character is finished (as GenerateSequence.advance)."""
         self.out = (states, logits)
         if self.flushed:
-            for i in self.flushed:
-                s = self.seqs[i]
-                s.marks.append((s._capture, states[i].copy(), logits[i].copy()))
-                s._capture = None
+            seqs = self.seqs
+            rows = [i for i in self.flushed if seqs[i].marks is not None]
             self.flushed = []
+            # one copy of the rows that sent a message, not a view of the whole batch's output
+            # (which marks would keep alive) nor a copy per row (64 of them: 0.17 ms a step);
+            # every row (interval 0): a plain copy, twice as fast as gathering them
+            every = len(rows) == len(seqs)
+            if rows:
+                row_states, row_logits = (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
+            for j, i in enumerate(rows):
+                s = seqs[i]
+                s.marks[s._capture] = (row_states, row_logits, i if every else j)  # read by mark()
+                s._capture = None
         for i in self.reasons:
             self.seqs[i].finished = True
 
@@ -398,7 +414,7 @@ class Streams:
                 s.pending_bits.extend(self.bits[i, start : self.k].tolist())
             self.sent[i] = self.k
         if reason is not None:
-            s._flush(reason, post, s.max_chars - int(self.remaining[i]) + self.k)
+            s._flush(reason, post, self.made[i] + self.k)
 
     def release(self) -> None:
         """Write the block back to its sequences (each then continues step by step, or in a new

@@ -229,7 +229,7 @@ def test_generate_messages_are_timed_on_the_scheduler_thread():
         callback()
     assert sent == [("a", [], "", 1), ("bc", [], "CANCELLED", 3), (None, None, None, None)]
     # message boundaries (symbols made, the state then): the start, after "a", all it made
-    assert [(m[0], m[1][0, 0]) for m in seq.marks] == [(0, 0), (1, 1), (3, 3)]
+    assert [(made, m[0][0, 0]) for made, m in seq.marks.items()] == [(0, 0), (1, 1), (3, 3)]
 
     seq = make(100)  # a failed step: the characters not sent yet are dropped, then the error
     for token, now in [(0, 0.0), (1, 0.01)]:

@@ -28,6 +28,7 @@ from serving.engine import Engine, Limits
 from serving.formats import image_to_glimpses
 from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
+from serving.server import shutdown
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 LIMITS = {"max_chars": 4000, "max_text": 100_000, "max_wait": 0.005, "stream_interval": 0.0,
@@ -172,6 +173,27 @@ def test_cancelled_generate_keeps_exactly_the_characters_sent(models_dir):
         s.close()
 
 
+def test_a_drained_generate_keeps_what_its_last_message_carried(models_dir):
+    """On SIGTERM's drain a running Generate ends with a FINISH_REASON_CANCELLED message that
+    carries every character made; the session keeps them all, at that message's position."""
+    s = ServerThread(models_dir, Limits(**dict(LIMITS, stream_interval=0.05)))
+    try:
+        sid = sid_of(s.stub)
+        stream = s.stub.Generate(pb.GenerateRequest(session_id=sid, prompt="the", max_chars=4000, temperature=1.0))
+        msgs = [next(stream)]
+        draining = asyncio.run_coroutine_threadsafe(shutdown(s.running, 0.6), s.loop)
+        msgs += list(stream)
+        draining.result(30)
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+        total = 3 + sum(len(m.text) for m in msgs)
+        assert msgs[-1].position == total < 3 + 4000
+        assert s.running.engine.store.get(sid).position == total
+    finally:
+        s.channel.close()
+        s.loop.call_soon_threadsafe(s.loop.stop)
+        s.thread.join(10)
+
+
 def test_calls_that_time_out_leave_the_session_unchanged(server):
     """A Score that does not complete changes nothing (all or nothing), nor does a Generate
     that ends before its prompt was all taken in."""
@@ -214,6 +236,31 @@ def test_a_cancelled_glimpse_stream_keeps_the_glimpses_answered(server):
     whole = list(stub.ClassifyGlimpses(glimpse_requests(glimpses, model=GLIMPSE_MODEL)))
     np.testing.assert_allclose(rest[-1].probabilities, whole[-1].probabilities, atol=1e-6)
     assert rest[-1].position == 6
+
+
+def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
+    """While gRPC has not taken a message (a client that does not read), the scheduler goes on
+    and its messages wait, coalescing: the stream keeps the boundaries of the last message sent,
+    of the one being sent and of the last one waiting (and of those still on their way to the
+    event loop), not one per message. A message handed over but never confirmed sent is not
+    kept."""
+    engine, stub = server.running.engine, server.stub
+    sid = sid_of(stub)
+
+    async def stuck():
+        chars = engine.generate(CHAR_MODEL, sid, "the", 4000, 1.0, 0, 0.0, 1, [], False)
+        first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
+        await asyncio.sleep(0.2)  # one message per character meanwhile (interval 0, no budget)
+        seq = engine.schedulers[CHAR_MODEL]._seqs[0]  # (a model of its own: the only call on it)
+        held, made = len(seq.marks), max(seq.marks)
+        await chars.aclose()
+        return first, held, made
+
+    first, held, made = server.call(stuck())
+    assert first[3] == 3 + len(first[0])
+    assert made > 50 and held <= 8, (made, held)  # hundreds of messages, a handful of boundaries
+    assert settled(stub, sid).position == 3
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
 
 
 class CountingModel:
