@@ -37,7 +37,12 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.open = 0  # connections being served
+        self._writers: set[asyncio.StreamWriter] = set()
         self._servers: list[asyncio.AbstractServer] = []  # one per address
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of every socket it listens on."""
+        return [s.getsockname()[:2] for server in self._servers for s in server.sockets]
 
     @property
     def port(self) -> int:
@@ -71,10 +76,18 @@ class MetricsServer:
             self._servers.append(await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES))
 
     async def close(self) -> None:
+        """Stop listening and close the connections still open (a scrape in progress loses its
+        answer: the process is exiting)."""
         for server in self._servers:
             server.close()
+        for writer in list(self._writers):
+            writer.close()
         for server in self._servers:
-            await server.wait_closed()
+            # Python 3.12 waits here for every connection to end: they were closed just above
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                log.warning("the metrics endpoint did not close within 1 s")
         self._servers = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -82,6 +95,7 @@ class MetricsServer:
             writer.close()
             return
         self.open += 1
+        self._writers.add(writer)
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
@@ -104,4 +118,5 @@ class MetricsServer:
             pass
         finally:
             self.open -= 1
+            self._writers.discard(writer)
             writer.close()

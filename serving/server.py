@@ -40,6 +40,12 @@ log = logging.getLogger("nlstm.serving")
 # (UNAVAILABLE) with the calls the server cancels at the end.
 GENERATE_END_MARGIN = 0.5
 
+# A connection with no call for this long is closed (GOAWAY; a client's channel reconnects on
+# its next call), and one that has not finished its HTTP/2 (and TLS) handshake after
+# HANDSHAKE_TIMEOUT_MS is dropped: idle connections cost the server memory, whoever opened them.
+CONNECTION_IDLE_MS = 300_000
+HANDSHAKE_TIMEOUT_MS = 20_000
+
 
 def load_models(models_dir: str | Path, **runtime_options) -> dict:
     """Every exported model folder (one with a meta.json) directly under models_dir, by name."""
@@ -109,9 +115,11 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
                       Gate(api_keys, rate)],
         options=[
             ("grpc.max_receive_message_length", max_request),
-            # the longest answer: a per-character Score of max_text characters (a float and a
-            # boundary bit per layer each); 16 MiB is far above it at the allowed max_text
-            ("grpc.max_send_message_length", 16 << 20),
+            # the longest answer: a per-character Score of max_text characters (a float, and a
+            # boundary character per HM-LSTM layer, each); 16 MiB unless max_text needs more
+            ("grpc.max_send_message_length", max(16 << 20, 12 * limits.max_text + (64 << 10))),
+            ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ],
         maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
@@ -176,9 +184,8 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
     if metrics_port is not None:
         http = MetricsServer(metrics.registry)
         await http.start(metrics_host if metrics_host is not None else host, metrics_port)
-        for sock in (s for server in http._servers for s in server.sockets):
-            a = sock.getsockname()
-            log.info("metrics on http://%s:%d/metrics", f"[{a[0]}]" if ":" in a[0] else a[0], a[1])
+        for address, bound_port in http.addresses():
+            log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
                                  server_limits=server_limits, api_keys=api_keys, tls=tls,
                                  snapshot_key=snapshot_key, http_port=http_port, http_ssl=http_ssl)

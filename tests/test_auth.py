@@ -299,3 +299,23 @@ def test_cli_clients_take_tls_ca_and_api_key(secured, certs, capsys, monkeypatch
     assert main(["score", str(text_file), "--target", secured.target, "--tls-client-cert", str(certs.client_cert),
                  "--model", "tiny-char"]) == 2
     assert "need --tls-ca" in capsys.readouterr().err
+
+
+def test_healthcheck_speaks_tls_without_a_key(secured, certs, models_dir, capsys, monkeypatch):
+    from serving.healthcheck import main
+
+    assert main(["--target", secured.target, "--tls-ca", str(certs.ca)]) == 0
+    assert "SERVING" in capsys.readouterr().out
+    assert main(["--target", secured.target, "--timeout", "2"]) == 1  # plaintext to a TLS server
+    monkeypatch.setenv("NLSTM_TLS_CA", str(certs.ca))
+    assert main(["--target", secured.target, "--service", "nlstm.v1.Inference"]) == 0
+    # mutual TLS: the client certificate from the environment
+    s = ServerThread(models_dir, Limits(),
+                     tls=server_credentials(certs.server_cert, certs.server_key, client_ca_file=certs.ca))
+    try:
+        assert main(["--target", s.target, "--timeout", "2"]) == 1
+        monkeypatch.setenv("NLSTM_TLS_CLIENT_CERT", str(certs.client_cert))
+        monkeypatch.setenv("NLSTM_TLS_CLIENT_KEY", str(certs.client_key))
+        assert main(["--target", s.target]) == 0
+    finally:
+        s.close()

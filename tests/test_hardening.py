@@ -259,7 +259,7 @@ def test_metrics_endpoint_binds_its_host_and_idle_connections_cost_no_thread(mon
     async def main():
         server = MetricsServer(registry)
         await server.start("127.0.0.1", 0)
-        addresses = {s.getsockname()[0] for srv in server._servers for s in srv.sockets}
+        addresses = {a for a, _ in server.addresses()}
         assert addresses == {"127.0.0.1"}  # where it was told, not 0.0.0.0
         port = server.port
         threads = threading.active_count()
@@ -402,3 +402,32 @@ def test_serve_binds_metrics_to_metrics_host(models_dir):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     assert np is not None
+
+
+def test_idle_and_half_open_grpc_connections_are_closed(models_dir, monkeypatch):
+    from serving import server as server_module
+
+    monkeypatch.setattr(server_module, "CONNECTION_IDLE_MS", 300)
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT_MS", 500)
+    s = ServerThread(models_dir, Limits())
+    try:
+        states = []
+        s.channel.subscribe(states.append, try_to_connect=False)
+        assert len(s.stub.ListModels(pb.ListModelsRequest()).models) == 2
+        # the server closes the idle connection: the channel goes back to IDLE (and reconnects
+        # on its next call)
+        assert wait_for(lambda: states and states[-1] == grpc.ChannelConnectivity.IDLE, 5.0), states
+        assert len(s.stub.ListModels(pb.ListModelsRequest()).models) == 2
+        # a TCP connection that never speaks HTTP/2 is dropped after the handshake timeout
+        raw = socket.create_connection(("localhost", s.running.port))
+        raw.settimeout(5.0)
+        t0 = time.monotonic()
+        try:
+            while raw.recv(1024):  # the server's SETTINGS frame, then the end
+                pass
+        except ConnectionError:
+            pass
+        assert time.monotonic() - t0 < 4.0  # no socket.timeout: the server closed it
+        raw.close()
+    finally:
+        s.close()
