@@ -131,20 +131,20 @@ def test_health_metadata_and_the_page(api):
 
 
 def test_generate_matches_grpc_and_streams_as_events(server, api):
-    body = {"text_input": "the ", "parameters": {"max_tokens": 40, "seed": 5, "temperature": 0.9, "top_k": 8,
+    body = {"text_input": "the ", "parameters": {"max_tokens": 400, "seed": 5, "temperature": 0.9, "top_k": 8,
                                                   "top_p": 0.9, "logprobs": True}}
     status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/generate", body)
     assert status == 200
-    text, position = grpc_text(server, model=CHAR_MODEL, prompt="the ", max_chars=40, seed=5, temperature=0.9,
+    text, position = grpc_text(server, model=CHAR_MODEL, prompt="the ", max_chars=400, seed=5, temperature=0.9,
                                top_k=8, top_p=0.9)
     assert (r["text_output"], r["position"], r["finish_reason"]) == (text, position, "length")
-    assert r["model_name"] == CHAR_MODEL and len(r["bits"]) == 40 and all(b > 0 for b in r["bits"])
+    assert r["model_name"] == CHAR_MODEL and len(r["bits"]) == 400 and all(b > 0 for b in r["bits"])
     events = api.events(f"/v2/models/{CHAR_MODEL}/generate_stream", body)
-    assert len(events) > 1  # a message per character at stream_interval 0
+    assert len(events) > 1  # a message per character at stream_interval 0 (some join when the reader lags)
     assert "".join(e["text_output"] for e in events) == text
     assert events[-1]["finish_reason"] == "length" and events[-1]["position"] == position
     assert all("finish_reason" not in e for e in events[:-1])
-    assert sum(len(e["bits"]) for e in events) == 40
+    assert sum(len(e["bits"]) for e in events) == 400
     # stop strings; max_tokens defaults to 100
     status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/generate",
                          {"text_input": "the", "parameters": {"seed": 1, "stop": ["t"]}})
@@ -388,3 +388,51 @@ def test_serve_http_port_environment_in_a_real_process(models_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_concurrent_call_limit(models_dir):
+    s = ServerThread(models_dir, Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
+                     server_limits=ServerLimits(max_concurrent_calls=1), http_port=0)
+    try:
+        api = Http(s.running.http_port)
+        c = api.conn()
+        c.request("POST", f"/v2/models/{CHAR_MODEL}/generate_stream",
+                  json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}), api.headers())
+        r = c.getresponse()
+        assert r.readline().startswith(b"data: ")
+        status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
+        assert status == 429 and "maximum of 1 calls" in body["error"]
+        c.close()
+    finally:
+        s.close()
+
+
+def test_https_with_the_grpc_certificate(models_dir, tmp_path):
+    pytest.importorskip("cryptography")
+    import ssl
+
+    from certs import make_certs
+
+    from serving.auth import server_credentials
+    from serving.http import ssl_context
+    from training.cli import _http_ssl, build_parser
+
+    certs = make_certs(tmp_path)
+    args = build_parser().parse_args(["serve", "--http-port", "0", "--tls-cert", str(certs.server_cert),
+                                      "--tls-key", str(certs.server_key)])
+    assert isinstance(_http_ssl(args), ssl.SSLContext)  # the flags give the HTTP port the same certificate
+    s = ServerThread(models_dir, Limits(), tls=server_credentials(certs.server_cert, certs.server_key),
+                     http_port=0, http_ssl=ssl_context(certs.server_cert, certs.server_key))
+    try:
+        trust = ssl.create_default_context(cafile=str(certs.ca))
+        c = http.client.HTTPSConnection("localhost", s.running.http_port, context=trust, timeout=30)
+        c.request("POST", f"/v2/models/{CHAR_MODEL}/score", json.dumps({"text": "the"}))
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read())["num_chars"] == 3
+        c.close()
+        plain = http.client.HTTPConnection("localhost", s.running.http_port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/v2/health/ready")
+            plain.getresponse()
+    finally:
+        s.close()
