@@ -242,7 +242,9 @@ class HttpFront:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         # handler_cancellation: a client that goes away cancels its call, as in gRPC (a
         # Generate stops sampling, its session keeps what was sent)
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        # shutdown_timeout: stop() has already given calls their grace; what still runs then
+        # is cancelled, as gRPC's stop(grace) cancels its calls
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]") or None, port, ssl_context=ssl_context)
         await site.start()
