@@ -289,7 +289,7 @@ class HttpFront:
         caller = Caller(client or f"peer:{peer_of(request)}", private=client is not None)
         if self.rate is not None and (wait := self.rate.allow(caller.client)):
             raise HttpError(429, rate_refusal(self.rate, wait), "RESOURCE_EXHAUSTED")
-        run_as(caller)  # aiohttp runs each request in its own task
+        run_as(caller)  # set by each call before anything reads it (the session store does)
 
     def call(self, method: str, handler, body: bool = True):
         """An aiohttp handler running handler(request, json_body) as the call `method`: admitted
