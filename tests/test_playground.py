@@ -9,6 +9,7 @@ installs it, so a missing browser fails them instead of passing silently.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import urllib.request
@@ -35,12 +36,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def browser():
+    why = None
     if browser_paths() is None:
         why = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+    elif importlib.util.find_spec("selenium") is None:
+        why = "selenium is not installed (pip install -e '.[dev]')"
+    if why is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{why}; .ci/run installs them, so under CI this is a failure")
         pytest.skip(why)
-    pytest.importorskip("selenium")
     driver = start_browser()
     yield driver
     driver.quit()
