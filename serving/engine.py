@@ -8,9 +8,12 @@ and the logits that predict the next one, so a session continues exactly where i
 stopped; its position counts the characters (or glimpses) that state has taken in. A call
 that does not complete leaves its session as the .proto's header says (Generate: the prompt
 and the messages sent; Score: unchanged; glimpses: those answered), and `_finish` is where
-each call commits what its session keeps. Sessions also travel as snapshots (serving/snapshot.py). A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence
-symbol if it has one (the poems), else the newline if it is in the vocabulary (PTB: text
-follows a line break), else the space (text8); its prediction scores the first character
+each call commits what its session keeps. Sessions also travel as snapshots
+(serving/snapshot.py).
+
+A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence symbol if it
+has one (the poems), else the newline if it is in the vocabulary (PTB: text follows a line
+break), else the space (text8); its prediction scores the first character
 (serving.formats.start_id, which ExportedModel.score shares).
 """
 

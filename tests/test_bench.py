@@ -152,3 +152,9 @@ def test_prefix_cache_smoke():
         assert len(r["off_all_ms"]) == len(r["on_all_ms"]) == 2 and min(r["on_all_ms"]) > 0
     # 201 steps against one sample: far more than 2x even on a loaded machine
     assert result["results"]["same"]["ratio"] > 2
+
+
+def test_scheduler_overhead_smoke():
+    out = run_bench("scheduler_overhead.py", "--smoke")
+    assert [r["boundaries"] for r in out["results"]] == [True, False]
+    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])
