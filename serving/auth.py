@@ -1,7 +1,8 @@
 """Who is calling: TLS credentials, API keys, and the per-client call rate.
 
 `Gate` is a gRPC server interceptor in front of every service but health checking (which
-stays open, so that load balancers and the Docker HEALTHCHECK need no key):
+stays open, so that load balancers and the Docker HEALTHCHECK need no key); build_server adds
+it when there are API keys, a per-client rate or a per-client session bound:
 
 - with API keys (`ApiKeys`, one key a line in a file), a call must carry the metadata
   `authorization: Bearer KEY`; one without it or with a key not in the file is refused with

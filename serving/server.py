@@ -108,11 +108,15 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
             if server_limits.max_client_requests_per_s > 0 else None)
     engine = Engine(models, limits, metrics, snapshot_key=snapshot_key)
     engine.start()
+    # outermost first: every call is counted, whatever ends it. The Gate names each call's
+    # client; without keys, a rate or a per-client session bound nobody asks, and its extra
+    # layer on every message is saved.
     budget = InflightBytes(server_limits.max_inflight_bytes)  # one budget for gRPC and HTTP
+    interceptors = [ErrorsAndMetrics(metrics, budget)]
+    if api_keys is not None or rate is not None or limits.max_sessions_per_client:
+        interceptors.append(Gate(api_keys, rate))
     server = grpc.aio.server(
-        # outermost first: every call is counted, whatever ends it
-        interceptors=[ErrorsAndMetrics(metrics, budget),
-                      Gate(api_keys, rate)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_request),
             # the longest answer: a per-character Score of max_text characters (a float, and a

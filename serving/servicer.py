@@ -36,18 +36,25 @@ MAX_DETAILS = 512
 
 def model_info(name: str, model) -> pb.ModelInfo:
     m = model.meta
-    figures = {k: float(v) for k, v in (m.figures or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    figures = _numbers(m.figures or {})
+    q = m.quantization or {}
     return pb.ModelInfo(
         name=name, task=m.task, kind=m.core,
         vocab_size=(m.vocab_size or 0) if m.kind == "char" else 0,
         num_classes=(m.num_classes or 0) if m.kind == "glimpse" else 0,
         metrics=figures, depth=m.depth, num_layers=m.num_layers, hidden_size=m.hidden_size,
+        precision=m.precision, reference_metrics=_numbers(q.get("reference_figures", {})),
+        quantization=f"{m.precision} {q['settings']['name']} ({q['settings'].get('tool', '')})" if q else "",
     )
 
 
 def session_info(engine: Engine, s, in_use: bool = False) -> pb.Session:
     return pb.Session(session_id=s.session_id, model=s.model, position=s.position, in_use=in_use,
                       idle_timeout_seconds=int(engine.limits.idle_timeout))
+
+
+def _numbers(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -178,22 +185,9 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
 
-        def finish(code: str, start: float, context=None) -> None:
-            elapsed = time.perf_counter() - start
-            if context is None or code != "OK":
-                metrics.requests.labels(method, code).inc()
-                metrics.latency.labels(method).observe(elapsed)
-                return
-
-            # An OK from the handler is what the client got only if the call then ended
-            # well: a glimpse stream whose client cancels it or vanishes mostly ends with the
-            # handler returning (grpc ends its request iterator as if the client had finished
-            # sending), and grpc knows it was cancelled only when the call is done.
-            def done(_context) -> None:
-                metrics.requests.labels(method, "CANCELLED" if context.cancelled() else "OK").inc()
-                metrics.latency.labels(method).observe(elapsed)
-
-            context.add_done_callback(done)
+        def finish(code: str, start: float) -> None:
+            metrics.requests.labels(method, code).inc()
+            metrics.latency.labels(method).observe(time.perf_counter() - start)
 
         async def fail(context, exc: BaseException, start: float):
             if isinstance(exc, ServingError):
@@ -213,12 +207,12 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     finish("CANCELLED", start)
                     raise
-                except Exception as exc:  # noqa: BLE001 - the one place that maps them all
+                except Exception as exc:
                     if _is_abort(exc):  # an inner interceptor ended the call (serving.auth)
                         finish(_code_name(context), start)
                         raise
                     await fail(context, exc, start)
-                finish("OK", start, context)
+                finish("OK", start)
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
@@ -237,18 +231,18 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                     async for response in responses:
                         yield response
                 if handler.stream_stream and context is not None:
-                    await _settle()
+                    await _settle()  # a cancellation may be on its way: see _settle
             except (asyncio.CancelledError, GeneratorExit):
                 # GeneratorExit: grpc stops iterating a stream cancelled while a response was
                 # being sent, and the stream is closed later, at its `yield`
                 finish("CANCELLED", start)
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if _is_abort(exc):
                     finish(_code_name(context), start)
                     raise
                 await fail(context, exc, start)
-            finish("OK", start, context)  # or CANCELLED, when the call ends (see finish)
+            finish("OK", start)
 
         return kind(stream, request_deserializer=_lenient(handler.request_deserializer, self.budget),
                     response_serializer=handler.response_serializer)

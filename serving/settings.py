@@ -77,6 +77,7 @@ SERVE_RANGES: dict[str, Range] = {
                                note="0: sized from --max-text and the stop-string limits"),
     "max_inflight_bytes": Range(MIB, 64 * 1024 * MIB, integer=True, unit="bytes"),
     "max_concurrent_calls": Range(1, 1_000_000, integer=True),
+    "prefix_cache_mb": Range(0, 1 << 20, integer=True, unit="MiB", note="0 turns the cache off"),
     "grace": Range(0, 3600, unit="seconds"),
     "threads": Range(0, 1024, integer=True, note="0 lets onnxruntime choose"),
 }

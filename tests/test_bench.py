@@ -158,3 +158,15 @@ def test_scheduler_overhead_smoke():
     out = run_bench("scheduler_overhead.py", "--smoke")
     assert [r["boundaries"] for r in out["results"]] == [True, False]
     assert all(r["cpu_us_per_step"] > 0 for r in out["results"])
+
+
+def test_quantized_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    (pair,) = result["pairs"].values()
+    for b in ("1", "64"):
+        assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+    assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
+    assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]

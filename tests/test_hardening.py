@@ -15,13 +15,18 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from server_harness import ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
-from serving.limits import InflightBytes, OverBudget, RateLimiter, ServerLimits, request_bytes_needed
+from serving.limits import (
+    InflightBytes,
+    OverBudget,
+    RateLimiter,
+    ServerLimits,
+    request_bytes_needed,
+)
 from serving.settings import SERVE_RANGES, check_serve_settings
 
 GLIMPSE = [0.5] * 49
@@ -344,7 +349,7 @@ def test_cancelled_and_killed_glimpse_streams_count_as_cancelled(small, tmp_path
             proc.kill()
             proc.wait()
     hold.set()
-    assert wait_for(lambda: count("CANCELLED") == cancelled + 5, 5.0), (count("CANCELLED"), cancelled, count("OK"), ok, small.running.metrics.registry.get_sample_value("nlstm_requests_total", {"method": "ClassifyGlimpses", "code": "INVALID_ARGUMENT"}))
+    assert wait_for(lambda: count("CANCELLED") == cancelled + 5, 15.0), (count("CANCELLED") - cancelled, count("OK") - ok)
     assert count("OK") == ok
     assert wait_for(lambda: small.metric("nlstm_active_sequences", {"model": "tiny-mnist"}) == 0, 2.0)
 
@@ -364,13 +369,13 @@ def test_rate_limiter_refills_and_forgets_idle_clients():
     assert "a" not in rate._buckets and "b" not in rate._buckets
 
 
-def test_settings_module_quotes_each_range_in_the_help():
+def test_every_numeric_flag_of_serve_has_a_range():
     from training.cli import build_parser
 
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {o for a in serve._actions for o in a.option_strings}
-    for name in SERVE_RANGES:
-        assert "--" + name.replace("_", "-") in flags
+    numeric = {a.dest for a in serve._actions if a.type in (int, float)}
+    # a new numeric flag needs its range in serving/settings.py, and every range its flag
+    assert numeric == set(SERVE_RANGES)
 
 
 def _free_port() -> int:
@@ -401,7 +406,6 @@ def test_serve_binds_metrics_to_metrics_host(models_dir):
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    assert np is not None
 
 
 def test_idle_and_half_open_grpc_connections_are_closed(models_dir, monkeypatch):

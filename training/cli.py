@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,9 +174,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
       help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)")
-    a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
-      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
-           "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
     a("--max-stop-chars", type=int, default=_env("MAX_STOP_CHARS", 256, int),
       help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)")
     a("--max-glimpses", type=int, default=_env("MAX_GLIMPSES", 4096, int),
@@ -197,6 +195,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--api-keys-file", type=Path, default=_env("API_KEYS_FILE", None, Path),
       help="file of API keys, one a line: every call but health checks must send 'authorization: Bearer KEY', "
            "and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
+    a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
+      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
+           "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
     a("--grace", type=float, default=_env("GRACE", 10.0, float),
       help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
     a("--threads", type=int, default=_env("THREADS", 0, int),
@@ -216,16 +217,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     import logging
 
     from serving.auth import ApiKeys, server_credentials
-    from serving.engine import MAX_PREFIX_CACHE_MB, Limits
+    from serving.engine import Limits
     from serving.limits import ServerLimits
     from serving.server import serve
     from serving.settings import check_serve_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_serve_settings(vars(args))  # every numeric flag in its range, or one clear error
-    if not 0 <= args.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
-        raise ValueError(f"--prefix-cache-mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0 turns the cache off), "
-                         f"got {args.prefix_cache_mb}")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -613,6 +611,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="export the step graph only (default: also the sequence graph, kept if faster)",
     )
+    p.add_argument("--quantize", choices=("int8", "float16"), default=None,
+                   help="also write a quantized copy (nlstm quantize OUT --out QUANTIZED_OUT), measured "
+                        "against this export on the task's data")
+    p.add_argument("--quantized-out", type=Path, default=None,
+                   help="the quantized folder (default: OUT-int8 or OUT-float16)")
+    _add_quantize_flags(p)
     p.set_defaults(handler=_run_export)
 
 
@@ -631,6 +635,110 @@ def _run_export(args: argparse.Namespace) -> int:
     else:
         print(f"  sequence graph not exported{': ' + t['error'] if 'error' in t else ''}")
     print(f"  state (B, {meta.num_slots}, {meta.hidden_size}): {', '.join(meta.state_slots)}")
+    if args.quantize is None:
+        return 0
+    # In a fresh process: the quantizer times onnxruntime, which torch's threads (loaded here by
+    # the export) would slow; `nlstm quantize` itself never imports torch.
+    out = args.quantized_out or args.out.with_name(f"{args.out.name}-{args.quantize}")
+    cmd = [sys.executable, "-m", "training.cli", "quantize", str(args.out), "--out", str(out),
+           "--precision", args.quantize, *_quantize_argv(args)]
+    return subprocess.run(cmd, check=False).returncode
+
+
+# ------------------------------------------------------------------------------------- quantize
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    # The thresholds' defaults live in training.quantize (None here: importing it would load
+    # numpy and sentencepiece for every command).
+    p.add_argument("--method", default="auto",
+                   help="int8: auto (measure every candidate, keep the best), dynamic, static, or a "
+                        "candidate's name (docs/export.md)")
+    p.add_argument("--max-bpc-increase", type=float, default=None,
+                   help="refuse a char model whose bits per character rise more than this on the "
+                        "validation or test split (default 0.01)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="refuse a glimpse classifier whose accuracy drops more than this many points "
+                        "(default 0.3)")
+    p.add_argument("--accept-cost", action="store_true",
+                   help="write the quantized folder even over the threshold (meta.json says so)")
+    p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", None, Path),
+                   help="raw data of the model's task, to measure the cost on [NLSTM_DATA_DIR]")
+    p.add_argument("--cache-dir", type=Path, default=_env("CACHE_DIR", None, Path),
+                   help="prepared data cache [NLSTM_CACHE_DIR]")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the evaluation")
+
+
+def _quantize_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--method", args.method, "--threads", str(args.threads)]
+    for flag, value in (("--max-bpc-increase", args.max_bpc_increase), ("--max-accuracy-drop", args.max_accuracy_drop)):
+        argv += [flag, repr(value)] if value is not None else []
+    argv += ["--accept-cost"] if args.accept_cost else []
+    argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    argv += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    return argv
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize an exported folder (int8 on the CPU, float16 for CUDA), cost measured",
+        description=(
+            "Write OUT: FOLDER's step graph quantized with onnxruntime's tools, what to quantize "
+            "chosen by measurement, and a meta.json with the precision, the settings, and the "
+            "figures of both models on the full validation and test splits (docs/export.md). "
+            "Refused (exit 3, nothing written) when the cost passes the threshold, unless "
+            "--accept-cost."
+        ),
+    )
+    p.add_argument("folder", type=Path, help="a float32 export, e.g. exported/ptb-nlstm")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm-int8")
+    p.add_argument("--precision", choices=("int8", "float16"), default="int8")
+    _add_quantize_flags(p)
+    p.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from serving.formats import ExportMeta
+    from training.quantize import (
+        EvalData,
+        QuantizationCost,
+        QuantizationError,
+        Thresholds,
+        quantize_folder,
+    )
+
+    try:
+        if args.precision == "float16":  # before the data is loaded: can CUDA start here?
+            from serving.runtime import load_model
+
+            try:
+                load_model(args.folder, providers="cuda")
+            except RuntimeError as exc:
+                raise QuantizationError(
+                    f"float16 step graphs are for the CUDA provider, which cannot start here: {exc}"
+                ) from None
+        meta = ExportMeta.from_folder(args.folder)
+        data = EvalData.for_task(meta, args.data_dir, args.cache_dir)
+        result = quantize_folder(
+            args.folder, args.out, data=data, precision=args.precision, method=args.method,
+            thresholds=Thresholds(**{k: v for k, v in (("max_bpc_increase", args.max_bpc_increase),
+                                                       ("max_accuracy_drop", args.max_accuracy_drop))
+                                     if v is not None}),
+            accept_cost=args.accept_cost, threads=args.threads,
+            providers="cuda" if args.precision == "float16" else "cpu",
+        )
+    except QuantizationCost as exc:
+        print(f"nlstm quantize: REFUSED: {exc}", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:  # QuantizationError, or CUDA that cannot start
+        print(f"nlstm quantize: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(result.report))
+    q = result.meta.quantization
+    if result.over_threshold:
+        print(f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold {q['threshold']}; "
+              "written because --accept-cost was given", file=sys.stderr)
+    print(f"wrote {args.out}: {result.meta.precision} ({q['settings']['name']}), "
+          f"{sum((args.out / n).stat().st_size for n in result.meta.files) / 2**20:.1f} MiB")
     return 0
 
 
@@ -643,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
     _add_export(sub)
+    _add_quantize(sub)
     _add_data(sub)
     _add_train(sub)
     _add_plot(sub)

@@ -29,8 +29,15 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "kind", "vocab_size", "num_classes", "metrics", "depth", "num_layers", "hidden_size")
+    __slots__ = ("name", "task", "kind", "vocab_size", "num_classes", "metrics", "depth", "num_layers", "hidden_size", "precision", "reference_metrics", "quantization")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ReferenceMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +53,9 @@ class ModelInfo(_message.Message):
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     kind: str
@@ -55,7 +65,10 @@ class ModelInfo(_message.Message):
     depth: int
     num_layers: int
     hidden_size: int
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., depth: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...
+    precision: str
+    reference_metrics: _containers.ScalarMap[str, float]
+    quantization: str
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_classes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., depth: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., precision: _Optional[str] = ..., reference_metrics: _Optional[_Mapping[str, float]] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("model",)
