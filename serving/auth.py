@@ -168,15 +168,23 @@ class Gate(grpc.aio.ServerInterceptor):
         async def admit(context) -> None:
             caller = Caller(client or f"peer:{peer_host(context.peer())}", private=client is not None)
             if rate is not None and (wait := rate.allow(caller.client)):
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this client started more than {rate.rate:g} calls per second, the server's per-client "
-                    f"rate limit (bursts of {rate.burst:g}); retry in {wait:.2f} s",
-                )
-            # each call runs in its own task, whose context this sets: nothing to reset
-            _CALLER.set(caller)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, rate_refusal(rate, wait))
+            run_as(caller)
 
         return _admitting(handler, admit)
+
+
+def rate_refusal(rate: RateLimiter, wait: float) -> str:
+    """Why a call over the per-client rate is refused (gRPC and serving.http say the same)."""
+    return (f"this client started more than {rate.rate:g} calls per second, the server's per-client "
+            f"rate limit (bursts of {rate.burst:g}); retry in {wait:.2f} s")
+
+
+def run_as(caller: Caller) -> None:
+    """Make `caller` the Caller of the call running in this task: each call (a gRPC call, an
+    HTTP request of serving.http) runs in its own task, whose context this sets: nothing to
+    reset."""
+    _CALLER.set(caller)
 
 
 def _read_pem(path: str | Path, what: str) -> bytes:

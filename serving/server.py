@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +30,9 @@ from serving.limits import InflightBytes, RateLimiter, ServerLimits, request_byt
 from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
 from serving.store import Backend, open_backend
+
+if TYPE_CHECKING:
+    from serving.http import HttpFront
 
 log = logging.getLogger("nlstm.serving")
 
@@ -64,6 +69,8 @@ class Running:
     engine: Engine
     health: health.aio.HealthServicer
     metrics: Metrics
+    http: HttpFront | None = None  # the HTTP/JSON front (serving.http), when asked for
+    http_port: int = 0
 
 
 def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
@@ -85,10 +92,13 @@ def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
                        metrics: Metrics | None = None, server_limits: ServerLimits | None = None,
                        api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None,
-                       snapshot_key: bytes | None = None, session_store: str | Backend | None = "memory") -> Running:
+                       snapshot_key: bytes | None = None, session_store: str | Backend | None = "memory",
+                       http_port: int | None = None, http_ssl: ssl.SSLContext | None = None) -> Running:
     """Start the engine and a gRPC server on host:port (plaintext, or TLS with `tls`); with
     `api_keys`, every call but health checks needs one (serving.auth). `session_store`: where
-    sessions live (serving.store.open_backend's URL, or a Backend)."""
+    sessions live (serving.store.open_backend's URL, or a Backend). With `http_port`, the
+    HTTP/JSON front too (serving.http, TLS with `http_ssl`), on the same host, engine, keys,
+    rate limiter and in-flight byte budget."""
     metrics = metrics or Metrics()
     limits = limits or Limits()
     server_limits = server_limits or ServerLimits()
@@ -107,7 +117,8 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     # outermost first: every call is counted, whatever ends it. The Gate names each call's
     # client; without keys, a rate or a per-client session bound nobody asks, and its extra
     # layer on every message is saved.
-    interceptors = [ErrorsAndMetrics(metrics, InflightBytes(server_limits.max_inflight_bytes))]
+    budget = InflightBytes(server_limits.max_inflight_bytes)  # one budget for gRPC and HTTP
+    interceptors = [ErrorsAndMetrics(metrics, budget)]
     if api_keys is not None or rate is not None or limits.max_sessions_per_client:
         interceptors.append(Gate(api_keys, rate))
     server = grpc.aio.server(
@@ -122,7 +133,8 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         ],
         maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    servicer = InferenceServicer(engine)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -136,7 +148,18 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, engine, health_servicer, metrics)
+    running = Running(server, bound, engine, health_servicer, metrics)
+    if http_port is not None:
+        from serving.http import HttpFront
+
+        running.http = HttpFront(servicer, health_servicer, metrics, keys=api_keys, rate=rate, budget=budget,
+                                 max_body=max_request, max_concurrent=server_limits.max_concurrent_calls)
+        try:
+            running.http_port = await running.http.start(host, http_port, http_ssl)
+        except OSError:
+            await shutdown(running, 0)
+            raise
+    return running
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -146,6 +169,8 @@ async def shutdown(running: Running, grace: float) -> None:
     await running.health.enter_graceful_shutdown()
     running.engine.closing = True
     stopping = asyncio.ensure_future(running.server.stop(grace))
+    if running.http is not None:
+        stopping = asyncio.ensure_future(asyncio.gather(stopping, running.http.stop(grace)))
     await asyncio.wait({stopping}, timeout=max(0.0, grace - GENERATE_END_MARGIN))
     running.engine.end_generation()
     await stopping
@@ -156,9 +181,11 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
                 metrics_host: str | None = None, limits: Limits | None = None, grace: float = 10.0,
                 runtime_options: dict | None = None, server_limits: ServerLimits | None = None,
                 api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None, ready=None,
-                snapshot_key: bytes | None = None, session_store: str = "memory") -> None:
+                snapshot_key: bytes | None = None, session_store: str = "memory",
+                http_port: int | None = None, http_ssl: ssl.SSLContext | None = None) -> None:
     """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound. The
-    metrics endpoint listens on metrics_host (default: host)."""
+    metrics endpoint listens on metrics_host (default: host); with http_port, the HTTP/JSON
+    front and the playground page on host too."""
     from serving.metrics_http import MetricsServer
 
     store = open_backend(session_store)  # a bad URL fails now, before the models load
@@ -172,7 +199,11 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
             log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
                                  server_limits=server_limits, api_keys=api_keys, tls=tls,
-                                 snapshot_key=snapshot_key, session_store=store)
+                                 snapshot_key=snapshot_key, session_store=store, http_port=http_port,
+                                 http_ssl=http_ssl)
+    if running.http is not None:
+        log.info("HTTP/JSON and the playground on %s://%s:%d/", "https" if http_ssl else "http",
+                 host, running.http_port)
     if api_keys is not None and tls is None:
         log.warning("API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)")
     log.info("serving %s on port %d%s%s", ", ".join(sorted(models)), running.port, " with TLS" if tls else "",

@@ -55,6 +55,7 @@ def _num(x: float) -> str:
 # flag (without the leading dashes, dashes as underscores) -> its range
 SERVE_RANGES: dict[str, Range] = {
     "port": Range(0, 65535, integer=True, note="0 picks a free port"),
+    "http_port": Range(0, 65535, integer=True, note="0 picks a free port; unset: no HTTP"),
     "metrics_port": Range(-1, 65535, integer=True, note="-1 turns the endpoint off, 0 picks a free port"),
     "max_sessions": Range(1, 1_000_000, integer=True),
     "max_sessions_per_client": Range(0, 1_000_000, integer=True, note="0: no per-client bound"),
@@ -88,7 +89,7 @@ def check_serve_settings(values: Mapping[str, object]) -> None:
     """Raise ValueError for the first value in `values` (flag name -> value, as argparse
     names them) outside its range in SERVE_RANGES; names without a range are not checked."""
     for name, rng in SERVE_RANGES.items():
-        if name not in values:
+        if values.get(name) is None:  # not given, or an optional flag left unset (--http-port)
             continue
         value = values[name]
         if not rng.allows(value):  # type: ignore[arg-type]

@@ -175,6 +175,12 @@ def test_prefix_cache_smoke():
     assert result["results"]["same"]["ratio"] > 2
 
 
+def test_scheduler_overhead_smoke():
+    out = run_bench("scheduler_overhead.py", "--smoke")
+    assert [r["boundaries"] for r in out["results"]] == [True, False]
+    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])
+
+
 def test_quantized_smoke():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
                           capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -310,7 +310,8 @@ def test_health_and_reflection(server):
 
 
 def test_serving_never_imports_torch():
-    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine; "
+    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, serving.http, "
+            "serving.commands; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('training')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

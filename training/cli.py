@@ -9,6 +9,7 @@ Everything below this module takes plain arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -139,6 +140,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--host", default=_env("HOST", "[::]"), help="address to bind [NLSTM_HOST] (default: all)")
     a("--port", type=int, default=_env("PORT", 50051, int),
       help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
+    a("--http-port", type=int, default=_env("HTTP_PORT", None, int),
+      help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on this port, "
+           "bound to --host; off unless set [NLSTM_HTTP_PORT]")
     a("--metrics-port", type=int, default=_env("METRICS_PORT", 9090, int),
       help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
     a("--metrics-host", default=_env("METRICS_HOST", None),
@@ -247,9 +251,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
                       limits=limits, grace=args.grace, runtime_options=runtime, server_limits=server_limits,
-                      api_keys=keys, tls=tls, snapshot_key=snapshot_key,
-                      session_store=args.session_store))
+                      api_keys=keys, tls=tls, snapshot_key=snapshot_key, session_store=args.session_store,
+                      http_port=args.http_port,
+                      http_ssl=_http_ssl(args) if args.http_port is not None else None))
     return 0
+
+
+def _http_ssl(args: argparse.Namespace):
+    """HTTPS on --http-port with gRPC's --tls-cert/--tls-key (and --tls-client-ca), if given."""
+    if args.tls_cert is None:
+        return None
+    from serving.http import ssl_context
+
+    return ssl_context(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def _read_snapshot_key(path: Path) -> bytes:
@@ -264,10 +278,14 @@ def _read_snapshot_key(path: Path) -> bytes:
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=_env("TARGET", "localhost:50051"),
-                   help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
     p.add_argument("--model", default="", help="model name (see the server's ListModels); needed without --session")
     p.add_argument("--session", default="", help="continue an existing session's state")
+    _add_connection_flags(p)
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=_env("TARGET", "localhost:50051"),
+                   help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--api-key", default=_env("API_KEY", None),
                    help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' [NLSTM_API_KEY]")
@@ -343,9 +361,7 @@ def _add_session(sub: argparse._SubParsersAction) -> None:
 
     def action(name: str, help_: str) -> argparse.ArgumentParser:
         q = ssub.add_parser(name, help=help_)
-        q.add_argument("--target", default=_env("TARGET", "localhost:50051"),
-                       help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
-        q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        _add_connection_flags(q)
         q.set_defaults(handler=_run_session)
         return q
 
@@ -360,47 +376,70 @@ def _add_session(sub: argparse._SubParsersAction) -> None:
     action("fork", "a new session with a copy of a session's state").add_argument("session_id")
 
 
-def _run_session(args: argparse.Namespace) -> int:
-    from serving import client
+def _connect(args: argparse.Namespace):
+    """A serving.client.Client for the connection flags, once the server answers."""
+    from serving.client import TLS
+    from serving.commands import connect
 
-    if args.action == "create":
-        client.session_create(args.target, args.model, args.timeout)
-    elif args.action == "show":
-        client.session_show(args.target, args.session_id, args.timeout)
-    elif args.action == "close":
-        client.session_close(args.target, args.session_id, args.timeout)
-    elif args.action == "snapshot":
-        client.session_snapshot(args.target, args.session_id, args.out, args.timeout)
-    elif args.action == "restore":
-        client.session_restore(args.target, args.file, args.timeout)
-    else:
-        client.session_fork(args.target, args.session_id, args.timeout)
+    if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
+        raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
+    tls = TLS(args.tls_ca, args.tls_client_cert, args.tls_client_key) if args.tls_ca else None
+    return connect(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout)
+
+
+@contextlib.contextmanager
+def _server_errors(server_error: type):
+    """A call the server refused ends the command like bad input: 'CODE: message', exit 2."""
+    try:
+        yield
+    except server_error as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    from serving import commands
+    from serving.client import ServerError
+
+    with _connect(args) as client, _server_errors(ServerError):
+        if args.action == "create":
+            commands.session_create(client, args.model)
+        elif args.action == "show":
+            commands.session_show(client, args.session_id)
+        elif args.action == "close":
+            commands.session_close(client, args.session_id)
+        elif args.action == "snapshot":
+            commands.session_snapshot(client, args.session_id, args.out)
+        elif args.action == "restore":
+            commands.session_restore(client, args.file)
+        else:
+            commands.session_fork(client, args.session_id)
     return 0
 
 
 def _client(command: str, args: argparse.Namespace) -> int:
-    from serving import client
+    from serving import commands
 
     if command in ("generate", "score") and args.backend == "onnx" and args.session:
         raise ValueError("--session needs --backend server: sessions live in a server")
-    if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
-        raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
-    conn = client.Connection(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_client_cert,
-                             tls_key=args.tls_client_key, api_key=args.api_key)
     if command == "generate" and args.backend == "onnx":
-        client.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
-                              args.top_p, args.seed, args.stop, providers=args.providers, threads=args.threads or None)
-    elif command == "generate":
-        client.generate(conn, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
-                        args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
+        commands.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature,
+                                args.top_k, args.top_p, args.seed, args.stop, providers=args.providers,
+                                threads=args.threads or None)
     elif command == "score" and args.backend == "onnx":
-        client.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
-                           args.threads or None)
-    elif command == "score":
-        client.score(conn, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
+        commands.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
+                             args.threads or None)
     else:
-        image, label = client.read_mnist_image(str(args.data_dir), args.index)
-        client.classify(conn, args.model, image, label, timeout=args.timeout)
+        from serving.client import ServerError
+
+        with _connect(args) as client, _server_errors(ServerError):
+            if command == "generate":
+                commands.generate(client, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
+                                  args.top_p, args.seed, args.stop, args.session)
+            elif command == "score":
+                commands.score(client, args.model, args.file, args.per_char, args.session)
+            else:
+                image, label = commands.read_mnist_image(str(args.data_dir), args.index)
+                commands.classify(client, args.model, image, label)
     return 0
 
 
