@@ -377,9 +377,12 @@ class _NestedLSTMSequence(torch.autograd.Function):
         return (*grads, None)
 
 
-def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple[Tensor, State]:
+def nested_lstm_sequence(
+    cell: NestedLSTMCell, x: Tensor, state: State, cuda_graphs: bool = False
+) -> tuple[Tensor, State]:
     """Run `cell` over x of shape (T, B, in) (or (T, B) one-hot indices) from `state`.
-    Returns (output (T, B, H), final state)."""
+    Returns (output (T, B, H), final state). `cuda_graphs`: on CUDA, with gradients on, replay
+    the sequence as captured CUDA graphs (training.nlstm_graphs); elsewhere it changes nothing."""
     w_ih0, w_hh0, b0 = cell.level_weights(0)
     xproj = input_projection(x, w_ih0, b0)  # (T, B, 4H): one GEMM (or lookup) for all steps
     inner = []
@@ -389,13 +392,14 @@ def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple
     # The recurrence writes into preallocated float32 buffers, which autocast cannot do: under
     # autocast it runs in the parameters' dtype (the heads around it still autocast).
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out, *final = _NestedLSTMSequence.apply(
-            xproj.to(w_hh0.dtype).contiguous(),
-            w_hh0,
-            *inner,
-            *state,
-            cell.outer_activation == "tanh",
-        )
+        xproj = xproj.to(w_hh0.dtype).contiguous()
+        tanh_outer = cell.outer_activation == "tanh"
+        if cuda_graphs and x.is_cuda and torch.is_grad_enabled():
+            from training.nlstm_graphs import graphed_sequence  # imports this module
+
+            out, *final = graphed_sequence(cell, xproj, w_hh0, inner, state, tanh_outer)
+        else:
+            out, *final = _NestedLSTMSequence.apply(xproj, w_hh0, *inner, *state, tanh_outer)
     return out, tuple(final)
 
 
@@ -405,7 +409,8 @@ class NestedLSTM(nn.Module):
     forward(x, state=None) -> (output, state): x of shape (T, B, input_size), or (T, B) integer
     indices of one-hot inputs; output (T, B, hidden_size); state a tuple with one cell state
     tuple (h, c_0, ..., c_{depth-1}) per layer. `fused=False` runs the reference cell step by
-    step (slower; the same function).
+    step (slower; the same function). `cuda_graphs=True` replays the fused path as CUDA graphs
+    on CUDA while training (training.nlstm_graphs; ignored on the CPU and under no_grad).
     """
 
     def __init__(
@@ -416,6 +421,7 @@ class NestedLSTM(nn.Module):
         num_layers: int = 1,
         outer_activation: str = "identity",
         fused: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -424,6 +430,7 @@ class NestedLSTM(nn.Module):
         self.depth, self.num_layers = depth, num_layers
         self.outer_activation = outer_activation
         self.fused = fused
+        self.cuda_graphs = cuda_graphs
         self.layers = nn.ModuleList(
             NestedLSTMCell(input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation)
             for n in range(num_layers)
@@ -449,7 +456,7 @@ class NestedLSTM(nn.Module):
         for cell, s in zip(self.layers, state):
             cell.check_state(s, B)
             if self.fused and T > 0:
-                x, s = nested_lstm_sequence(cell, x, s)
+                x, s = nested_lstm_sequence(cell, x, s, self.cuda_graphs)
             else:
                 outs = []
                 for t in range(T):
