@@ -410,6 +410,7 @@ def test_step_linear_and_weight_grad_match_float64_on_both_kernels(monkeypatch):
     bias, add = torch.randn(N, generator=g), torch.randn(B, N, generator=g)
     d, xs = torch.randn(40, N, generator=g), torch.randn(40, K, generator=g)
     ref = x.double() @ w.double().t()
+    monkeypatch.setattr(gemm, "MIN_ONEDNN_ELEMENTS", 0)  # these sizes would stay on torch.mm
     for onednn in (True, False):
         monkeypatch.setattr(gemm, "ONEDNN", onednn)
         assert gemm.uses_onednn(w) == (onednn and gemm.onednn_available())
@@ -435,7 +436,10 @@ def test_onednn_is_used_for_float32_on_this_cpu():
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     assert gemm.onednn_available()
-    assert gemm.uses_onednn(torch.zeros(1)) and not gemm.uses_onednn(torch.zeros(1, dtype=torch.float64))
+    big = torch.zeros(4 * 600, 600)  # the paper's PTB model: oneDNN; a 32-cell model: torch.mm
+    assert gemm.uses_onednn(big) and not gemm.uses_onednn(big.double())
+    assert not gemm.uses_onednn(torch.zeros(4 * 32, 32))
+    assert gemm.StepLinear(big, 32).onednn and not gemm.StepLinear(torch.zeros(4 * 32, 32), 32).onednn
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -449,6 +453,8 @@ def test_fused_float32_kernels_agree(depth, monkeypatch):
     randomize(layer, std=0.3)
     tokens = torch.randint(0, 11, (13, 6))
     h0 = tuple(tuple(torch.randn(6, 16) for _ in range(depth + 1)) for _ in range(2))
+
+    monkeypatch.setattr(gemm, "MIN_ONEDNN_ELEMENTS", 0)  # 16 cells would stay on torch.mm
 
     def run(onednn):
         monkeypatch.setattr(gemm, "ONEDNN", onednn)

@@ -8,11 +8,12 @@ the 2-core AMD EPYC (AVX-512) of docs/performance.md, one thread, the same run, 
 oneDNN, and a 2048^3 product at 37-45 against 130-144. oneDNN is also what torch.nn.LSTM's CPU
 kernel runs on, so the baseline we race has it. Here:
 
-  * float32 on the CPU goes through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the
+  * float32 on the CPU, for weights of at least MIN_ONEDNN_ELEMENTS, goes through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the
     op TorchInductor's CPU backend emits for linear layers), with each weight reordered once per
     sequence into oneDNN's blocked layout (`_reorder_linear_weight`) instead of once per call;
-  * everything else (float64, which the exactness tests use; CUDA, where cuBLAS is the fast
-    kernel; a build without oneDNN) uses torch.mm / addmm, with the same row-major layout.
+  * everything else (small products; float64, which the exactness tests use; CUDA, where
+    cuBLAS is the fast kernel; a build without oneDNN) uses torch.mm / addmm, with the same
+    row-major layout.
 
 Both compute x @ W^T; they differ only in float32 rounding (about 1e-6 relative). The oneDNN
 ops are private, so `onednn_available()` checks once that they exist and give the right answer,
@@ -28,6 +29,12 @@ from torch import Tensor
 
 # Tests switch this off to run the float32 path through torch.mm and compare the two kernels.
 ONEDNN = True
+# Products with fewer weight (or result) elements than this stay on torch.mm: oneDNN's per-call
+# cost (building the primitive, wrapping the tensors) outweighs its faster kernel for small
+# ones. Measured with bench/train_speed.py --threads 1 --seq 50 (CPU time, the fused NLSTM
+# through each kernel in one run): hidden 32 and 64, MKL 1.32x and 1.15x faster; 75 even; 128,
+# oneDNN 1.19x faster; 600, oneDNN 1.8x. 4H x H at H = 128 is 65,536.
+MIN_ONEDNN_ELEMENTS = 1 << 16
 
 _available: bool | None = None  # probed on first use
 
@@ -49,9 +56,13 @@ def onednn_available() -> bool:
     return _available
 
 
-def uses_onednn(t: Tensor) -> bool:
-    """Whether products with tensors like `t` go through oneDNN."""
-    return ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32 and onednn_available()
+def uses_onednn(t: Tensor, elements: int | None = None) -> bool:
+    """Whether a product with tensors like `t` (and a weight or result of `elements`
+    elements, default t's) goes through oneDNN."""
+    if elements is None:
+        elements = t.numel()
+    return (ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
+            and elements >= MIN_ONEDNN_ELEMENTS and onednn_available())
 
 
 class StepLinear:
@@ -91,7 +102,7 @@ class StepLinear:
 def weight_grad(d_out: Tensor, x: Tensor) -> Tensor:
     """d_out^T @ x: (N, out), (N, in) -> (out, in), the gradient of a weight applied to every row
     of x. One large product over all N = T*B positions."""
-    if uses_onednn(d_out):
+    if uses_onednn(d_out, d_out.shape[1] * x.shape[1]):
         # oneDNN's linear contracts the last dimensions of both operands and copies a strided
         # first operand into a plain one. The narrower of the two goes first: (x^T d_out)^T, so
         # the copy is x (N, in), not d_out (N, out = 4H); the (in, out) result comes back as a
