@@ -3,14 +3,15 @@
 The NLSTM's fused sequence multiplies the same weights by a small batch (B = 32 rows) at every
 time step, and once per backward pass forms each weight gradient as one large product. On the
 CPU, PyTorch's float32 `mm` runs MKL, and MKL on AMD processors takes a generic code path: on
-the 2-core AMD EPYC (AVX-512) of docs/performance.md, one thread, the same run, the step's
-(32 x 1200) @ (1200 x 2400) ran at 23-32 GFLOP/s through `torch.mm` against 47-68 through
-oneDNN, and a 2048^3 product at 37-45 against 130-144. oneDNN is also what torch.nn.LSTM's CPU
-kernel runs on, so the baseline we race has it. Here:
+the 2-core AMD EPYC (AVX-512) of docs/performance.md, one thread, CPU time, the same run, the
+step's (32 x 1200) @ (1200 x 2400) ran at 67-72 GFLOP/s through `torch.mm` against 122-164
+through oneDNN, and a 2048^3 product at 94-97 against 210-215. oneDNN is also what
+torch.nn.LSTM's CPU kernel runs on, so the baseline we race has it. Here:
 
-  * float32 on the CPU, for weights of at least MIN_ONEDNN_ELEMENTS, goes through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the
-    op TorchInductor's CPU backend emits for linear layers), with each weight reordered once per
-    sequence into oneDNN's blocked layout (`_reorder_linear_weight`) instead of once per call;
+  * float32 on the CPU, for weights of at least MIN_ONEDNN_ELEMENTS elements, goes through
+    oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op TorchInductor's CPU backend
+    emits for linear layers), with each weight reordered once per sequence into oneDNN's
+    blocked layout (`_reorder_linear_weight`) instead of once per call;
   * everything else (small products; float64, which the exactness tests use; CUDA, where
     cuBLAS is the fast kernel; a build without oneDNN) uses torch.mm / addmm, with the same
     row-major layout.
