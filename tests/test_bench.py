@@ -142,4 +142,3 @@ def test_serve_load_smoke():
         assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
         assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05
-
