@@ -35,14 +35,24 @@ def run_bench(script: str, *args: str) -> dict:
 
 def test_train_speed_smoke():
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_speed.py"), "--smoke", "--device", "cpu"],
+        [sys.executable, str(REPO / "bench" / "train_speed.py"), "--smoke", "--device", "cpu",
+         "--kinds", "nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"],
         capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
     ).stdout
     lines = [line for line in out.splitlines() if "chars/s" in line]
-    assert [line.split()[0] for line in lines] == ["nn.LSTM", "nlstm-fused", "nlstm-loop"]
-    for line in lines:
-        assert float(line.split()[1].replace(",", "")) > 0
-        assert float(line.split()[-1]) > 0  # the ratio against nn.LSTM
+    kinds = ["nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"]
+    assert [line.split()[0] for line in lines] == kinds * 2  # by wall time, by CPU time
+    assert "large-GEMM peak this run: torch.mm" in out
+    (result,) = json.loads(out.splitlines()[-1])
+    assert result["device"] == "cpu" and result["peak_gflops"] > 0
+    assert list(result["kinds"]) == kinds
+    for r in result["kinds"].values():
+        for clock in ("wall", "cpu"):
+            assert r[f"{clock}_chars_per_s"] > 0 and r[f"{clock}_ratio"] > 0
+            # FLOPs per step over time against the peak measured in the same run
+            assert r[f"{clock}_peak_fraction"] == pytest.approx(r[f"{clock}_gflops"] / result["peak_gflops"])
+        assert r["gflop_per_step"] > 0
+    assert result["kinds"]["nn.LSTM"]["wall_ratio"] == 1.0
 
 
 def test_hmlstm_copy_smoke():

@@ -33,7 +33,8 @@ SCHEDULES = ("constant", "linear")
 DATA_MODEL_KEYS = ("kind", "vocab_size", "input_size", "num_classes")
 # Keys a resumed run may change: they steer the run, not what it computes.
 RESUMABLE = (
-    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every"
+    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every",
+    "cuda_graphs",
 )
 
 
@@ -64,6 +65,9 @@ class TrainConfig:
     carry_state: bool = True  # ptb/text8: start each batch from the previous one's final state
     bf16: bool = False  # bfloat16 autocast for the forward pass (the NLSTM recurrence stays fp32)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    # nlstm core on CUDA: replay the fused sequence as captured CUDA graphs (the same function,
+    # without the per-kernel launch cost; training.nlstm_graphs). Ignored on the CPU.
+    cuda_graphs: bool = False
     eval_every: int = 0  # also evaluate every N steps (0: only at the end of each epoch)
     checkpoint_every: int = 200  # also write last.pt every N steps (0: only when evaluating)
     max_steps: int = 0  # stop after N optimizer steps in all (0: run every epoch)

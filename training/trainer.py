@@ -406,6 +406,14 @@ class Trainer:
 
         seed_everything(c.seed)  # the same initial weights on every rank
         self.model = build_model(self.model_config).to(self.device)
+        if c.cuda_graphs:  # the NLSTM's fused sequence as CUDA graphs (training.nlstm_graphs)
+            if not hasattr(self.model.core, "cuda_graphs"):
+                raise ConfigError(
+                    f"cuda_graphs applies to the nlstm core only, not {self.model_config.core!r}"
+                )
+            self.model.core.cuda_graphs = True
+            if self.device.type != "cuda":
+                self._log(f"cuda_graphs: ignored on {self.device.type} (CUDA graphs need CUDA)")
         self.train_model = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
