@@ -297,4 +297,4 @@ def test_serve_session_store_flags_and_environment(monkeypatch, tmp_path, capsys
     assert main(["serve", "--models", missing, "--session-store", "postgres://db/x"]) == 2
     assert "not a store this server knows; use memory" in capsys.readouterr().err
     assert main(["serve", "--models", missing, "--session-checkpoint-s", "0"]) == 2
-    assert "--session-checkpoint-s must be in [0.05, 600]" in capsys.readouterr().err
+    assert "--session-checkpoint-s must be a finite number in [0.05, 600] seconds" in capsys.readouterr().err
