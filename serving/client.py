@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -20,13 +21,34 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.formats import image_to_glimpses
 
+# What a client says when no server answers; generate and score add "or --backend onnx".
+NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on port 50051) or pass --target HOST:PORT"
+LOCAL_HINT = "; or run without a server: --backend onnx"
 
-def _stub(target: str, timeout: float | None):
+
+def _stub(target: str, timeout: float | None, local: bool = False):
+    """A channel to target once it is connected, and its stub. A refused connection (no server
+    listening) fails at once rather than after gRPC's reconnection backoff; a server that
+    accepts but does not answer gets `timeout` (default 10 s). `local`: the command also has
+    `--backend onnx`, which the error then suggests."""
     channel = grpc.insecure_channel(target)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout or 10)
-    except grpc.FutureTimeoutError:
-        raise OSError(f"no nlstm server answers at {target}") from None
+    settled = threading.Event()
+    seen = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            seen.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    settled.wait(timeout or 10)
+    channel.unsubscribe(watch)
+    if not seen or seen[0] != grpc.ChannelConnectivity.READY:
+        channel.close()
+        why = "the connection failed: nothing listens there" if seen else "no answer within the deadline"
+        raise OSError(f"no nlstm server answers at {target} ({why}): {NO_SERVER_HINT}"
+                      + (LOCAL_HINT if local else ""))
     return channel, pb_grpc.InferenceStub(channel)
 
 
@@ -37,7 +59,7 @@ def _rpc_error(exc: grpc.RpcError) -> ValueError:
 def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
              top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
              timeout: float | None = None) -> str:
-    channel, stub = _stub(target, timeout)
+    channel, stub = _stub(target, timeout, local=True)
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
     if seed is not None:
@@ -140,7 +162,7 @@ def score_local(models_dir: str, model: str, path: str, per_char: bool, provider
 def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
           timeout: float | None = None) -> pb.ScoreResponse:
     text = read_text(path)
-    channel, stub = _stub(target, timeout)
+    channel, stub = _stub(target, timeout, local=True)
     try:
         r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
                        timeout=timeout)
@@ -157,6 +179,12 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     root = Path(data_dir) / "mnist"
     if not root.is_dir():
         root = Path(data_dir)
+    for name in (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` fetches "
+                "it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
+            )
     with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:

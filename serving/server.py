@@ -61,12 +61,14 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
                        metrics: Metrics | None = None, max_message_bytes: int = 16 << 20) -> Running:
     metrics = metrics or Metrics()
     engine = Engine(models, limits, metrics)
-    engine.start()
     server = grpc.aio.server(
         interceptors=[ErrorsAndMetrics(metrics)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would
+            # start and share it, each call reaching either one. A port in use is an error.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
@@ -76,13 +78,37 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(
+            f"cannot listen on port {port} ({host}): {_why_not_bound(host, port)}; stop what holds "
+            "it or pass --port N (0 picks a free port)"
+        )
+    engine.start()  # its scheduler thread only once the port is ours
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, bound, engine, health_servicer, metrics)
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why gRPC could not bind: whether a plain socket can (gRPC's own error says neither)."""
+    import errno
+    import socket
+
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the port is already in use (another nlstm serve?)"
+        return f"{exc.strerror or exc}"
+    return "gRPC could not bind it (GRPC_VERBOSITY=debug says why)"
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -107,7 +133,13 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        http, _ = start_http_server(metrics_port, registry=metrics.registry)
+        try:
+            http, _ = start_http_server(metrics_port, registry=metrics.registry)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc} (another nlstm "
+                "serve?); pass --metrics-port N, or -1 to turn metrics off"
+            ) from None
         log.info("metrics on http://0.0.0.0:%d/metrics", http.server_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics)
     log.info("serving %s on port %d", ", ".join(sorted(models)), running.port)
