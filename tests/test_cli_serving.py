@@ -51,7 +51,7 @@ def _nlstm_without(modules, args: list[str], **kw) -> subprocess.CompletedProces
         f"print('imported:', sorted(m for m in sys.modules if m.partition('.')[0] in {set(modules)!r}))\n"
         "sys.exit(rc)\n"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, check=False,
                           timeout=120, **kw)
 
 
@@ -125,7 +125,7 @@ def test_serving_commands_run_without_torch(tmp_path):
     assert re.fullmatch(r"28 characters, [\d.]+ bits, [\d.]+ bits/char\nimported: \[\]\n", out.stdout)
     # nlstm data (downloads, tokenizers, caches) and every serving module import without them too
     code = _blocker(TRAIN_EXTRA) + "import training.data, training.cli, serving.server, serving.client; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert out.stdout == "ok\n", out.stderr
 
 
@@ -156,7 +156,7 @@ def test_training_commands_name_the_extra_to_install(args, missing):
 
 def test_codegen_without_grpcio_tools_says_what_to_install():
     code = _blocker(["grpc_tools"]) + "import runpy; runpy.run_module('serving.codegen', run_name='__main__')\n"
-    out = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, cwd=REPO, check=False,
                          timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "pip install grpcio-tools==1.85.1" in out.stderr and "the dev extra" in out.stderr
@@ -170,7 +170,7 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
     try:
         second = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--models", str(mnist_models),
                                  "--host", "localhost", "--port", str(port), "--metrics-port", "-1"],
-                                capture_output=True, text=True, cwd=REPO, timeout=120)
+                                capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
         assert second.returncode == 2
         err = second.stderr.strip().splitlines()[-1]
         assert err.startswith(f"nlstm serve: error: cannot listen on port {port} (localhost): the port is "
@@ -188,7 +188,7 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
         metrics_port = taken.getsockname()[1]
         out = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--models", str(mnist_models),
                               "--host", "localhost", "--port", "0", "--metrics-port", str(metrics_port)],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"nlstm serve: error: cannot serve metrics on port {metrics_port}: Address already in use (another "

@@ -101,7 +101,7 @@ def _cli_in_subprocess(args: list[str], cwd: Path) -> tuple[int, str, bool]:
     """(exit status, stderr, whether torch was imported) of `nlstm ARGS` in a fresh interpreter."""
     code = ("import sys; from training.cli import main; rc = main(sys.argv[1:]); "
             "print('torch' in sys.modules); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, check=False,
                          timeout=120)
     return out.returncode, out.stderr, out.stdout.strip().splitlines()[-1] == "True"
 
