@@ -24,6 +24,7 @@ import numpy as np
 
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
+from serving.prefix_cache import PrefixCache
 from serving.sampling import Sampler, check_sampling, log_softmax
 from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
@@ -94,9 +95,12 @@ class Limits:
     # share of the CPU.
     max_messages_per_s: float = 400.0
     max_stop: int = 4
+    # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
+    prefix_cache_mb: float = 64.0
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
+MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
 
 
 class Engine:
@@ -110,7 +114,12 @@ class Engine:
         if not 0 <= self.limits.max_messages_per_s < math.inf:
             raise ValueError("max_messages_per_s must be a finite number >= 0 (0: no budget), "
                              f"got {self.limits.max_messages_per_s}")
+        if not 0 <= self.limits.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
+            raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
+                             f"got {self.limits.prefix_cache_mb}")
         self.metrics = metrics or Metrics()
+        cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
+        self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
         self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
                                   on_evict=self.metrics.evictions.inc)
         self.metrics.max_sessions.set(self.limits.max_sessions)
@@ -136,6 +145,8 @@ class Engine:
             self.metrics.queue_depth.labels(name).set_function(self.schedulers[name].waiting)
             if model.meta.kind == "char" and model.tokenizer is not None:
                 self.texts[name] = id_texts(model.tokenizer)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.add_model(name)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -289,10 +300,15 @@ class Engine:
         banned = banned_ids(tok)
         box = Mailbox()
         feed = ([start_id(model.tokenizer)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
+        recorder = None
+        if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
+            # from the initial state: start after the longest cached prefix of the feed
+            state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
             self.texts[name], tok.eos_id, box.put, interval=self.limits.stream_interval,
         )
+        seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
         try:

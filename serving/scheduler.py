@@ -128,6 +128,8 @@ class GenerateSequence(Sequence):
     is its row of the block's last step (`pos` reads it there)."""
 
     _at: tuple[Streams, int] | None = None  # (block, row) while a Streams block runs this sequence
+    # serving.prefix_cache.Recorder while a fresh sequence's prompt is fed (the engine sets it)
+    recorder = None
 
     @property
     def pos(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -168,6 +170,8 @@ class GenerateSequence(Sequence):
 
     def advance(self, logits, state, post) -> None:
         self.pos = (state, logits)
+        if self.recorder is not None and not self.recorder.stepped(state, logits):
+            self.recorder = None  # the prompt is in: the prefix-state cache has its checkpoints
         if self.finish_reason:  # the last character is in the state now
             self.finished = True
         elif not self.feed:

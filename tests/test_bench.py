@@ -132,3 +132,18 @@ def test_serve_load_smoke():
         assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
         assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05
+
+
+def test_prefix_cache_smoke():
+    """Two real servers (--prefix-cache-mb 0 and the default cache) on the bundled PTB model:
+    the same texts, and the cached server skips the prompt (hits counted, time lower)."""
+    result = run_bench("prefix_cache.py", "--smoke")
+    assert result["identical"] and result["prompt_chars"] == 200 and result["goal"] is None
+    # per kind and round one hit: the same prompt skips 200 characters, with an ending too
+    assert result["cache"] == {"hits": 4.0, "misses": 2.0, "skipped_chars": 800.0}
+    assert result["cache_bytes"] > 0
+    for kind in ("same", "ending"):
+        r = result["results"][kind]
+        assert len(r["off_all_ms"]) == len(r["on_all_ms"]) == 2 and min(r["on_all_ms"]) > 0
+    # 201 steps against one sample: far more than 2x even on a loaded machine
+    assert result["results"]["same"]["ratio"] > 2

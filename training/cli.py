@@ -174,6 +174,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
       help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)")
+    a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
+      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
+           "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
     a("--grace", type=float, default=_env("GRACE", 10.0, float),
       help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
     a("--threads", type=int, default=_env("THREADS", 0, int),
@@ -188,7 +191,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from serving.engine import Limits
+    from serving.engine import MAX_PREFIX_CACHE_MB, Limits
     from serving.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,9 +205,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.max_messages_per_s < float("inf"):
         raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
                          f"got {args.max_messages_per_s}")
+    if not 0 <= args.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
+        raise ValueError(f"--prefix-cache-mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0 turns the cache off), "
+                         f"got {args.prefix_cache_mb}")
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-                    stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s)
+                    stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
+                    prefix_cache_mb=args.prefix_cache_mb)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     asyncio.run(serve(args.models, port=args.port, host=args.host,
                       metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -498,6 +505,29 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- summary
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="a results table (markdown) of one or more runs, mean and spread over seeds",
+        description=(
+            "Print each RUN's figures at its best validation (the test figure at that "
+            "evaluation, as the paper reports) as a markdown table. Runs whose folder names "
+            "differ only by a trailing -sN / -seedN are one row: mean and sample standard "
+            "deviation over the seeds. Every RUN must be of the same task."
+        ),
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder")
+    p.set_defaults(handler=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from training.summary import group, markdown, read_run
+
+    print(markdown(group([read_run(r) for r in args.runs])), end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ visualize
 def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -587,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_plot(sub)
+    _add_summary(sub)
     _add_visualize(sub)
     _add_serve(sub)
     _add_generate(sub)
