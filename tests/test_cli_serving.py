@@ -223,19 +223,23 @@ def test_no_server_fails_at_once_and_says_how_to_start_one(command, capsys, tmp_
     assert ("--backend onnx" in err) == (command[0] != "classify")
 
 
-def test_classify_without_the_data_names_the_download_command(tmp_path, capsys):
+def test_classify_without_the_data_names_the_download_command(tmp_path, capsys, monkeypatch):
     assert main(["classify", "--model", "mnist-nlstm", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"nlstm classify: error: no MNIST file {tmp_path / 't10k-images-idx3-ubyte.gz'}: "
                    f"`nlstm data download mnist --data-dir {tmp_path}` fetches it, or pass --data-dir DIR "
                    "where DIR/mnist/ holds the MNIST .gz files")
+    # without --data-dir: where `nlstm data download mnist` puts the files
+    monkeypatch.setenv("NLSTM_DATA_DIR", str(tmp_path / "raw"))
+    assert main(["classify", "--model", "mnist-nlstm"]) == 2
+    assert f"nlstm data download mnist --data-dir {tmp_path / 'raw'}`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, wanted", [
     ("generate", ["Sample text from a character model", "(default: 200)", "(default: 1)", "(default: server)",
                   "(default: a random one)"]),
     ("classify", ["20 glimpses of 7x7 pixels", "(default: 0)", "nlstm data download mnist",
-                  "(default: localhost:50051)"]),
+                  "(default: localhost:50051)", "(default: the same as nlstm data's"]),
     ("score", ["Bits per character of a text file", "(default: off)", "(default: server)"]),
 ])
 def test_client_help_has_a_description_and_defaults(command, wanted, capsys):

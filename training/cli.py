@@ -291,10 +291,9 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     )
     _add_client_flags(p)
     p.add_argument("--index", type=int, default=0, help="which test image, 0 to 9999 (default: 0)")
-    default_raw = Path.home() / ".cache" / "nlstm" / "raw"
-    p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", default_raw, Path),
+    p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts it "
-                        f"[NLSTM_DATA_DIR] (default: {default_raw})")
+                        "(default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)")
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 
@@ -315,7 +314,9 @@ def _client(command: str, args: argparse.Namespace) -> int:
     elif command == "score":
         client.score(args.target, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
     else:
-        image, label = client.read_mnist_image(str(args.data_dir), args.index)
+        from training.data.fetch import default_data_dir  # where `nlstm data download mnist` puts it
+
+        image, label = client.read_mnist_image(str(args.data_dir or default_data_dir()), args.index)
         client.classify(args.target, args.model, image, label, timeout=args.timeout)
     return 0
 
