@@ -1,5 +1,5 @@
-"""The smoke config learns: `nlstm train configs/smoke.toml` on the real PTB (about 30 s on 2
-CPU cores). Validation BPC must fall well below the unigram entropy of the training text (what
+"""The smoke config learns: `nlstm train configs/smoke.toml` on the real PTB (1-2 minutes on 2
+lightly loaded CPU cores). Validation BPC must fall well below the unigram entropy of the training text (what
 a model that ignores context achieves). Skipped without the datasets (tests/conftest.py)."""
 
 from __future__ import annotations
