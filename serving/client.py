@@ -12,6 +12,7 @@ import gzip
 import math
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,12 +27,38 @@ NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on 
 LOCAL_HINT = "; or run without a server: --backend onnx"
 
 
-def _stub(target: str, timeout: float | None, local: bool = False):
-    """A channel to target once it is connected, and its stub. A refused connection (no server
-    listening) fails at once rather than after gRPC's reconnection backoff; a server that
-    accepts but does not answer gets `timeout` (default 10 s). `local`: the command also has
-    `--backend onnx`, which the error then suggests."""
-    channel = grpc.insecure_channel(target)
+@dataclass
+class Connection:
+    """How to reach a server: its address, TLS (the CA that signed its certificate; a client
+    certificate and key for mutual TLS) and the API key sent with every call."""
+
+    target: str
+    tls_ca: str | Path | None = None
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    api_key: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target)
+        from serving.auth import channel_credentials
+
+        return grpc.secure_channel(self.target, channel_credentials(self.tls_ca, self.tls_cert, self.tls_key))
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        from serving.auth import bearer
+
+        return bearer(self.api_key)
+
+
+def _stub(conn: Connection | str, timeout: float | None, local: bool = False):
+    """A channel to the server once it is connected, its stub and the call metadata. A refused
+    connection (no server listening) fails at once rather than after gRPC's reconnection
+    backoff; a server that accepts but does not answer gets `timeout` (default 10 s). `local`:
+    the command also has `--backend onnx`, which the error then suggests."""
+    conn = Connection(conn) if isinstance(conn, str) else conn
+    channel = conn.channel()
     settled = threading.Event()
     seen = []
 
@@ -46,27 +73,33 @@ def _stub(target: str, timeout: float | None, local: bool = False):
     channel.unsubscribe(watch)
     if not seen or seen[0] != grpc.ChannelConnectivity.READY:
         channel.close()
-        why = "the connection failed: nothing listens there" if seen else "no answer within the deadline"
-        raise OSError(f"no nlstm server answers at {target} ({why}): {NO_SERVER_HINT}"
+        if conn.tls_ca:
+            why = "over TLS: check --tls-ca and the server's certificate, or whether it runs"
+        elif seen:
+            why = "the connection failed: nothing listens there"
+        else:
+            why = "no answer within the deadline"
+        raise OSError(f"no nlstm server answers at {conn.target} ({why}): {NO_SERVER_HINT}"
                       + (LOCAL_HINT if local else ""))
-    return channel, pb_grpc.InferenceStub(channel)
+    return channel, pb_grpc.InferenceStub(channel), conn.metadata
 
 
 def _rpc_error(exc: grpc.RpcError) -> ValueError:
     return ValueError(f"{exc.code().name}: {exc.details()}")
 
 
-def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
+def generate(target: Connection | str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
+             top_p: float, seed: int | None, stop: list[str], session_id: str, out=None,
              timeout: float | None = None) -> str:
-    channel, stub = _stub(target, timeout, local=True)
+    out = out or sys.stdout  # looked up per call: a default bound at import goes stale
+    channel, stub, metadata = _stub(target, timeout, local=True)
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
                                  temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
     if seed is not None:
         request.seed = seed
     text = []
     try:
-        for response in stub.Generate(request, timeout=timeout):
+        for response in stub.Generate(request, timeout=timeout, metadata=metadata):
             out.write(response.text)
             out.flush()
             text.append(response.text)
@@ -79,7 +112,7 @@ def generate(target: str, model: str, prompt: str, max_chars: int, temperature: 
 
 
 def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-                   top_p: float, seed: int | None, stop: list[str], out=sys.stdout, providers: str = "auto",
+                   top_p: float, seed: int | None, stop: list[str], out=None, providers: str = "auto",
                    threads: int | None = None) -> str:
     """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
@@ -90,16 +123,19 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     from serving.sampling import Sampler
     from serving.scheduler import GenerateSequence
 
+    out = out or sys.stdout
     m = _local_model(models_dir, model, providers, threads)
     if not 1 <= max_chars:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
-    max_stop = Limits().max_stop  # the server's default bound
+    max_stop, max_stop_chars = Limits().max_stop, Limits().max_stop_chars  # the server's default bounds
     if len(stop) > max_stop or any(not s for s in stop):
         raise ValueError(f"--stop takes at most {max_stop} non-empty strings")
+    if any(len(s) > max_stop_chars for s in stop):
+        raise ValueError(f"a --stop string has at most {max_stop_chars} characters")
     tok = m.tokenizer
     pieces: list[str] = []
 
-    def emit(text, _bits, _reason):
+    def emit(text, _bits, _reason, _made):
         if text:
             out.write(text)
             out.flush()
@@ -107,7 +143,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
 
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
     seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit)
+                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit, boundaries=False)
     while not seq.finished:
         post: list = []
         if seq.wants_sample:
@@ -159,13 +195,13 @@ def score_local(models_dir: str, model: str, path: str, per_char: bool, provider
     return r
 
 
-def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
+def score(target: Connection | str, model: str, path: str, per_char: bool, session_id: str = "",
           timeout: float | None = None) -> pb.ScoreResponse:
     text = read_text(path)
-    channel, stub = _stub(target, timeout, local=True)
+    channel, stub, metadata = _stub(target, timeout, local=True)
     try:
         r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
-                       timeout=timeout)
+                       timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from None
     finally:
@@ -194,10 +230,10 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     return images[index], int(labels[index])
 
 
-def classify(target: str, model: str, image: np.ndarray, label: int | None = None,
+def classify(target: Connection | str, model: str, image: np.ndarray, label: int | None = None,
              timeout: float | None = None) -> list[pb.GlimpseResponse]:
     glimpses = image_to_glimpses(image)  # (20, 49)
-    channel, stub = _stub(target, timeout)
+    channel, stub, metadata = _stub(target, timeout)
 
     def requests():
         for i, g in enumerate(glimpses):
@@ -205,7 +241,7 @@ def classify(target: str, model: str, image: np.ndarray, label: int | None = Non
 
     out = []
     try:
-        for r in stub.ClassifyGlimpses(requests(), timeout=timeout):
+        for r in stub.ClassifyGlimpses(requests(), timeout=timeout, metadata=metadata):
             out.append(r)
             print(f"glimpse {r.step:2d}: class {r.predicted_class} (p = {max(r.probabilities):.3f})")
     except grpc.RpcError as exc:
@@ -215,3 +251,64 @@ def classify(target: str, model: str, image: np.ndarray, label: int | None = Non
     if label is not None:
         print(f"label: {label}")
     return out
+
+
+# --------------------------------------------------------------------------------- sessions
+def _session_call(target: str, timeout: float | None, method: str, request):
+    channel, stub, metadata = _stub(target, timeout)  # _stub returns the call metadata too
+    try:
+        return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from None
+    finally:
+        channel.close()
+
+
+def session_create(target: str, model: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session create`: prints the new session's id alone (for `sid=$(...)`)."""
+    s = _session_call(target, timeout, "CreateSession", pb.CreateSessionRequest(model=model))
+    print(s.session_id)
+    return s
+
+
+def session_show(target: str, session_id: str, timeout: float | None = None) -> pb.Session:
+    s = _session_call(target, timeout, "GetSession", pb.GetSessionRequest(session_id=session_id))
+    print(f"session: {s.session_id}\nmodel: {s.model}\nposition: {s.position}\n"
+          f"idle timeout: {s.idle_timeout_seconds} s\nin use: {'yes' if s.in_use else 'no'}")
+    return s
+
+
+def session_close(target: str, session_id: str, timeout: float | None = None) -> None:
+    _session_call(target, timeout, "CloseSession", pb.CloseSessionRequest(session_id=session_id))
+
+
+def session_snapshot(target: str, session_id: str, path: str, timeout: float | None = None) -> pb.SessionSnapshot:
+    """`nlstm session snapshot`: the session's snapshot to `path` (written atomically; - for
+    standard output), what it holds to standard error."""
+    snap = _session_call(target, timeout, "SnapshotSession", pb.SnapshotSessionRequest(session_id=session_id))
+    if path == "-":
+        sys.stdout.buffer.write(snap.data)
+        sys.stdout.flush()
+    else:
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(snap.data)
+        tmp.replace(out)  # atomic: a reader never sees half a snapshot
+    print(f"{len(snap.data)} bytes: model {snap.model}, position {snap.position}", file=sys.stderr)
+    return snap
+
+
+def session_restore(target: str, path: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session restore`: a new session from a snapshot file (- for standard input);
+    prints its id alone."""
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    s = _session_call(target, timeout, "RestoreSession", pb.RestoreSessionRequest(data=data))
+    print(s.session_id)
+    return s
+
+
+def session_fork(target: str, session_id: str, timeout: float | None = None) -> pb.Session:
+    """`nlstm session fork`: a new session with a copy of the state; prints its id alone."""
+    s = _session_call(target, timeout, "ForkSession", pb.ForkSessionRequest(session_id=session_id))
+    print(s.session_id)
+    return s

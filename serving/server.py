@@ -22,9 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.auth import ApiKeys, Gate
 from serving.engine import Engine, Limits
+from serving.limits import InflightBytes, RateLimiter, ServerLimits, request_bytes_needed
 from serving.metrics import Metrics
 from serving.servicer import SERVICE, ErrorsAndMetrics, InferenceServicer
+from serving.store import Backend, open_backend
 
 log = logging.getLogger("nlstm.serving")
 
@@ -32,6 +35,12 @@ log = logging.getLogger("nlstm.serving")
 # stopped, so that its stream ends with FINISH_REASON_CANCELLED rather than being cut off
 # (UNAVAILABLE) with the calls the server cancels at the end.
 GENERATE_END_MARGIN = 0.5
+
+# A connection with no call for this long is closed (GOAWAY; a client's channel reconnects on
+# its next call), and one that has not finished its HTTP/2 (and TLS) handshake after
+# HANDSHAKE_TIMEOUT_MS is dropped: idle connections cost the server memory, whoever opened them.
+CONNECTION_IDLE_MS = 300_000
+HANDSHAKE_TIMEOUT_MS = 20_000
 
 
 def load_models(models_dir: str | Path, **runtime_options) -> dict:
@@ -57,19 +66,64 @@ class Running:
     metrics: Metrics
 
 
+def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
+    """gRPC's receive limit: the setting, or the longest request the engine accepts. A setting
+    below that would refuse requests the engine allows, so it is an error."""
+    needed = request_bytes_needed(limits.max_text, limits.max_stop, limits.max_stop_chars)
+    if server_limits.max_request_bytes == 0:
+        return needed
+    if server_limits.max_request_bytes < needed:
+        raise ValueError(
+            f"max_request_bytes {server_limits.max_request_bytes} is below the {needed} bytes a request "
+            f"within the other limits may take (max_text {limits.max_text} characters and {limits.max_stop} stop "
+            f"strings of {limits.max_stop_chars}, 4 bytes a character in UTF-8, and {16 << 10} for the rest); "
+            "raise it, or lower max_text"
+        )
+    return server_limits.max_request_bytes
+
+
 async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
-                       metrics: Metrics | None = None, max_message_bytes: int = 16 << 20) -> Running:
+                       metrics: Metrics | None = None, server_limits: ServerLimits | None = None,
+                       api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None,
+                       snapshot_key: bytes | None = None, session_store: str | Backend | None = "memory") -> Running:
+    """Start the engine and a gRPC server on host:port (plaintext, or TLS with `tls`); with
+    `api_keys`, every call but health checks needs one (serving.auth). `session_store`: where
+    sessions live (serving.store.open_backend's URL, or a Backend)."""
     metrics = metrics or Metrics()
-    engine = Engine(models, limits, metrics)
+    limits = limits or Limits()
+    server_limits = server_limits or ServerLimits()
+    max_request = receive_limit(limits, server_limits)
+    if server_limits.max_inflight_bytes < max_request:
+        raise ValueError(f"max_inflight_bytes {server_limits.max_inflight_bytes} is below the receive limit "
+                         f"({max_request} bytes): the largest request allowed could never be served")
+    rate = (RateLimiter(server_limits.max_client_requests_per_s)
+            if server_limits.max_client_requests_per_s > 0 else None)
+    if api_keys is not None and session_store not in (None, "memory"):
+        # sessions belong to the key that made them; a shared store does not record owners yet
+        raise ValueError("API keys need the memory session store for now: sessions in a file or "
+                         "Redis store carry no owner, so one key could use another's sessions")
+    engine = Engine(models, limits, metrics, snapshot_key=snapshot_key, session_store=session_store)
+    engine.start()
+    # outermost first: every call is counted, whatever ends it. The Gate names each call's
+    # client; without keys, a rate or a per-client session bound nobody asks, and its extra
+    # layer on every message is saved.
+    interceptors = [ErrorsAndMetrics(metrics, InflightBytes(server_limits.max_inflight_bytes))]
+    if api_keys is not None or rate is not None or limits.max_sessions_per_client:
+        interceptors.append(Gate(api_keys, rate))
     server = grpc.aio.server(
-        interceptors=[ErrorsAndMetrics(metrics)],
+        interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_request),
+            # the longest answer: a per-character Score of max_text characters (a float, and a
+            # boundary character per HM-LSTM layer, each); 16 MiB unless max_text needs more
+            ("grpc.max_send_message_length", max(16 << 20, 12 * limits.max_text + (64 << 10))),
+            ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
             # gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would
             # start and share it, each call reaching either one. A port in use is an error.
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
@@ -78,16 +132,17 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
         bound = 0
     if bound == 0:
+        await engine.close()
         raise OSError(
             f"cannot listen on port {port} ({host}): {_why_not_bound(host, port)}; stop what holds "
             "it or pass --port N (0 picks a free port)"
         )
-    engine.start()  # its scheduler thread only once the port is ours
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -125,24 +180,36 @@ async def shutdown(running: Running, grace: float) -> None:
 
 
 async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]", metrics_port: int | None = 9090,
-                limits: Limits | None = None, grace: float = 10.0, runtime_options: dict | None = None,
-                ready=None) -> None:
-    """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound."""
+                metrics_host: str | None = None, limits: Limits | None = None, grace: float = 10.0,
+                runtime_options: dict | None = None, server_limits: ServerLimits | None = None,
+                api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None, ready=None,
+                snapshot_key: bytes | None = None, session_store: str = "memory") -> None:
+    """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound. The
+    metrics endpoint listens on metrics_host (default: host)."""
+    from serving.metrics_http import MetricsServer
+
+    store = open_backend(session_store)  # a bad URL fails now, before the models load
     models = load_models(models_dir, **(runtime_options or {}))
     metrics = Metrics()
+    http = None
     if metrics_port is not None:
-        from prometheus_client import start_http_server
-
+        http = MetricsServer(metrics.registry)
         try:
-            http, _ = start_http_server(metrics_port, registry=metrics.registry)
+            await http.start(metrics_host if metrics_host is not None else host, metrics_port)
         except OSError as exc:
             raise OSError(
                 f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc} (another nlstm "
                 "serve?); pass --metrics-port N, or -1 to turn metrics off"
             ) from None
-        log.info("metrics on http://0.0.0.0:%d/metrics", http.server_port)
-    running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics)
-    log.info("serving %s on port %d", ", ".join(sorted(models)), running.port)
+        for address, bound_port in http.addresses():
+            log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
+    running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
+                                 server_limits=server_limits, api_keys=api_keys, tls=tls,
+                                 snapshot_key=snapshot_key, session_store=store)
+    if api_keys is not None and tls is None:
+        log.warning("API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)")
+    log.info("serving %s on port %d%s%s", ", ".join(sorted(models)), running.port, " with TLS" if tls else "",
+             f", {len(api_keys)} API keys" if api_keys else "")
     if ready is not None:
         ready(running)
     stop = asyncio.Event()
@@ -154,11 +221,13 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
         period = max(1.0, min(30.0, running.engine.limits.idle_timeout / 4))
         while True:
             await asyncio.sleep(period)
-            running.engine.expire_sessions()
+            await loop.run_in_executor(None, running.engine.expire_sessions)  # a file store sweeps a folder
 
     expiry = asyncio.create_task(expire_forever())
     await stop.wait()
     log.info("shutting down: draining calls for up to %.1f s", grace)
     expiry.cancel()
     await shutdown(running, grace)
+    if http is not None:
+        await http.close()
     log.info("stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,12 +114,37 @@ def test_faults_smoke(bench_models):
     assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [(n, True, []) for n in "abcde"]
 
 
+def test_abuse_smoke(bench_models):
+    result = run_bench("abuse.py", "--smoke", "--models", str(bench_models))
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["abuse"]] == [(n, True, []) for n in "fghijk"]
+
+
 def test_fuzz_smoke(bench_models):
     result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and set(result["fuzz"]) == {
         "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+
+
+def test_serve_load_smoke_on_sessions():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("serve_load.py", "--smoke", "--stores", "memory", "redis")
+    assert [(r["streams"], r["store"]) for r in result["results"]] == [
+        (4, "memory"), (4, "redis"), (1, "memory"), (1, "redis")]
+    for r in result["results"]:  # every stream on its own session, continued by each of its calls
+        assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
+
+
+def test_store_ops_smoke():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("store_ops.py", "--smoke")
+    assert set(result["results"]) == {"redis", "file"}
+    for ops in result["results"].values():
+        assert set(ops) == {"acquire", "checkpoint", "release"}
+        assert all(v["wall_us"] > 0 and v["cpu_us"] >= 0 for v in ops.values())
 
 
 def test_serve_load_smoke():
@@ -147,3 +173,20 @@ def test_prefix_cache_smoke():
         assert len(r["off_all_ms"]) == len(r["on_all_ms"]) == 2 and min(r["on_all_ms"]) > 0
     # 201 steps against one sample: far more than 2x even on a loaded machine
     assert result["results"]["same"]["ratio"] > 2
+
+
+def test_quantized_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    (pair,) = result["pairs"].values()
+    for b in ("1", "64"):
+        assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+    assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
+    assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]
+
+def test_scheduler_overhead_smoke():
+    out = run_bench("scheduler_overhead.py", "--smoke")
+    assert [r["boundaries"] for r in out["results"]] == [True, False]
+    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])

@@ -265,7 +265,7 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     env = stages["serve"].env()
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"server", "prometheus", "grafana"}
+    assert set(services) == {"server", "server-2", "redis", "prometheus", "grafana"}
     server = services["server"]
     assert server["build"]["context"] == "." and "VARIANT" in server["build"]["args"]
     assert any(p.endswith(f":{env['NLSTM_PORT']}") for p in server["ports"])
@@ -292,6 +292,33 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     dash_dir = REPO / next(h for h, c in g_mounts.items() if c == provider["options"]["path"])
     dashboard = json.loads((dash_dir / "nlstm.json").read_text())
     assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {source["uid"]}
+
+
+def test_compose_replicas_share_sessions_in_redis():
+    """Two replicas of one image, on two host ports, with one Redis session store: no affinity."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    a, b, redis = services["server"], services["server-2"], services["redis"]
+    assert a["image"] == b["image"] and a["build"] == b["build"] and a["environment"] == b["environment"]
+    assert {p.split(":")[-1] for p in a["ports"] + b["ports"]} == {"50051"}
+    assert len({p.rsplit(":", 1)[0] for p in a["ports"] + b["ports"]}) == 2  # two host ports
+    store = a["environment"]["NLSTM_SESSION_STORE"]
+    assert store.startswith("redis://redis:") and "redis" in a["depends_on"] and "redis" in b["depends_on"]
+    assert b["stop_grace_period"] == a["stop_grace_period"]
+    command = redis["command"]
+    assert "--appendonly" in command and "noeviction" in command
+    assert any(v.endswith(":/data") for v in redis["volumes"])  # sessions outlive a Redis restart
+    # Debian's redis-server on the server's base image: no other registry image to pull
+    dockerfile = REPO / redis["build"]["context"] / "Dockerfile"
+    text = dockerfile.read_text()
+    assert "FROM python:${PYTHON_VERSION}-slim" in text and "redis-server" in text
+    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.M) and re.search(r"^USER redis$", text, re.M)
+    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if exe is not None:
+        out = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+    from serving.store import RedisBackend, open_backend
+
+    assert isinstance(open_backend(store), RedisBackend)  # a URL the server takes
 
 
 def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):

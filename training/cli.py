@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -153,14 +154,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
     a("--metrics-port", type=int, default=_env("METRICS_PORT", 9090, int),
       help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
+    a("--metrics-host", default=_env("METRICS_HOST", None),
+      help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] (default: --host)")
     a("--max-sessions", type=int, default=_env("MAX_SESSIONS", 1024, int),
       help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: 1024)")
+    a("--max-sessions-per-client", type=int, default=_env("MAX_SESSIONS_PER_CLIENT", 0, int),
+      help="sessions one client (its API key, or its address without --api-keys-file) may hold; 0: no bound "
+           "[NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)")
+    a("--max-client-requests-per-s", type=float, default=_env("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
+      help="calls per second one client may start, in bursts of twice that; more get RESOURCE_EXHAUSTED; 0: no "
+           "limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)")
     a("--idle-timeout", type=float, default=_env("IDLE_TIMEOUT", 600.0, float),
-      help="seconds after which an unused session is freed [NLSTM_IDLE_TIMEOUT] (default: 600)")
+      help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] (default: 600)")
     a("--max-batch", type=int, default=_env("MAX_BATCH", 64, int),
       help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
     a("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0, float),
-      help="how long the oldest waiting step waits to fill a batch [NLSTM_MAX_WAIT_MS] (default: 2)")
+      help="how long the oldest waiting step waits to fill a batch, 0 to 1000 [NLSTM_MAX_WAIT_MS] (default: 2)")
     a("--stream-interval-ms", type=float, default=_env("STREAM_INTERVAL_MS", 50.0, float),
       help="Generate: the least time between two messages of a stream, each carrying every character "
            "made meanwhile (the first is sent at once); 0 sends each as it is made, within "
@@ -174,6 +183,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=_env("MAX_TEXT", 100_000, int),
       help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)")
+    a("--max-stop-chars", type=int, default=_env("MAX_STOP_CHARS", 256, int),
+      help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)")
+    a("--max-glimpses", type=int, default=_env("MAX_GLIMPSES", 4096, int),
+      help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)")
+    a("--max-request-bytes", type=int, default=_env("MAX_REQUEST_BYTES", 0, int),
+      help="largest request message in bytes after decompression; 0 sizes it from --max-text and the stop "
+           "limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)")
+    a("--max-inflight-bytes", type=int, default=_env("MAX_INFLIGHT_BYTES", 64 << 20, int),
+      help="bytes of request messages all running calls together may hold; more get RESOURCE_EXHAUSTED "
+           "[NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)")
+    a("--max-concurrent-calls", type=int, default=_env("MAX_CONCURRENT_CALLS", 4096, int),
+      help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
+           "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)")
+    a("--tls-cert", type=Path, default=_env("TLS_CERT", None, Path),
+      help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]")
+    a("--tls-key", type=Path, default=_env("TLS_KEY", None, Path), help="PEM private key of --tls-cert [NLSTM_TLS_KEY]")
+    a("--tls-client-ca", type=Path, default=_env("TLS_CLIENT_CA", None, Path),
+      help="PEM CA: mutual TLS, every client must present a certificate it signed [NLSTM_TLS_CLIENT_CA]")
+    a("--api-keys-file", type=Path, default=_env("API_KEYS_FILE", None, Path),
+      help="file of API keys, one a line: every call but health checks must send 'authorization: Bearer KEY', "
+           "and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
     a("--prefix-cache-mb", type=int, default=_env("PREFIX_CACHE_MB", 64, int),
       help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
            "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
@@ -183,6 +213,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
     a("--providers", default=_env("PROVIDERS", "auto"),
       help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda [NLSTM_PROVIDERS]")
+    a("--snapshot-key-file", type=Path, default=_env("SNAPSHOT_KEY_FILE", None, Path),
+      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding whitespace "
+           "is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and RestoreSession refuses "
+           "snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: none, snapshots are checksummed only)")
+    a("--session-store", default=_env("SESSION_STORE", "memory"),
+      help="where sessions live: memory (this process), file:DIR (survives a restart on the same DIR) or "
+           "redis://HOST:PORT/DB (shared by replicas: any replica serves any session) [NLSTM_SESSION_STORE] "
+           "(default: memory)")
+    a("--session-checkpoint-s", type=float, default=_env("SESSION_CHECKPOINT_S", 2.0, float),
+      help="file or Redis store: how often a running call writes its session and renews its lease (a dead "
+           "replica's sessions are free again after 3 of these, at least 2 s) [NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
     a("--log-level", default=_env("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
@@ -191,32 +232,48 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from serving.engine import MAX_PREFIX_CACHE_MB, Limits
+    from serving.auth import ApiKeys, server_credentials
+    from serving.engine import Limits
+    from serving.limits import ServerLimits
     from serving.server import serve
+    from serving.settings import check_serve_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("max_sessions", "max_batch", "max_chars", "max_text"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.idle_timeout <= 0 or args.max_wait_ms < 0 or args.grace < 0 or args.threads < 0:
-        raise ValueError("--idle-timeout must be > 0; --max-wait-ms, --grace and --threads >= 0")
-    if not 0 <= args.stream_interval_ms <= 10_000:  # NaN and infinity fail too
-        raise ValueError(f"--stream-interval-ms must be in [0, 10000], got {args.stream_interval_ms}")
-    if not 0 <= args.max_messages_per_s < float("inf"):
-        raise ValueError(f"--max-messages-per-s must be a finite number >= 0 (0: no budget), "
-                         f"got {args.max_messages_per_s}")
-    if not 0 <= args.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
-        raise ValueError(f"--prefix-cache-mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0 turns the cache off), "
-                         f"got {args.prefix_cache_mb}")
+    check_serve_settings(vars(args))  # every numeric flag in its range, or one clear error
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else None
     limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
                     idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                     stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
-                    prefix_cache_mb=args.prefix_cache_mb)
+                    max_stop_chars=args.max_stop_chars, max_glimpses=args.max_glimpses,
+                    max_sessions_per_client=args.max_sessions_per_client, prefix_cache_mb=args.prefix_cache_mb,
+                    checkpoint_interval=args.session_checkpoint_s)
+    server_limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes,
+                                 max_concurrent_calls=args.max_concurrent_calls,
+                                 max_client_requests_per_s=args.max_client_requests_per_s)
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
+    snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
     asyncio.run(serve(args.models, port=args.port, host=args.host,
-                      metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      limits=limits, grace=args.grace, runtime_options=runtime))
+                      metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
+                      limits=limits, grace=args.grace, runtime_options=runtime, server_limits=server_limits,
+                      api_keys=keys, tls=tls, snapshot_key=snapshot_key,
+                      session_store=args.session_store))
     return 0
+
+
+def _read_snapshot_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise OSError(f"--snapshot-key-file: cannot read {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ValueError(f"--snapshot-key-file: {path} holds {len(key)} bytes; a snapshot key needs at least 16 "
+                         f"(e.g. `openssl rand -hex 32 > {path}`)")
+    return key
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -228,6 +285,15 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", default="", help="continue an existing session's state (default: none, "
                                                  "a fresh state)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    p.add_argument("--api-key", default=_env("API_KEY", None),
+                   help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' [NLSTM_API_KEY]")
+    p.add_argument("--tls-ca", type=Path, default=_env("TLS_CA", None, Path),
+                   help="connect over TLS, trusting the server certificate this PEM CA signed [NLSTM_TLS_CA]")
+    p.add_argument("--tls-client-cert", type=Path, default=_env("TLS_CLIENT_CERT", None, Path),
+                   help="PEM certificate for a server with mutual TLS (with --tls-client-key, needs --tls-ca) "
+                        "[NLSTM_TLS_CLIENT_CERT]")
+    p.add_argument("--tls-client-key", type=Path, default=_env("TLS_CLIENT_KEY", None, Path),
+                   help="PEM private key of --tls-client-cert [NLSTM_TLS_CLIENT_KEY]")
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
@@ -297,27 +363,78 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 
+def _add_session(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "session", help="create, show, close, snapshot, restore or fork a session on a running server",
+        description="Sessions hold a sequence's state on the server between calls (use the id with "
+                    "generate/score --session). create, restore and fork print the new session's id alone; "
+                    "snapshot writes the state to a file that restore turns into a new session, on this "
+                    "server or any other running the same export of the model.",
+    )
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_: str) -> argparse.ArgumentParser:
+        q = ssub.add_parser(name, help=help_)
+        q.add_argument("--target", default=_env("TARGET", "localhost:50051"),
+                       help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
+        q.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        q.set_defaults(handler=_run_session)
+        return q
+
+    action("create", "a new session on --model").add_argument("--model", required=True, help="model name")
+    action("show", "a session's model, position, idle timeout").add_argument("session_id")
+    action("close", "free a session").add_argument("session_id")
+    q = action("snapshot", "write a session's state to a file")
+    q.add_argument("session_id")
+    q.add_argument("--out", required=True, help="file to write (atomically), or - for standard output")
+    action("restore", "a new session from a snapshot file").add_argument(
+        "file", help="a file written by `nlstm session snapshot`, or - for standard input")
+    action("fork", "a new session with a copy of a session's state").add_argument("session_id")
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    from serving import client
+
+    if args.action == "create":
+        client.session_create(args.target, args.model, args.timeout)
+    elif args.action == "show":
+        client.session_show(args.target, args.session_id, args.timeout)
+    elif args.action == "close":
+        client.session_close(args.target, args.session_id, args.timeout)
+    elif args.action == "snapshot":
+        client.session_snapshot(args.target, args.session_id, args.out, args.timeout)
+    elif args.action == "restore":
+        client.session_restore(args.target, args.file, args.timeout)
+    else:
+        client.session_fork(args.target, args.session_id, args.timeout)
+    return 0
+
+
 def _client(command: str, args: argparse.Namespace) -> int:
     from serving import client
 
     if command in ("generate", "score") and args.backend == "onnx" and args.session:
         raise ValueError("--session needs --backend server: sessions live in a server")
+    if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
+        raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
+    conn = client.Connection(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_client_cert,
+                             tls_key=args.tls_client_key, api_key=args.api_key)
     if command == "generate" and args.backend == "onnx":
         client.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                               args.top_p, args.seed, args.stop, providers=args.providers, threads=args.threads or None)
     elif command == "generate":
-        client.generate(args.target, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
+        client.generate(conn, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                         args.top_p, args.seed, args.stop, args.session, timeout=args.timeout)
     elif command == "score" and args.backend == "onnx":
         client.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
                            args.threads or None)
     elif command == "score":
-        client.score(args.target, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
+        client.score(conn, args.model, args.file, args.per_char, args.session, timeout=args.timeout)
     else:
         from training.data.fetch import default_data_dir  # where `nlstm data download mnist` puts it
 
         image, label = client.read_mnist_image(str(args.data_dir or default_data_dir()), args.index)
-        client.classify(args.target, args.model, image, label, timeout=args.timeout)
+        client.classify(conn, args.model, image, label, timeout=args.timeout)
     return 0
 
 
@@ -578,6 +695,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="export the step graph only (default: also the sequence graph, kept if faster)",
     )
+    p.add_argument("--quantize", choices=("int8", "float16"), default=None,
+                   help="also write a quantized copy (nlstm quantize OUT --out QUANTIZED_OUT), measured "
+                        "against this export on the task's data")
+    p.add_argument("--quantized-out", type=Path, default=None,
+                   help="the quantized folder (default: OUT-int8 or OUT-float16)")
+    _add_quantize_flags(p)
     p.set_defaults(handler=_run_export, needs=("torch", "onnx", "onnxscript"))
 
 
@@ -603,6 +726,110 @@ def _run_export(args: argparse.Namespace) -> int:
     else:
         print(f"  sequence graph not exported{': ' + t['error'] if 'error' in t else ''}")
     print(f"  state (B, {meta.num_slots}, {meta.hidden_size}): {', '.join(meta.state_slots)}")
+    if args.quantize is None:
+        return 0
+    # In a fresh process: the quantizer times onnxruntime, which torch's threads (loaded here by
+    # the export) would slow; `nlstm quantize` itself never imports torch.
+    out = args.quantized_out or args.out.with_name(f"{args.out.name}-{args.quantize}")
+    cmd = [sys.executable, "-m", "training.cli", "quantize", str(args.out), "--out", str(out),
+           "--precision", args.quantize, *_quantize_argv(args)]
+    return subprocess.run(cmd, check=False).returncode
+
+
+# ------------------------------------------------------------------------------------- quantize
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    # The thresholds' defaults live in training.quantize (None here: importing it would load
+    # numpy and sentencepiece for every command).
+    p.add_argument("--method", default="auto",
+                   help="int8: auto (measure every candidate, keep the best), dynamic, static, or a "
+                        "candidate's name (docs/export.md)")
+    p.add_argument("--max-bpc-increase", type=float, default=None,
+                   help="refuse a char model whose bits per character rise more than this on the "
+                        "validation or test split (default 0.01)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="refuse a glimpse classifier whose accuracy drops more than this many points "
+                        "(default 0.3)")
+    p.add_argument("--accept-cost", action="store_true",
+                   help="write the quantized folder even over the threshold (meta.json says so)")
+    p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", None, Path),
+                   help="raw data of the model's task, to measure the cost on [NLSTM_DATA_DIR]")
+    p.add_argument("--cache-dir", type=Path, default=_env("CACHE_DIR", None, Path),
+                   help="prepared data cache [NLSTM_CACHE_DIR]")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the evaluation")
+
+
+def _quantize_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--method", args.method, "--threads", str(args.threads)]
+    for flag, value in (("--max-bpc-increase", args.max_bpc_increase), ("--max-accuracy-drop", args.max_accuracy_drop)):
+        argv += [flag, repr(value)] if value is not None else []
+    argv += ["--accept-cost"] if args.accept_cost else []
+    argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    argv += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    return argv
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize an exported folder (int8 on the CPU, float16 for CUDA), cost measured",
+        description=(
+            "Write OUT: FOLDER's step graph quantized with onnxruntime's tools, what to quantize "
+            "chosen by measurement, and a meta.json with the precision, the settings, and the "
+            "figures of both models on the full validation and test splits (docs/export.md). "
+            "Refused (exit 3, nothing written) when the cost passes the threshold, unless "
+            "--accept-cost."
+        ),
+    )
+    p.add_argument("folder", type=Path, help="a float32 export, e.g. exported/ptb-nlstm")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm-int8")
+    p.add_argument("--precision", choices=("int8", "float16"), default="int8")
+    _add_quantize_flags(p)
+    p.set_defaults(handler=_run_quantize, needs=("onnx",))  # onnx: the train extra
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from serving.formats import ExportMeta
+    from training.quantize import (
+        EvalData,
+        QuantizationCost,
+        QuantizationError,
+        Thresholds,
+        quantize_folder,
+    )
+
+    try:
+        if args.precision == "float16":  # before the data is loaded: can CUDA start here?
+            from serving.runtime import load_model
+
+            try:
+                load_model(args.folder, providers="cuda")
+            except RuntimeError as exc:
+                raise QuantizationError(
+                    f"float16 step graphs are for the CUDA provider, which cannot start here: {exc}"
+                ) from None
+        meta = ExportMeta.from_folder(args.folder)
+        data = EvalData.for_task(meta, args.data_dir, args.cache_dir)
+        result = quantize_folder(
+            args.folder, args.out, data=data, precision=args.precision, method=args.method,
+            thresholds=Thresholds(**{k: v for k, v in (("max_bpc_increase", args.max_bpc_increase),
+                                                       ("max_accuracy_drop", args.max_accuracy_drop))
+                                     if v is not None}),
+            accept_cost=args.accept_cost, threads=args.threads,
+            providers="cuda" if args.precision == "float16" else "cpu",
+        )
+    except QuantizationCost as exc:
+        print(f"nlstm quantize: REFUSED: {exc}", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:  # QuantizationError, or CUDA that cannot start
+        print(f"nlstm quantize: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(result.report))
+    q = result.meta.quantization
+    if result.over_threshold:
+        print(f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold {q['threshold']}; "
+              "written because --accept-cost was given", file=sys.stderr)
+    print(f"wrote {args.out}: {result.meta.precision} ({q['settings']['name']}), "
+          f"{sum((args.out / n).stat().st_size for n in result.meta.files) / 2**20:.1f} MiB")
     return 0
 
 
@@ -615,6 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
     _add_export(sub)
+    _add_quantize(sub)
     _add_data(sub)
     _add_train(sub)
     _add_plot(sub)
@@ -624,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_score(sub)
     _add_classify(sub)
+    _add_session(sub)
     return parser
 
 

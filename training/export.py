@@ -72,6 +72,7 @@ from serving.formats import (
 from training.baselines import lstm_step
 from training.checkpoint import umask_mode
 from training.models import ModelConfig, pack_state, state_slots, unpack_state
+from training.quantize import drop_initializer_value_info
 
 if TYPE_CHECKING:
     import onnx
@@ -229,6 +230,7 @@ def _to_onnx(module: nn.Module, args: tuple, input_name: str, dynamic_shapes) ->
         onnx_logger.setLevel(level)
     proto = program.model_proto
     _strip_debug_info(proto.graph)
+    drop_initializer_value_info(proto.graph)
     proto.ir_version = IR_VERSION
     proto.producer_name = "nlstm"
     try:
