@@ -34,7 +34,12 @@ ARG TORCH_VERSION=2.13.0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --create-home --uid 10001 nlstm
 COPY --from=build /wheels/ /tmp/wheels/
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" /tmp/wheels/*.whl \
+# The wheel built above with its `train` extra (torch, onnx, onnxscript, matplotlib): hadolint
+# reads "WHEEL[train]" as an unpinned package name.
+# hadolint ignore=DL3013
+RUN for wheel in /tmp/wheels/*.whl; do \
+        pip install --no-cache-dir "torch==${TORCH_VERSION}" "${wheel}[train]" || exit 1; \
+    done \
     && rm -rf /tmp/wheels
 WORKDIR /home/nlstm
 COPY configs/ configs/

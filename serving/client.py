@@ -24,6 +24,7 @@ KEY` with every call. The `nlstm generate|score|classify|session` commands are b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,12 +230,33 @@ class Client:
         self._channel.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the server answers (OSError after `timeout` seconds)."""
+        """Block until the server answers. OSError at once when the connection fails (nothing
+        listens there), rather than after gRPC's reconnection backoff; after `timeout` seconds
+        when something accepts the connection but does not answer."""
+        settled = threading.Event()
+        seen: list[grpc.ChannelConnectivity] = []
+        ends = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN)
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state in ends:
+                seen.append(state)
+                settled.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise OSError(f"no nlstm server answers at {self.target}"
-                          + (" over TLS (check the CA and the server's certificate)" if self._tls else "")) from None
+            settled.wait(timeout)
+        finally:
+            self._channel.unsubscribe(watch)
+        if seen and seen[0] == grpc.ChannelConnectivity.READY:
+            return
+        if self._tls:
+            why = "over TLS: check the CA and the server's certificate, or whether it runs"
+        elif seen:
+            why = "the connection failed: nothing listens there"
+        else:
+            why = f"no answer within {timeout:g} s"
+        raise OSError(f"no nlstm server answers at {self.target} ({why})")
 
     def _call(self, method: str, request, timeout: float | None = None):
         try:

@@ -19,14 +19,21 @@ import numpy as np
 from serving.client import Client, Glimpse, ScoreResult, SessionInfo, Snapshot
 
 
-def connect(target: str, *, api_key: str | None = None, tls=None, timeout: float | None = None) -> Client:
-    """A Client whose server answered within `timeout` (10 s by default), else OSError."""
+# What a command says when no server answers; generate and score add the local backend.
+NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on port 50051) or pass --target HOST:PORT"
+LOCAL_HINT = "; or run without a server: --backend onnx"
+
+
+def connect(target: str, *, api_key: str | None = None, tls=None, timeout: float | None = None,
+            local: bool = False) -> Client:
+    """A Client whose server answered within `timeout` (10 s by default), else OSError saying
+    how to start one (and, with `local`, that the command also runs without one)."""
     client = Client(target, api_key=api_key, tls=tls, timeout=timeout)
     try:
         client.wait_ready(timeout or 10)
-    except OSError:
+    except OSError as exc:
         client.close()
-        raise
+        raise OSError(f"{exc}: {NO_SERVER_HINT}" + (LOCAL_HINT if local else "")) from None
     return client
 
 
@@ -138,6 +145,12 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     root = Path(data_dir) / "mnist"
     if not root.is_dir():
         root = Path(data_dir)
+    for name in (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` fetches "
+                "it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
+            )
     with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:

@@ -97,7 +97,9 @@ def _provider_list(providers: str | Sequence) -> list:
             if providers == "cuda":
                 raise RuntimeError(
                     f"providers='cuda' but this onnxruntime build has no CUDA provider "
-                    f"(available: {available}); install onnxruntime-gpu or use providers='cpu'"
+                    f"(available: {available}); replace the CPU build with the GPU one (`pip uninstall -y "
+                    f"onnxruntime && pip install onnxruntime-gpu`: the two must not be installed together) "
+                    f"or use providers='cpu'"
                 )
             return [CPU]
         return [CUDA, CPU]

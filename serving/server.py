@@ -130,6 +130,9 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
             ("grpc.max_send_message_length", max(16 << 20, 12 * limits.max_text + (64 << 10))),
             ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
             ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would
+            # start and share it, each call reaching either one. A port in use is an error.
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=server_limits.max_concurrent_calls,
     )
@@ -142,9 +145,16 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        await engine.close()
+        raise OSError(
+            f"cannot listen on port {port} ({host}): {_why_not_bound(host, port)}; stop what holds "
+            "it or pass --port N (0 picks a free port)"
+        )
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -160,6 +170,23 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
             await shutdown(running, 0)
             raise
     return running
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why gRPC could not bind: whether a plain socket can (gRPC's own error says neither)."""
+    import errno
+    import socket
+
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the port is already in use (another nlstm serve?)"
+        return f"{exc.strerror or exc}"
+    return "gRPC could not bind it (GRPC_VERBOSITY=debug says why)"
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -194,7 +221,13 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
     http = None
     if metrics_port is not None:
         http = MetricsServer(metrics.registry)
-        await http.start(metrics_host if metrics_host is not None else host, metrics_port)
+        try:
+            await http.start(metrics_host if metrics_host is not None else host, metrics_port)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc} (another nlstm "
+                "serve?); pass --metrics-port N, or -1 to turn metrics off"
+            ) from None
         for address, bound_port in http.addresses():
             log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
     running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,

@@ -2,7 +2,10 @@
 
 Every subcommand imports its implementation lazily inside its handler, so that `nlstm serve`
 (and the other serving clients) run in a process that never loads torch: onnxruntime shares the
-CPU badly with torch's thread pools, and the serving image does not carry torch at all.
+CPU badly with torch's thread pools, and neither the serving image nor the base install
+(`pip install nlstm`) carries torch at all. The commands that need torch (train, export, params,
+plot, visualize: the `train` extra) name the modules they need (`needs`), and `main` says what to
+install when one is missing instead of failing with an import traceback.
 Everything below this module takes plain arguments.
 """
 
@@ -11,9 +14,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# What to do when a command of the `train` extra runs in the base (serving) install.
+TRAIN_EXTRA_HINT = (
+    "install the training extra: pip install 'nlstm[train]' (in a checkout: pip install -e "
+    "'.[train]'); on a machine without a GPU install the CPU build of torch first, or pip "
+    "fetches the multi-GB CUDA one: pip install torch --index-url https://download.pytorch.org/whl/cpu"
+)
+TRAIN_EXTRA_MODULES = ("torch", "onnx", "onnxscript", "matplotlib")
 
 
 # --------------------------------------------------------------------------------------- params
@@ -34,7 +47,7 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="vocabulary size of the poems task (default: 5367, what the paper's counts imply)",
     )
-    p.set_defaults(handler=_run_params)
+    p.set_defaults(handler=_run_params, needs=("torch",))
 
 
 def _run_params(args: argparse.Namespace) -> int:
@@ -278,15 +291,18 @@ def _read_snapshot_key(path: Path) -> bytes:
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="model name (see the server's ListModels); needed without --session")
-    p.add_argument("--session", default="", help="continue an existing session's state")
+    p.add_argument("--model", default="",
+                   help="model name: a folder under the server's --models (bundled: ptb-nlstm, poems-nlstm, "
+                        "mnist-nlstm); needed without --session")
+    p.add_argument("--session", default="", help="continue an existing session's state (default: none, "
+                                                 "a fresh state)")
     _add_connection_flags(p)
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=_env("TARGET", "localhost:50051"),
                    help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     p.add_argument("--api-key", default=_env("API_KEY", None),
                    help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' [NLSTM_API_KEY]")
     p.add_argument("--tls-ca", type=Path, default=_env("TLS_CA", None, Path),
@@ -301,26 +317,36 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("server", "onnx"), default="server",
                    help="server: a running nlstm serve (--target); onnx: the exported folder --models/--model, "
-                        "run here on onnxruntime (no server, no torch)")
+                        "run here on onnxruntime (no server, no torch) (default: server)")
     p.add_argument("--models", type=Path, default=_env("MODELS", _default_models_dir(), Path),
                    help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled exported/)")
     p.add_argument("--providers", default=_env("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
                    help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
     p.add_argument("--threads", type=int, default=0,
-                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose")
+                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose (default: 0)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text from a running server (or a local exported model), "
-                                        "streamed as it arrives")
+    p = sub.add_parser(
+        "generate", help="sample text from a running server (or a local exported model), streamed as it arrives",
+        description="Sample text from a character model and print it as it arrives: after the start symbol "
+                    "and --prompt, up to --max-chars characters, stopping early at the model's end marker or a "
+                    "--stop text. --backend server (the default) asks a running `nlstm serve` (--target); "
+                    "--backend onnx runs the exported folder --models/--model here on onnxruntime (no server, "
+                    "no torch), with the same sampling, so the same --seed gives the same text.",
+    )
     _add_client_flags(p)
-    p.add_argument("--prompt", default="", help="text fed to the model first")
-    p.add_argument("--max-chars", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop after this text (repeatable, at most 4)")
+    p.add_argument("--prompt", default="", help="text fed to the model first (default: none)")
+    p.add_argument("--max-chars", type=int, default=200, help="most characters to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits before sampling; 0 = greedy (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest only; 0 = off (default: 0)")
+    p.add_argument("--top-p", type=float, default=0.0,
+                   help="sample among the likeliest characters holding probability P; 0 or 1 = off (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed and request give the same text (default: a random one)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop after this text (repeatable, at most 4; default: none)")
     _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("generate", a))
 
@@ -335,17 +361,23 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="UTF-8 text file, or - for standard input")
     _add_client_flags(p)
-    p.add_argument("--per-char", action="store_true", help="print each character's bits too")
+    p.add_argument("--per-char", action="store_true", help="print each character's bits too (default: off)")
     _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("score", a))
 
 
 def _add_classify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("classify", help="stream an MNIST image's 20 glimpses to a served classifier")
+    p = sub.add_parser(
+        "classify", help="stream an MNIST image's 20 glimpses to a served classifier",
+        description="Cut MNIST test image --index into the paper's 20 glimpses of 7x7 pixels, stream them to "
+                    "a running server's ClassifyGlimpses (--target) and print the predicted class after each "
+                    "glimpse, then the true label. The test images come from `nlstm data download mnist`.",
+    )
     _add_client_flags(p)
-    p.add_argument("--index", type=int, default=0, help="which test image (default: 0)")
-    p.add_argument("--data-dir", type=Path, default=_env("DATA_DIR", Path.home() / ".cache" / "nlstm" / "raw", Path),
-                   help="folder with mnist/t10k-images-idx3-ubyte.gz [NLSTM_DATA_DIR]")
+    p.add_argument("--index", type=int, default=0, help="which test image, 0 to 9999 (default: 0)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts it "
+                        "(default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)")
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 
@@ -376,7 +408,7 @@ def _add_session(sub: argparse._SubParsersAction) -> None:
     action("fork", "a new session with a copy of a session's state").add_argument("session_id")
 
 
-def _connect(args: argparse.Namespace):
+def _connect(args: argparse.Namespace, local: bool = False):
     """A serving.client.Client for the connection flags, once the server answers."""
     from serving.client import TLS
     from serving.commands import connect
@@ -384,7 +416,7 @@ def _connect(args: argparse.Namespace):
     if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
         raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
     tls = TLS(args.tls_ca, args.tls_client_cert, args.tls_client_key) if args.tls_ca else None
-    return connect(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout)
+    return connect(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout, local=local)
 
 
 @contextlib.contextmanager
@@ -431,14 +463,17 @@ def _client(command: str, args: argparse.Namespace) -> int:
     else:
         from serving.client import ServerError
 
-        with _connect(args) as client, _server_errors(ServerError):
+        if command == "classify":  # the image first: a missing file is reported without a server
+            from training.data.fetch import default_data_dir  # where `nlstm data download mnist` puts it
+
+            image, label = commands.read_mnist_image(str(args.data_dir or default_data_dir()), args.index)
+        with _connect(args, local=command != "classify") as client, _server_errors(ServerError):
             if command == "generate":
                 commands.generate(client, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
                                   args.top_p, args.seed, args.stop, args.session)
             elif command == "score":
                 commands.score(client, args.model, args.file, args.per_char, args.session)
             else:
-                image, label = commands.read_mnist_image(str(args.data_dir), args.index)
                 commands.classify(client, args.model, image, label)
     return 0
 
@@ -458,9 +493,35 @@ class _IntermixedParser(argparse.ArgumentParser):
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+        flags = [a for a in extras if a.startswith("-")]
+        if flags:  # here, with this command's usage, not the top-level parser's
+            self.error(_unknown_flags_message(flags, list(sys.argv[1:] if args is None else args)))
+        return namespace, extras
+
+
+def _unknown_flags_message(flags: list[str], args: list[str]) -> str:
+    """`--epochs 1` where `epochs=1` was meant: name the override to write instead."""
+    from training.config import allowed_keys, nearest_key
+
+    hints = []
+    for flag in flags:
+        name, eq, value = flag.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        key = key if key in allowed_keys() else nearest_key(key)
+        if key is None:
+            continue
+        if not eq:
+            i = args.index(flag) if flag in args else -1
+            value = args[i + 1] if 0 <= i < len(args) - 1 and not args[i + 1].startswith("-") else "VALUE"
+        hints.append(f"{key}={value}")
+    message = f"unrecognized arguments: {' '.join(flags)}"
+    if hints:
+        message += (f"; config values are overrides written key=value, not --options: did you mean "
+                    f"{' '.join(hints)}?")
+    return message
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -494,27 +555,81 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="progress bar on stderr (auto: only when stderr is a terminal)",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.set_defaults(handler=_run_train)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. epochs=1 optimizer.lr=0.001 (not --epochs 1)")
+    p.set_defaults(handler=_run_train, needs=("torch",))
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
-
+    # The config and the run folder are checked before torch, the data or the model load
+    # (seconds), so that a typo or a taken --run-dir is reported at once.
     from training.config import load_config
-    from training.trainer import train
+    from training.run_folder import refuse_existing_run
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
     config = load_config(args.config, overrides)
+    if not args.resume:
+        refuse_existing_run(args.run_dir)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
-    summary = train(config, args.run_dir, resume=args.resume, progress=progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
-        best = {k: {"valid": v["valid"], "test": v["test"], "epoch": v["epoch"]}
-                for k, v in summary["best"].items()}
-        print(f"{summary['stopped']} at step {summary['step']}; best (valid -> its test): {best}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one message
+    started = time.monotonic()
+
+    from training.trainer import train
+
+    try:
+        summary = train(config, args.run_dir, resume=args.resume, progress=progress)
+    except KeyboardInterrupt as exc:
+        if main_rank:
+            print(_interrupted_message(args, config, getattr(exc, "step", None), getattr(exc, "saved_step", None)),
+                  file=sys.stderr)
+        return 130
+    if main_rank:
+        print(_summary_line(summary, time.monotonic() - started))
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    words = ["nlstm", "train", str(args.config), "--run-dir", str(args.run_dir), "--resume"]
+    if args.max_steps is not None:
+        words += ["--max-steps", str(args.max_steps)]
+    return shlex.join(words + list(args.overrides))
+
+
+def _interrupted_message(args: argparse.Namespace, config, step: int | None, saved_step: int | None) -> str:
+    """What Ctrl-C left behind and the command that continues the run."""
+    from training.run_folder import LAST
+
+    last = args.run_dir / LAST
+    where = f"interrupted at step {step}" if step is not None else "interrupted before training started"
+    when = (f"written at each evaluation and every checkpoint_every={config.checkpoint_every} steps"
+            if config.checkpoint_every else "written at each evaluation")
+    if saved_step is not None:
+        saved = f"{last} holds step {saved_step} ({when})"
+    elif last.exists():
+        saved = f"{last} is unchanged ({when})"
+    else:
+        saved = f"nothing was saved yet (last.pt is {when})"
+    return (f"nlstm train: {where}; {saved}. Continue with (the same config and overrides):\n"
+            f"  {_resume_command(args)}")
+
+
+def _summary_line(summary: dict, seconds: float) -> str:
+    """The run's outcome in words: how it ended, the best validation figures and their test."""
+    how = {"done": "finished", "max_steps": "reached max_steps"}.get(summary["stopped"], summary["stopped"])
+    minutes, secs = divmod(round(seconds), 60)
+    took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    head = f"{how} at step {summary['step']} after {took}"
+    best = summary.get("best") or {}
+    if not best:
+        return f"{head}; no evaluation yet. Run folder: {summary['run_dir']}"
+    figures = "; ".join(
+        f"best valid {k} {v['valid']:.4f} (epoch {v['epoch']}), its test {k} "
+        + ("-" if v.get("test") is None else f"{v['test']:.4f}")
+        for k, v in best.items()
+    )
+    return f"{head}: {figures}. Weights: {Path(summary['run_dir']) / 'best.pt'}"
 
 
 # ----------------------------------------------------------------------------------------- plot
@@ -536,7 +651,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
         help="comma-separated splits to draw, from train, valid, test (default: the paper's)",
     )
     p.add_argument("--title", default=None, help="chart title (default: the task)")
-    p.set_defaults(handler=_run_plot)
+    p.set_defaults(handler=_run_plot, needs=("torch", "matplotlib"))
 
 
 def _run_plot(args: argparse.Namespace) -> int:
@@ -587,7 +702,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", required=True, help="the text to feed, e.g. a sentence of the test set")
     p.add_argument("--out", type=Path, default=None, help="folder for the files (default: the checkpoint's)")
     p.add_argument("--cells", type=int, default=7, help="how many cells to draw per memory (default 7)")
-    p.set_defaults(handler=_run_visualize)
+    p.set_defaults(handler=_run_visualize, needs=("torch", "matplotlib"))
 
 
 def _run_visualize(args: argparse.Namespace) -> int:
@@ -626,13 +741,20 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized-out", type=Path, default=None,
                    help="the quantized folder (default: OUT-int8 or OUT-float16)")
     _add_quantize_flags(p)
-    p.set_defaults(handler=_run_export)
+    p.set_defaults(handler=_run_export, needs=("torch", "onnx", "onnxscript"))
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+
+    def progress(text: str) -> None:  # on stderr, so that stdout stays the summary below
+        print(f"[{time.monotonic() - started:5.1f} s] {text}", file=sys.stderr, flush=True)
+
+    progress("loading torch and the exporter")
     from training.export import export_checkpoint
 
-    meta = export_checkpoint(args.checkpoint, args.out, sequence="never" if args.no_sequence else "auto")
+    meta = export_checkpoint(args.checkpoint, args.out, sequence="never" if args.no_sequence else "auto",
+                             progress=progress)
     print(f"exported {meta.task} {meta.kind} {meta.core} to {args.out}")
     for name, digest in meta.files.items():
         print(f"  {name:<16} sha256 {digest[:16]}...")
@@ -702,7 +824,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm-int8")
     p.add_argument("--precision", choices=("int8", "float16"), default="int8")
     _add_quantize_flags(p)
-    p.set_defaults(handler=_run_quantize)
+    p.set_defaults(handler=_run_quantize, needs=("onnx",))  # onnx: the train extra
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -774,13 +896,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_modules(modules) -> list[str]:
+    """The modules of `modules` that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = _missing_modules(getattr(args, "needs", ()))
+    if missing:
+        print(f"nlstm {args.command}: error: this command needs {', '.join(missing)}, which the base "
+              f"install (serving only) leaves out: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"nlstm {args.command}: error: {exc.name} is not installed: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         # Expected, user-facing failures (bad input, missing files, checksum mismatch, offline
         # download): one clear line, no traceback. Anything else is a bug and keeps its traceback.
