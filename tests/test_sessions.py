@@ -266,9 +266,18 @@ def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
     async def stuck():
         chars = engine.generate(CHAR_MODEL, sid, "the", 4000, 1.0, 0, 0.0, 1, [], False)
         first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
-        await asyncio.sleep(0.2)  # one message per character meanwhile (interval 0, no budget)
-        seq = engine.schedulers[CHAR_MODEL]._seqs[0]  # (a model of its own: the only call on it)
-        held, made = len(seq.marks), max(seq.marks)
+        # one message per character meanwhile (interval 0, no budget), all waiting: let the
+        # stream run to its end, then let the event loop take every message posted (each one
+        # arriving drops the boundary of the one it coalesces with), and count what is left
+        seq, deadline = None, time.monotonic() + 20
+        while time.monotonic() < deadline and not (seq is not None and seq.finished):
+            await asyncio.sleep(0.005)
+            seqs = engine.schedulers[CHAR_MODEL]._seqs  # (a model of its own: the only call on it)
+            seq = seqs[0] if seqs and seq is None else seq
+        assert seq is not None and seq.finished
+        await asyncio.sleep(0.3)
+        marks = dict(seq.marks)
+        held, made = len(marks), max(marks)
         await chars.aclose()
         return first, held, made
 
