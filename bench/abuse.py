@@ -25,9 +25,7 @@ with its figures, and the script exits 1 if any failed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import secrets
 import socket
@@ -40,8 +38,8 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, Server, models_folder, pick_models
-from faults import Result, spawn, status
+from _server import REPO, Server, pick_models
+from faults import Result, run_scenarios, spawn, status
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -294,33 +292,7 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=None,
-                    help="exported models folder with a character model and a glimpse classifier "
-                         "(default: a random character model and the bundled mnist-nlstm)")
-    ap.add_argument("--only", nargs="+", choices=list("fghijk"), default=list("fghijk"), help="scenarios to run")
-    ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
-    ap.add_argument("--smoke", action="store_true", help="fewer calls (CI)")
-    args = ap.parse_args()
-    print(f"abuse: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    with models_folder(args.models) as folder:
-        results = []
-        for name in args.only:
-            res = asyncio.run(run(name, folder, args.smoke, args.threads))
-            results.append(res)
-            print(f"{'PASS' if res.passed else 'FAIL'}  {res.name}. {res.title}", flush=True)
-            for key, value in res.figures.items():
-                print(f"        {key}: {value}")
-            for failure in res.failures:
-                print(f"        FAILED: {failure}")
-    failed = [r.name for r in results if not r.passed]
-    print(f"abuse: {len(results) - len(failed)} of {len(results)} scenarios passed"
-          + (f"; failed: {' '.join(failed)}" if failed else ""))
-    print(json.dumps({"abuse": [{"name": r.name, "passed": r.passed, "figures": r.figures, "failures": r.failures}
-                                for r in results]}))
-    sys.exit(1 if failed else 0)
-
+    run_scenarios("abuse", "fghijk", run, "fewer calls (CI)")
 
 if __name__ == "__main__":
     main()
