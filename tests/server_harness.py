@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -80,3 +81,13 @@ class ServerThread:
 
     def metric(self, name, labels=None):
         return self.running.metrics.registry.get_sample_value(name, labels or {})
+
+
+def wait_for(predicate, timeout=5.0):
+    """Poll `predicate` every 10 ms until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

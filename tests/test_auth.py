@@ -12,7 +12,7 @@ import grpc
 import pytest
 from certs import make_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_harness import ServerThread, export_tiny_models
+from server_harness import ServerThread, export_tiny_models, wait_for
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -50,15 +50,6 @@ def secured(models_dir, certs, keys_file):
                      api_keys=ApiKeys.from_file(keys_file), tls=server_credentials(certs.server_cert, certs.server_key))
     yield s
     s.close()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def tls_channel(target, certs, **kw):

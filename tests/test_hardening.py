@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import ServerThread, export_tiny_models
+from server_harness import ServerThread, export_tiny_models, wait_for
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -43,15 +43,6 @@ def code_of(fn, *args, **kwargs):
         if hasattr(result, "__iter__") and not isinstance(result, (pb.ScoreResponse, pb.Session)):
             list(result)
     return info.value.code(), info.value.details()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # ------------------------------------------------------------------------ 4. settings in range

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from redis_harness import RedisServer
 from server_harness import CHAR_MODEL, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
@@ -35,13 +34,6 @@ FLAGS = ("--session-checkpoint-s", "0.3", "--idle-timeout", str(IDLE), "--max-ch
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     return export_tiny_models(tmp_path_factory.mktemp("exported"))
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 class Replica:

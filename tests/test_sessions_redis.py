@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from redis_harness import RedisServer
 from server_harness import ServerThread, export_tiny_models
 from test_sessions import (  # noqa: F401 - collected here, with this module's fixtures
     LIMITS,
@@ -25,13 +24,6 @@ from serving.engine import Limits
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     return export_tiny_models(tmp_path_factory.mktemp("exported"))
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

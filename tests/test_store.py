@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from redis_harness import RedisServer
 
 from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.sessions import SessionBusy, SessionNotFound, TooManySessions
@@ -21,13 +20,6 @@ from serving.store import (
     StoreUnavailable,
     open_backend,
 )
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["file", "redis"])
