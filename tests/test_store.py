@@ -290,3 +290,19 @@ def test_serve_session_store_flags_and_environment(monkeypatch, tmp_path, capsys
     assert "not a store this server knows; use memory" in capsys.readouterr().err
     assert main(["serve", "--models", missing, "--session-checkpoint-s", "0"]) == 2
     assert "--session-checkpoint-s must be a finite number in [0.05, 600] seconds" in capsys.readouterr().err
+
+
+def test_owners_need_the_memory_store(tmp_path):
+    """Sessions in a shared store carry no owner yet: API keys and a per-client session bound
+    are refused with one (at start, with a message saying why), not silently ignored."""
+    import asyncio
+
+    from serving.auth import ApiKeys
+    from serving.engine import Engine, Limits
+    from serving.server import build_server
+
+    with pytest.raises(ValueError, match="max_sessions_per_client is not supported with a shared session store"):
+        Engine({}, Limits(max_sessions_per_client=2), session_store=f"file:{tmp_path}")
+    keys = ApiKeys(["k" * 32])
+    with pytest.raises(ValueError, match="API keys need the memory session store"):
+        asyncio.run(build_server({}, port=0, host="localhost", api_keys=keys, session_store=f"file:{tmp_path}"))
