@@ -5,8 +5,8 @@
 #                                      #   --build-arg BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 -t nlstm:serve-gpu .
 #   deploy/build-image.sh train        # the training image: Dockerfile.train
 #
-# The serving image carries no torch: the project's wheel is installed without its dependencies
-# and deploy/requirements-serve.txt lists what the server needs. The gRPC code is generated from
+# The serving image carries no torch: it is the project's base install (torch-free; training is
+# the `train` extra), its dependencies pinned by deploy/requirements-serve.txt. The gRPC code is generated from
 # protos/ during the build, so the image always matches the .proto it was built from.
 #
 # Every stage in this file is one the serving image needs. The classic builder (Docker without
@@ -61,10 +61,16 @@ ARG VARIANT
 ARG ORT_VERSION=1.31.1
 COPY deploy/requirements-serve.txt /tmp/requirements-serve.txt
 COPY --from=build /wheels/ /tmp/wheels/
-RUN ort=onnxruntime; if [ "$VARIANT" = gpu ]; then ort=onnxruntime-gpu; fi \
-    && python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements-serve.txt "$ort==$ORT_VERSION" \
-    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl
+# The project's base install (torch-free), its dependencies at the pinned versions; for the GPU
+# the runtime is swapped as docs/install.md says (the two onnxruntime wheels install the same
+# package: never both).
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -c /tmp/requirements-serve.txt \
+        "onnxruntime==$ORT_VERSION" /tmp/wheels/*.whl \
+    && /opt/venv/bin/pip check \
+    && if [ "$VARIANT" = gpu ]; then \
+         /opt/venv/bin/pip uninstall -y onnxruntime \
+         && /opt/venv/bin/pip install --no-cache-dir -c /tmp/requirements-serve.txt "onnxruntime-gpu==$ORT_VERSION"; fi
 
 # ------------------------------------------------------------------------------------- serve
 # The default target: `nlstm serve` on the bundled models, as a non-root user.

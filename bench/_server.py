@@ -5,7 +5,7 @@ small exported models, and pieces of client traffic.
 picked from its log, and keeps reading the log in a thread so that the pipe never fills and
 blocks the server; the lines stay in `Server.log` for the reports. `rss_mib` and
 `cpu_seconds` read a process's resident memory and CPU time (psutil when installed, else
-/proc). `export_random` writes a random character model with torch, in the calling process
+/proc). `redis_server()` runs a throwaway `redis-server` for a benchmark's session store. `export_random` writes a random character model with torch, in the calling process
 (the server never imports torch); `models_folder` gives a models folder: the one asked for,
 or a temporary one of tiny models. `pick_models` and `glimpse_requests` build client traffic.
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -123,13 +125,22 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def _die_with_parent() -> None:
-    """In the server's process before exec (Linux): SIGTERM it when the benchmark that started
-    it dies, even by a signal that skips the context manager's cleanup."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Runs in the server's process before it becomes the server (Linux): SIGTERM it when the
+# process that started it dies, even by a signal that skips the context manager's cleanup; then
+# exec the real command (same pid). Not a preexec_fn: forking a process whose gRPC threads run
+# (a test or benchmark with channels open) and running Python in the child before exec can
+# kill the child in gRPC's fork handlers ("epoll_wait error: Bad file descriptor").
+_DIE_WITH_PARENT = (
+    "import os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when the process that starts it dies."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, *argv]
 
 
 class Server:
@@ -141,10 +152,9 @@ class Server:
 
     def __init__(self, models: Path, *flags: str, metrics: bool = True, start_timeout: float = 120.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve", "--models", str(models), "--port", "0",
-             "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags],
+            die_with_parent([sys.executable, "-m", "training.cli", "serve", "--models", str(models), "--port", "0",
+                             "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags]),
             stderr=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            preexec_fn=_die_with_parent,
         )
         self.log: list[str] = []
         self.port = 0
@@ -214,3 +224,32 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A `redis-server` on a free loopback port, without persistence, for the run; yields its
+    URL (redis://127.0.0.1:PORT/0)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(die_with_parent([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                             "--appendonly", "no"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -586,16 +586,20 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_scenarios(label: str, scenarios: str, run, smoke_help: str) -> None:
+    """The command line of a scenario script (this one, bench/abuse.py): parse the flags, run
+    each scenario chosen from `scenarios` with `run(name, folder, smoke, threads)`, print each
+    result and a JSON line keyed by `label`, exit 1 when any failed."""
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=None,
                     help="exported models folder with a character model and a glimpse classifier "
                          "(default: a random character model and the bundled mnist-nlstm)")
-    ap.add_argument("--only", nargs="+", choices=list("abcde"), default=list("abcde"), help="scenarios to run")
+    ap.add_argument("--only", nargs="+", choices=list(scenarios), default=list(scenarios), help="scenarios to run")
     ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
-    ap.add_argument("--smoke", action="store_true", help="fewer calls and shorter waits (CI)")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
     args = ap.parse_args()
-    print(f"faults: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; {os.cpu_count()} CPUs, "
+    print(f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with models_folder(args.models) as folder:
         results = []
@@ -608,12 +612,15 @@ def main() -> None:
             for failure in res.failures:
                 print(f"        FAILED: {failure}")
     failed = [r.name for r in results if not r.passed]
-    print(f"faults: {len(results) - len(failed)} of {len(results)} scenarios passed"
+    print(f"{label}: {len(results) - len(failed)} of {len(results)} scenarios passed"
           + (f"; failed: {' '.join(failed)}" if failed else ""))
-    print(json.dumps({"faults": [{"name": r.name, "passed": r.passed, "figures": r.figures, "failures": r.failures}
-                                 for r in results]}))
+    print(json.dumps({label: [{"name": r.name, "passed": r.passed, "figures": r.figures, "failures": r.failures}
+                              for r in results]}))
     sys.exit(1 if failed else 0)
 
+
+def main() -> None:
+    run_scenarios("faults", "abcde", run, "fewer calls and shorter waits (CI)")
 
 if __name__ == "__main__":
     main()

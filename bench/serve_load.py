@@ -15,6 +15,11 @@ ratio printed is the median of those per-window ratios (all of them are in the J
 
     python bench/serve_load.py --models exported/ --model ptb-nlstm --streams 64 --seconds 20
     python bench/serve_load.py --smoke            # a tiny random model, a few seconds (CI)
+    python bench/serve_load.py --streams 64 --stores none memory redis   # streams on sessions
+
+--stores runs each stream without a session (`none`, the default), or on its own session (each
+Generate continues it) kept in the server's memory (`memory`), in a redis-server this script
+starts (`redis`), in a temporary folder (`file`), or in a store given by URL (redis://...).
 
 Without --models, a random model of the paper's PTB size (NLSTM 2x600, 50 symbols; --hidden
 to change) is exported to a temporary folder first. The client shares the machine with the
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -34,7 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _server import REPO, Server, export_random, readme_lines
+from _server import REPO, Server, export_random, readme_lines, redis_server
 
 # the issue's goals: the server's chars/s over the raw step rate at the same batch size
 GOALS = {64: 0.8, 1: 0.7}
@@ -94,8 +101,9 @@ def _step_seconds(server: Server, model: str) -> float:
     return server.metric("nlstm_step_duration_seconds_sum", model=model)
 
 
-async def load(port: int, model: str, streams: int, seconds: float, warmup: float) -> dict:
-    """`streams` concurrent Generate streams (each restarted when it ends) for warmup + seconds;
+async def load(port: int, model: str, streams: int, seconds: float, warmup: float, sessions: bool = False) -> dict:
+    """`streams` concurrent Generate streams (each restarted when it ends; with `sessions`, each
+    on its own session, which every call continues) for warmup + seconds;
     counts the characters of the messages that arrive in the last `seconds` only, when every
     stream runs: the streams' start (prompts, staggered joins) and their ragged end (each stops
     at its first message after the window) stay out of the figure."""
@@ -113,8 +121,11 @@ async def load(port: int, model: str, streams: int, seconds: float, warmup: floa
 
         async def one(i: int):
             nonlocal chars
+            on = {"model": model}
+            if sessions:
+                on = {"session_id": (await stub.CreateSession(pb.CreateSessionRequest(model=model))).session_id}
             while time.perf_counter() < end:
-                req = pb.GenerateRequest(model=model, prompt="the ", max_chars=4000, temperature=1.0, seed=i)
+                req = pb.GenerateRequest(**on, prompt="the ", max_chars=4000, temperature=1.0, seed=i)
                 call = stub.Generate(req)
                 last = time.perf_counter()
                 async for r in call:
@@ -132,7 +143,7 @@ async def load(port: int, model: str, streams: int, seconds: float, warmup: floa
     return {"chars_per_s": chars / seconds, "chars": chars, "gaps": np.array(gaps)}
 
 
-def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float, rounds: int):
+def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float, rounds: int, sessions: bool = False):
     """`rounds` windows of n streams on `server`, each between two raw-rate windows. Returns
     the server's figures over all its windows, the raw windows' step times, and each server
     window's ratio to the mean of the raw windows around it."""
@@ -142,7 +153,7 @@ def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float
     for _ in range(rounds):
         cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
         t0 = time.perf_counter()
-        res = asyncio.run(load(server.port, name, n, window, warmup=min(0.5, window / 4)))
+        res = asyncio.run(load(server.port, name, n, window, warmup=min(0.5, window / 4), sessions=sessions))
         wall += time.perf_counter() - t0
         server_cpu += server.cpu_seconds() - cpu0
         client_cpu += _own_cpu() - client0
@@ -176,6 +187,9 @@ def main() -> None:
     ap.add_argument("--max-messages-per-s", type=float, default=None,
                     help="the server's --max-messages-per-s, the message budget of a model's streams "
                          "(default: the server's, 400)")
+    ap.add_argument("--stores", nargs="+", default=["none"],
+                    help="none (streams without sessions), memory, redis (a redis-server started here), file "
+                         "(a temporary folder) or a store URL: each stream on its own session in that store")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -198,34 +212,51 @@ def main() -> None:
           f"{args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
     window = args.seconds / args.rounds
     results = []
-    for n in args.streams:
-        raw = RawRate(folder, name, n, args.threads)
-        try:
-            for interval in args.interval_ms:
-                with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads), "--max-sessions",
-                            "4096", "--stream-interval-ms", str(interval), *budget_flags) as server:
-                    res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds)
-                    server.stop()
-                raw_step = float(np.mean(raw_steps))
-                ratio = float(np.median(ratios))
-                goal = GOALS.get(n)
-                verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
-                print(f"streams {n:>3} interval {interval:g} ms: server {res['chars_per_s']:>9,.0f} chars/s  raw onnxruntime "
-                      f"batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-{max(raw_steps) * 1e3:.2f} "
-                      f"ms/step)  ratio {ratio:.2f} (windows {min(ratios):.2f}-{max(ratios):.2f})  "
-                      f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
-                      f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
-                      f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
-                      f"on {os.cpu_count()} CPUs", flush=True)
-                results.append({"streams": n, "interval_ms": interval, "server": res, "ratio": ratio, "ratios": ratios,
-                                "goal": goal, "raw": {"step_s": raw_step, "char_steps_per_s": n / raw_step,
-                                                      "window_step_s": raw_steps}})
-        finally:
-            raw.close()
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for store in args.stores:
+            if store == "redis":
+                urls[store] = stack.enter_context(redis_server())
+            elif store == "file":
+                urls[store] = "file:" + stack.enter_context(tempfile.TemporaryDirectory(prefix="nlstm-sessions-"))
+            else:
+                urls[store] = store
+        for n, interval, store in itertools.product(args.streams, args.interval_ms, args.stores):
+            results.append(run_one(folder, name, n, interval, store, urls[store], window, args, budget_flags))
     print(json.dumps({"model": name, "threads": args.threads, "max_messages_per_s": args.max_messages_per_s,
                       "results": results}))
     if tmp is not None:
         tmp.cleanup()
+
+
+def run_one(folder: Path, name: str, n: int, interval: float, store: str, url: str, window: float, args,
+            budget_flags: list[str]) -> dict:
+    """One server (sessions in `url`; store `none`: no sessions) and n streams at one interval."""
+    sessions = store != "none"
+    store_flags = ["--session-store", url] if sessions else []
+    raw = RawRate(folder, name, n, args.threads)
+    try:
+        with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads), "--max-sessions",
+                    "4096", "--stream-interval-ms", str(interval), *budget_flags, *store_flags) as server:
+            res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds, sessions)
+            server.stop()
+            if server.errors():
+                raise RuntimeError("the server logged errors:\n" + "\n".join(server.errors()[-20:]))
+    finally:
+        raw.close()
+    raw_step = float(np.mean(raw_steps))
+    ratio = float(np.median(ratios))
+    goal = GOALS.get(n)
+    verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
+    print(f"streams {n:>3} interval {interval:g} ms sessions {store}: server {res['chars_per_s']:>9,.0f} chars/s  "
+          f"raw onnxruntime batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-"
+          f"{max(raw_steps) * 1e3:.2f} ms/step)  ratio {ratio:.2f} (windows {min(ratios):.2f}-{max(ratios):.2f})  "
+          f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
+          f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
+          f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
+          f"on {os.cpu_count()} CPUs", flush=True)
+    return {"streams": n, "interval_ms": interval, "store": store, "server": res, "ratio": ratio, "ratios": ratios,
+            "goal": goal, "raw": {"step_s": raw_step, "char_steps_per_s": n / raw_step, "window_step_s": raw_steps}}
 
 
 if __name__ == "__main__":

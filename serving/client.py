@@ -1,16 +1,32 @@
-"""Command-line clients of a running server: generate, score, classify (no torch); and their
-local backends (`--backend onnx`: an exported folder run here on onnxruntime, no server).
+"""The Python client of an nlstm server: `Client` (blocking) and `AsyncClient` (asyncio), over
+gRPC, with typed results. No torch.
 
-Each function takes plain arguments (the `nlstm` command parses the flags) and prints what a
-person wants to see: generated text streamed as it arrives, bits per character, per-glimpse
-predictions.
+    from serving.client import Client
+
+    with Client("localhost:50051", api_key=None, tls=None) as client:
+        for piece in client.generate("ptb-nlstm", "the company said ", max_chars=200, seed=1):
+            print(piece, end="", flush=True)
+        print(client.score("ptb-nlstm", "the stock rose").bits_per_char)
+        print(client.classify("mnist-nlstm", image)[-1].predicted_class)   # image: (28, 28)
+        with client.session("ptb-nlstm") as s:          # closed when the block ends
+            s.generate("the company said ", max_chars=50).text
+            other = s.fork()                             # a copy of the state, a session of its own
+            snap = s.snapshot()                          # bytes: client.restore(snap) anywhere
+
+AsyncClient has the same calls as coroutines (`await client.score(...)`), `generate` as an
+async iterator and `async with client.session(...) as s`. A failed call raises ServerError
+with the gRPC status code's name and the server's message. `tls`: None or False for
+plaintext, True for TLS trusting the system's roots, or TLS(ca=..., cert=..., key=...) for a
+private CA and, with cert and key, mutual TLS. `api_key` is sent as `authorization: Bearer
+KEY` with every call. The `nlstm generate|score|classify|session` commands are built on this
+(serving/commands.py).
 """
 
 from __future__ import annotations
 
-import gzip
-import math
-import sys
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,170 +36,509 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.formats import image_to_glimpses
 
-
-def _stub(target: str, timeout: float | None):
-    channel = grpc.insecure_channel(target)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout or 10)
-    except grpc.FutureTimeoutError:
-        raise OSError(f"no nlstm server answers at {target}") from None
-    return channel, pb_grpc.InferenceStub(channel)
+FINISH = {pb.FINISH_REASON_UNSPECIFIED: "", pb.FINISH_REASON_LENGTH: "length",
+          pb.FINISH_REASON_STOP_SEQUENCE: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
 
 
-def _rpc_error(exc: grpc.RpcError) -> ValueError:
-    return ValueError(f"{exc.code().name}: {exc.details()}")
+# ------------------------------------------------------------------------------ results
+class ServerError(Exception):
+    """A call the server refused or that failed: `code` is the gRPC status code's name
+    ("INVALID_ARGUMENT", "NOT_FOUND", ...), `details` the server's message."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+    @classmethod
+    def of(cls, exc: grpc.RpcError) -> ServerError:
+        return cls(exc.code().name, exc.details() or "")
 
 
-def generate(target: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, stop: list[str], session_id: str, out=sys.stdout,
-             timeout: float | None = None) -> str:
-    channel, stub = _stub(target, timeout)
+@dataclass(frozen=True)
+class TLS:
+    """TLS to a server: `ca` the PEM CA that signed its certificate (None: the system's roots);
+    `cert` and `key` a client certificate for servers that ask for one (mutual TLS)."""
+
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    task: str  # "ptb", "text8", "poems", "mnist"
+    kind: str  # the core: "nlstm", "lstm", "hmlstm"
+    vocab_size: int  # character models; 0 for classifiers
+    num_classes: int  # classifiers; 0 for character models
+    metrics: dict[str, float]  # training figures: "valid_bpc", "test_acc", ...
+    depth: int
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    position: int  # characters (or glimpses) the state has taken in since its creation
+    idle_timeout_seconds: int
+    in_use: bool  # a call is running on it now
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session's state as bytes (a versioned, checksummed format): restore it with
+    Client.restore on this server or any other running the same export of the model."""
+
+    data: bytes
+    model: str
+    position: int
+
+    def save(self, path: str | Path) -> None:
+        """Write the data to `path` atomically (a reader never sees half a snapshot)."""
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(self.data)
+        tmp.replace(out)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    bits_per_char: float
+    total_bits: float
+    num_chars: int
+    unknown_chars: int  # characters outside the vocabulary (scored as the unknown symbol)
+    position: int
+    bits: list[float] = field(default_factory=list)  # per character, with per_char=True
+    boundaries: list[str] = field(default_factory=list)  # HM-LSTM, per_char: '0'/'1' per layer
+
+
+@dataclass(frozen=True)
+class Glimpse:
+    step: int  # glimpses read so far in this call (1 for the first)
+    probabilities: list[float]  # one per class, summing to 1
+    predicted_class: int
+    position: int
+
+
+def _model_info(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(m.name, m.task, m.kind, m.vocab_size, m.num_classes, dict(m.metrics), m.depth,
+                     m.num_layers, m.hidden_size)
+
+
+def _session_info(s: pb.Session) -> SessionInfo:
+    return SessionInfo(s.session_id, s.model, s.position, s.idle_timeout_seconds, s.in_use)
+
+
+def _score(r: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(r.bits_per_char, r.total_bits, r.num_chars, r.unknown_chars, r.position,
+                       list(r.bits), list(r.boundaries))
+
+
+def _glimpse(r: pb.GlimpseResponse) -> Glimpse:
+    return Glimpse(r.step, list(r.probabilities), r.predicted_class, r.position)
+
+
+def _generate_request(model: str, prompt: str, max_chars: int, temperature: float, top_k: int, top_p: float,
+                      seed: int | None, stop: Iterable[str], logprobs: bool, session_id: str) -> pb.GenerateRequest:
     request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop),
+                                 logprobs=logprobs)
     if seed is not None:
         request.seed = seed
-    text = []
-    try:
-        for response in stub.Generate(request, timeout=timeout):
-            out.write(response.text)
-            out.flush()
-            text.append(response.text)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
-    finally:
-        channel.close()
-    out.write("\n")
-    return "".join(text)
+    return request
 
 
-def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-                   top_p: float, seed: int | None, stop: list[str], out=sys.stdout, providers: str = "auto",
-                   threads: int | None = None) -> str:
-    """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
-    onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
-    prompt, stop strings, end marker) and the same sampling arithmetic (serving.sampling.draw,
-    alone or in a batch), so a seed gives the server's text for the same request."""
-    from serving.engine import Limits, banned_ids, id_texts
-    from serving.formats import start_id
-    from serving.sampling import Sampler
-    from serving.scheduler import GenerateSequence
-
-    m = _local_model(models_dir, model, providers, threads)
-    if not 1 <= max_chars:
-        raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
-    max_stop = Limits().max_stop  # the server's default bound
-    if len(stop) > max_stop or any(not s for s in stop):
-        raise ValueError(f"--stop takes at most {max_stop} non-empty strings")
-    tok = m.tokenizer
-    pieces: list[str] = []
-
-    def emit(text, _bits, _reason):
-        if text:
-            out.write(text)
-            out.flush()
-            pieces.append(text)
-
-    feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
-    seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit)
-    while not seq.finished:
-        post: list = []
-        if seq.wants_sample:
-            seq.take_sample(seq.sampler(seq.pos[1]), None, post)
-        logits, state = m.step(np.array([seq.take_input()]), seq.pos[0][None])
-        seq.advance(logits[0], state[0], post)
-        for callback in post:
-            callback()
-    out.write("\n")
-    return "".join(pieces)
+def _glimpse_requests(model: str, image, glimpses, session_id: str) -> list[pb.GlimpseRequest]:
+    """An image (28, 28: uint8 0..255 or floats in [0, 1]) as its 20 glimpses, or glimpses
+    as given (rows of 49 floats in [0, 1])."""
+    if (image is None) == (glimpses is None):
+        raise ValueError("classify takes an image or glimpses, not both or neither")
+    rows = image_to_glimpses(np.asarray(image)) if image is not None else np.asarray(glimpses, dtype=np.float32)
+    if rows.ndim != 2 or not len(rows):
+        raise ValueError(f"glimpses must be a non-empty list of rows of 49 floats, got shape {rows.shape}")
+    return [pb.GlimpseRequest(model=model if i == 0 else "", session_id=session_id if i == 0 else "",
+                              pixels=g.tolist()) for i, g in enumerate(rows)]
 
 
-def _local_model(models_dir: str, model: str, providers: str, threads: int | None):
-    from serving.runtime import load_model
+class Generation:
+    """A Generate call: iterate it for the text as it arrives (str pieces); afterwards (or
+    at any time) `text` holds what came so far, `finish_reason` why it ended ("length",
+    "stop", "cancelled"; "" until the end), `position` the sequence's position after the last
+    piece, `bits` each character's -log2 p when logprobs was asked for. `cancel()` stops it."""
 
-    if not model:
-        raise ValueError("--model is required (a folder name under --models)")
-    folder = Path(models_dir) / model
-    if not (folder / "meta.json").is_file():
-        raise ValueError(f"no exported model {model!r} under {models_dir} (a folder with a meta.json)")
-    m = load_model(folder, providers=providers, intra_op_threads=threads)
-    if m.kind != "char":
-        raise ValueError(f"model {model!r} is a {m.kind} model; this command runs on character models")
-    return m
+    def __init__(self, responses) -> None:
+        self._responses = responses
+        self.pieces: list[str] = []
+        self.bits: list[float] = []
+        self.finish_reason = ""
+        self.position = 0
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
-def read_text(path: str) -> str:
-    return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    def _take(self, r: pb.GenerateResponse) -> str:
+        self.pieces.append(r.text)
+        self.bits.extend(r.bits)
+        self.position = r.position
+        if r.finish_reason:
+            self.finish_reason = FINISH[r.finish_reason]
+        return r.text
 
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for r in self._responses:
+                yield self._take(r)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self.finish_reason == "":
+                self.finish_reason = "cancelled"  # cancel() was called
+                return
+            raise ServerError.of(exc) from None
 
-def print_score(text: str, num_chars: int, total_bits: float, bits_per_char: float, unknown_chars: int,
-                bits, per_char: bool) -> None:
-    print(f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
-          + (f", {unknown_chars} unknown" if unknown_chars else ""))
-    if per_char:
-        for ch, b in zip(text, bits):
-            print(f"{ch!r}\t{b:.3f}")
+    def result(self) -> Generation:
+        """Read the rest of the stream; returns self."""
+        for _ in self:
+            pass
+        return self
 
-
-def score_local(models_dir: str, model: str, path: str, per_char: bool, providers: str = "auto",
-                threads: int | None = None):
-    """`nlstm score --backend onnx`: the exported folder models_dir/model run here on
-    onnxruntime, no server; the same figures as the server's Score without a session."""
-    text = read_text(path)
-    if not text:
-        raise ValueError("the text to score is empty")
-    r = _local_model(models_dir, model, providers, threads).score(text)
-    print_score(text, r.chars, r.nats / math.log(2), r.bits_per_char, r.unknown_chars, r.bits, per_char)
-    return r
-
-
-def score(target: str, model: str, path: str, per_char: bool, session_id: str = "",
-          timeout: float | None = None) -> pb.ScoreResponse:
-    text = read_text(path)
-    channel, stub = _stub(target, timeout)
-    try:
-        r = stub.Score(pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
-                       timeout=timeout)
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
-    finally:
-        channel.close()
-    print_score(text, r.num_chars, r.total_bits, r.bits_per_char, r.unknown_chars, r.bits, per_char)
-    return r
+    def cancel(self) -> None:
+        self._responses.cancel()
 
 
-def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np.ndarray, int]:
-    """One (28, 28) uint8 image and its label from the original IDX .gz files."""
-    root = Path(data_dir) / "mnist"
-    if not root.is_dir():
-        root = Path(data_dir)
-    with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    if not 0 <= index < len(images):
-        raise ValueError(f"image index must be in [0, {len(images)}), got {index}")
-    return images[index], int(labels[index])
+# ------------------------------------------------------------------------------ blocking
+class Client:
+    """A blocking client of one server (see the module docstring). Thread-safe; close() it,
+    or use it as a context manager."""
+
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None,
+                 tls: bool | TLS | None = None, timeout: float | None = None) -> None:
+        self.target, self.timeout = target, timeout
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+        self._channel = _channel(grpc, target, tls)
+        self._tls = bool(tls)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the server answers. OSError at once when the connection fails (nothing
+        listens there), rather than after gRPC's reconnection backoff; after `timeout` seconds
+        when something accepts the connection but does not answer."""
+        settled = threading.Event()
+        seen: list[grpc.ChannelConnectivity] = []
+        ends = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN)
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state in ends:
+                seen.append(state)
+                settled.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
+        try:
+            settled.wait(timeout)
+        finally:
+            self._channel.unsubscribe(watch)
+        if seen and seen[0] == grpc.ChannelConnectivity.READY:
+            return
+        if self._tls:
+            why = "over TLS: check the CA and the server's certificate, or whether it runs"
+        elif seen:
+            why = "the connection failed: nothing listens there"
+        else:
+            why = f"no answer within {timeout:g} s"
+        raise OSError(f"no nlstm server answers at {self.target} ({why})")
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise ServerError.of(exc) from None
+
+    # -------------------------------------------------------------- calls
+    def models(self) -> list[ModelInfo]:
+        return [_model_info(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
+
+    def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
+                 logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> Generation:
+        """Sample up to max_chars characters after `prompt` (temperature 0: greedy; top_k, top_p
+        0: off); iterate the result for the pieces as they arrive."""
+        request = _generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
+                                    session_id)
+        return Generation(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
+
+    def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
+              timeout: float | None = None) -> ScoreResult:
+        """Bits per character of `text` (each character's too with per_char)."""
+        return _score(self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
+                                                          per_char=per_char), timeout))
+
+    def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
+                        timeout: float | None = None) -> Iterator[Glimpse]:
+        """The classifier's answer after each glimpse, as it comes (see classify)."""
+        requests = _glimpse_requests(model, image, glimpses, session_id)
+        try:
+            for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
+                                                 metadata=self.metadata):
+                yield _glimpse(r)
+        except grpc.RpcError as exc:
+            raise ServerError.of(exc) from None
+
+    def classify(self, model: str, image=None, *, glimpses=None, session_id: str = "",
+                 timeout: float | None = None) -> list[Glimpse]:
+        """Every glimpse's answer for an image (28, 28: uint8 0..255 or floats in [0, 1], read
+        as its 20 glimpses) or for glimpses (rows of 49 floats); the last is the prediction."""
+        return list(self.classify_stream(model, image, glimpses=glimpses, session_id=session_id, timeout=timeout))
+
+    # -------------------------------------------------------------- sessions
+    def session(self, model: str) -> Session:
+        """A new session on `model` (closed by `with ... as s:` at the block's end)."""
+        return Session(self, _session_info(self._call("CreateSession", pb.CreateSessionRequest(model=model))))
+
+    def attach(self, session_id: str) -> Session:
+        """An existing session, by id."""
+        return Session(self, self.session_info(session_id))
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return _session_info(self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+
+    def restore(self, snapshot: Snapshot | bytes) -> Session:
+        """A new session holding a snapshot's state (from this server or another running the
+        same export of the model)."""
+        data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
+        return Session(self, _session_info(self._call("RestoreSession", pb.RestoreSessionRequest(data=data))))
 
 
-def classify(target: str, model: str, image: np.ndarray, label: int | None = None,
-             timeout: float | None = None) -> list[pb.GlimpseResponse]:
-    glimpses = image_to_glimpses(image)  # (20, 49)
-    channel, stub = _stub(target, timeout)
+class Session:
+    """A session on the server: calls on it continue from, and update, its state. `info` is
+    what the server said when this object was made or last refreshed (refresh())."""
 
-    def requests():
-        for i, g in enumerate(glimpses):
-            yield pb.GlimpseRequest(model=model if i == 0 else "", pixels=g.tolist())
+    def __init__(self, client: Client, info: SessionInfo) -> None:
+        self.client, self.info = client, info
+        self.id, self.model = info.session_id, info.model
 
-    out = []
-    try:
-        for r in stub.ClassifyGlimpses(requests(), timeout=timeout):
-            out.append(r)
-            print(f"glimpse {r.step:2d}: class {r.predicted_class} (p = {max(r.probabilities):.3f})")
-    except grpc.RpcError as exc:
-        raise _rpc_error(exc) from None
-    finally:
-        channel.close()
-    if label is not None:
-        print(f"label: {label}")
-    return out
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r}, model={self.model!r})"
+
+    def refresh(self) -> SessionInfo:
+        self.info = self.client.session_info(self.id)
+        return self.info
+
+    @property
+    def position(self) -> int:
+        """The session's position now (asks the server)."""
+        return self.refresh().position
+
+    def generate(self, prompt: str = "", **options) -> Generation:
+        return self.client.generate(self.model, prompt, session_id=self.id, **options)
+
+    def score(self, text: str, **options) -> ScoreResult:
+        return self.client.score(self.model, text, session_id=self.id, **options)
+
+    def classify(self, image=None, **options) -> list[Glimpse]:
+        return self.client.classify(self.model, image, session_id=self.id, **options)
+
+    def fork(self) -> Session:
+        """A new session with a copy of this one's state."""
+        return Session(self.client, _session_info(self.client._call("ForkSession",
+                                                                    pb.ForkSessionRequest(session_id=self.id))))
+
+    def snapshot(self) -> Snapshot:
+        s = self.client._call("SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id))
+        return Snapshot(s.data, s.model, s.position)
+
+    def close(self) -> None:
+        """Free it on the server; closing one that is gone already (expired) is not an error."""
+        try:
+            self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+        except ServerError as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+
+
+# ------------------------------------------------------------------------------ asyncio
+class AsyncGeneration(Generation):
+    """Generation for AsyncClient: `async for piece in ...`; `await result()`."""
+
+    def __iter__(self):
+        raise TypeError("an AsyncClient's generation is read with `async for`")
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            async for r in self._responses:
+                yield self._take(r)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self.finish_reason == "":
+                self.finish_reason = "cancelled"
+                return
+            raise ServerError.of(exc) from None
+
+    async def result(self) -> AsyncGeneration:
+        async for _ in self:
+            pass
+        return self
+
+
+class AsyncClient:
+    """Client for asyncio code: the same calls as coroutines (see the module docstring). Make
+    it inside a running event loop; `await close()` it or use `async with`."""
+
+    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None,
+                 tls: bool | TLS | None = None, timeout: float | None = None) -> None:
+        self.target, self.timeout = target, timeout
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+        self._channel = _channel(grpc.aio, target, tls)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout or self.timeout,
+                                                     metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise ServerError.of(exc) from None
+
+    async def models(self) -> list[ModelInfo]:
+        return [_model_info(m) for m in (await self._call("ListModels", pb.ListModelsRequest())).models]
+
+    def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
+                 logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> AsyncGeneration:
+        request = _generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
+                                    session_id)
+        return AsyncGeneration(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
+
+    async def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
+                    timeout: float | None = None) -> ScoreResult:
+        return _score(await self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
+                                                                per_char=per_char), timeout))
+
+    async def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
+                              timeout: float | None = None) -> AsyncIterator[Glimpse]:
+        requests = _glimpse_requests(model, image, glimpses, session_id)
+        try:
+            async for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
+                                                       metadata=self.metadata):
+                yield _glimpse(r)
+        except grpc.RpcError as exc:
+            raise ServerError.of(exc) from None
+
+    async def classify(self, model: str, image=None, *, glimpses=None, session_id: str = "",
+                       timeout: float | None = None) -> list[Glimpse]:
+        return [g async for g in self.classify_stream(model, image, glimpses=glimpses, session_id=session_id,
+                                                      timeout=timeout)]
+
+    def session(self, model: str) -> _Opening:
+        """`s = await client.session(model)`, or `async with client.session(model) as s:`
+        (closed at the block's end)."""
+        return _Opening(self, model)
+
+    async def session_info(self, session_id: str) -> SessionInfo:
+        return _session_info(await self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+
+    async def attach(self, session_id: str) -> AsyncSession:
+        return AsyncSession(self, await self.session_info(session_id))
+
+    async def restore(self, snapshot: Snapshot | bytes) -> AsyncSession:
+        data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
+        return AsyncSession(self, _session_info(await self._call("RestoreSession",
+                                                                 pb.RestoreSessionRequest(data=data))))
+
+
+class _Opening:
+    def __init__(self, client: AsyncClient, model: str) -> None:
+        self.client, self.model, self.session = client, model, None
+
+    async def _open(self) -> AsyncSession:
+        info = await self.client._call("CreateSession", pb.CreateSessionRequest(model=self.model))
+        return AsyncSession(self.client, _session_info(info))
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self.session = await self._open()
+        return self.session
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+
+class AsyncSession:
+    """Session for AsyncClient: the same methods as coroutines (generate: an async iterator)."""
+
+    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
+        self.client, self.info = client, info
+        self.id, self.model = info.session_id, info.model
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncSession({self.id!r}, model={self.model!r})"
+
+    async def refresh(self) -> SessionInfo:
+        self.info = await self.client.session_info(self.id)
+        return self.info
+
+    def generate(self, prompt: str = "", **options) -> AsyncGeneration:
+        return self.client.generate(self.model, prompt, session_id=self.id, **options)
+
+    async def score(self, text: str, **options) -> ScoreResult:
+        return await self.client.score(self.model, text, session_id=self.id, **options)
+
+    async def classify(self, image=None, **options) -> list[Glimpse]:
+        return await self.client.classify(self.model, image, session_id=self.id, **options)
+
+    async def fork(self) -> AsyncSession:
+        info = await self.client._call("ForkSession", pb.ForkSessionRequest(session_id=self.id))
+        return AsyncSession(self.client, _session_info(info))
+
+    async def snapshot(self) -> Snapshot:
+        s = await self.client._call("SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id))
+        return Snapshot(s.data, s.model, s.position)
+
+    async def close(self) -> None:
+        try:
+            await self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+        except ServerError as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+
+
+def _channel(module, target: str, tls: bool | TLS | None):
+    """A channel of grpc or grpc.aio (`module`) to `target`: plaintext, or TLS."""
+    if not tls:
+        return module.insecure_channel(target)
+    from serving.auth import channel_credentials
+
+    t = tls if isinstance(tls, TLS) else TLS()
+    return module.secure_channel(target, channel_credentials(t.ca, t.cert, t.key))
+

@@ -24,9 +24,16 @@ PREFIX = "serving/api"  # the Python package the generated code belongs to
 
 def generate(out_root: Path) -> list[Path]:
     """Compile every proto into out_root/serving/api/...; returns the generated files."""
-    from grpc_tools import protoc  # dev dependency
-
-    import grpc_tools
+    try:
+        import grpc_tools
+        from grpc_tools import protoc
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "python -m serving.codegen needs grpcio-tools, which only the dev extra installs: "
+            "pip install grpcio-tools==1.85.1 (the version the committed code was generated "
+            "with; --check compares byte for byte), or pip install -e '.[dev]'. Serving does not "
+            "need it: the generated code under serving/api is committed."
+        ) from None
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [

@@ -3,11 +3,25 @@ sessions and batched steps. No gRPC here: the servicer converts protos and maps 
 below to status codes.
 
 Each model is served through its `Batcher` (one batched step graph call for all sequences
-that are ready). A sequence's position is (state, logits): the state after the last symbol fed
+that are ready). A sequence's place is (state, logits): the state after the last symbol fed
 and the logits that predict the next one, so a session continues exactly where its last call
-stopped. A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence
-symbol if it has one (the poems), else the newline if it is in the vocabulary (PTB: text
-follows a line break), else the space (text8); its prediction scores the first character
+stopped; its position counts the characters (or glimpses) that state has taken in. A call
+that does not complete leaves its session as the .proto's header says (Generate: the prompt
+and the messages sent; Score: unchanged; glimpses: those answered), and `_finish` is where
+each call commits what its session keeps. Sessions also travel as snapshots
+(serving/snapshot.py).
+
+Sessions live in the process (SessionStore, `--session-store memory`) or in a shared store
+(serving/durable.py over serving/store.py: `file:DIR`, `redis://...`). With a shared store a
+call reads its session when it starts and writes it when it ends, on the store thread (never
+on the event loop, never per character on the scheduler's); while it runs, a checkpoint task
+writes what the session would keep if the call ended now (Generate: the prompt and the
+messages sent; glimpses: those answered) and renews the call's lease every
+`checkpoint_interval` seconds, so that a replica that dies loses at most that much.
+
+A fresh sequence starts with one "start" step: the tokenizer's begin-of-sequence symbol if it
+has one (the poems), else the newline if it is in the vocabulary (PTB: text follows a line
+break), else the space (text8); its prediction scores the first character
 (serving.formats.start_id, which ExportedModel.score shares).
 """
 
@@ -15,18 +29,27 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
+from serving import snapshot
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
+from serving.auth import current_caller
 from serving.formats import GLIMPSE_SIZE, start_id
 from serving.metrics import Metrics
+from serving.prefix_cache import PrefixCache
 from serving.sampling import Sampler, check_sampling, log_softmax
 from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
+from serving.store import Backend, StoreUnavailable, open_backend
+
+log = logging.getLogger("nlstm.serving")
 
 
 # The errors of the domain, each one gRPC status code (see the .proto's header).
@@ -56,6 +79,10 @@ class Aborted(ServingError):
 
 class Unavailable(ServingError):
     code = "UNAVAILABLE"
+
+
+class DataLoss(ServingError):
+    code = "DATA_LOSS"
 
 
 class ServedModel(Protocol):
@@ -93,26 +120,75 @@ class Limits:
     # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
     # share of the CPU.
     max_messages_per_s: float = 400.0
-    max_stop: int = 4
+    max_stop: int = 4  # stop strings one Generate may give
+    # the longest stop string, in characters: each generated character is checked against the
+    # stream's stop strings (a tail of this length is kept), and the request holds them
+    max_stop_chars: int = 256
+    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
+    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
+    # beyond max_sessions
+    max_sessions_per_client: int = 0
+    # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
+    prefix_cache_mb: float = 64.0
+    # With a file or Redis session store: how often a running call writes its session (and
+    # renews its lease, which lapses after 3 of these, at least LEASE_MIN: how long a dead
+    # replica's sessions stay locked). A replica that dies loses at most this much of a long
+    # Generate.
+    checkpoint_interval: float = 2.0
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
+MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
+# The shortest lease on a session in a shared store: a lease that lapses while its call still
+# runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
+# checkpoints get a lease that outlives a stall of a second or two.
+LEASE_MIN = 2.0
 
 
 class Engine:
     def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, snapshot_key: bytes | None = None,
+                 session_store: str | Backend | None = "memory") -> None:
         self.models = models
         self.limits = limits or Limits()
+        if snapshot_key is not None and len(snapshot_key) < 16:
+            raise ValueError(f"a snapshot key must be at least 16 bytes, got {len(snapshot_key)}")
+        self.snapshot_key = snapshot_key  # signs snapshots and is required of restored ones
+        self._model_ids: dict[str, str] = {}
         if not 0 <= self.limits.stream_interval <= MAX_STREAM_INTERVAL:  # NaN fails too
             raise ValueError(f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
                              f"got {self.limits.stream_interval}")
         if not 0 <= self.limits.max_messages_per_s < math.inf:
             raise ValueError("max_messages_per_s must be a finite number >= 0 (0: no budget), "
                              f"got {self.limits.max_messages_per_s}")
+        if not 0 <= self.limits.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
+            raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
+                             f"got {self.limits.prefix_cache_mb}")
+        if not 0.05 <= self.limits.checkpoint_interval <= 600:  # NaN fails too
+            raise ValueError(f"checkpoint_interval must be in [0.05, 600] seconds, got {self.limits.checkpoint_interval}")
         self.metrics = metrics or Metrics()
-        self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
-                                  on_evict=self.metrics.evictions.inc)
+        cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
+        self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
+        backend = open_backend(session_store) if isinstance(session_store, str) else session_store
+        self.store: SessionStore | DurableSessions
+        if backend is None:
+            self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
+                                      on_evict=self.metrics.evictions.inc,
+                                      max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
+            self._io: ThreadPoolExecutor | None = None
+        else:
+            if self.limits.max_sessions_per_client:
+                raise ValueError("max_sessions_per_client is not supported with a shared session store "
+                                 "(file: or redis://) yet: its sessions carry no owner; use the memory store")
+            self.store = DurableSessions(
+                backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
+                idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
+                key=snapshot_key, on_evict=self.metrics.evictions.inc)
+            # one thread: the store's reads and writes run in the order they were asked for (a
+            # call's last write after its checkpoints), off the event loop
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._calls: dict[int, Call] = {}  # calls holding a stored session, by id(session)
+        self._checkpoints: asyncio.Task | None = None
         self.metrics.max_sessions.set(self.limits.max_sessions)
         self.metrics.active_sessions.set_function(self.store.__len__)  # read at each scrape
         self.schedulers: dict[str, Scheduler] = {}
@@ -136,6 +212,16 @@ class Engine:
             self.metrics.queue_depth.labels(name).set_function(self.schedulers[name].waiting)
             if model.meta.kind == "char" and model.tokenizer is not None:
                 self.texts[name] = id_texts(model.tokenizer)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.add_model(name)
+        if self._io is not None:
+            self._checkpoints = asyncio.ensure_future(self._checkpoint_forever())
+            try:
+                self.store.backend.ping()
+            except StoreUnavailable as exc:  # serve anyway: stateless calls work, sessions once it is back
+                log.warning("%s; calls on sessions get UNAVAILABLE until it answers", exc)
+            else:
+                log.info("sessions in %s", self.store.backend.url)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -152,12 +238,71 @@ class Engine:
             s.cancel(GenerateSequence)
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
         for s in self.schedulers.values():
-            await asyncio.get_running_loop().run_in_executor(None, s.stop)
+            await loop.run_in_executor(None, s.stop)
+        if self._io is not None:
+            # the calls the drain cancelled write their sessions as they unwind: let them, then
+            # wait for every write to reach the store (the SIGTERM drain loses no session)
+            deadline = time.monotonic() + 5
+            while self._calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self._checkpoints is not None:
+                self._checkpoints.cancel()
+            await loop.run_in_executor(None, functools.partial(self._io.shutdown, wait=True))
+            self.store.close()
+
+    async def _store(self, fn, *args):
+        """Run a store method: at once for sessions in memory, on the store thread for a
+        shared store; the shared store's own failures become their status codes."""
+        if self._io is None:
+            return fn(*args)
+        # Shielded: a call whose client went away is cancelled while its last write waits its
+        # turn on the store thread, and an awaited run_in_executor would then drop the queued
+        # write (cancelling the asyncio future cancels the pending job); the session would keep
+        # its lease until it lapsed and lose what the call did. The job runs whatever happens.
+        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        job.add_done_callback(_retrieved)
+        try:
+            return await asyncio.shield(job)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"{exc}; calls that need a session fail until it answers again, "
+                              "calls without one still work") from None
+        except SessionLost as exc:
+            raise Aborted(str(exc)) from None
+        except SessionMismatch as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except SessionCorrupt as exc:
+            raise DataLoss(str(exc)) from None
+
+    async def _checkpoint_forever(self) -> None:
+        """Write the sessions of running calls, and renew their leases, every checkpoint_interval."""
+        while True:
+            await asyncio.sleep(self.limits.checkpoint_interval)
+            calls = list(self._calls.values())
+            results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
+            for call, result in zip(calls, results):
+                if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
+                    log.warning("%s", result)
+                    call.seq.cancelled = True
+                    self.schedulers[call.name].poke()
+                elif isinstance(result, Exception):  # the store is away: the call's last write tells
+                    log.warning("checkpoint of session %s failed: %s", call.session.session_id, result)
+
+    async def _checkpoint(self, call: Call) -> None:
+        # still running? (it may have ended since the list was taken: then its last write is
+        # queued already, and a checkpoint after it would find the lease given back)
+        if self._calls.get(id(call.session)) is call:
+            await self._store(self.store.checkpoint, call.session, call.keep())
 
     def expire_sessions(self) -> int:
-        """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total)."""
-        return self.store.expire()
+        """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total).
+        Blocks on a file store's directory: the server runs it off the event loop."""
+        try:
+            return self.store.expire()
+        except StoreUnavailable as exc:
+            log.warning("session expiry: %s", exc)
+            return 0
 
     # ---------------------------------------------------------------- models
     def model(self, name: str) -> ServedModel:
@@ -168,23 +313,98 @@ class Engine:
         except KeyError:
             raise NotFound(f"no model {name!r}; this server runs {sorted(self.models)}") from None
 
-    def create_session(self, model_name: str) -> Session:
+    async def create_session(self, model_name: str) -> Session:
         model = self.model(model_name)
         try:
-            session = self.store.create(model_name, model.initial_state(1)[0])
+            session = await self._store(self.store.create, model_name, model.initial_state(1)[0])
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
         return session
 
-    def close_session(self, session_id: str) -> None:
+    async def get_session(self, session_id: str) -> Session:
+        """The session for a look (it may be in use: then `in_use` is set and its position is
+        the one before the running call)."""
         if not session_id:
             raise InvalidArgument("session_id is required")
         try:
-            self.store.delete(session_id)
+            return await self._store(self.store.get, session_id)
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
 
-    def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
+    async def _hold(self, session_id: str) -> Session:
+        """Acquire a session for a snapshot or a fork (one call at a time, as for every call)."""
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        try:
+            return await self._store(self.store.acquire, session_id)
+        except SessionNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except SessionBusy as exc:
+            raise Aborted(str(exc)) from None
+
+    def model_id(self, name: str) -> str:
+        """The identity of the export served as `name` (serving.snapshot.model_identity)."""
+        if name not in self._model_ids:
+            self._model_ids[name] = snapshot.model_identity(self.models[name].meta)
+        return self._model_ids[name]
+
+    async def snapshot_session(self, session_id: str) -> tuple[bytes, Session]:
+        """The session's snapshot bytes (signed with the server's key, if any)."""
+        session = await self._hold(session_id)
+        try:
+            state = snapshot.SessionState(session.model, self.model_id(session.model), session.position,
+                                          session.state, session.logits)
+            return snapshot.encode(state, self.snapshot_key), session
+        finally:
+            await self._store(self.store.release, session)
+
+    async def restore_session(self, data: bytes) -> Session:
+        """A new session holding a snapshot's state: refused with INVALID_ARGUMENT (not a
+        readable, verified snapshot) or FAILED_PRECONDITION (another model or export)."""
+        if not data:
+            raise InvalidArgument("data is required: the bytes of a SessionSnapshot")
+        try:
+            s = snapshot.decode(data, self.snapshot_key, max_bytes=self._snapshot_max_bytes())
+            if s.model not in self.models:
+                raise snapshot.SnapshotMismatch(
+                    f"snapshot is of model {s.model!r}, which this server does not run "
+                    f"(it runs {sorted(self.models)})"
+                )
+            model = self.models[s.model]
+            snapshot.check_model(s, s.model, self.model_id(s.model), tuple(model.meta.state_shape),
+                                 model.meta.output_size)
+        except snapshot.SnapshotMismatch as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except snapshot.SnapshotInvalid as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
+        except TooManySessions as exc:
+            raise ResourceExhausted(str(exc)) from None
+
+    def _snapshot_max_bytes(self) -> int:
+        """The largest snapshot one of this server's models makes, with room for the header."""
+        return max(snapshot.max_size(tuple(m.meta.state_shape), m.meta.output_size) for m in self.models.values())
+
+    async def fork_session(self, session_id: str) -> Session:
+        """A new session with a copy of the session's state and position."""
+        session = await self._hold(session_id)
+        try:
+            return await self._store(self.store.create, session.model, session.state, session.logits, session.position)
+        except TooManySessions as exc:
+            raise ResourceExhausted(str(exc)) from None
+        finally:
+            await self._store(self.store.release, session)
+
+    async def close_session(self, session_id: str) -> None:
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        try:
+            await self._store(self.store.delete, session_id)
+        except SessionNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    async def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
         """(model name, model, session or None, state, logits) for a call; the caller must
         _finish it."""
         if self.closing:
@@ -192,13 +412,13 @@ class Engine:
         session = None
         if session_id:
             try:
-                session = self.store.acquire(session_id)
+                session = await self._store(self.store.acquire, session_id)
             except SessionNotFound as exc:
                 raise NotFound(str(exc)) from None
             except SessionBusy as exc:
                 raise Aborted(str(exc)) from None
             if model_name and model_name != session.model:
-                self.store.release(session)
+                await self._store(self.store.release, session)
                 raise InvalidArgument(
                     f"session {session_id} runs model {session.model!r}, not {model_name!r} "
                     "(leave model empty or name the session's model)"
@@ -207,7 +427,7 @@ class Engine:
         model = self.model(model_name)
         if model.meta.kind != kind:
             if session is not None:
-                self.store.release(session)
+                await self._store(self.store.release, session)
             what = "character models" if kind == "char" else "glimpse classifiers"
             raise FailedPrecondition(
                 f"{rpc} runs on {what}; model {model_name!r} is a {model.meta.kind} model"
@@ -216,19 +436,28 @@ class Engine:
             return model_name, model, session, session.state, session.logits
         return model_name, model, None, model.initial_state(1)[0], None
 
-    def _finish(self, name: str, session: Session | None, seq: Sequence) -> None:
-        """End a call: stop its sequence if it still runs, keep its last whole step in the
-        session, release the session."""
+    def _track(self, name: str, session: Session | None, seq: Sequence, keep) -> None:
+        """With a shared store: checkpoint this call's session while it runs; `keep()` says
+        what the session would hold if the call ended now (None: as it was)."""
+        if session is not None and self._io is not None:
+            self._calls[id(session)] = Call(name, session, seq, keep)
+
+    async def _finish(self, name: str, session: Session | None, seq: Sequence,
+                      keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+        """End a call: stop its sequence if it still runs, store `keep` (state, logits,
+        position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
             seq.cancelled = True
             self.schedulers[name].poke()
         if session is not None:
-            state, logits = seq.pos
-            # copies: the position is a row of a whole batch's step output, which a view would
-            # keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
-            session.state = state.copy()
-            session.logits = None if logits is None else logits.copy()
-            self.store.release(session)
+            self._calls.pop(id(session), None)
+            if keep is not None:
+                state, logits, session.position = keep
+                # copies: the state is often a row of a whole batch's step output, which a view
+                # would keep alive as long as the session (64 x 7 KB for the PTB model at batch 64)
+                session.state = state.copy()
+                session.logits = None if logits is None else logits.copy()
+            await self._store(self.store.release, session)
 
     # -------------------------------------------------------------- text
     async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
@@ -238,20 +467,24 @@ class Engine:
             raise ResourceExhausted(
                 f"text has {len(text)} characters; this server scores at most {self.limits.max_text} per call"
             )
-        name, model, session, state, logits = self._open(model_name, session_id, "char", "Score")
+        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Score")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         enc = model.tokenizer.encode(text)
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
         seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
                             lambda s: done.done() or done.set_result(s))
+        position = (session.position if session is not None else 0) + len(enc.ids)
+        keep = None  # all or nothing: the session changes only when the whole text was scored
+        self._track(name, session, seq, lambda: None)  # checkpoints only renew the lease
         try:
             self.schedulers[name].add(seq)
             await done
             if seq.error is not None:
                 raise seq.error
+            keep = (*seq.pos, position)
         finally:
-            self._finish(name, session, seq)
+            await self._finish(name, session, seq, keep)
         self.metrics.chars_scored.labels(name).inc(len(enc.ids))
         total = float(seq.bits.sum())
         return {
@@ -261,14 +494,20 @@ class Engine:
             "bits": seq.bits.astype(np.float32).tolist() if per_char else [],
             "unknown_chars": int(enc.unknown_chars),
             "boundaries": [b.decode() for b in seq.boundaries] if per_char else [],
+            "position": position,
         }
 
     async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
                        temperature: float, top_k: int, top_p: float, seed: int | None,
                        stop: list[str], logprobs: bool) -> AsyncIterator[tuple[str, list[float], str]]:
-        """Yields (text, bits, finish_reason): the characters generated since the last yield
-        (several when the reader is slower than generation), finish_reason "" until the last
-        ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it)."""
+        """Yields (text, bits, finish_reason, position): the characters generated since the last
+        yield (several when the reader is slower than generation), finish_reason "" until the
+        last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the
+        position after them.
+
+        The caller asks for the next item only once it has sent the last one: that is how this
+        generator knows which messages went out. When it is closed, the session keeps the prompt
+        and the characters of the messages sent (their boundary states, kept by the sequence)."""
         if not 1 <= max_chars <= self.limits.max_chars:
             raise InvalidArgument(f"max_chars must be in [1, {self.limits.max_chars}], got {max_chars}")
         try:
@@ -280,21 +519,49 @@ class Engine:
                 f"stop takes at most {self.limits.max_stop} non-empty strings, got {len(stop)}"
                 + (" including an empty one" if any(not s for s in stop) else "")
             )
+        longest = max(map(len, stop), default=0)
+        if longest > self.limits.max_stop_chars:
+            raise InvalidArgument(
+                f"a stop string has {longest} characters; this server allows at most "
+                f"{self.limits.max_stop_chars} per stop string"
+            )
         if len(prompt) > self.limits.max_text:
             raise ResourceExhausted(
                 f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
             )
-        name, model, session, state, logits = self._open(model_name, session_id, "char", "Generate")
+        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Generate")
         tok = model.tokenizer
         banned = banned_ids(tok)
         box = Mailbox()
-        feed = ([start_id(model.tokenizer)] if logits is None else []) + [int(i) for i in tok.encode(prompt).ids]
+
+        def put(text, bits, reason, made) -> None:  # a message (or the end) from the scheduler
+            waiting = box.items
+            if made is not None and waiting and waiting[-1][3] not in (None, made):
+                # not taken yet: it goes out coalesced with this one, its boundary is never needed
+                seq.forget(waiting[-1][3])
+            box.put(text, bits, reason, made)
+
+        prompt_ids = [int(i) for i in tok.encode(prompt).ids]
+        feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
+        recorder = None
+        if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
+            # from the initial state: start after the longest cached prefix of the feed
+            state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
+        base = session.position if session is not None else 0
+        sent = 0  # symbols generated up to the end of the last message sent
         seq = GenerateSequence(
             state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
-            self.texts[name], tok.eos_id, box.put, interval=self.limits.stream_interval,
+            self.texts[name], tok.eos_id, put, interval=self.limits.stream_interval,
+            boundaries=session is not None,
         )
+        seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
+
+        def keep():  # what the session holds if the call ends now (`sent` as it is then)
+            mark = seq.mark(sent)
+            return None if mark is None else (*mark, base + len(prompt_ids) + sent)
+        self._track(name, session, seq, keep)
         try:
             self.schedulers[name].add(seq)
             while True:
@@ -307,20 +574,45 @@ class Engine:
                         self.metrics.first_char.labels(name).observe(time.perf_counter() - t0)
                         first = False
                     counter.inc(len(text))
-                    yield text, [b for c in chunk for b in c[1]], chunk[-1][2]
+                    made = chunk[-1][3]  # None: the prompt was not all fed (a drain stopped it)
+                    position = base if made is None else base + len(prompt_ids) + made
+                    yield text, [b for c in chunk for b in c[1]], chunk[-1][2], position
+                    if made is not None:  # resumed: the caller sent that message
+                        if made != sent:
+                            seq.forget(sent)  # the boundary before it is no longer needed
+                        sent = made
                 if items[-1][0] is None:  # end of stream
                     if seq.error is not None:
                         raise seq.error
                     return
         finally:
-            self._finish(name, session, seq)
+            # None: the prompt was never all fed; the session stays as it was
+            await self._finish(name, session, seq, keep())
 
     # ------------------------------------------------------------- glimpses
-    def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
-        name, model, session, state, _ = self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
+    async def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
+        name, model, session, state, _ = await self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
-        return GlimpseStream(self, name, session, seq)
+        stream = GlimpseStream(self, name, session, seq)
+        self._track(name, session, seq, lambda: stream._sent)
+        return stream
+
+
+@dataclass
+class Call:
+    """A running call on a session in a shared store (what the checkpoint task needs)."""
+
+    name: str
+    session: Session
+    seq: Sequence
+    keep: object  # () -> (state, logits, position) | None
+
+
+def _retrieved(job: asyncio.Future) -> None:
+    """Mark a store job's failure as seen (its caller may have been cancelled meanwhile)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def id_texts(tok) -> list[str]:
@@ -366,13 +658,22 @@ class Mailbox:
 
 
 class GlimpseStream:
-    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried."""
+    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried. The
+    session keeps the glimpses whose answers were sent: the caller says so with `sent()`."""
 
     def __init__(self, engine: Engine, name: str, session, seq: GlimpseSequence):
         self.engine, self.name, self.session, self.seq = engine, name, session, seq
         self.steps = 0
+        self.base = session.position if session is not None else 0
+        self._answer = None  # (state, logits, position) after the last glimpse answered
+        self._sent = None  # the same after the last answer sent
 
     async def push(self, pixels) -> tuple[int, list[float], int]:
+        if self.steps >= self.engine.limits.max_glimpses:
+            raise ResourceExhausted(
+                f"this stream has sent {self.steps} glimpses, the most one stream may send; "
+                "continue in a new stream on the same session"
+            )
         x = np.asarray(pixels, dtype=np.float32)
         if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise InvalidArgument(
@@ -381,20 +682,27 @@ class GlimpseStream:
             )
         loop = asyncio.get_running_loop()
         reply = loop.create_future()
-        self.seq.inputs.append((x, lambda logits: reply.done() or reply.set_result(logits)))
+        self.seq.inputs.append((x, lambda *out: reply.done() or reply.set_result(out)))
         self.engine.schedulers[self.name].poke()
-        logits = await reply
+        logits, state = await reply
         self.steps += 1
+        self._answer = (state, logits, self.base + self.steps)
         self.engine.metrics.glimpses.labels(self.name).inc()
         p = np.exp(log_softmax(logits))
-        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p))
+        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p)), self.base + self.steps
 
-    def close(self) -> None:
-        self.seq.finished = True  # nothing more will come; the scheduler drops it
-        self.engine._finish(self.name, self.session, self.seq)
+    def sent(self) -> None:
+        """The answer to the last glimpse went out: the session will keep that glimpse."""
+        self._sent = self._answer
+
+    async def close(self) -> None:
+        # Nothing more will come. Not marked finished: _finish marks it cancelled and wakes the
+        # scheduler, which drops it now (a stream marked finished here stayed in the scheduler,
+        # and in nlstm_active_sequences, until some other call woke it).
+        await self.engine._finish(self.name, self.session, self.seq, self._sent)
 
 
 __all__ = [
-    "Aborted", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
+    "Aborted", "DataLoss", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
     "NotFound", "ResourceExhausted", "ServingError", "Unavailable",
 ]

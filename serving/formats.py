@@ -89,7 +89,7 @@ class Encoding(NamedTuple):
     unknown_chars: int  # characters that became `unk_id` (counted, never dropped)
 
 
-def start_id(tokenizer: "Tokenizer") -> int:
+def start_id(tokenizer: Tokenizer) -> int:
     """The id a fresh sequence starts from, whose prediction scores the first character: the
     begin-of-sequence marker if the vocabulary has one (the poems), else the newline if it is in
     the vocabulary (PTB: text follows a line break), else the space (text8). The server and
@@ -182,7 +182,10 @@ class Tokenizer:
 
 # ------------------------------------------------------------------------ exported model folder
 EXPORT_FORMAT = "nlstm-export"  # the marker that says "this folder is an exported nlstm model"
-EXPORT_FORMAT_VERSION = 1  # bump on any change to the meta.json schema or the graph contract
+EXPORT_FORMAT_VERSION = 2  # bump on any change to the meta.json schema or the graph contract
+# Versions this reader accepts. Version 1 predates `precision` and `quantization`: its graphs are
+# float32, which is what the defaults of those two fields say, so it reads as is.
+READABLE_FORMAT_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 STEP_GRAPH = "model.onnx"
 SEQUENCE_GRAPH = "sequence.onnx"
@@ -194,6 +197,12 @@ CORES = ("nlstm", "lstm", "hmlstm")
 CHAR_INPUT = ("tokens", "int64")
 GLIMPSE_INPUT = ("glimpse", "float32")
 STATE_INPUT, LOGITS_OUTPUT, STATE_OUTPUT = "state", "logits", "state_out"
+# The arithmetic a folder's graphs compute in (`ExportMeta.precision`). Inputs, outputs and the
+# state stay float32 in all of them (same names, same shapes), but the values differ: a state
+# written by one precision is not a state of the other, so the precision is part of a model's
+# identity. int8: weights int8 with onnxruntime's quantization tools (training/quantize.py);
+# float16 / bfloat16: GPU step graphs whose weights and arithmetic are 16-bit.
+PRECISIONS = ("float32", "int8", "float16", "bfloat16")
 
 
 class ExportFormatError(ValueError):
@@ -238,6 +247,10 @@ class ExportMeta:
     model_config: dict[str, Any] = field(default_factory=dict)  # training's ModelConfig, verbatim
     sequence_timing: dict[str, Any] = field(default_factory=dict)  # the ship-or-not measurement
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint, step, epoch, versions
+    precision: str = "float32"  # one of PRECISIONS: what the graphs compute in (part of identity)
+    # Quantized folders: the settings, the float32 model's figures measured beside this one's
+    # on the same splits, the cost, the thresholds and the speeds measured (docs/export.md).
+    quantization: dict[str, Any] = field(default_factory=dict)
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
 
@@ -265,11 +278,18 @@ class ExportMeta:
 
         if self.format != EXPORT_FORMAT:
             bad(f"format must be {EXPORT_FORMAT!r}, got {self.format!r}")
-        if self.format_version != EXPORT_FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             bad(
                 f"format version {self.format_version} is not readable by this nlstm, which "
-                f"reads version {EXPORT_FORMAT_VERSION} (export the model again with this "
+                f"reads versions {READABLE_FORMAT_VERSIONS} (export the model again with this "
                 "version, or use the nlstm that wrote it)"
+            )
+        if self.precision not in PRECISIONS:
+            bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if (self.precision == "float32") != (not self.quantization):
+            bad(
+                "quantization settings belong to int8/float16/bfloat16 folders and those need "
+                f"them; got precision {self.precision!r} with quantization {self.quantization!r}"
             )
         if self.kind not in ("char", "glimpse"):
             bad(f"kind must be 'char' or 'glimpse', got {self.kind!r}")
@@ -317,7 +337,10 @@ class ExportMeta:
 
     # ------------------------------------------------------------------- json
     def to_json(self) -> str:
-        return json.dumps(asdict(self.validate()), indent=2, allow_nan=False) + "\n"
+        """Always the current version: a version-1 meta read and written again becomes a
+        version-2 one that says `precision: float32` (what version 1 meant)."""
+        d = {**asdict(self.validate()), "format_version": EXPORT_FORMAT_VERSION}
+        return json.dumps(d, indent=2, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ExportMeta:
@@ -331,13 +354,15 @@ class ExportMeta:
             )
         # The version first: a newer writer may have changed every other field.
         version = d.get("format_version")
-        if version != EXPORT_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ExportFormatError(
-                f"meta.json has export format version {version!r}; this nlstm reads version "
-                f"{EXPORT_FORMAT_VERSION} (export the model again with this version, or use the "
+                f"meta.json has export format version {version!r}; this nlstm reads versions "
+                f"{READABLE_FORMAT_VERSIONS} (export the model again with this version, or use the "
                 "nlstm that wrote it)"
             )
         known = {f.name for f in fields(cls)}
+        if version == 1:  # written before precision and quantization existed: float32
+            known -= {"precision", "quantization"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ExportFormatError(f"meta.json has unknown keys {unknown}; allowed: {sorted(known)}")

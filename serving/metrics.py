@@ -50,3 +50,27 @@ class Metrics:
             "Sequences ready for the last step that did not fit in its batch (more than --max-batch)",
             ["model"], registry=r,
         )
+        # the prefix-state cache (serving/prefix_cache.py, --prefix-cache-mb)
+        self.prefix_cache_hits = Counter(
+            "nlstm_prefix_cache_hits", "Generate calls from the initial state that started from a cached prefix",
+            ["model"], registry=r,
+        )
+        self.prefix_cache_misses = Counter(
+            "nlstm_prefix_cache_misses", "Generate calls from the initial state with no cached prefix",
+            ["model"], registry=r,
+        )
+        self.prefix_cache_skipped_chars = Counter(
+            "nlstm_prefix_cache_skipped_chars", "Prompt characters whose step a cache hit skipped",
+            ["model"], registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "nlstm_prefix_cache_bytes", "Bytes the prefix-state cache holds for the model (states, logits, trie)",
+            ["model"], registry=r,
+        )
+        self.prefix_cache_entries = Gauge(
+            "nlstm_prefix_cache_entries", "Prefix states the cache holds for the model", ["model"], registry=r,
+        )
+        self.prefix_cache_max_bytes = Gauge(
+            "nlstm_prefix_cache_max_bytes",
+            "The prefix-state cache's bound over all models (--prefix-cache-mb; 0: off)", registry=r,
+        )

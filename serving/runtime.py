@@ -97,7 +97,9 @@ def _provider_list(providers: str | Sequence) -> list:
             if providers == "cuda":
                 raise RuntimeError(
                     f"providers='cuda' but this onnxruntime build has no CUDA provider "
-                    f"(available: {available}); install onnxruntime-gpu or use providers='cpu'"
+                    f"(available: {available}); replace the CPU build with the GPU one (`pip uninstall -y "
+                    f"onnxruntime && pip install onnxruntime-gpu`: the two must not be installed together) "
+                    f"or use providers='cpu'"
                 )
             return [CPU]
         return [CUDA, CPU]
@@ -358,7 +360,8 @@ def load_model(
 
     Checks meta.json (its format version) and the sha256 of every file it lists before anything
     is loaded; a mismatch, a missing file or an unknown version raises ExportFormatError.
-    providers: "auto" | "cpu" | "cuda" | a list of onnxruntime providers (see the module doc).
+    providers: "auto" | "cpu" | "cuda" | a list of onnxruntime providers (see the module doc);
+    "auto" runs an int8 folder on the CPU.
     intra_op_threads / inter_op_threads: onnxruntime's thread pools (None or 0: its default,
     one intra-op thread per physical core).
     """
@@ -376,6 +379,10 @@ def load_model(
                 f"vocab_size {meta.vocab_size}"
             )
     opts = _session_options(intra_op_threads, inter_op_threads)
+    if meta.precision == "int8" and providers == "auto":
+        # int8 graphs are made for the CPU (onnxruntime's dynamic int8 kernels are CPU ones; on
+        # CUDA most of such a graph would fall back to the CPU with copies in between).
+        providers = "cpu"
     step = _create_session(folder / STEP_GRAPH, providers, opts)
     sequence = None
     if meta.sequence_graph:

@@ -19,7 +19,10 @@ Generate messages are timed here too (GenerateSequence): a stream's characters c
 this thread and go to the event loop once per `interval` (or further apart when the model's
 message budget, `message_rate`, is shared by many streams), so the loop wakes once per
 message rather than once per character. Callbacks reach the loop through a messenger thread,
-during the step graph call (see Scheduler.__init__).
+during the step graph call (see Scheduler.__init__). A step's messages are posted after the
+step that feeds their last character, and each message's sequence keeps a copy of its state
+at that boundary (`marks`), so that a call that ends early can leave its session holding
+exactly what the client was sent; a failed step's messages are never posted.
 
 If some sequences are active but not ready (a glimpse stream whose next glimpse is still on
 the network), the scheduler waits at most `max_wait` seconds for them before stepping the
@@ -125,9 +128,18 @@ class GenerateSequence(Sequence):
     thread, so that the event loop wakes once per message, not once per character.
 
     While a `Streams` block runs it, its counters live in the block's columns and its position
-    is its row of the block's last step (`pos` reads it there)."""
+    is its row of the block's last step (`pos` reads it there).
+
+    Message boundaries: each message carries `made`, the symbols generated up to its end, and
+    `marks[made]` keeps (state, logits) after the step that fed a message's last character
+    (`marks[0]`: after the prompt): where a session goes back to when the call ends before the
+    next message is sent. The event loop forgets each boundary once it cannot be needed (a
+    later message was sent, or coalesced with a later one before it went), so a stream holds a
+    few. It costs a copy of the state per message, nothing per character."""
 
     _at: tuple[Streams, int] | None = None  # (block, row) while a Streams block runs this sequence
+    # serving.prefix_cache.Recorder while a fresh sequence's prompt is fed (the engine sets it)
+    recorder = None
 
     @property
     def pos(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -143,10 +155,11 @@ class GenerateSequence(Sequence):
 
     def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
                  stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
-                 interval: float = 0.0) -> None:
+                 interval: float = 0.0, boundaries: bool = True) -> None:
         super().__init__(state, logits)
         self.feed: deque[int] = deque(feed)
         self.sampler = sampler
+        self.max_chars = max_chars
         self.remaining = max_chars
         self.stop, self.logprobs, self.texts, self.eos_id = stop, logprobs, texts, eos_id
         self.tail = ""  # the end of the generated text, long enough to see a stop string
@@ -159,6 +172,16 @@ class GenerateSequence(Sequence):
         self.pending_bits: list[float] = []
         # no start or prompt to feed: a session's position already predicts the next character
         self.wants_sample = not self.feed
+        # made -> (state, logits) at message boundaries: set here, read and dropped by the event
+        # loop (single dict operations are atomic); the state after the prompt first. None
+        # (boundaries=False): a call without a session, which keeps nothing
+        self.marks: dict[int, tuple] | None = {} if boundaries else None
+        self._capture: int | None = 0  # `made` of the message whose boundary the next step makes
+        self.prompt_fed = not self.feed
+        if self.prompt_fed:
+            if self.marks is not None:
+                self.marks[0] = (state, logits)
+            self._capture = None
 
     def ready(self) -> bool:
         return bool(self.feed) or self.wants_sample
@@ -168,9 +191,18 @@ class GenerateSequence(Sequence):
 
     def advance(self, logits, state, post) -> None:
         self.pos = (state, logits)
+        if self.recorder is not None and not self.recorder.stepped(state, logits):
+            self.recorder = None  # the prompt is in: the prefix-state cache has its checkpoints
+        if self.feed:  # still feeding the start symbol or the prompt
+            return
+        if self._capture is not None:  # this step fed a message's last character (or the prompt's)
+            if self.marks is not None:
+                self.marks[self._capture] = (state.copy(), logits.copy())
+            self._capture = None
+            self.prompt_fed = True
         if self.finish_reason:  # the last character is in the state now
             self.finished = True
-        elif not self.feed:
+        else:
             self.wants_sample = True  # sampled at the start of the next step
 
     def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None,
@@ -192,7 +224,7 @@ class GenerateSequence(Sequence):
         if bits is not None:
             self.pending_bits.append(bits)
         if self.finish_reason or now >= self.due:
-            self._flush(self.finish_reason, post)
+            self._flush(self.finish_reason, post, self.max_chars - self.remaining)
             self.due = now + max(self.interval, spacing)
         self.feed.append(token)  # fed so the state (and a session) includes it
 
@@ -201,18 +233,41 @@ class GenerateSequence(Sequence):
         self.tail = (self.tail + text)[-self.keep:]
         return any(self.tail.endswith(s) for s in self.stop)
 
-    def _flush(self, reason: str, post: list) -> None:
+    def _flush(self, reason: str, post: list, made: int | None) -> None:
+        """Send the pending characters as one message; `made`: symbols generated up to its end
+        (None: the prompt was not all fed). The step that feeds its last character marks it."""
         text, b, emit = "".join(self.pending), self.pending_bits, self._emit
         self.pending, self.pending_bits = [], []
-        post.append(lambda: emit(text, b, reason))
+        self._capture = made
+        post.append(lambda: emit(text, b, reason, made))
+
+    def mark(self, made: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(state, logits) after the prompt and `made` generated symbols, if that is a message
+        boundary still kept; None when the prompt was never all fed."""
+        m = None if self.marks is None else self.marks.get(made)
+        if m is not None and len(m) == 3:  # (rows' states, rows' logits, row) from a Streams block
+            return m[0][m[2]], m[1][m[2]]
+        return m
+
+    def forget(self, made: int) -> None:
+        """The boundary at `made` will not be needed (a later message was sent, or this one
+        was coalesced with a later one)."""
+        if self.marks is not None:
+            self.marks.pop(made, None)
 
     def close(self, post) -> None:
-        if self.error is not None:  # a failed step: what was made reaches the client before the error
-            if self.pending:
-                self._flush("", post)
-        elif not self.finish_reason:  # cancelled, or the server is draining
-            self._flush("CANCELLED", post)  # with the characters made since the last message
-        post.append(lambda: self._emit(None, None, None))  # end of stream
+        # A failed step: the characters not sent yet are dropped (the step did not feed the
+        # last one, so no message boundary holds them); the error follows what was sent.
+        if self.error is None and not self.finish_reason:  # cancelled, or the server is draining
+            if not self.prompt_fed:  # the session will not change
+                self._flush("CANCELLED", post, None)
+            else:  # with the characters made since the last message, all fed
+                made = self.max_chars - self.remaining
+                if self.marks is not None:
+                    state, logits = self.pos
+                    self.marks[made] = (state.copy(), None if logits is None else logits.copy())
+                self._flush("CANCELLED", post, made)
+        post.append(lambda: self._emit(None, None, None, None))  # end of stream
 
 
 class GlimpseSequence(Sequence):
@@ -230,7 +285,7 @@ class GlimpseSequence(Sequence):
     def advance(self, logits, state, post) -> None:
         self.pos = (state, logits)
         reply = self._reply
-        post.append(lambda: reply(logits))
+        post.append(lambda: reply(logits, state))
 
 
 class Streams:
@@ -265,6 +320,7 @@ class Streams:
         first = seqs[0]
         self.texts, self.eos_id, self.banned = first.texts, first.eos_id, first.sampler.banned
         self.remaining = np.array([s.remaining for s in seqs])
+        self.made = [s.max_chars - s.remaining for s in seqs]  # row i: symbols made before the block
         # a block ends at the step where the first stream reaches max_chars
         self.steps = min(self.BLOCK, int(self.remaining.min()))
         temperature = np.array([s.sampler.temperature for s in seqs])
@@ -281,6 +337,7 @@ class Streams:
         self.next_due = float(self.due.min())
         self.sent = [0] * len(seqs)  # row i: ids[i, :sent[i]] have gone to the sequence
         self.reasons: dict[int, str] = {}  # row -> finish reason
+        self.flushed: list[int] = []  # rows that sent a message this step (their boundary is its output)
         self.k = 0  # steps sampled
         self.ended = False  # a stream finished, or the block is full: release it
         for i, s in enumerate(seqs):
@@ -317,16 +374,33 @@ class Streams:
         if reasons:
             self.ended = True
         if now >= self.next_due or reasons:
-            for i in sorted(set(np.flatnonzero(self.due <= now).tolist()) | reasons.keys()):
+            flushed = sorted(set(np.flatnonzero(self.due <= now).tolist()) | reasons.keys())
+            for i in flushed:
                 self._give(i, reasons.get(i, ""), post)
                 self.due[i] = now + self.gap[i]
             self.next_due = float(self.due.min())
+            self.flushed = flushed
         return ids
 
     def stepped(self, states: np.ndarray, logits: np.ndarray) -> None:
-        """The step fed the ids sampled: its outputs are the streams' positions now, and a
-        stream that sampled its last character is finished (as GenerateSequence.advance)."""
+        """The step fed the ids sampled: its outputs are the streams' positions now, the
+        streams that sent a message mark its boundary, and a stream that sampled its last
+        character is finished (as GenerateSequence.advance)."""
         self.out = (states, logits)
+        if self.flushed:
+            seqs = self.seqs
+            rows = [i for i in self.flushed if seqs[i].marks is not None]
+            self.flushed = []
+            # one copy of the rows that sent a message, not a view of the whole batch's output
+            # (which marks would keep alive) nor a copy per row (64 of them: 0.17 ms a step);
+            # every row (interval 0): a plain copy, twice as fast as gathering them
+            every = len(rows) == len(seqs)
+            if rows:
+                row_states, row_logits = (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
+            for j, i in enumerate(rows):
+                s = seqs[i]
+                s.marks[s._capture] = (row_states, row_logits, i if every else j)  # read by mark()
+                s._capture = None
         for i in self.reasons:
             self.seqs[i].finished = True
 
@@ -340,7 +414,7 @@ class Streams:
                 s.pending_bits.extend(self.bits[i, start : self.k].tolist())
             self.sent[i] = self.k
         if reason is not None:
-            s._flush(reason, post)
+            s._flush(reason, post, self.made[i] + self.k)
 
     def release(self) -> None:
         """Write the block back to its sequences (each then continues step by step, or in a new
@@ -517,6 +591,8 @@ class Scheduler:
                 last = (batch, new_states, logits)
             except Exception as exc:  # a failing graph fails the calls in it, not the server
                 log.exception("step failed for a batch of %d", len(batch))
+                # its messages carry characters this step did not feed: they are never sent
+                post = []
                 if streams is not None:
                     streams.release()
                     streams = None

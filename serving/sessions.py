@@ -5,8 +5,14 @@ rows: every layer's h, its outer and inner memories, an HM-LSTM's boundaries). I
 random bits. Sessions expire after `idle_timeout` seconds without use and are bounded in
 number; a session in use by one call is not handed to another: the second call gets
 SessionBusy (the servicer answers ABORTED), so two calls can never interleave their steps on
-one state. State is written back only when a call completes a step, so a cancelled call leaves
-its session at the last whole step.
+one state. A call writes the state back when it ends (serving/engine.py decides which state:
+the rules for calls that do not complete are in the .proto's header).
+
+Each session records its `owner`: the client that created it (serving.auth.Caller.client: an
+API key's fingerprint, or the peer's address when the server has no keys). With API keys
+(`private`), a session is found only by calls of its owner: another key gets the same
+SessionNotFound as for an id that does not exist, so ids of other clients' sessions cannot
+be confirmed. `max_per_client` bounds the sessions one owner holds.
 """
 
 from __future__ import annotations
@@ -35,21 +41,32 @@ class TooManySessions(SessionError):
     pass
 
 
+class _Anonymous:
+    client = ""
+    private = False
+
+
+def _anonymous():
+    return _Anonymous
+
+
 @dataclass
 class Session:
     session_id: str
     model: str
     state: np.ndarray  # (S, H) float32: after the last symbol fed
     logits: np.ndarray | None = None  # what that step predicts next; None: nothing fed yet
+    position: int = 0  # characters (or glimpses) the state has taken in since creation
     last_used: float = field(default_factory=time.monotonic)
     in_use: bool = False
+    owner: str = ""  # the client that created it (see the module's docstring)
 
 
 class SessionStore:
     """Thread-safe map of session id -> Session with idle expiry and a size bound."""
 
     def __init__(self, max_sessions: int = 1024, idle_timeout: float = 600.0, clock=time.monotonic,
-                 on_evict=None):
+                 on_evict=None, max_per_client: int = 0, caller=_anonymous):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if idle_timeout <= 0:
@@ -63,12 +80,21 @@ class SessionStore:
         # called with the number of sessions each expiry dropped: whether by expire(), by
         # create() making room, or by a call that found its session expired
         self._on_evict = on_evict
+        # caller() -> who is calling (read on the calling thread: .client, and .private when
+        # sessions belong to their creator); max_per_client: sessions per client, 0: no bound
+        self._caller = caller
+        self.max_per_client = max_per_client
+        self._per_client: dict[str, int] = {}
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
 
-    def create(self, model: str, state: np.ndarray) -> Session:
+    def create(self, model: str, state: np.ndarray, logits: np.ndarray | None = None,
+               position: int = 0) -> Session:
+        """A new session holding (copies of) `state` and `logits` (a restore or a fork: at
+        `position`; a fresh session: the initial state, nothing fed)."""
+        owner = self._caller().client
         with self._lock:
             self._expire_locked()
             if len(self._sessions) >= self.max_sessions:
@@ -76,10 +102,24 @@ class SessionStore:
                     f"the server holds its maximum of {self.max_sessions} sessions; close unused "
                     "sessions (CloseSession) or retry later"
                 )
+            if self.max_per_client and self._per_client.get(owner, 0) >= self.max_per_client:
+                raise TooManySessions(
+                    f"this client holds {self._per_client[owner]} sessions: the server's per-client "
+                    f"session limit is {self.max_per_client}; close unused sessions (CloseSession) "
+                    "or wait for them to expire"
+                )
             sid = secrets.token_urlsafe(16)  # 128 random bits
-            session = Session(sid, model, state.astype(np.float32, copy=True), last_used=self._clock())
+            session = Session(sid, model, state.astype(np.float32, copy=True),
+                              None if logits is None else logits.astype(np.float32, copy=True),
+                              position, last_used=self._clock(), owner=owner)
             self._sessions[sid] = session
+            self._per_client[owner] = self._per_client.get(owner, 0) + 1
             return session
+
+    def held_by(self, client: str) -> int:
+        """Sessions `client` holds."""
+        with self._lock:
+            return self._per_client.get(client, 0)
 
     def acquire(self, session_id: str) -> Session:
         """Take a session for one call; release() it when the call ends."""
@@ -93,6 +133,11 @@ class SessionStore:
             session.in_use = True
             return session
 
+    def get(self, session_id: str) -> Session:
+        """The session, for a look only (GetSession): it may be in use by a call."""
+        with self._lock:
+            return self._get_locked(session_id)
+
     def release(self, session: Session) -> None:
         with self._lock:
             session.in_use = False
@@ -101,7 +146,7 @@ class SessionStore:
     def delete(self, session_id: str) -> None:
         with self._lock:
             self._get_locked(session_id)
-            del self._sessions[session_id]
+            self._drop_locked(session_id)
 
     def expire(self) -> int:
         """Drop sessions idle longer than idle_timeout; returns how many went."""
@@ -110,10 +155,15 @@ class SessionStore:
 
     def _get_locked(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
-        if session is None or (not session.in_use and self._idle(session)):
-            if session is not None:
-                del self._sessions[session_id]
+        if session is not None:
+            caller = self._caller()
+            if caller.private and session.owner != caller.client:
+                session = None  # another key's session: answered exactly as an unknown id
+            elif not session.in_use and self._idle(session):
+                self._drop_locked(session_id)
                 self._evicted(1)
+                session = None
+        if session is None:
             raise SessionNotFound(
                 f"no session {session_id!r}: it was closed, expired after "
                 f"{self.idle_timeout:g} s idle, or belongs to another server; create a new one"
@@ -126,10 +176,18 @@ class SessionStore:
     def _expire_locked(self) -> int:
         stale = [sid for sid, s in self._sessions.items() if not s.in_use and self._idle(s)]
         for sid in stale:
-            del self._sessions[sid]
+            self._drop_locked(sid)
         if stale:
             self._evicted(len(stale))
         return len(stale)
+
+    def _drop_locked(self, session_id: str) -> None:
+        owner = self._sessions.pop(session_id).owner
+        left = self._per_client[owner] - 1
+        if left:
+            self._per_client[owner] = left
+        else:
+            del self._per_client[owner]  # the map holds only clients that hold sessions
 
     def _evicted(self, n: int) -> None:
         self.evicted += n

@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on a free loopback port for one test module (skips without one)."""
+    from redis_harness import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.stop()

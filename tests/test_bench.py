@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,24 @@ def run_bench(script: str, *args: str) -> dict:
 
 def test_train_speed_smoke():
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_speed.py"), "--smoke", "--device", "cpu"],
+        [sys.executable, str(REPO / "bench" / "train_speed.py"), "--smoke", "--device", "cpu",
+         "--kinds", "nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"],
         capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
     ).stdout
     lines = [line for line in out.splitlines() if "chars/s" in line]
-    assert [line.split()[0] for line in lines] == ["nn.LSTM", "nlstm-fused", "nlstm-loop"]
-    for line in lines:
-        assert float(line.split()[1].replace(",", "")) > 0
-        assert float(line.split()[-1]) > 0  # the ratio against nn.LSTM
+    kinds = ["nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"]
+    assert [line.split()[0] for line in lines] == kinds * 2  # by wall time, by CPU time
+    assert "large-GEMM peak this run: torch.mm" in out
+    (result,) = json.loads(out.splitlines()[-1])
+    assert result["device"] == "cpu" and result["peak_gflops"] > 0
+    assert list(result["kinds"]) == kinds
+    for r in result["kinds"].values():
+        for clock in ("wall", "cpu"):
+            assert r[f"{clock}_chars_per_s"] > 0 and r[f"{clock}_ratio"] > 0
+            # FLOPs per step over time against the peak measured in the same run
+            assert r[f"{clock}_peak_fraction"] == pytest.approx(r[f"{clock}_gflops"] / result["peak_gflops"])
+        assert r["gflop_per_step"] > 0
+    assert result["kinds"]["nn.LSTM"]["wall_ratio"] == 1.0
 
 
 def test_hmlstm_copy_smoke():
@@ -113,12 +124,37 @@ def test_faults_smoke(bench_models):
     assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [(n, True, []) for n in "abcde"]
 
 
+def test_abuse_smoke(bench_models):
+    result = run_bench("abuse.py", "--smoke", "--models", str(bench_models))
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["abuse"]] == [(n, True, []) for n in "fghijk"]
+
+
 def test_fuzz_smoke(bench_models):
     result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and set(result["fuzz"]) == {
         "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+
+
+def test_serve_load_smoke_on_sessions():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("serve_load.py", "--smoke", "--stores", "memory", "redis")
+    assert [(r["streams"], r["store"]) for r in result["results"]] == [
+        (4, "memory"), (4, "redis"), (1, "memory"), (1, "redis")]
+    for r in result["results"]:  # every stream on its own session, continued by each of its calls
+        assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
+
+
+def test_store_ops_smoke():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+    result = run_bench("store_ops.py", "--smoke")
+    assert set(result["results"]) == {"redis", "file"}
+    for ops in result["results"].values():
+        assert set(ops) == {"acquire", "checkpoint", "release"}
+        assert all(v["wall_us"] > 0 and v["cpu_us"] >= 0 for v in ops.values())
 
 
 def test_serve_load_smoke():
@@ -132,3 +168,41 @@ def test_serve_load_smoke():
         assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
         assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert 0 < r["server"]["server_cpu"] and 0 <= r["server"]["step_graph_share"] <= 1.05
+
+
+def test_prefix_cache_smoke():
+    """Two real servers (--prefix-cache-mb 0 and the default cache) on the bundled PTB model:
+    the same texts, and the cached server skips the prompt (hits counted, time lower)."""
+    result = run_bench("prefix_cache.py", "--smoke")
+    assert result["identical"] and result["prompt_chars"] == 200 and result["goal"] is None
+    # per kind and round one hit: the same prompt skips 200 characters, with an ending too
+    assert result["cache"] == {"hits": 4.0, "misses": 2.0, "skipped_chars": 800.0}
+    assert result["cache_bytes"] > 0
+    for kind in ("same", "ending"):
+        r = result["results"][kind]
+        assert len(r["off_all_ms"]) == len(r["on_all_ms"]) == 2 and min(r["on_all_ms"]) > 0
+    # 201 steps against one sample: far more than 2x even on a loaded machine
+    assert result["results"]["same"]["ratio"] > 2
+
+
+def test_scheduler_overhead_smoke():
+    out = run_bench("scheduler_overhead.py", "--smoke")
+    assert [r["boundaries"] for r in out["results"]] == [True, False]
+    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])
+
+
+def test_quantized_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    (pair,) = result["pairs"].values()
+    for b in ("1", "64"):
+        assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+    assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
+    assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]
+
+def test_scheduler_overhead_smoke():
+    out = run_bench("scheduler_overhead.py", "--smoke")
+    assert [r["boundaries"] for r in out["results"]] == [True, False]
+    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])

@@ -18,6 +18,7 @@ import pytest
 MNIST = REPO / "exported" / "mnist-nlstm"
 PTB = REPO / "exported" / "ptb-nlstm"
 POEMS = REPO / "exported" / "poems-nlstm"
+INT8 = {m: m.with_name(f"{m.name}-int8") for m in (MNIST, PTB, POEMS)}  # quantized beside them
 BUNDLED_LIMIT = 30 * 2**20  # the budget for all bundled models together
 
 
@@ -25,7 +26,10 @@ BUNDLED_LIMIT = 30 * 2**20  # the issue's budget for all bundled models together
     (MNIST, ["glimpse", "nlstm", "75", "2", "False"]),
     (PTB, ["char", "nlstm", "600", "2", "False"]),
     (POEMS, ["char", "nlstm", "32", "2", "False"]),
-], ids=["mnist", "ptb", "poems"])
+    (INT8[MNIST], ["glimpse", "nlstm", "75", "2", "False"]),
+    (INT8[PTB], ["char", "nlstm", "600", "2", "False"]),
+    (INT8[POEMS], ["char", "nlstm", "32", "2", "False"]),
+], ids=["mnist", "ptb", "poems", "mnist-int8", "ptb-int8", "poems-int8"])
 def test_bundled_models_load_without_torch_and_match_their_hashes(folder, expect):
     code = ("import sys; from serving.runtime import load_model; "
             f"m = load_model({str(folder)!r}); print(m.meta.kind, m.meta.core, m.meta.hidden_size, m.meta.depth, "
@@ -70,28 +74,31 @@ def _exported_figure(folder: Path, task: str, shared_data, tmp_path) -> tuple[fl
     return ours, meta.figures[f"test_{'bpc' if task == 'ptb' else 'ppl'}"]
 
 
-def test_ptb_model_reaches_its_recorded_test_bpc(shared_data, tmp_path):
-    ours, recorded = _exported_figure(PTB, "ptb", shared_data, tmp_path)
+@pytest.mark.parametrize("folder", [PTB, INT8[PTB]], ids=["float32", "int8"])
+def test_ptb_model_reaches_its_recorded_test_bpc(folder, shared_data, tmp_path):
+    ours, recorded = _exported_figure(folder, "ptb", shared_data, tmp_path)
     assert ours == pytest.approx(recorded, abs=1e-4)
     assert recorded <= 1.50  # the goal for the bundled PTB model
 
 
-def test_poems_model_reaches_its_recorded_test_perplexity(shared_data, tmp_path):
-    ours, recorded = _exported_figure(POEMS, "poems", shared_data, tmp_path)
+@pytest.mark.parametrize("folder", [POEMS, INT8[POEMS]], ids=["float32", "int8"])
+def test_poems_model_reaches_its_recorded_test_perplexity(folder, shared_data, tmp_path):
+    ours, recorded = _exported_figure(folder, "poems", shared_data, tmp_path)
     assert ours == pytest.approx(recorded, rel=1e-4)
     assert recorded < 625.9 / 2  # the corpus's unigram perplexity (docs/results.md)
 
 
-def test_mnist_model_reaches_its_test_accuracy(shared_data):
+@pytest.mark.parametrize("folder", [MNIST, INT8[MNIST]], ids=["float32", "int8"])
+def test_mnist_model_reaches_its_test_accuracy(folder, shared_data):
     from serving.formats import ExportMeta, image_to_glimpses
     from serving.runtime import load_model
 
-    model = load_model(MNIST, providers="cpu")
+    model = load_model(folder, providers="cpu")
     with gzip.open(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:2000]
     with gzip.open(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)[:2000]
     acc = (model.classify(image_to_glimpses(images)).argmax(1) == labels).mean()
-    meta = ExportMeta.from_folder(MNIST)
+    meta = ExportMeta.from_folder(folder)
     assert meta.figures["test_acc"] >= 0.97  # the goal for the bundled classifier
     assert acc >= 0.97, acc

@@ -62,14 +62,14 @@ def test_download_with_wrong_checksum_is_rejected_and_not_left_behind(tmp_path):
         ensure_raw_files([raw], dest, progress=False)
     msg = str(err.value)
     assert "rejected and deleted" in msg and sha(CONTENT) in msg and sha(b"something else") in msg
-    assert list(dest.iterdir()) == []  # neither the final name nor a temporary file
+    assert not dest.exists()  # neither the final name, a temporary file nor the folder it made
 
 
 def test_download_with_wrong_size_is_rejected(tmp_path):
     raw = RawFile("a.txt", serve(tmp_path, "a.txt", CONTENT), size=len(CONTENT) + 1)
     with pytest.raises(ChecksumError, match=f"has {len(CONTENT):,} bytes; a.txt must have"):
         ensure_raw_files([raw], tmp_path / "data", progress=False)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()
 
 
 def test_corrupt_existing_file_is_rejected_and_kept_for_the_user(tmp_path):
@@ -119,7 +119,7 @@ def test_member_out_of_a_zip_and_a_missing_member(tmp_path):
     missing = RawFile("other.txt", url, sha256=sha(CONTENT), member="other")
     with pytest.raises(ChecksumError, match="has no member other"):
         ensure_raw_files([missing], tmp_path / "d2", progress=False)
-    assert list((tmp_path / "d2").iterdir()) == []
+    assert not (tmp_path / "d2").exists()  # the failed fetch removed the folder it made
 
 
 def test_offline_error_names_file_checksum_url_and_where_to_put_it(tmp_path, monkeypatch):
@@ -139,7 +139,7 @@ def test_offline_error_names_file_checksum_url_and_where_to_put_it(tmp_path, mon
     ):
         assert part in msg
     assert isinstance(err.value, OSError)  # the CLI prints OSError/ValueError as one line
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()  # nothing left behind, not even the folders it made
 
 
 def test_unwritable_data_dir_is_a_download_error(tmp_path, monkeypatch):
@@ -174,6 +174,22 @@ def test_cli_prints_the_offline_error_as_one_line(tmp_path, monkeypatch, capsys)
     assert err.startswith("nlstm data: error: cannot download https://raw.githubusercontent.com/")
     assert "ac03c5fbb07776f0e43cb1ccfc74732f5313ab3d832df81c8e0db327df35e666" in err
     assert err.count("\n") == 1
+
+
+def test_a_failed_prepare_creates_no_folders(tmp_path, monkeypatch, capsys):
+    """`nlstm data prepare ptb --data-dir DATA/ptb` (one level too deep) offline: the error, and
+    DATA/ptb (a shared, maybe read-only data folder) left as it was, with no empty ptb/ptb/."""
+    from training.cli import main
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", offline)
+    shared = tmp_path / "data" / "ptb"
+    shared.mkdir(parents=True)
+    rc = main(["data", "prepare", "ptb", "--data-dir", str(shared), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 2 and "cannot download" in capsys.readouterr().err
+    assert list(shared.iterdir()) == [] and not (tmp_path / "cache").exists()
+    with pytest.raises(DownloadError):  # every folder it created is removed, the deepest first
+        ensure_raw_files(ptb.RAW_FILES, tmp_path / "new" / "a" / "ptb", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_unknown_task_lists_the_allowed_ones():

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from importlib.metadata import packages_distributions
@@ -46,11 +47,6 @@ from packaging.utils import canonicalize_name
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.metrics import Metrics
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -138,8 +134,9 @@ def test_dockerfile_contract(stages):
     (guard,) = stages["runtime"].all("RUN")
     assert "libcudnn.so.9" in guard and "VARIANT must be cpu or gpu" in guard and "--create-home" in guard
     (install,) = stages["venv"].all("RUN")
-    assert "onnxruntime-gpu" in install and "ort=onnxruntime;" in install
-    assert "--no-deps" in install, "the wheel must not pull its training dependencies"
+    # the base install, which is torch-free: the wheel without an extra, the GPU runtime swapped in
+    assert re.search(r"/tmp/wheels/\*\.whl(\s|$)", install) and "[train]" not in install
+    assert "pip uninstall -y onnxruntime" in install and "onnxruntime-gpu" in install
     assert any("serving.codegen" in r for r in stages["build"].all("RUN")), "gRPC code is generated in the build"
     # no torch anywhere in what the serving image installs
     assert "torch" not in re.sub(r"#.*", "", text)
@@ -186,6 +183,8 @@ def test_train_dockerfile_contract(stages):
     # the same wheel as the serving image: the build stages agree instruction for instruction
     assert train["build"] == stages["build"]
     assert any("torch==${TORCH_VERSION}" in r for r in train["venv"].all("RUN"))
+    # the base install is torch-free: training needs the wheel's `train` extra
+    assert any('"${wheel}[train]"' in r for r in train["venv"].all("RUN"))
     final = train["train"]
     assert final.exec_form("ENTRYPOINT") == ["nlstm"]
     (user,) = final.all("USER")
@@ -290,7 +289,7 @@ def _serving_third_party_modules() -> set[str]:
     return {m for m in found if m not in sys.stdlib_module_names and m not in {"serving", "__future__"}}
 
 
-def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
+def test_serving_requirements_agree_with_pyproject_and_cover_the_imports(stages):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]}
     pinned = {}
@@ -304,6 +303,13 @@ def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
     for name, version in pinned.items():
         assert name in declared, f"{name} is in the image but not a dependency in pyproject.toml"
         assert declared[name].specifier.contains(version), f"{name}=={version} breaks {declared[name]}"
+    # the image is the base install (its dependencies held to these pins): each one has a pin,
+    # but onnxruntime, which the Dockerfile pins by ORT_VERSION (and swaps for the GPU)
+    unpinned = {n for n, r in declared.items() if r.marker is None or r.marker.evaluate()} - set(pinned)
+    assert unpinned == {"onnxruntime"}, f"base dependencies without a pin for the image: {unpinned}"
+    venv = "\n".join(stages["venv"].all("RUN"))
+    assert "-c /tmp/requirements-serve.txt" in venv and "--no-deps" not in venv
+    assert '"onnxruntime==$ORT_VERSION"' in venv and '"onnxruntime-gpu==$ORT_VERSION"' in venv
     provided = set(pinned) | {"onnxruntime", "onnxruntime-gpu"}  # the Dockerfile adds one of them
     dists = packages_distributions()
     for module in sorted(_serving_third_party_modules()):
@@ -364,7 +370,7 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
             listed = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         assert sorted(m.name for m in listed.models) == bundled
         text = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10).read().decode()
-        assert re.search(r"^nlstm_max_sessions \d", text, re.M)
+        assert re.search(r"^nlstm_max_sessions \d", text, re.MULTILINE)
         proc.send_signal(getattr(signal, serve.all("STOPSIGNAL")[0]))
         code = proc.wait(timeout=float(env["NLSTM_GRACE"]) + 15)
         out = proc.stdout.read()
@@ -392,7 +398,7 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     env = stages["serve"].env()
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"server", "prometheus", "grafana"}
+    assert set(services) == {"server", "server-2", "redis", "prometheus", "grafana"}
     server = services["server"]
     assert server["build"]["context"] == "." and "VARIANT" in server["build"]["args"]
     assert any(p.endswith(f":{env['NLSTM_PORT']}") for p in server["ports"])
@@ -406,7 +412,11 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     host_dir = next(REPO / h for h, c in mounts.items() if config_path.parent == Path(c))
     config = yaml.safe_load((host_dir / config_path.name).read_text())
     (job,) = config["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"server:{env['NLSTM_METRICS_PORT']}"]
+    # every replica is a target of its own
+    replicas = sorted(name for name, svc in services.items() if svc.get("image") == server["image"])
+    assert replicas == ["server", "server-2"]
+    assert job["static_configs"][0]["targets"] == [f"{r}:{env['NLSTM_METRICS_PORT']}" for r in replicas]
+    assert set(replicas) <= set(prom["depends_on"])
     for rules in config["rule_files"]:
         assert (host_dir / rules).is_file()
 
@@ -421,10 +431,38 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {source["uid"]}
 
 
+def test_compose_replicas_share_sessions_in_redis():
+    """Two replicas of one image, on two host ports, with one Redis session store: no affinity."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    a, b, redis = services["server"], services["server-2"], services["redis"]
+    assert a["image"] == b["image"] and a["build"] == b["build"] and a["environment"] == b["environment"]
+    assert {p.split(":")[-1] for p in a["ports"] + b["ports"]} == {"50051"}
+    assert len({p.rsplit(":", 1)[0] for p in a["ports"] + b["ports"]}) == 2  # two host ports
+    store = a["environment"]["NLSTM_SESSION_STORE"]
+    assert store.startswith("redis://redis:") and "redis" in a["depends_on"] and "redis" in b["depends_on"]
+    assert b["stop_grace_period"] == a["stop_grace_period"]
+    command = redis["command"]
+    assert "--appendonly" in command and "noeviction" in command
+    assert any(v.endswith(":/data") for v in redis["volumes"])  # sessions outlive a Redis restart
+    # Debian's redis-server on the server's base image: no other registry image to pull
+    dockerfile = REPO / redis["build"]["context"] / "Dockerfile"
+    text = dockerfile.read_text()
+    assert "FROM python:${PYTHON_VERSION}-slim" in text and "redis-server" in text
+    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.MULTILINE) and re.search(r"^USER redis$", text, re.MULTILINE)
+    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if exe is not None:
+        out = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+    from serving.store import RedisBackend, open_backend
+
+    assert isinstance(open_backend(store), RedisBackend)  # a URL the server takes
+
+
 def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):
     base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["server"]
     override = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
-    assert set(override["services"]) == {"server"}  # merged onto the base file's server only
+    assert set(override["services"]) == {"server", "server-2"}  # merged onto both replicas
+    assert override["services"]["server-2"] == override["services"]["server"]
     server = override["services"]["server"]
     assert server["build"]["args"]["VARIANT"] == "gpu" and "VARIANT" in base["build"]["args"]
     assert server["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:13.")  # the runtime guard's need

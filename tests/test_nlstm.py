@@ -396,3 +396,95 @@ def test_empty_sequence_and_bad_inputs():
         layer(torch.zeros(5, 2, 4, dtype=torch.float64), (tuple(torch.zeros(2, 3) for _ in range(3)),))
     with pytest.raises(ValueError, match=r"shape \(B, 4\)"):
         layer.layers[0](torch.zeros(2, 5, dtype=torch.float64))
+
+
+# ------------------------------------------------------------- the fused path's matrix products
+def test_step_linear_and_weight_grad_match_float64_on_both_kernels(monkeypatch):
+    """training.gemm's two kernels (oneDNN for float32 on the CPU, torch.mm otherwise) compute
+    x W^T (+ bias) (+ add) and d^T x: each against float64, with every combination used."""
+    from training import gemm
+
+    g = torch.Generator().manual_seed(0)
+    B, K, N = 5, 7, 12
+    w, x = torch.randn(N, K, generator=g), torch.randn(B, K, generator=g)
+    bias, add = torch.randn(N, generator=g), torch.randn(B, N, generator=g)
+    d, xs = torch.randn(40, N, generator=g), torch.randn(40, K, generator=g)
+    ref = x.double() @ w.double().t()
+    monkeypatch.setattr(gemm, "MIN_ONEDNN_ELEMENTS", 0)  # these sizes would stay on torch.mm
+    for onednn in (True, False):
+        monkeypatch.setattr(gemm, "ONEDNN", onednn)
+        assert gemm.uses_onednn(w) == (onednn and gemm.onednn_available())
+        lin = gemm.StepLinear(w, B)
+        out = torch.empty(B, N)
+        for got, want in [
+            (lin(x), ref),
+            (lin(x, add=add), ref + add.double()),
+            (lin(x, out=out), ref),
+            (gemm.StepLinear(w, B, bias)(x), ref + bias.double()),
+            (gemm.StepLinear(w, B, bias)(x, add=add), ref + bias.double() + add.double()),
+            (gemm.StepLinear(w.t(), B)(add), add.double() @ w.double()),  # the backward's W^T
+            (gemm.weight_grad(d, xs), d.double().t() @ xs.double()),  # out > in: d_out first
+            (gemm.weight_grad(xs, d), xs.double().t() @ d.double()),  # in > out
+        ]:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert out.abs().sum() > 0  # out= was written
+
+
+def test_onednn_is_used_for_float32_on_this_cpu():
+    from training import gemm
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert gemm.onednn_available()
+    big = torch.zeros(4 * 600, 600)  # the paper's PTB model: oneDNN; a 32-cell model: torch.mm
+    assert gemm.uses_onednn(big) and not gemm.uses_onednn(big.double())
+    assert not gemm.uses_onednn(torch.zeros(4 * 32, 32))
+    assert gemm.StepLinear(big, 32).onednn and not gemm.StepLinear(torch.zeros(4 * 32, 32), 32).onednn
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_fused_float32_kernels_agree(depth, monkeypatch):
+    """The float32 fused path through oneDNN and through torch.mm: the same outputs, final
+    state and gradients up to float32 rounding (the float64 tests above pin the math)."""
+    from training import gemm
+
+    torch.manual_seed(0)
+    layer = NestedLSTM(11, 16, depth=depth, num_layers=2)
+    randomize(layer, std=0.3)
+    tokens = torch.randint(0, 11, (13, 6))
+    h0 = tuple(tuple(torch.randn(6, 16) for _ in range(depth + 1)) for _ in range(2))
+
+    monkeypatch.setattr(gemm, "MIN_ONEDNN_ELEMENTS", 0)  # 16 cells would stay on torch.mm
+
+    def run(onednn):
+        monkeypatch.setattr(gemm, "ONEDNN", onednn)
+        out, final = layer(tokens, h0)
+        flat = [out] + [t for s in final for t in s]
+        loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in flat)
+        return flat, torch.autograd.grad(loss, list(layer.parameters()))
+
+    (out_a, grad_a), (out_b, grad_b) = run(True), run(False)
+    for a, b in zip(out_a + list(grad_a), out_b + list(grad_b)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(gemm, "ONEDNN", True)
+    layer.fused = False  # and both equal the reference cell stepped by autograd
+    ref, _ = layer(tokens, h0)
+    torch.testing.assert_close(out_a[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_in_place_changes_to_the_output_leave_the_gradients_right():
+    """The fused forward copies its outputs out of the buffers the backward reads: a caller
+    that changes them in place still gets the reference path's gradients."""
+    torch.manual_seed(0)
+    layer = NestedLSTM(4, 3, depth=2).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+
+    def grads(fused):
+        layer.fused = fused
+        out, ((h, c0, c1),) = layer(x)
+        out.mul_(2.0)
+        h.add_(1.0)
+        return torch.autograd.grad((out**2).sum() + (h**2).sum() + c1.sum(), list(layer.parameters()))
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

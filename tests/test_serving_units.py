@@ -142,7 +142,7 @@ def test_scheduler_generates_greedily_and_respects_max_batch():
         done = [loop.create_future() for _ in range(5)]
 
         def emitter(i):
-            def emit(text, bits, finish):
+            def emit(text, bits, finish, made):
                 if text is None:
                     done[i].set_result(outs[i])
                 else:
@@ -196,25 +196,28 @@ def test_scheduler_reports_a_failing_graph_to_its_calls_only():
 
 def test_generate_messages_are_timed_on_the_scheduler_thread():
     """The first character goes at once, later ones wait for the interval and go together, the
-    last goes at once, and a cancelled stream's remainder goes with CANCELLED."""
+    last goes at once, and a cancelled stream's remainder goes with CANCELLED. Each message
+    carries the symbols generated up to its end."""
     texts = ["a", "b", "c", "d"]
     sent = []
 
     def make(max_chars):
-        sent.clear()
-        return GenerateSequence(np.zeros((1, 1), np.float32), None, [0], Sampler(0.0), max_chars, [], False,
-                                texts, None, lambda *m: sent.append(m), interval=0.05)
+        sent.clear()  # a session's continuation: no prompt, its logits predict the first character
+        return GenerateSequence(np.zeros((1, 1), np.float32), np.zeros(4, np.float32), [], Sampler(0.0), max_chars,
+                                [], False, texts, None, lambda *m: sent.append(m), interval=0.05)
 
-    def sample(seq, token, now):
+    def sample(seq, token, now):  # one step: sample, feed (the state counts the symbols fed)
         post = []
         seq.take_sample(token, None, post, now)
+        seq.take_input()
+        seq.advance(np.zeros(4, np.float32), seq.pos[0] + 1, post)
         for callback in post:
             callback()
 
     seq = make(6)
     for token, now in [(0, 10.0), (1, 10.01), (2, 10.04), (3, 10.05), (0, 10.07), (1, 10.08)]:
         sample(seq, token, now)
-    assert sent == [("a", [], ""), ("bcd", [], ""), ("ab", [], "LENGTH")]
+    assert sent == [("a", [], "", 1), ("bcd", [], "", 4), ("ab", [], "LENGTH", 6)]
 
     seq = make(100)
     for token, now in [(0, 0.0), (1, 0.01), (2, 0.02)]:
@@ -224,9 +227,11 @@ def test_generate_messages_are_timed_on_the_scheduler_thread():
     seq.close(post)
     for callback in post:
         callback()
-    assert sent == [("a", [], ""), ("bc", [], "CANCELLED"), (None, None, None)]
+    assert sent == [("a", [], "", 1), ("bc", [], "CANCELLED", 3), (None, None, None, None)]
+    # message boundaries (symbols made, the state then): the start, after "a", all it made
+    assert [(made, m[0][0, 0]) for made, m in seq.marks.items()] == [(0, 0), (1, 1), (3, 3)]
 
-    seq = make(100)  # a failed step: the characters made still reach the client, then the error
+    seq = make(100)  # a failed step: the characters not sent yet are dropped, then the error
     for token, now in [(0, 0.0), (1, 0.01)]:
         sample(seq, token, now)
     seq.error, seq.finished = RuntimeError("graph failed"), True
@@ -234,7 +239,7 @@ def test_generate_messages_are_timed_on_the_scheduler_thread():
     seq.close(post)
     for callback in post:
         callback()
-    assert sent == [("a", [], ""), ("b", [], ""), (None, None, None)]
+    assert sent == [("a", [], "", 1), (None, None, None, None)]
 
 
 class StatefulModel:
@@ -268,7 +273,7 @@ def test_steady_batches_reuse_the_last_outputs_without_mixing_rows(max_batch):
             done = {i: loop.create_future() for i in which}
 
             def emitter(i):
-                def emit(text, bits, finish):
+                def emit(text, bits, finish, made):
                     if text is None:
                         done[i].set_result(None)
                     else:
@@ -307,7 +312,7 @@ def _generate_all(specs, *, max_batch=8, eos_id=None, cancel_after=None, interva
         seqs = []
 
         def emitter(i):
-            def emit(text, bits, finish):
+            def emit(text, bits, finish, made):
                 if text is None:
                     done[i].set_result(None)
                     return
@@ -452,7 +457,7 @@ def test_message_spacing_applies_in_both_paths():
                 callback()
         assert len(block_sent) == 2 * len(expect)
         block.release()  # the characters since each stream's last message go back to it, pending
-        assert "".join(t for t, _, _ in block_sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
+        assert "".join(t for t, *_ in block_sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
 
 
 def test_scheduler_spaces_messages_by_the_models_budget():
@@ -468,7 +473,7 @@ def test_scheduler_spaces_messages_by_the_models_budget():
         done = [loop.create_future() for _ in range(4)]
 
         def emitter(i):
-            def emit(text, bits, finish):
+            def emit(text, bits, finish, made):
                 if text is None:
                     done[i].set_result(None)
                 else:
@@ -502,7 +507,9 @@ class CountingModel:
 def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, columns):
     """When a message reaches the event loop, its characters are in the sequence's position
     (a session saved then includes everything the client has seen), and with the last one the
-    sequence is finished (so ending the call does not cancel it), in a Streams block or not."""
+    sequence is finished (so ending the call does not cancel it), in a Streams block or not; and
+    the sequence keeps the state at each message's end (where a session goes back to when the
+    call ends before the next message is sent)."""
     from serving import scheduler
 
     if not columns:
@@ -516,13 +523,16 @@ def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, co
         def emitter(i):
             delivered = [0]
 
-            def emit(text, bits, finish):
+            def emit(text, bits, finish, made):
                 if text is None:
                     done[i].set_result(None)
                     return
                 delivered[0] += len(text)
                 fed = int(seqs[i].pos[0][0, 0])  # the start id and the characters fed so far
-                checks.append((fed >= 1 + delivered[0], not finish or seqs[i].finished))
+                boundary = seqs[i].mark(made)[0][0, 0]  # the state when this message's last was fed
+                checks.append((fed >= 1 + delivered[0], not finish or seqs[i].finished,
+                               made == delivered[0] and boundary == 1 + made))
+                seqs[i].forget(made)  # as the engine does once a message is sent
             return emit
 
         for i in range(3):
@@ -534,4 +544,4 @@ def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, co
         return checks
 
     checks = asyncio.run(main())
-    assert len(checks) >= 3 and all(a for a, _ in checks) and all(b for _, b in checks)
+    assert len(checks) >= 3 and all(all(c) for c in checks), checks

@@ -448,9 +448,12 @@ def test_config_file_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'; allowed: .*optimizer.lr"),
+        ("optimizer.lrr=1",
+         r"unknown config key 'optimizer.lrr' \(did you mean optimizer.lr\?\); allowed: .*optimizer.lr"),
+        ("hidden_size=64", r"unknown config key 'hidden_size' \(did you mean model.hidden_size\?\)"),
+        ("model.hiden_size=64", r"'model.hiden_size' \(did you mean model.hidden_size\?\)"),
         ("model.cells=3", "unknown config key 'model.cells'; allowed: .*model.hidden_size"),
-        ("epoch=3", "unknown config key 'epoch'; allowed: task, .*epochs"),
+        ("epoch=3", r"unknown config key 'epoch' \(did you mean epochs\?\); allowed: task, .*epochs"),
         ("epochs.x=3", "unknown config key 'epochs.x'"),
         ("epochs=two", "epochs must be an integer, got 'two'"),
         ("optimizer.lr=fast", "optimizer.lr must be a number"),

@@ -1,9 +1,13 @@
-"""`nlstm train`, `nlstm plot` and `nlstm visualize` through the command's `main`."""
+"""`nlstm train`, `nlstm export`, `nlstm plot` and `nlstm visualize` through the command's `main`:
+the runs, the figures, and what each says when it is used wrongly or interrupted."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +51,8 @@ def test_train_parses_options_and_overrides_in_any_order():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr'; allowed:"),
+        (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr' (did you mean optimizer.lr?); allowed:"),
+        (["hidden_size=64"], "unknown config key 'hidden_size' (did you mean model.hidden_size?)"),
         (["epochs=two"], "epochs must be an integer"),
         (["model.core=gru"], "model core must be one of"),
     ],
@@ -67,7 +72,7 @@ def test_train_and_resume_on_real_ptb(shared_data, tmp_path, capsys):
               "max_eval_items=3000", "epochs=1"]
     assert main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), "--max-steps", "2",
                  *common]) == 0
-    assert "max_steps at step 2" in capsys.readouterr().out
+    assert "reached max_steps at step 2 after " in capsys.readouterr().out
     assert main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), *common]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), "--resume", *common]) == 0
@@ -76,6 +81,105 @@ def test_train_and_resume_on_real_ptb(shared_data, tmp_path, capsys):
     assert [e["step"] for e in evals] == [2, header["train_batches_per_epoch"]]
     ck = load_checkpoint(run / LAST)
     assert ck.tokenizer and ck.task == "ptb" and ck.train_config["max_steps"] == 0
+
+
+def test_a_flag_where_an_override_is_meant_gets_trains_usage_and_the_override(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "configs/smoke.toml", "--run-dir", "r", "--epochs", "1", "--hidden-size=64"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: nlstm train ")  # train's usage, not the top-level one
+    assert "unrecognized arguments: --epochs --hidden-size=64" in err
+    assert "overrides written key=value" in err and "did you mean epochs=1 model.hidden_size=64?" in err
+    with pytest.raises(SystemExit):
+        main(["train", "configs/smoke.toml", "--run-dir", "r", "--frobnicate"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: nlstm train ") and err.rstrip().endswith("unrecognized arguments: --frobnicate")
+
+
+def _cli_in_subprocess(args: list[str], cwd: Path) -> tuple[int, str, bool]:
+    """(exit status, stderr, whether torch was imported) of `nlstm ARGS` in a fresh interpreter."""
+    code = ("import sys; from training.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, check=False,
+                         timeout=120)
+    return out.returncode, out.stderr, out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_config_errors_and_a_taken_run_dir_are_reported_before_torch_loads(tmp_path):
+    smoke = str(REPO / "configs" / "smoke.toml")
+    rc, err, torch_loaded = _cli_in_subprocess(
+        ["train", smoke, "--run-dir", str(tmp_path / "r"), "optimizer.lrr=0.01"], tmp_path)
+    assert (rc, torch_loaded) == (2, False) and "did you mean optimizer.lr?" in err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    rc, err, torch_loaded = _cli_in_subprocess(["train", smoke, "--run-dir", str(tmp_path / "r")], tmp_path)
+    assert (rc, torch_loaded) == (2, False) and "already holds a run (metrics.jsonl); pass --resume" in err
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """A real SIGINT in the middle of a run (the CLI's own data loading replaced by a small
+    synthetic stream): exit 130, what last.pt holds, the command that continues; that command
+    finishes the run, and resuming the finished run adds nothing to metrics.jsonl."""
+    import signal
+
+    from training import data as data_mod
+    from training.trainer import Trainer
+
+    prepared = stream_prepared(tmp_path / "data", n_train=3000, n_eval=400)
+    monkeypatch.setattr(data_mod, "load", lambda task, **kw: prepared)
+    interrupt_at = [3]
+    step = Trainer._train_step
+
+    def train_step(self, batch):
+        stepped = step(self, batch)
+        if self.step == interrupt_at[0]:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C: Python's handler raises KeyboardInterrupt
+        return stepped
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    run = tmp_path / "run"
+    args = ["train", str(REPO / "configs" / "smoke.toml"), "--run-dir", str(run), "--progress", "off",
+            "model.hidden_size=8", "batch_size=4", "seq_len=25", "epochs=1", "checkpoint_every=2"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "nlstm train: interrupted at step 3; " in err
+    assert f"{run / 'last.pt'} holds step 2 (written at each evaluation and every checkpoint_every=2 steps)" in err
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("nlstm train ") and "--resume" in command
+    interrupt_at[0] = -1
+    assert main(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    steps = 3000 // (4 * 25)  # one epoch of batches of 4 rows x 25 characters
+    assert re.fullmatch(rf"finished at step {steps} after \d+ s: best valid bpc \d\.\d{{4}} \(epoch 1\), "
+                        rf"its test bpc \d\.\d{{4}}\. Weights: {re.escape(str(run / 'best.pt'))}", out[-1])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["type"] for x in lines] == ["run", "resume", "eval"]
+    for _ in range(2):  # a finished run resumed: nothing to do, nothing appended
+        assert main(shlex.split(command)[1:]) == 0
+        assert "all 1 epochs are done: nothing to do" in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text().splitlines() == lines
+
+
+# --------------------------------------------------------------------------------------- export
+def test_export_shows_progress_and_refuses_a_file_that_is_not_a_checkpoint(runs, tmp_path, capsys):
+    import torch
+
+    assert main(["export", str(runs / "nlstm" / BEST), "--out", str(tmp_path / "x"), "--no-sequence"]) == 0
+    captured = capsys.readouterr()
+    steps = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    assert steps[:3] == ["loading torch and the exporter", f"reading {runs / 'nlstm' / BEST}",
+                         "tracing the step graph (torch.onnx.export, dynamo)"]
+    assert steps[3].startswith("checking the step graph") and steps[-1] == f"writing {tmp_path / 'x'}"
+    assert captured.out.startswith(f"exported ptb char nlstm to {tmp_path / 'x'}")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")  # a pickled module, as many tools save
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for name in ("model.pt", "notes.txt"):
+        assert main(["export", str(tmp_path / name), "--out", str(tmp_path / "y")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"nlstm export: error: {tmp_path / name} is not an nlstm checkpoint: ")
+        assert "weights_only" not in err and "best.pt and last.pt that `nlstm train` writes" in err
+    assert not (tmp_path / "y").exists()
 
 
 # -------------------------------------------------------------------------------------- plot

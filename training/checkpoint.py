@@ -25,6 +25,7 @@ leaves that temporary file, `.{name}.XXXXXXXX.tmp`, as large as the file it was 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -158,16 +159,36 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's type and first line, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    ours = "nlstm reads the best.pt and last.pt that `nlstm train` writes"
+    with path.open("rb") as f:  # torch.save writes a zip archive; a truncated one still starts so
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path} is not an nlstm checkpoint: not a file torch.save wrote; {ours}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message advises weights_only=False, i.e. running the file's pickled code:
+        # wrong advice for a file that cannot be one of ours anyway.
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"{path} is not an nlstm checkpoint: it holds pickled Python objects (a whole "
+                f"model, or another program's checkpoint), which nlstm never writes nor loads; {ours}"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable nlstm checkpoint (corrupt or truncated): "
+                              f"{_first_line(exc)}") from None
     except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
         raise CheckpointError(
             f"{path} is not a readable nlstm checkpoint (corrupt, truncated or not written by "
-            f"`nlstm train`): {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            f"`nlstm train`): {_first_line(exc)}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(

@@ -14,17 +14,13 @@ run must match it except for the run-control keys in `RESUMABLE`.
 
 from __future__ import annotations
 
-import sys
+import difflib
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from training.models import ModelConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from training.model_config import ModelConfig  # not training.models: no torch here
 
 TASKS = ("ptb", "text8", "poems", "mnist")
 OPTIMIZERS = ("adam", "rmsprop")
@@ -33,7 +29,8 @@ SCHEDULES = ("constant", "linear")
 DATA_MODEL_KEYS = ("kind", "vocab_size", "input_size", "num_classes")
 # Keys a resumed run may change: they steer the run, not what it computes.
 RESUMABLE = (
-    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every"
+    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every",
+    "cuda_graphs",
 )
 
 
@@ -64,6 +61,9 @@ class TrainConfig:
     carry_state: bool = True  # ptb/text8: start each batch from the previous one's final state
     bf16: bool = False  # bfloat16 autocast for the forward pass (the NLSTM recurrence stays fp32)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    # nlstm core on CUDA: replay the fused sequence as captured CUDA graphs (the same function,
+    # without the per-kernel launch cost; training.nlstm_graphs). Ignored on the CPU.
+    cuda_graphs: bool = False
     eval_every: int = 0  # also evaluate every N steps (0: only at the end of each epoch)
     checkpoint_every: int = 200  # also write last.pt every N steps (0: only when evaluating)
     max_steps: int = 0  # stop after N optimizer steps in all (0: run every epoch)
@@ -112,6 +112,45 @@ def allowed_keys() -> list[str]:
     return keys
 
 
+def nearest_key(key: str, allowed: list[str] | None = None) -> str | None:
+    """The allowed key a mistyped `key` most likely meant, or None: a section's key given
+    without its section (hidden_size -> model.hidden_size), else the closest spelling, compared
+    within the section (optimizer.lrr -> optimizer.lr, optimiser.lr -> optimizer.lr,
+    epoch -> epochs)."""
+    allowed = allowed_keys() if allowed is None else allowed
+    sections: dict[str, list[str]] = {}
+    for k in allowed:
+        head, dot, rest = k.partition(".")
+        if dot:
+            sections.setdefault(head, []).append(rest)
+    top = [k for k in allowed if "." not in k]
+    leaves = {rest: f"{head}.{rest}" for head, rests in sections.items() for rest in rests}
+
+    def close(word: str, words: list[str], cutoff: float = 0.7) -> str | None:
+        found = difflib.get_close_matches(word, words, n=1, cutoff=cutoff)
+        return found[0] if found else None
+
+    head, dot, rest = key.partition(".")
+    if not dot:
+        if key in leaves:
+            return leaves[key]
+        near = close(key, top) or close(key, list(leaves), 0.75)
+        return leaves.get(near, near) if near else None
+    section = head if head in sections else close(head, list(sections))
+    if section is None:
+        return head if head in top else None
+    near = rest if rest in sections[section] else close(rest, sections[section])
+    return f"{section}.{near}" if near else None
+
+
+def unknown_key_error(key: str, allowed: list[str] | None = None) -> ConfigError:
+    """The error for an unknown key: the nearest allowed key first, then all of them."""
+    allowed = allowed_keys() if allowed is None else allowed
+    near = nearest_key(key, allowed)
+    hint = f" (did you mean {near}?)" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
 def _key_type(key: str) -> type:
     """The Python type of a dotted key, or ConfigError naming the allowed keys."""
     head, _, rest = key.partition(".")
@@ -122,7 +161,7 @@ def _key_type(key: str) -> type:
         return get_type_hints(OptimizerConfig)[rest]
     if not rest and head in top and head not in ("model", "optimizer"):
         return top[head]
-    raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(allowed_keys())}")
+    raise unknown_key_error(key)
 
 
 def _check_type(key: str, value: Any, typ: type) -> Any:
@@ -179,9 +218,7 @@ def _build(cls, d: dict[str, Any], prefix: str):
     kwargs = {}
     for key, value in d.items():
         if key not in hints:
-            raise ConfigError(
-                f"unknown config key {prefix + key!r}; allowed: {', '.join(allowed_keys())}"
-            )
+            raise unknown_key_error(prefix + key)
         if cls is TrainConfig and key == "model":
             if not isinstance(value, dict):
                 raise ConfigError(f"model must be a table of ModelConfig fields, got {value!r}")
@@ -231,9 +268,7 @@ def validate(c: TrainConfig) -> None:
     types = _model_types()
     for k, v in c.model.items():
         if k not in types:
-            raise ConfigError(
-                f"unknown config key 'model.{k}'; allowed: {', '.join('model.' + t for t in types)}"
-            )
+            raise unknown_key_error(f"model.{k}", ["model." + t for t in types])
         _check_type(f"model.{k}", v, types[k])
     # The model's own checks now, not after the data has loaded (vocab_size comes from the data)
     try:
@@ -333,5 +368,7 @@ __all__ = [
     "flatten",
     "load_config",
     "model_config_for",
+    "nearest_key",
     "parse_value",
+    "unknown_key_error",
 ]

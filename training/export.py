@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,7 @@ from serving.formats import (
 from training.baselines import lstm_step
 from training.checkpoint import umask_mode
 from training.models import ModelConfig, pack_state, state_slots, unpack_state
+from training.quantize import drop_initializer_value_info
 
 if TYPE_CHECKING:
     import onnx
@@ -229,6 +230,7 @@ def _to_onnx(module: nn.Module, args: tuple, input_name: str, dynamic_shapes) ->
         onnx_logger.setLevel(level)
     proto = program.model_proto
     _strip_debug_info(proto.graph)
+    drop_initializer_value_info(proto.graph)
     proto.ir_version = IR_VERSION
     proto.producer_name = "nlstm"
     try:
@@ -523,6 +525,7 @@ def export_model(
     source: dict[str, Any] | None = None,
     sequence: str = "auto",
     parity_steps: int = 16,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportMeta:
     """Export a task model (training.models.build_model) to the folder `out_dir`.
 
@@ -531,8 +534,10 @@ def export_model(
     torch on the finished temporary folder (the measurement goes into meta.json either way; a
     failed measurement ships nothing); "always" ships it regardless; "never" skips it. Before publishing, onnxruntime must match torch over
     `parity_steps` random steps (within 1e-4). An existing export at out_dir is replaced; any
-    other non-empty folder is refused. Returns the written ExportMeta.
+    other non-empty folder is refused. Returns the written ExportMeta. `progress(text)` hears
+    what the export is doing (tracing, checking parity, timing: tens of seconds in all).
     """
+    say = progress or (lambda _text: None)
     if sequence not in SEQUENCE_MODES:
         raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {sequence!r}")
     config: ModelConfig = model.config
@@ -551,7 +556,9 @@ def export_model(
     _check_target(out_dir)
     model = copy.deepcopy(model).cpu().float()  # the caller's model stays where it was
 
+    say("tracing the step graph (torch.onnx.export, dynamo)")
     step_proto = step_graph(model)
+    say(f"checking the step graph on onnxruntime against torch ({parity_steps} steps)")
     parity = check_parity(model, step_proto, steps=parity_steps, batch=3)
     if not parity.max_diff <= PUBLISH_TOLERANCE:
         raise ExportError(f"onnxruntime and torch disagree on the step graph: {parity}")
@@ -560,7 +567,9 @@ def export_model(
     seq_proto = None
     if sequence != "never":
         try:
+            say("tracing the sequence graph (one Scan over the whole sequence)")
             seq_proto = sequence_graph(model)
+            say("checking the sequence graph on onnxruntime against torch")
             sp = check_parity(model, seq_proto, steps=parity_steps + 1, batch=3, sequence=True)
             if not sp.max_diff <= PUBLISH_TOLERANCE:
                 raise ExportError(f"onnxruntime and torch disagree on the sequence graph: {sp}")
@@ -622,6 +631,7 @@ def export_model(
             # Timed on the folder itself, loaded by serving.runtime as a server would load it
             # (a provisional meta.json that ships the sequence graph, replaced below).
             _write_meta(make_meta(hashes(tmp), True, {}), tmp / META_FILE)
+            say("timing the sequence graph against the step graph (kept only if faster)")
             try:
                 timing = time_sequence_graph(tmp)
             except ExportError as exc:  # no measurement: "auto" ships only what measured faster
@@ -635,6 +645,7 @@ def export_model(
         meta = make_meta(hashes(tmp), seq_proto is not None, timing)
         _write_meta(meta, tmp / META_FILE)
         _check_target(out_dir)  # again: something may have appeared there meanwhile
+        say(f"writing {out_dir}")
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -650,11 +661,14 @@ def _write_meta(meta: ExportMeta, path: Path) -> None:
 
 
 def export_checkpoint(
-    checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, sequence: str = "auto"
+    checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, sequence: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> ExportMeta:
     """Export a checkpoint written by training.checkpoint.save_checkpoint (see export_model)."""
     from training.checkpoint import load_checkpoint
 
+    if progress is not None:
+        progress(f"reading {checkpoint_path}")
     ckpt = load_checkpoint(checkpoint_path)
     return export_model(
         ckpt.build_model(),
@@ -666,6 +680,7 @@ def export_checkpoint(
         source={"checkpoint": Path(checkpoint_path).name, "step": ckpt.step, "epoch": ckpt.epoch,
                 "trained_on": ckpt.extra.get("hardware")},
         sequence=sequence,
+        progress=progress,
     )
 
 

@@ -33,7 +33,7 @@ Two paths compute the same function:
     computes each weight gradient as ONE GEMM over all T*B positions (as cuDNN does for LSTMs);
     only the data gradients (B x 4H times 4H x 2H) stay inside the time loop.
 
-This file imports only torch.
+This file imports only torch (and training.gemm, which imports only torch).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from training.gemm import StepLinear, weight_grad
 
 State = tuple[Tensor, ...]
 
@@ -207,6 +209,142 @@ def orthogonal_gates_(weight: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- the fast path
+def sequence_forward(
+    xproj: Tensor, w_hh0: Tensor, inner: list[Tensor], state0: list[Tensor], tanh_outer: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The recurrence of `_NestedLSTMSequence` (see there for the arguments), into fresh buffers.
+
+    Returns (outputs, saved): outputs = [hs (T, B, H), h_T, c_0(T), ..., c_{D-1}(T)], saved =
+    what `sequence_backward` reads. Every per-step tensor is row-major (B, features) inside a
+    (T, B, features) buffer: step t is one contiguous block, the step's products are
+    (B, K) @ (K, 4H) on a weight prepared once (training.gemm: oneDNN on the CPU), and the weight
+    gradients read each buffer as (T*B, features) without copying it.
+    """
+    D = len(state0) - 1
+    w = [None] + inner[0::2]  # level k's [weight_ih | weight_hh], (4H, 2H)
+    b = [None] + inner[1::2]  # (4H,)
+    T, B, H4 = xproj.shape
+    H = H4 // 4
+    new = xproj.new_empty
+
+    hs = new(T + 1, B, H)  # hs[t+1] = h_t; hs[0] = h0
+    hs[0] = state0[0]
+    # gates[k][t]: level k's activated gates at step t, (B, 4H), the product's own output
+    # (copying it into one (T, B, 4H) buffer cost a pass per step, and nothing needs it flat)
+    gates = [[None] * T for _ in range(D)]
+    mems = [new(T + 1, B, H) for _ in range(D)]  # mems[k][t+1] = c_k(t)
+    tanh_mems = [new(T, B, H) for _ in range(D)]
+    uv = [None] + [new(T, B, 2 * H) for _ in range(D - 1)]  # level k's [u, v]
+    for k in range(D):
+        mems[k][0] = state0[k + 1]
+    lin = [StepLinear(w_hh0, B)] + [StepLinear(w[k], B, b[k]) for k in range(1, D)]
+
+    for t in range(T):
+        for k in range(D):
+            if k == 0:
+                G = lin[0](hs[t], add=xproj[t])  # (B, 4H): xproj[t] + h_{t-1} W_hh0^T
+            else:
+                G = lin[k](uv[k][t])  # [u, v] W_k^T + b_k
+            gates[k][t] = G
+            G[:, : 2 * H].sigmoid_()
+            G[:, 3 * H :].sigmoid_()
+            if k > 0 or tanh_outer:
+                G[:, 2 * H : 3 * H].tanh_()
+            i, f, g = G[:, :H], G[:, H : 2 * H], G[:, 2 * H : 3 * H]
+            if k + 1 < D:
+                nxt = uv[k + 1][t]
+                torch.mul(i, g, out=nxt[:, :H])  # u_{k+1} = i_k * g_k
+                torch.mul(f, mems[k][t], out=nxt[:, H:])  # v_{k+1} = f_k * c_k(t-1)
+            else:
+                # innermost: c(t) = f * c(t-1) + i * g
+                torch.addcmul(torch.mul(f, mems[k][t]), i, g, out=mems[k][t + 1])
+        for k in range(D - 1, -1, -1):
+            tc = torch.tanh(mems[k][t + 1], out=tanh_mems[k][t])
+            out = mems[k - 1][t + 1] if k > 0 else hs[t + 1]
+            torch.mul(gates[k][t][:, 3 * H :], tc, out=out)
+
+    saved = [w_hh0, *w[1:], hs, *mems, *tanh_mems, *uv[1:], *[G for level in gates for G in level]]
+    # copies, never views of the saved buffers: a caller may change its outputs in place
+    # (autograd would not notice the backward's inputs changing), and a carried state must not
+    # keep the buffers alive
+    return [hs[1:].clone(), *[x.clone() for x in [hs[T]] + [m[T] for m in mems]]], saved
+
+
+def sequence_backward(
+    saved: list[Tensor], d_hs: Tensor | None, d_hT: Tensor | None, d_cT: list[Tensor | None],
+    tanh_outer: bool,
+) -> list[Tensor]:
+    """The gradients of `sequence_forward`'s inputs (xproj, w_hh0, w_1, b_1, ..., h0, c0_0, ...)
+    from those of its outputs (None: zero) and what it saved."""
+    D = len(d_cT)
+    w_hh0 = saved[0]
+    w = [None] + list(saved[1:D])
+    hs = saved[D]
+    mems = list(saved[D + 1 : 2 * D + 1])
+    tanh_mems = list(saved[2 * D + 1 : 3 * D + 1])
+    uv = [None] + list(saved[3 * D + 1 : 4 * D])
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    gates = [saved[4 * D + k * T : 4 * D + (k + 1) * T] for k in range(D)]  # [k][t]: (B, 4H)
+
+    def start(d):  # a working copy, never a view: the loop updates it in place, and autograd
+        # may hand one buffer to several outputs
+        return d.clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(B, H)
+
+    d_gates = [hs.new_empty(T, B, 4 * H) for _ in range(D)]  # grads of pre-activations
+    dh = start(d_hT)
+    # dc[k]: gradient flowing into c_k(t) from later steps (through f_k * c_k(t))
+    dc = [start(d) for d in d_cT]
+    act_grad = hs.new_empty(B, 4 * H)  # derivative of each gate's activation
+    dmem = hs.new_empty(B, H)
+    ones = hs.new_ones(B, H)
+    # d_in = dA @ W at every step: a StepLinear over W^T (prepared once, as in the forward)
+    lin_t = [StepLinear(w_hh0.t(), B)] + [StepLinear(w[k].t(), B) for k in range(1, D)]
+
+    for t in range(T - 1, -1, -1):
+        if d_hs is not None:
+            dh += d_hs[t]
+        # Walk down the output chain h = o_0 tanh(c_0), c_{k-1} = o_k tanh(c_k): each
+        # level's d o_k, and the total gradient of each memory c_k(t) into dc[k].
+        d_out = dh
+        for k in range(D):
+            o, tc = gates[k][t][:, 3 * H :], tanh_mems[k][t]
+            torch.mul(d_out, tc, out=d_gates[k][t][:, 3 * H :])  # d o_k
+            torch.addcmul(ones, tc, tc, value=-1.0, out=dmem).mul_(o)  # o (1 - tanh^2 c)
+            dc[k].addcmul_(dmem, d_out)
+            d_out = dc[k]
+        # Walk back up. The innermost memory is c = v + u with u = i*g, v = f*c(t-1); a
+        # level k above it hands (u_{k+1}, v_{k+1}) = (i_k*g_k, f_k*c_k(t-1)) down, whose
+        # gradients come from level k+1's pre-activation gradient times W_{k+1}.
+        d_u = d_v = dc[D - 1]
+        for k in range(D - 1, -1, -1):
+            G, dA = gates[k][t], d_gates[k][t]
+            i, f, g = G[:, :H], G[:, H : 2 * H], G[:, 2 * H : 3 * H]
+            torch.mul(d_u, g, out=dA[:, :H])  # d i
+            torch.mul(d_v, mems[k][t], out=dA[:, H : 2 * H])  # d f
+            torch.mul(d_u, i, out=dA[:, 2 * H : 3 * H])  # d g
+            torch.mul(d_v, f, out=dc[k])  # carried into c_k(t-1) (d_v is dc[k] innermost: last use)
+            # sigmoid' = s (1 - s); tanh' = 1 - g^2; identity' = 1
+            torch.addcmul(G, G, G, value=-1.0, out=act_grad)  # s - s^2 (g block fixed below)
+            ag = act_grad[:, 2 * H : 3 * H]
+            if k > 0 or tanh_outer:
+                torch.addcmul(ones, g, g, value=-1.0, out=ag)
+            else:
+                ag.fill_(1.0)
+            dA.mul_(act_grad)
+            if k > 0:
+                d_uv = lin_t[k](dA)  # (B, 2H)
+                d_u, d_v = d_uv[:, :H], d_uv[:, H:]
+        dh = lin_t[0](d_gates[0][t])  # (B, H): into h_{t-1}
+
+    # Weight gradients: one product each over all T*B positions, on (T*B, features) views.
+    flat = lambda x: x.reshape(T * B, x.shape[-1])
+    d_w_hh0 = weight_grad(flat(d_gates[0]), flat(hs[:T]))
+    inner_grads = []
+    for k in range(1, D):
+        inner_grads += [weight_grad(flat(d_gates[k]), flat(uv[k])), flat(d_gates[k]).sum(0)]
+    return [d_gates[0], d_w_hh0, *inner_grads, dh, *dc]
+
+
 class _NestedLSTMSequence(torch.autograd.Function):
     """A whole sequence through one nested cell, with a hand-written backward.
 
@@ -217,146 +355,34 @@ class _NestedLSTMSequence(torch.autograd.Function):
       w_k    (4H, 2H): level k's [weight_ih | weight_hh], b_k (4H,)
     returns (hs (T, B, H), h_T, c_0(T), ..., c_{D-1}(T)).
 
-    Inside, every per-step tensor is feature-major, (features, B): gates^T = W @ [u; v]^T.
-    With B = 32 columns, MKL multiplies W (4H x K) @ (K x B) about 30% faster than
-    (B x K) @ W^T on the 2-core CPU we measured, and each gate block is a contiguous row range.
-    Buffers are (T, features, B): step t is a contiguous block (a (features, T, B) layout makes
-    the weight gradients copy-free but every per-step op strided, which measured slower). The
-    weight gradients transpose each buffer once to (features, T*B) and multiply once.
+    The work is in `sequence_forward` and `sequence_backward` (plain functions of tensors, so
+    that training.nlstm_graphs can capture them in CUDA graphs).
     """
 
     @staticmethod
     def forward(ctx, xproj, w_hh0, *rest):
         D = len(rest) // 3  # rest: 2(D-1) inner weights, D+1 states, the flag
         tanh_outer = rest[-1]
-        inner = rest[: 2 * (D - 1)]
-        state0 = rest[2 * (D - 1) : -1]
-        w = [None] + list(inner[0::2])
-        b = [None] + [bk.unsqueeze(1) for bk in inner[1::2]]  # (4H, 1)
-        T, B, H4 = xproj.shape
-        H = H4 // 4
-        new = xproj.new_empty
-
-        hs = new(T + 1, H, B)  # hs[t+1] = h_t^T; hs[0] = h0^T
-        hs[0] = state0[0].t()
-        gates = [new(T, 4 * H, B) for _ in range(D)]  # activated gates per level
-        mems = [new(T + 1, H, B) for _ in range(D)]  # mems[k][t+1] = c_k(t)^T
-        tanh_mems = [new(T, H, B) for _ in range(D)]
-        uv = [None] + [new(T, 2 * H, B) for _ in range(D - 1)]  # level k's [u; v]^T
-        for k in range(D):
-            mems[k][0] = state0[k + 1].t()
-        xproj = xproj.transpose(1, 2).contiguous()  # (T, 4H, B)
-
-        for t in range(T):
-            for k in range(D):
-                G = gates[k][t]  # (4H, B)
-                if k == 0:
-                    torch.addmm(xproj[t], w_hh0, hs[t], out=G)
-                else:
-                    torch.addmm(b[k], w[k], uv[k][t], out=G)
-                G[: 2 * H].sigmoid_()
-                G[3 * H :].sigmoid_()
-                if k > 0 or tanh_outer:
-                    G[2 * H : 3 * H].tanh_()
-                i, f, g = G[:H], G[H : 2 * H], G[2 * H : 3 * H]
-                if k + 1 < D:
-                    nxt = uv[k + 1][t]
-                    torch.mul(i, g, out=nxt[:H])  # u_{k+1} = i_k * g_k
-                    torch.mul(f, mems[k][t], out=nxt[H:])  # v_{k+1} = f_k * c_k(t-1)
-                else:
-                    # innermost: c(t) = f * c(t-1) + i * g
-                    torch.addcmul(torch.mul(f, mems[k][t]), i, g, out=mems[k][t + 1])
-            for k in range(D - 1, -1, -1):
-                tc = torch.tanh(mems[k][t + 1], out=tanh_mems[k][t])
-                out = mems[k - 1][t + 1] if k > 0 else hs[t + 1]
-                torch.mul(gates[k][t][3 * H :], tc, out=out)
-
-        ctx.D, ctx.tanh_outer = D, tanh_outer
-        ctx.save_for_backward(w_hh0, *w[1:], hs, *gates, *mems, *tanh_mems, *uv[1:])
-        finals = [hs[T]] + [m[T] for m in mems]
-        # fresh (T, B, H) / (B, H) tensors: callers never see the saved buffers
-        return (hs[1:].transpose(1, 2).contiguous(), *[x.t().contiguous() for x in finals])
+        outputs, saved = sequence_forward(
+            xproj, w_hh0, list(rest[: 2 * (D - 1)]), list(rest[2 * (D - 1) : -1]), tanh_outer
+        )
+        ctx.tanh_outer = tanh_outer
+        ctx.save_for_backward(*saved)
+        return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_hs, d_hT, *d_cT):
-        D, tanh_outer = ctx.D, ctx.tanh_outer
-        saved = ctx.saved_tensors
-        w_hh0 = saved[0]
-        w = [None] + list(saved[1:D])
-        hs = saved[D]
-        gates = list(saved[D + 1 : 2 * D + 1])
-        mems = list(saved[2 * D + 1 : 3 * D + 1])
-        tanh_mems = list(saved[3 * D + 1 : 4 * D + 1])
-        uv = [None] + list(saved[4 * D + 1 : 5 * D])
-        T, H, B = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-
-        def start(d):  # (B, H) incoming gradient -> (H, B) working copy, never a view: the
-            # loop updates it in place, and autograd may hand one buffer to several outputs
-            return d.t().clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(H, B)
-
-        d_gates = [hs.new_empty(T, 4 * H, B) for _ in range(D)]  # grads of pre-activations
-        dh = start(d_hT)
-        # dc[k]: gradient flowing into c_k(t) from later steps (through f_k * c_k(t))
-        dc = [start(d) for d in d_cT]
-        act_grad = hs.new_empty(4 * H, B)  # derivative of each gate's activation
-        dmem = hs.new_empty(H, B)
-        ones = hs.new_ones(H, B)
-        # W^T @ dA runs at every step: on a contiguous transposed copy (made once here) the GEMM
-        # takes the fast path, on a transposed view MKL's is 1.5-2.5x slower on this CPU
-        wt_hh0 = w_hh0.t().contiguous()
-        wt = [None] + [x.t().contiguous() for x in w[1:]]
-
-        for t in range(T - 1, -1, -1):
-            if d_hs is not None:
-                dh += d_hs[t].t()
-            # Walk down the output chain h = o_0 tanh(c_0), c_{k-1} = o_k tanh(c_k): each
-            # level's d o_k, and the total gradient of each memory c_k(t) into dc[k].
-            d_out = dh
-            for k in range(D):
-                o, tc = gates[k][t][3 * H :], tanh_mems[k][t]
-                torch.mul(d_out, tc, out=d_gates[k][t][3 * H :])  # d o_k
-                torch.addcmul(ones, tc, tc, value=-1.0, out=dmem).mul_(o)  # o (1 - tanh^2 c)
-                dc[k].addcmul_(dmem, d_out)
-                d_out = dc[k]
-            # Walk back up. The innermost memory is c = v + u with u = i*g, v = f*c(t-1); a
-            # level k above it hands (u_{k+1}, v_{k+1}) = (i_k*g_k, f_k*c_k(t-1)) down, whose
-            # gradients come from level k+1's pre-activation gradient times W_{k+1}.
-            d_u = d_v = dc[D - 1]
-            for k in range(D - 1, -1, -1):
-                G, dA = gates[k][t], d_gates[k][t]
-                i, f, g = G[:H], G[H : 2 * H], G[2 * H : 3 * H]
-                torch.mul(d_u, g, out=dA[:H])  # d i
-                torch.mul(d_v, mems[k][t], out=dA[H : 2 * H])  # d f
-                torch.mul(d_u, i, out=dA[2 * H : 3 * H])  # d g
-                torch.mul(d_v, f, out=dc[k])  # carried into c_k(t-1)
-                # sigmoid' = s (1 - s); tanh' = 1 - g^2; identity' = 1
-                torch.addcmul(G, G, G, value=-1.0, out=act_grad)  # s - s^2 (g block fixed below)
-                ag = act_grad[2 * H : 3 * H]
-                if k > 0 or tanh_outer:
-                    torch.addcmul(ones, g, g, value=-1.0, out=ag)
-                else:
-                    ag.fill_(1.0)
-                dA.mul_(act_grad)
-                if k > 0:
-                    d_uv = wt[k] @ dA  # (2H, B)
-                    d_u, d_v = d_uv[:H], d_uv[H:]
-            dh = wt_hh0 @ d_gates[0][t]  # (H, B): into h_{t-1}
-
-        # Weight gradients: one GEMM each over all T*B positions.
-        # (T, F, B) -> (F, T*B): one transposing copy each, then a single GEMM
-        flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], T * B)  # noqa: E731
-        d_w_hh0 = flat(d_gates[0]) @ flat(hs[:T]).t()
-        inner_grads = []
-        for k in range(1, D):
-            inner_grads += [flat(d_gates[k]) @ flat(uv[k]).t(), flat(d_gates[k]).sum(1)]
-        d_xproj = d_gates[0].transpose(1, 2)  # (T, B, 4H)
-        return (d_xproj, d_w_hh0, *inner_grads, dh.t(), *[d.t() for d in dc], None)
+        grads = sequence_backward(list(ctx.saved_tensors), d_hs, d_hT, list(d_cT), ctx.tanh_outer)
+        return (*grads, None)
 
 
-def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple[Tensor, State]:
+def nested_lstm_sequence(
+    cell: NestedLSTMCell, x: Tensor, state: State, cuda_graphs: bool = False
+) -> tuple[Tensor, State]:
     """Run `cell` over x of shape (T, B, in) (or (T, B) one-hot indices) from `state`.
-    Returns (output (T, B, H), final state)."""
+    Returns (output (T, B, H), final state). `cuda_graphs`: on CUDA, with gradients on, replay
+    the sequence as captured CUDA graphs (training.nlstm_graphs); elsewhere it changes nothing."""
     w_ih0, w_hh0, b0 = cell.level_weights(0)
     xproj = input_projection(x, w_ih0, b0)  # (T, B, 4H): one GEMM (or lookup) for all steps
     inner = []
@@ -366,13 +392,14 @@ def nested_lstm_sequence(cell: NestedLSTMCell, x: Tensor, state: State) -> tuple
     # The recurrence writes into preallocated float32 buffers, which autocast cannot do: under
     # autocast it runs in the parameters' dtype (the heads around it still autocast).
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out, *final = _NestedLSTMSequence.apply(
-            xproj.to(w_hh0.dtype).contiguous(),
-            w_hh0,
-            *inner,
-            *state,
-            cell.outer_activation == "tanh",
-        )
+        xproj = xproj.to(w_hh0.dtype).contiguous()
+        tanh_outer = cell.outer_activation == "tanh"
+        if cuda_graphs and x.is_cuda and torch.is_grad_enabled():
+            from training.nlstm_graphs import graphed_sequence  # imports this module
+
+            out, *final = graphed_sequence(cell, xproj, w_hh0, inner, state, tanh_outer)
+        else:
+            out, *final = _NestedLSTMSequence.apply(xproj, w_hh0, *inner, *state, tanh_outer)
     return out, tuple(final)
 
 
@@ -382,7 +409,8 @@ class NestedLSTM(nn.Module):
     forward(x, state=None) -> (output, state): x of shape (T, B, input_size), or (T, B) integer
     indices of one-hot inputs; output (T, B, hidden_size); state a tuple with one cell state
     tuple (h, c_0, ..., c_{depth-1}) per layer. `fused=False` runs the reference cell step by
-    step (slower; the same function).
+    step (slower; the same function). `cuda_graphs=True` replays the fused path as CUDA graphs
+    on CUDA while training (training.nlstm_graphs; ignored on the CPU and under no_grad).
     """
 
     def __init__(
@@ -393,6 +421,7 @@ class NestedLSTM(nn.Module):
         num_layers: int = 1,
         outer_activation: str = "identity",
         fused: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -401,6 +430,7 @@ class NestedLSTM(nn.Module):
         self.depth, self.num_layers = depth, num_layers
         self.outer_activation = outer_activation
         self.fused = fused
+        self.cuda_graphs = cuda_graphs
         self.layers = nn.ModuleList(
             NestedLSTMCell(input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation)
             for n in range(num_layers)
@@ -426,7 +456,7 @@ class NestedLSTM(nn.Module):
         for cell, s in zip(self.layers, state):
             cell.check_state(s, B)
             if self.fused and T > 0:
-                x, s = nested_lstm_sequence(cell, x, s)
+                x, s = nested_lstm_sequence(cell, x, s, self.cuda_graphs)
             else:
                 outs = []
                 for t in range(T):

@@ -68,10 +68,8 @@ from training.config import (
     model_config_for,
 )
 from training.models import build_model, count_parameters
+from training.run_folder import BEST, LAST, METRICS, existing_run_files, refuse_existing_run
 
-METRICS = "metrics.jsonl"
-LAST = "last.pt"
-BEST = "best.pt"
 TRAINER_STATE_VERSION = 1
 IGNORE = -100  # target id that cross_entropy skips (padding)
 
@@ -324,6 +322,16 @@ def versions() -> dict[str, str]:
     }
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run, with where it stood: `step` (optimizer steps done) and
+    `saved_step`, the step last.pt holds (None when this process has not written or read one).
+    A KeyboardInterrupt still, so whoever catches that catches this."""
+
+    def __init__(self, step: int, saved_step: int | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.saved_step = step, saved_step
+
+
 # ----------------------------------------------------------------------------- metrics file
 class MetricsFile:
     """metrics.jsonl: appended one flushed, fsynced line at a time. On resume it is cut back to
@@ -406,6 +414,14 @@ class Trainer:
 
         seed_everything(c.seed)  # the same initial weights on every rank
         self.model = build_model(self.model_config).to(self.device)
+        if c.cuda_graphs:  # the NLSTM's fused sequence as CUDA graphs (training.nlstm_graphs)
+            if not hasattr(self.model.core, "cuda_graphs"):
+                raise ConfigError(
+                    f"cuda_graphs applies to the nlstm core only, not {self.model_config.core!r}"
+                )
+            self.model.core.cuda_graphs = True
+            if self.device.type != "cuda":
+                self._log(f"cuda_graphs: ignored on {self.device.type} (CUDA graphs need CUDA)")
         self.train_model = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -431,6 +447,7 @@ class Trainer:
         self.last_eval_step = -1
         self.best: dict[str, dict[str, Any]] = {}
         self.last_record: dict[str, Any] = {}
+        self.saved_step: int | None = None  # the step last.pt holds, once written or restored
         self.metrics = MetricsFile(self.run_dir / METRICS)
 
     # ------------------------------------------------------------------------------- setup
@@ -477,7 +494,7 @@ class Trainer:
         )
 
     def _existing(self) -> list[str]:
-        return [n for n in (METRICS, LAST, BEST) if (self.run_dir / n).exists()]
+        return existing_run_files(self.run_dir)
 
     def close(self) -> None:
         """Release the DistributedDataParallel wrapper, which holds the process group: call it
@@ -492,11 +509,8 @@ class Trainer:
         existing = self._existing()
         if self.dist.world > 1:
             dist.barrier()  # every rank has looked before rank 0 writes anything
-        if existing and not resume:
-            raise ValueError(
-                f"{self.run_dir} already holds a run ({', '.join(existing)}); pass --resume "
-                "to continue it, or choose another --run-dir"
-            )
+        if existing and not resume:  # what this rank saw before the barrier
+            refuse_existing_run(self.run_dir, existing)
         if self.dist.main:
             self._remove_stale_temporaries()
         if resume and LAST in existing:
@@ -775,6 +789,7 @@ class Trainer:
 
     def _save_last(self) -> None:
         self._save(self.run_dir / LAST, with_optimizer=True)
+        self.saved_step = self.step
 
     def _save(self, path: Path, with_optimizer: bool) -> None:
         # Collectives first, on every rank; then rank 0 writes.
@@ -869,8 +884,12 @@ class Trainer:
         self.last_eval_step = int(ts["last_eval_step"])
         self.best = ts["best"]
         self.last_record = ts["last_record"]
+        self.saved_step = self.step
+        c = self.config
+        finished = self.epoch >= c.epochs or bool(c.max_steps and self.step >= c.max_steps)
         if self.dist.main:
             self.metrics.reset(int(ts["metrics_lines"]))
+        if self.dist.main and not finished:  # resuming a finished run records nothing
             self.metrics.append({
                 "type": "resume",
                 "step": self.step,
@@ -921,7 +940,10 @@ def train(
         trainer = Trainer(
             config, run_dir, prepared, dist_info=info, progress=progress, log=log, on_step=on_step
         )
-        summary = trainer.run(resume=resume)
+        try:
+            summary = trainer.run(resume=resume)
+        except KeyboardInterrupt:
+            raise Interrupted(trainer.step, trainer.saved_step) from None
         if own_group:
             dist.barrier()  # leave together: no rank tears down while a peer still writes
         return summary
@@ -937,6 +959,7 @@ __all__ = [
     "LAST",
     "METRICS",
     "Dist",
+    "Interrupted",
     "MetricsFile",
     "TaskData",
     "Trainer",

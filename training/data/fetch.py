@@ -145,15 +145,46 @@ def _offline_message(group: Sequence[RawFile], task_dir: Path, url: str, reason:
     )
 
 
+def _make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    created = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            continue
+        created.append(f)
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Undo _make_dirs for a download that failed: a failing command leaves no empty folders
+    behind (the data folder may be shared); folders something else filled stay."""
+    for f in reversed(created):
+        try:
+            f.rmdir()
+        except OSError:
+            pass
+
+
 def _fetch(url: str, group: Sequence[RawFile], task_dir: Path, progress: bool) -> None:
+    created: list[Path] = []
     try:
-        task_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(task_dir)
         fd, tmp_name = tempfile.mkstemp(dir=task_dir, prefix=".download-", suffix=".part")
     except OSError as exc:
+        _remove_empty(created)
         raise DownloadError(
             _offline_message(group, task_dir, url, f"cannot write there: {exc}")
         ) from None
     tmp = Path(tmp_name)
+    ok = False
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -164,15 +195,18 @@ def _fetch(url: str, group: Sequence[RawFile], task_dir: Path, progress: bool) -
         if group[0].member is None:
             (raw,) = group  # a plain URL is one file
             _install(raw, tmp, task_dir / raw.name)
-            return
-        for raw in group:
-            member_tmp = _extract(tmp, raw, task_dir)
-            try:
-                _install(raw, member_tmp, task_dir / raw.name)
-            finally:
-                member_tmp.unlink(missing_ok=True)
+        else:
+            for raw in group:
+                member_tmp = _extract(tmp, raw, task_dir)
+                try:
+                    _install(raw, member_tmp, task_dir / raw.name)
+                finally:
+                    member_tmp.unlink(missing_ok=True)
+        ok = True
     finally:
         tmp.unlink(missing_ok=True)
+        if not ok:
+            _remove_empty(created)
 
 
 def _download_to(url: str, out, progress: bool) -> None:

@@ -50,6 +50,26 @@ class InferenceStub:
                 request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/nlstm.v1.Inference/GetSession',
+                request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
+                _registered_method=True)
+        self.SnapshotSession = channel.unary_unary(
+                '/nlstm.v1.Inference/SnapshotSession',
+                request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SnapshotSessionRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SessionSnapshot.FromString,
+                _registered_method=True)
+        self.RestoreSession = channel.unary_unary(
+                '/nlstm.v1.Inference/RestoreSession',
+                request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.RestoreSessionRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/nlstm.v1.Inference/ForkSession',
+                request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/nlstm.v1.Inference/Generate',
                 request_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
@@ -87,6 +107,46 @@ class InferenceServicer:
 
     def CloseSession(self, request, context):
         """Frees a session's state. Closing an unknown session is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Where a session stands: its model, position and idle timeout, and whether a call is running
+        on it now. Answers while a call runs (with the position before that call). NOT_FOUND for an
+        unknown or expired session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotSession(self, request, context):
+        """The session's state as bytes (the format of serving/snapshot.py, docs/serving.md): keep
+        them anywhere and RestoreSession them later, on any server running the same export of the
+        model. ABORTED while a call runs on the session. With a snapshot key the server signs them
+        (HMAC-SHA256).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSession(self, request, context):
+        """A new session (new id) holding a snapshot's state, model and position; it continues exactly
+        as the snapshotted session would (the same seed gives the same text). INVALID_ARGUMENT for
+        data that is truncated, corrupt, too large for this server's models, of another format
+        version, holds non-finite values, or (when the server has a snapshot key) whose HMAC is
+        missing or does not verify; FAILED_PRECONDITION for a snapshot of a model this server does
+        not run or of another export of it (other weights); RESOURCE_EXHAUSTED when the server holds
+        its maximum of sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session (new id) with a copy of the session's state and position: several
+        continuations of one prompt. ABORTED while a call runs on the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +194,26 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionRequest.FromString,
                     response_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.GetSessionRequest.FromString,
+                    response_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.SerializeToString,
+            ),
+            'SnapshotSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotSession,
+                    request_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SnapshotSessionRequest.FromString,
+                    response_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SessionSnapshot.SerializeToString,
+            ),
+            'RestoreSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSession,
+                    request_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.RestoreSessionRequest.FromString,
+                    response_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.ForkSessionRequest.FromString,
+                    response_serializer=serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -233,6 +313,114 @@ class Inference:
             '/nlstm.v1.Inference/CloseSession',
             serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionRequest.SerializeToString,
             serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlstm.v1.Inference/GetSession',
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.GetSessionRequest.SerializeToString,
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlstm.v1.Inference/SnapshotSession',
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SnapshotSessionRequest.SerializeToString,
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.SessionSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlstm.v1.Inference/RestoreSession',
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.RestoreSessionRequest.SerializeToString,
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nlstm.v1.Inference/ForkSession',
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.ForkSessionRequest.SerializeToString,
+            serving_dot_api_dot_nlstm_dot_v1_dot_inference__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

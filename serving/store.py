@@ -1,0 +1,512 @@
+"""Session store backends: where a session's bytes live when they must outlive the process or
+be shared by replicas (`nlstm serve --session-store URL`).
+
+A backend keeps, per session id, one blob (a serving.snapshot encoding of the session) with
+an expiry (the idle timeout), and one *lease*: the token of the call that holds the session,
+with its own short expiry. The lease is what keeps the one-call-at-a-time rule across
+replicas: a call takes it before it reads the session and gives it back after its last write;
+a replica that dies mid-call stops renewing it, and it lapses after `lease_ttl` seconds, so
+another replica can serve the session from its last write. Every write made during a call
+(`commit`) is conditional on still holding the lease and on the session still existing, so a
+replica that lost its lease (paused past the lease's expiry) or a call on a session closed
+meanwhile never overwrites or resurrects anything.
+
+    file:DIR               one host: a file per session (written atomically, expiry recorded
+                           as the file's mtime), leases in files under an flock; survives a
+                           restart on the same DIR
+    redis://HOST:PORT/DB   a Redis server shared by replicas: Redis's own key expiry is the
+                           idle timeout, the lease is a key set with SET NX PX and renewed or
+                           released by compare-and-set Lua scripts
+
+(`memory`, the default, is not a backend: serving/sessions.py keeps sessions as objects in
+the process, without encoding them, as before there were stores.)
+
+Every method may raise StoreUnavailable (Redis unreachable, a file system error); the server
+answers UNAVAILABLE for calls that need a session and keeps serving the others. Methods block
+on I/O: the engine calls them from its store thread, never from the scheduler's hot loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# Session ids are secrets.token_urlsafe(16); anything else a client sends is no session (and
+# must never become a path or a key pattern).
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+# commit() outcomes
+SAVED, LEASE_LOST, GONE = 1, 0, -1
+
+
+class StoreUnavailable(Exception):
+    """The session store cannot be reached or did not answer (the servicer answers UNAVAILABLE)."""
+
+
+def valid_id(session_id: str) -> bool:
+    return bool(_SESSION_ID.fullmatch(session_id))
+
+
+class Backend:
+    """The store's interface. `ttl` and `lease_ttl` are seconds; `owner` is a lease token."""
+
+    url: str  # for messages and logs (a Redis password is masked)
+
+    def get(self, sid: str) -> bytes | None:
+        """The session's bytes, or None when it does not exist or has expired."""
+        raise NotImplementedError
+
+    def put(self, sid: str, data: bytes, ttl: float) -> None:
+        """Write a new session (no lease needed: nobody else knows its id yet)."""
+        raise NotImplementedError
+
+    def peek(self, sid: str) -> tuple[bytes | None, bool]:
+        """(the session's bytes or None, whether a call holds its lease), for a look only."""
+        raise NotImplementedError
+
+    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None) -> int:
+        """For the call holding the lease (`owner`), atomically: write `data` (None: keep the
+        stored bytes) with a new expiry of `ttl` seconds, then renew the lease for `lease_ttl`
+        seconds (None: give it back). SAVED; LEASE_LOST when `owner` no longer holds the lease;
+        GONE when the session was closed or expired (nothing is written in either case)."""
+        raise NotImplementedError
+
+    def acquire(self, sid: str, owner: str, lease_ttl: float) -> bool:
+        """Take the lease; False when another call holds it."""
+        raise NotImplementedError
+
+    def release(self, sid: str, owner: str) -> bool:
+        """Give the lease back if `owner` still holds it."""
+        raise NotImplementedError
+
+    def delete(self, sid: str) -> bool:
+        """Remove the session and its lease; False when there was no session."""
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """Sessions stored (for the active-sessions gauge and --max-sessions)."""
+        raise NotImplementedError
+
+    def expire(self) -> int:
+        """Remove expired sessions and lapsed leases; how many sessions went (0 where the
+        store expires them itself)."""
+        return 0
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def open_backend(url: str) -> Backend | None:
+    """The backend for a --session-store URL; None for `memory` (sessions in the process)."""
+    if url in ("", "memory"):
+        return None
+    if url.startswith("file:"):
+        path = url.removeprefix("file:").removeprefix("//")  # file:/srv/s or file:///srv/s
+        if not path:
+            raise ValueError("--session-store file:DIR needs a directory, e.g. file:/var/lib/nlstm/sessions")
+        return FileBackend(path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBackend(url)
+    raise ValueError(
+        f"--session-store {url!r} is not a store this server knows; use memory (the default), "
+        "file:DIR or redis://HOST:PORT/DB (rediss:// for TLS)"
+    )
+
+
+# ------------------------------------------------------------------------------------ files
+class FileBackend(Backend):
+    """Sessions as files under DIR/sessions (one per id, replaced atomically: write a temporary
+    file, fsync, rename), their expiry as the file's mtime (the deadline, in wall-clock time, so
+    it survives a restart); leases as files under DIR/leases holding "owner deadline".
+
+    Lease changes and conditional writes hold an exclusive flock on DIR/.lock (and a thread
+    lock, since flock does not exclude threads sharing one open file), so several processes on
+    one host may share DIR; reads take no lock (a rename is atomic). Not for network file
+    systems whose flock is advisory-only across hosts: use Redis to share sessions between
+    machines."""
+
+    def __init__(self, directory: str | os.PathLike, clock=time.time) -> None:
+        self.root = Path(directory)
+        self.url = f"file:{self.root}"
+        self._clock = clock
+        self._sessions, self._leases = self.root / "sessions", self.root / "leases"
+        try:
+            self._sessions.mkdir(parents=True, exist_ok=True)
+            self._leases.mkdir(exist_ok=True)
+            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ValueError(f"--session-store {self.url}: cannot use {self.root} ({exc.strerror})") from None
+        self._tlock = threading.Lock()
+        # leftovers of writes a killed process did not finish: never read, safe to remove
+        for tmp in self._sessions.glob("*.tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._tlock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _path(self, sid: str) -> Path | None:
+        return self._sessions / f"{sid}.snap" if valid_id(sid) else None
+
+    def _unavailable(self, exc: OSError) -> StoreUnavailable:
+        return StoreUnavailable(f"the session store {self.url} failed: {exc.strerror or exc}")
+
+    def _alive(self, path: Path) -> bool:
+        try:
+            return path.stat().st_mtime > self._clock()
+        except FileNotFoundError:
+            return False
+
+    def get(self, sid: str) -> bytes | None:
+        path = self._path(sid)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_mtime <= self._clock():
+                    return None  # expired: expire() removes it
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def _write(self, path: Path, data: bytes, ttl: float) -> None:
+        tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            deadline = self._clock() + ttl
+            os.utime(tmp, (deadline, deadline))  # the expiry travels with the file
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._unavailable(exc) from None
+
+    def put(self, sid: str, data: bytes, ttl: float) -> None:
+        path = self._path(sid)
+        if path is None:
+            raise ValueError(f"not a session id: {sid!r}")
+        self._write(path, data, ttl)
+
+    def _lease(self, sid: str) -> tuple[str, float] | None:
+        """(owner, deadline) of a lease that has not lapsed, under the lock."""
+        try:
+            owner, text = (self._leases / sid).read_text().split()
+            deadline = float(text)
+        except (FileNotFoundError, ValueError):  # none, or a torn write of a killed process
+            return None
+        return (owner, deadline) if deadline > self._clock() else None
+
+    def _set_lease(self, sid: str, owner: str, lease_ttl: float) -> None:
+        tmp = self._leases / f".{sid}.tmp"
+        tmp.write_text(f"{owner} {self._clock() + lease_ttl!r}")
+        os.replace(tmp, self._leases / sid)
+
+    def _held(self, sid: str, owner: str) -> int:
+        path = self._path(sid)
+        lease = self._lease(sid)
+        if lease is None or lease[0] != owner:
+            return LEASE_LOST
+        return SAVED if path is not None and self._alive(path) else GONE
+
+    def peek(self, sid: str) -> tuple[bytes | None, bool]:
+        data = self.get(sid)
+        if data is None:
+            return None, False
+        try:
+            with self._locked():
+                return data, self._lease(sid) is not None
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
+        if not valid_id(sid):
+            return GONE
+        try:
+            with self._locked():
+                held = self._held(sid, owner)
+                if held != SAVED:
+                    return held
+                if data is not None:
+                    self._write(self._path(sid), data, ttl)
+                else:
+                    deadline = self._clock() + ttl
+                    os.utime(self._path(sid), (deadline, deadline))
+                if lease_ttl is None:
+                    (self._leases / sid).unlink()
+                else:
+                    self._set_lease(sid, owner, lease_ttl)
+                return SAVED
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def acquire(self, sid, owner, lease_ttl) -> bool:
+        if not valid_id(sid):
+            return True  # nothing to hold: get() finds no session
+        try:
+            with self._locked():
+                if self._lease(sid) is not None:
+                    return False
+                self._set_lease(sid, owner, lease_ttl)
+                return True
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def release(self, sid, owner) -> bool:
+        if not valid_id(sid):
+            return False
+        try:
+            with self._locked():
+                lease = self._lease(sid)
+                if lease is None or lease[0] != owner:
+                    return False
+                (self._leases / sid).unlink()
+                return True
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def delete(self, sid) -> bool:
+        path = self._path(sid)
+        if path is None:
+            return False
+        try:
+            with self._locked():
+                alive = self._alive(path)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    (self._leases / sid).unlink()
+                return alive
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def count(self) -> int:
+        try:
+            now = self._clock()
+            n = 0
+            with os.scandir(self._sessions) as it:
+                for e in it:
+                    if e.name.endswith(".snap"):
+                        with contextlib.suppress(FileNotFoundError):
+                            n += e.stat().st_mtime > now
+            return n
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def expire(self) -> int:
+        gone = 0
+        try:
+            with self._locked():
+                now = self._clock()
+                for path in self._sessions.glob("*.snap"):
+                    try:
+                        if path.stat().st_mtime <= now:
+                            path.unlink()
+                            gone += 1
+                    except FileNotFoundError:
+                        pass
+                for lease in self._leases.iterdir():
+                    if not lease.name.startswith(".") and self._lease(lease.name) is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            lease.unlink()
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+        return gone
+
+    def ping(self) -> None:
+        if not os.access(self._sessions, os.W_OK):
+            raise StoreUnavailable(f"the session store {self.url} is not writable")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
+# ------------------------------------------------------------------------------------ Redis
+# KEYS[1] lease, KEYS[2] session; ARGV owner, lease ms (0: release), data ('' : keep the stored
+# bytes), ttl ms. Atomic on the server: nobody can take the lease or close the session between
+# the check and the write. (A snapshot is never empty, so '' is free to mean "no data".)
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+    if redis.call('PEXPIRE', KEYS[2], ARGV[4]) == 0 then return -1 end
+else
+    if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _masked(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisBackend(Backend):
+    """Sessions in Redis: `nlstm:session:ID` holds the bytes (expiring after the idle timeout,
+    which every write renews), `nlstm:lease:ID` the lease token (expiring after lease_ttl).
+
+    The client times out after `timeout` seconds and retries a failed command once, on a new
+    connection (a pooled connection is broken after Redis restarts): so a Redis that is down
+    costs a call at most about 2 x timeout, and the first command after Redis is back
+    reconnects by itself, with no restart of the server. After a failure, commands fail at once
+    for `backoff` seconds without trying: a Redis that does not answer (a host that drops
+    packets) must not hold every call, or a drain's writes, for 2 x timeout each."""
+
+    PREFIX = "nlstm:"
+
+    def __init__(self, url: str, timeout: float = 1.0, backoff: float = 0.5) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url = _masked(url)
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.BusyLoadingError)
+        self._redis_error = redis.exceptions.RedisError
+        try:
+            self.r = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1), retry_on_error=list(self._errors),
+                health_check_interval=30,
+            )
+        except ValueError as exc:
+            raise ValueError(f"--session-store {self.url}: {exc}") from None
+        self._commit = self.r.register_script(_COMMIT)
+        self._release = self.r.register_script(_RELEASE)
+        self._count = (0.0, 0)  # (when, value): SCAN walks every key, so it is cached a little
+        self._backoff = backoff
+        self._down: tuple[float, str] = (0.0, "")  # (until when commands fail at once, why)
+
+    def _keys(self, sid: str) -> tuple[str, str]:
+        return f"{self.PREFIX}lease:{sid}", f"{self.PREFIX}session:{sid}"
+
+    @contextlib.contextmanager
+    def _call(self):
+        until, why = self._down
+        if time.monotonic() < until:
+            raise StoreUnavailable(f"the session store {self.url} is unreachable ({why})")
+        try:
+            yield
+        except self._errors as exc:
+            self._down = (time.monotonic() + self._backoff, str(exc))
+            raise StoreUnavailable(f"the session store {self.url} is unreachable ({exc})") from None
+        except self._redis_error as exc:  # e.g. OOM (maxmemory), READONLY (a replica)
+            raise StoreUnavailable(f"the session store {self.url} refused the request ({exc})") from None
+
+    def get(self, sid):
+        if not valid_id(sid):
+            return None
+        with self._call():
+            return self.r.get(self._keys(sid)[1])
+
+    def put(self, sid, data, ttl):
+        if not valid_id(sid):
+            raise ValueError(f"not a session id: {sid!r}")
+        with self._call():
+            self.r.set(self._keys(sid)[1], data, px=_ms(ttl))
+
+    def peek(self, sid):
+        if not valid_id(sid):
+            return None, False
+        lease, session = self._keys(sid)
+        with self._call():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(session)
+            pipe.exists(lease)
+            data, held = pipe.execute()
+        return data, bool(held) and data is not None
+
+    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
+        if not valid_id(sid):
+            return GONE
+        lease_ms = 0 if lease_ttl is None else _ms(lease_ttl)
+        with self._call():
+            return int(self._commit(keys=self._keys(sid), args=[owner, lease_ms, data or b"", _ms(ttl)]))
+
+    def acquire(self, sid, owner, lease_ttl) -> bool:
+        if not valid_id(sid):
+            return True  # nothing to hold: get() finds no session
+        with self._call():
+            return bool(self.r.set(self._keys(sid)[0], owner, nx=True, px=_ms(lease_ttl)))
+
+    def release(self, sid, owner) -> bool:
+        if not valid_id(sid):
+            return False
+        with self._call():
+            return bool(self._release(keys=[self._keys(sid)[0]], args=[owner]))
+
+    def delete(self, sid) -> bool:
+        if not valid_id(sid):
+            return False
+        lease, session = self._keys(sid)
+        with self._call():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.delete(session)
+            pipe.delete(lease)
+            return bool(pipe.execute()[0])
+
+    def count(self) -> int:
+        when, value = self._count
+        if time.monotonic() - when < 1.0:
+            return value
+        with self._call():
+            value = sum(1 for _ in self.r.scan_iter(match=f"{self.PREFIX}session:*", count=1000))
+        self._count = (time.monotonic(), value)
+        return value
+
+    def ping(self) -> None:
+        with self._call():
+            self.r.ping()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.r.close()
+
+
+__all__ = [
+    "GONE",
+    "LEASE_LOST",
+    "SAVED",
+    "Backend",
+    "FileBackend",
+    "RedisBackend",
+    "StoreUnavailable",
+    "open_backend",
+    "valid_id",
+]
