@@ -10,9 +10,12 @@
 #
 # Needs root (debootstrap) and a Docker engine (`docker`, or $DOCKER). Each image is labelled
 # org.nlstm.local-base=RECIPE-KEY, where KEY hashes everything that goes into it; an image with
-# the current label is left alone, and the root filesystem is kept as a tarball in the cache
-# ($NLSTM_LOCAL_BASE_CACHE, default ~/.cache/nlstm/local-base), so that a later run, or a fresh
-# Docker engine, imports it in seconds instead of bootstrapping again (minutes).
+# the current label is left alone. Root filesystems are kept as tarballs in the cache
+# ($NLSTM_LOCAL_BASE_CACHE, default ~/.cache/nlstm/local-base): the Debian minbase with its
+# updates, which every recipe starts from (debootstrapped once: the slow part, minutes), and each
+# recipe's, so that a later run, or a fresh Docker engine, imports it in seconds instead of
+# bootstrapping again. A recipe installs its packages on that base with the current lists, so it
+# has the updates published since. A changed recipe or mirror replaces its tarball.
 #
 # Settings: NLSTM_DEBIAN_MIRROR (default: the host's Debian mirror from /etc/apt, else
 # deb.debian.org), NLSTM_DEBIAN_SECURITY (likewise for bookworm-security). The python image's
@@ -24,7 +27,7 @@ set -euo pipefail
 SUITE=bookworm
 # Bumped when the recipes change in a way the key below cannot see (each recipe has its own
 # revision too, below, so that changing one does not rebuild the other).
-RECIPE_VERSION=2
+RECIPE_VERSION=3
 DOCKER=${DOCKER:-docker}
 CACHE=${NLSTM_LOCAL_BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nlstm/local-base}
 
@@ -128,10 +131,14 @@ case $recipe in
         ;;
 esac
 
-key_input="$RECIPE_VERSION${revision:+.$revision} $SUITE $MIRROR $SECURITY $packages $pip_conf ${changes[*]}"
+# Two stages, each a tarball in the cache: "debian" (a minbase debootstrap of the suite with its
+# updates, shared by the recipes: the slow part, done once) and the recipe's (that, with the
+# recipe's packages installed and set up).
+hash16() { printf '%s' "$1" | sha256sum | cut -c1-16; }
+debian_label="debian-$(hash16 "$RECIPE_VERSION $SUITE $MIRROR $SECURITY")"
+key_input="$RECIPE_VERSION${revision:+.$revision} $debian_label $packages $pip_conf ${changes[*]}"
 [[ -n ${cert:-} && -f ${cert:-} ]] && key_input+=" $(sha256sum "$cert")"
-key=$(printf '%s' "$key_input" | sha256sum | cut -c1-16)
-label="$recipe-$key"
+label="$recipe-$(hash16 "$key_input")"
 
 have=$("$DOCKER" image inspect --format '{{ index .Config.Labels "org.nlstm.local-base" }}' "$tag" 2>/dev/null || true)
 if [[ $have == "$label" ]]; then
@@ -139,27 +146,62 @@ if [[ $have == "$label" ]]; then
     exit 0
 fi
 
-# ------------------------------------------------------------------ bootstrap (or the cache)
 mkdir -p "$CACHE"
 tarball="$CACHE/$label.tar"
-if [[ ! -f $tarball ]]; then
+debian_tarball="$CACHE/$debian_label.tar"
+root=""
+cleanup() { [[ -z $root ]] || rm -rf "$root" "$root.log"; }
+trap cleanup EXIT
+in_root() {  # $1: what it does (for the messages), then the command, run in the chroot
+    local what=$1; shift
+    chroot "$root" "$@" >"$root.log" 2>&1 || { tail -n 30 "$root.log" >&2; die "$what failed (log above)"; }
+}
+new_root() {
     root=$(mktemp -d "${TMPDIR:-/tmp}/nlstm-local-base.XXXXXX")
-    trap 'rm -rf "$root"' EXIT
     chmod 755 "$root"  # it becomes the image's /: mktemp's 0700 would lock out every user but root
-    say "debootstrap $SUITE ($packages) from $MIRROR"
-    debootstrap --variant=minbase --include="$packages" "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
-        || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; die "debootstrap failed (log above)"; }
-    rm -f "$root.log"
-    # Security updates: debootstrap installs the suite's point release only.
-    cat >"$root/etc/apt/sources.list" <<EOF
-deb $MIRROR $SUITE main
-deb $MIRROR $SUITE-updates main
-deb $SECURITY $SUITE-security main
-EOF
-    say "applying $SUITE-updates and $SUITE-security"
-    chroot "$root" sh -c 'apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade' >"$root.log" 2>&1 \
-        || { tail -n 30 "$root.log" >&2; rm -f "$root.log"; die "the upgrade failed (log above)"; }
-    rm -f "$root.log"
+}
+# What slim images leave out: package lists, downloaded .debs, documentation.
+slim_root() {
+    chroot "$root" apt-get -qq clean
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
+        "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/var/cache/debconf/*-old
+}
+save_root() {  # $1: the tarball; older tarballs of the same stage go
+    tar --numeric-owner -C "$root" -cf "$1.tmp" .
+    mv "$1.tmp" "$1"  # atomic: a killed run leaves no half tarball under the name
+    local old
+    for old in "${1%-*}"-*.tar; do [[ $old == "$1" ]] || rm -f "$old"; done
+    rm -rf "$root" "$root.log"
+    root=""
+}
+
+if [[ ! -f $tarball ]]; then
+    # ------------------------------------------------------------- the shared Debian stage
+    exec 9>"$CACHE/.debian.lock"
+    flock 9  # two recipes made at once bootstrap Debian once
+    if [[ ! -f $debian_tarball ]]; then
+        new_root
+        say "debootstrap $SUITE (minbase) from $MIRROR"
+        debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
+            || { tail -n 30 "$root.log" >&2; die "debootstrap failed (log above)"; }
+        # Security updates: debootstrap installs the suite's point release only.
+        printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
+            "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$SECURITY" "$SUITE" >"$root/etc/apt/sources.list"
+        say "applying $SUITE-updates and $SUITE-security"
+        in_root "the upgrade" sh -c 'apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade'
+        slim_root
+        save_root "$debian_tarball"
+    fi
+    exec 9>&-
+
+    # ---------------------------------------------------------------------- the recipe
+    new_root
+    tar --numeric-owner -C "$root" -xf "$debian_tarball"
+    say "installing ${packages//,/ } on $debian_label"
+    # the lists again, and updates published since the Debian stage was made
+    in_root "installing ${packages//,/ }" sh -c "apt-get -qq update \
+        && DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade \
+        && DEBIAN_FRONTEND=noninteractive apt-get -qq -y install --no-install-recommends ${packages//,/ }"
     if [[ -n $pip_conf ]]; then
         printf '%s' "$pip_conf" >"$root/etc/pip.conf"
         [[ -n ${cert:-} && -f ${cert:-} ]] && cp "$cert" "$root/etc/ssl/certs/pip-index.crt"
@@ -174,14 +216,8 @@ EOF
         ln -s /prometheus/data "$root/var/lib/prometheus/metrics2"
         chroot "$root" chown -R nobody:nogroup /prometheus
     fi
-    # What slim images leave out: package lists, downloaded .debs, documentation.
-    chroot "$root" apt-get -qq clean
-    rm -rf "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
-        "$root"/usr/share/info/* "$root"/var/log/*.log "$root"/var/cache/debconf/*-old
-    tar --numeric-owner -C "$root" -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"  # atomic: a killed run leaves no half tarball under the name
-    rm -rf "$root"
-    trap - EXIT
+    slim_root
+    save_root "$tarball"
 fi
 
 args=()

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real datasets are (they may be absent), and torch's thread count."""
+"""Shared fixtures: where the real datasets are (they may be absent), torch's thread count, a real
+Redis, and the Docker engine and images of the `docker` tests."""
 
 from __future__ import annotations
 
@@ -44,3 +45,29 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory):
+    """The `docker` tests' engine (tests/docker_harness.py): .ci/run's dockerd, or one started
+    here; no container the tests ran outlives the session."""
+    from docker_harness import start_engine
+
+    engine, dockerd = start_engine(tmp_path_factory.mktemp("dockerd"))
+    try:
+        yield engine
+        # dangling images left by rebuilds of changed sources go too (the tagged images and the
+        # build cache stay, for the next run)
+        engine.docker("container", "prune", "-f", check=False)
+        engine.docker("image", "prune", "-f", check=False)
+    finally:
+        if dockerd is not None:
+            dockerd.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_images(docker_engine):
+    """Each image built once per session, by whichever test needs it first."""
+    from docker_harness import Images
+
+    return Images(docker_engine)

@@ -1,13 +1,19 @@
-"""A Docker engine of the tests' own, for tests/test_docker.py: dockerd started here (as root,
-overlay2 storage, else vfs, which needs no kernel support), on a private socket, and stopped
-when the tests are done, with everything it ran.
+"""A Docker engine for the `docker` tests (tests/test_docker.py), and the images they share.
 
-Where it cannot run (not root; dockerd, runc or debootstrap missing) the tests skip and say why;
-under CI (CI=true, or NLSTM_REQUIRE_DOCKER=1, which .ci/run sets after .ci/docker.sh installed
-Docker) they fail instead: there the images must be checked.
+The engine: the one at NLSTM_DOCKER_HOST when that is set (.ci/run starts dockerd itself, with
+.ci/dockerd.sh, and stops it at the end), else a dockerd started here (as root, overlay2 storage,
+else vfs, which needs no kernel support), on a private socket, and stopped when the tests are
+done, with everything it ran. Either way its data root (NLSTM_DOCKER_ROOT, default
+/var/lib/nlstm-test-docker) outlives the tests, so a second run on the same machine finds the
+local bases and the build cache (minutes saved).
 
-Its data root (NLSTM_DOCKER_ROOT, default /var/lib/nlstm-test-docker) outlives the tests, so a
-second run on the same machine finds the local base and the build cache (minutes saved).
+Images: `Images` builds each one at most once per pytest session (deploy/build-image.sh, with
+--local-base), whichever test asks first; the conftest.py fixtures `docker_engine` and
+`docker_images` are session-scoped, so every test module shares them.
+
+Where Docker cannot run (not root; dockerd, runc or debootstrap missing) the tests skip and say
+why; under CI (CI=true, or NLSTM_REQUIRE_DOCKER=1, which .ci/run sets for its Docker step) they
+fail instead: there the images must be checked.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -79,6 +85,63 @@ class Engine:
         # made here from Debian packages, or brought up to date if its recipe changed
         self.run([str(REPO / "deploy" / "local-base.sh"), "--for-image", image], timeout=1500)
         return "local"
+
+
+@dataclass
+class Build:
+    """One deploy/build-image.sh run: its output, how long it took, and whether it worked."""
+
+    target: str
+    log: str
+    seconds: float
+    ok: bool
+
+
+@dataclass
+class Images:
+    """The images of one pytest session: each built (or its base made) once, on first use."""
+
+    engine: Engine
+    builds: dict[str, Build] = field(default_factory=dict)
+    bases: dict[str, str] = field(default_factory=dict)
+
+    def build(self, target: str, check: bool = True) -> Build:
+        """deploy/build-image.sh TARGET --local-base, once per session (a failure too: it is
+        reported to every test that needs the image, not retried)."""
+        if target not in self.builds:
+            start = time.monotonic()
+            out = self.engine.run([str(REPO / "deploy" / "build-image.sh"), target, "--local-base"],
+                                  timeout=2400, check=False)
+            seconds = time.monotonic() - start
+            self.builds[target] = Build(target, out.stdout + out.stderr, seconds, out.returncode == 0)
+            print(f"nlstm:{target}: {'built' if out.returncode == 0 else 'FAILED'} in {seconds:.0f} s "
+                  f"(storage driver {self.engine.env.get('NLSTM_STORAGE_DRIVER')})")
+        build = self.builds[target]
+        if check and not build.ok:
+            raise AssertionError(f"deploy/build-image.sh {target} --local-base failed:\n{tail(build.log)}")
+        return build
+
+    def base(self, image: str) -> str:
+        """`image` present (Engine.ensure_image), once per session."""
+        if image not in self.bases:
+            self.bases[image] = self.engine.ensure_image(image)
+        return self.bases[image]
+
+
+def start_engine(workdir: Path) -> tuple[Engine, Dockerd | None]:
+    """The engine at NLSTM_DOCKER_HOST (started by .ci/run) if set, else a dockerd of our own
+    (returned, for the caller to stop)."""
+    host = os.environ.get("NLSTM_DOCKER_HOST")
+    if host:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        engine = Engine({**env, "DOCKER_HOST": host})
+        info = engine.docker("info", "--format", "{{.Driver}}", timeout=30, check=False)
+        if info.returncode != 0:
+            unavailable(f"NLSTM_DOCKER_HOST={host} does not answer: {info.stderr.strip()}")
+        engine.env["NLSTM_STORAGE_DRIVER"] = info.stdout.strip()
+        return engine, None
+    dockerd = Dockerd(workdir)
+    return dockerd.engine, dockerd
 
 
 class Dockerd:

@@ -1,4 +1,5 @@
-"""The images built and run for real, on a dockerd these tests start (tests/docker_harness.py).
+"""The images built and run for real, on .ci/run's dockerd (NLSTM_DOCKER_HOST) or one these tests
+start (tests/docker_harness.py); each image built once per session (conftest.py's fixtures).
 
 - deploy/build-image.sh serve-cpu builds the CPU serving image, on a base built from Debian
   packages by deploy/local-base.sh where no registry is reachable; the build context holds only
@@ -10,11 +11,15 @@
   and `docker stop` ends it with exit code 0 well within the grace period;
 - the GPU image: built where its CUDA base is at hand (and then its onnxruntime must offer
   CUDA); elsewhere the script and the Dockerfile say what is missing;
-- compose: the server and a real Prometheus (Debian's, where prom/prometheus cannot be pulled)
-  that scrapes it: its HTTP API holds an nlstm_ series after a call, and its alert rules load.
+- compose: both server replicas, Redis (Debian's redis-server on the local Python base) and a
+  real Prometheus (Debian's, where prom/prometheus cannot be pulled): a session created through
+  replica 1 is served by replica 2; Prometheus scrapes both, its HTTP API holds their nlstm_
+  series after the calls, and its alert rules load.
 
-Slow (minutes: a first run bootstraps the base and builds; later runs reuse both). Skipped
-without root or Docker, except under CI, where they fail instead (docker_harness.required).
+Marked `docker` (and `slow`): the README's `python -m pytest -q` leaves them out, .ci/run runs
+them in its second step (`-m "docker or long"`). Minutes: a first run bootstraps the bases and
+builds; later runs reuse both. Skipped without root or Docker, except under CI, where they fail
+instead (docker_harness.required).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import urllib.request
 import grpc
 import pytest
 import yaml
-from docker_harness import REPO, Dockerd, Engine, tail
+from docker_harness import REPO, Engine, tail
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
@@ -47,25 +52,14 @@ REQUEST = {"model": "ptb-nlstm", "prompt": "the company said ", "max_chars": 80,
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    dockerd = Dockerd(tmp_path_factory.mktemp("dockerd"))
-    try:
-        yield dockerd.engine
-        # this engine is the tests' own: no container outlives them; dangling images left by
-        # rebuilds of changed sources go too (the tagged images and the build cache stay)
-        dockerd.engine.docker("container", "prune", "-f", check=False)
-        dockerd.engine.docker("image", "prune", "-f", check=False)
-    finally:
-        dockerd.stop()
+def engine(docker_engine) -> Engine:
+    return docker_engine
 
 
 @pytest.fixture(scope="module")
-def serve_image(engine) -> dict:
-    start = time.monotonic()
-    out = engine.run([str(REPO / "deploy" / "build-image.sh"), "serve-cpu", "--local-base"], timeout=2400)
-    seconds = time.monotonic() - start
-    print(f"{TAG}: base and build in {seconds:.0f} s (storage driver {engine.env.get('NLSTM_STORAGE_DRIVER')})")
-    return {"log": out.stdout + out.stderr, "seconds": seconds}
+def serve_image(docker_images) -> dict:
+    build = docker_images.build("serve-cpu")
+    return {"log": build.log, "seconds": build.seconds}
 
 
 def _free_port() -> int:
@@ -217,9 +211,10 @@ def test_the_serving_container(engine, serve_image, host_server):
 
 
 # ------------------------------------------------------------------------------------- the GPU
-def test_the_gpu_image_builds_as_far_as_its_base_allows(engine, serve_image):
+def test_the_gpu_image_builds_as_far_as_its_base_allows(engine, docker_images, serve_image):
     cuda = os.environ.get("CUDA_IMAGE", "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04")
-    out = engine.run([str(REPO / "deploy" / "build-image.sh"), "serve-gpu", "--local-base"], timeout=2400, check=False)
+    build = docker_images.build("serve-gpu", check=False)
+    out = subprocess.CompletedProcess([], 0 if build.ok else 1, "", build.log)
     if engine.docker("image", "inspect", cuda, check=False).returncode == 0:
         assert out.returncode == 0, tail(out.stdout + out.stderr)
         providers = engine.docker("run", "--rm", "--entrypoint", "python", "nlstm:serve-gpu", "-c",
@@ -239,46 +234,79 @@ def test_the_gpu_image_builds_as_far_as_its_base_allows(engine, serve_image):
 
 
 # ---------------------------------------------------------------------------------- compose
-def test_compose_runs_the_server_and_a_prometheus_that_scrapes_it(engine, serve_image, tmp_path):
+def _prometheus_api(port: int, path: str, **query) -> dict:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
+    reply = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert reply["status"] == "success", reply
+    return reply["data"]
+
+
+def test_compose_two_replicas_share_sessions_in_redis_and_prometheus_scrapes_both(engine, docker_images, serve_image):
+    """docker-compose.yml's server, server-2, redis and prometheus (Grafana has no local image):
+    a session created through replica 1 is served by replica 2 (one Redis, no affinity), and
+    Prometheus scrapes both replicas, holds their nlstm_ series and loads the alert rules."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    prom_image = compose["prometheus"]["image"]
-    engine.ensure_image(prom_image)
-    grpc_port, prom_port = _free_port(), _free_port()
-    env = {**engine.env, "NLSTM_GRPC_PORT": str(grpc_port), "NLSTM_PROMETHEUS_PORT": str(prom_port)}
+    assert compose["redis"]["image"] == "nlstm:redis" and compose["server-2"]["image"] == TAG
+    docker_images.base(compose["prometheus"]["image"])  # Debian's Prometheus where it cannot be pulled
+    docker_images.build("redis")  # Debian's redis-server on the (local) Python base
+    ports = {name: _free_port() for name in ("NLSTM_GRPC_PORT", "NLSTM_GRPC_PORT_2", "NLSTM_PROMETHEUS_PORT")}
+    compose_env = Engine({**engine.env, **{k: str(v) for k, v in ports.items()}})
     project = f"nlstm-test-{os.getpid()}"
     cmd = [*engine.compose_command(), "-p", project, "-f", str(REPO / "docker-compose.yml")]
-    compose_env = Engine(env)
+    services = ["server", "server-2", "redis", "prometheus"]
     try:
-        # Grafana's image has no Debian stand-in: the server and Prometheus only (docs/deploy.md)
-        # the server's image is the one deploy/build-image.sh built above (compose v1 builds
-        # through docker-py, whose context misses the CLI's build cache: minutes for nothing)
-        compose_env.run([*cmd, "up", "-d", "--no-build", "server", "prometheus"], timeout=600)
-        target = f"127.0.0.1:{grpc_port}"
-        _wait("the composed server answers SERVING", lambda: _health(target) == "SERVING", 120)
-        _generate(target)
+        # the images deploy/build-image.sh built (compose v1 builds through docker-py, whose
+        # context misses the CLI's build cache: minutes for nothing)
+        compose_env.run([*cmd, "up", "-d", "--no-build", *services], timeout=600)
+        one, two = f"127.0.0.1:{ports['NLSTM_GRPC_PORT']}", f"127.0.0.1:{ports['NLSTM_GRPC_PORT_2']}"
+        for target in (one, two):
+            _wait(f"the composed server at {target} answers SERVING", lambda t=target: _health(t) == "SERVING", 120)
+        _generate(one)  # a call without a session
 
-        def api(path: str, **query) -> dict:
-            url = f"http://127.0.0.1:{prom_port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
-            reply = json.loads(urllib.request.urlopen(url, timeout=10).read())
-            assert reply["status"] == "success", reply
-            return reply["data"]
+        # a session created through replica 1 and continued through replica 2 (its state in
+        # Redis) makes what a session kept on replica 1 makes with the same seeds
+        with grpc.insecure_channel(one) as ch1, grpc.insecure_channel(two) as ch2:
+            r1, r2 = pb_grpc.InferenceStub(ch1), pb_grpc.InferenceStub(ch2)
+            moved, stayed = (r1.CreateSession(pb.CreateSessionRequest(model=REQUEST["model"]), timeout=30).session_id
+                             for _ in range(2))
 
-        # one scrape after the call (every 15 s): the Generate is in Prometheus
-        query = 'nlstm_requests_total{method="Generate",code="OK"}'
-        series = _wait("Prometheus holds the Generate call",
-                       lambda: api("query", query=query)["result"], 120, interval=3)
-        assert float(series[0]["value"][1]) == 1.0 and series[0]["metric"]["job"] == "nlstm"
-        (target_state,) = api("targets")["activeTargets"]
-        assert target_state["health"] == "up" and target_state["labels"]["job"] == "nlstm"
+            def gen(stub, sid: str, seed: int) -> str:
+                req = pb.GenerateRequest(session_id=sid, prompt="the ", max_chars=40, temperature=1.0, seed=seed)
+                return "".join(r.text for r in stub.Generate(req, timeout=60))
+
+            first, second = gen(r1, moved, 1), gen(r2, moved, 2)
+            assert (first, second) == (gen(r1, stayed, 1), gen(r1, stayed, 2))
+            assert len(set(first + second)) > 3
+            assert r2.GetSession(pb.GetSessionRequest(session_id=moved), timeout=30).position == 2 * (4 + 40)
+            assert r1.GetSession(pb.GetSessionRequest(session_id=moved), timeout=30).position == 2 * (4 + 40)
+        # Generate calls: replica 1 four (one without a session, three on sessions), replica 2 one
+        expected = {"server:9090": 4.0, "server-2:9090": 1.0}
+
+        # Prometheus scrapes both replicas (every 15 s): their targets up, the calls in its series
+        def scraped():
+            targets = _prometheus_api(ports["NLSTM_PROMETHEUS_PORT"], "targets")["activeTargets"]
+            up = {t["labels"]["instance"] for t in targets if t["health"] == "up" and t["labels"]["job"] == "nlstm"}
+            result = _prometheus_api(ports["NLSTM_PROMETHEUS_PORT"], "query",
+                                     query='sum by (instance) (nlstm_requests_total{method="Generate",code="OK"})')["result"]
+            got = {r["metric"]["instance"]: float(r["value"][1]) for r in result}
+            return (up, got) if up == set(expected) and got == expected else None
+
+        _wait("Prometheus scrapes both replicas and holds their Generate calls", scraped, 120, interval=3)
+        # an nlstm_ gauge from each replica, calls or not
+        gauges = _prometheus_api(ports["NLSTM_PROMETHEUS_PORT"], "query", query="nlstm_max_sessions")["result"]
+        assert {g["metric"]["instance"] for g in gauges} == set(expected)
+
         # every alert rule of deploy/prometheus/alerts.yml loaded and evaluates without error
-        expected = {r["alert"] for g in yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"]
-                    for r in g["rules"]}
+        expected_rules = {r["alert"] for g in yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"]
+                          for r in g["rules"]}
         groups = _wait("Prometheus evaluated the alert rules",
-                       lambda: [g for g in api("rules", type="alert")["groups"]
+                       lambda: [g for g in _prometheus_api(ports["NLSTM_PROMETHEUS_PORT"], "rules", type="alert")["groups"]
                                 if all(r.get("lastEvaluation", "0001").startswith("2") for r in g["rules"])], 60)
         loaded = {r["name"]: r for g in groups for r in g["rules"]}
-        assert set(loaded) == expected
+        assert set(loaded) == expected_rules
         assert all(r["health"] == "ok" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
     finally:
         down = compose_env.run([*cmd, "down", "--remove-orphans", "-v", "-t", "15"], timeout=300, check=False)
         assert down.returncode == 0, down.stderr
+        left = engine.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.split()
+        assert left == [], f"compose down left containers: {left}"
