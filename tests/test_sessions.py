@@ -26,6 +26,7 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Engine, Limits
 from serving.formats import image_to_glimpses
+from serving.requests import GenerateParams
 from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
 from serving.server import shutdown
@@ -264,7 +265,7 @@ def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
     sid = sid_of(stub)
 
     async def stuck():
-        chars = engine.generate(CHAR_MODEL, sid, "the", 4000, 1.0, 0, 0.0, 1, [], False)
+        chars = engine.generate(GenerateParams(CHAR_MODEL, sid, "the", 4000, temperature=1.0, seed=1))
         first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
         # one message per character meanwhile (interval 0, no budget), all waiting: let the
         # stream run to its end, then let the event loop take every message posted (each one
