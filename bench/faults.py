@@ -46,10 +46,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from _server import REPO, Server, glimpse_requests, models_folder, pick_models
+from _server import REPO, glimpse_requests, models_folder, pick_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
 RELEASE_LIMIT = 5.0  # seconds a freed session may take to be usable again before it counts as held
 UNDISPATCHED_WITHIN = 0.5  # d: seconds after SIGTERM in which grpc cancels the calls it holds undispatched

@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, TEXT, ServerThread, export_tiny_models
 
 from serving import snapshot
 from serving.api.nlstm.v1 import inference_pb2 as pb
@@ -30,6 +29,8 @@ from serving.requests import GenerateParams
 from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
 from serving.server import shutdown
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT, export_tiny_models
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 LIMITS = {"max_chars": 4000, "max_text": 100_000, "max_wait": 0.005, "stream_interval": 0.0,
