@@ -1,7 +1,8 @@
 """What one running call is made of, between the engine's coroutine and the scheduler's
 thread: a Generate's sequence built from its request (`generate_sequence`, which the local
 backend `nlstm generate --backend onnx` shares, so that a seed gives the server's text), the
-mailbox its characters arrive in, and a ClassifyGlimpses stream (`GlimpseStream`).
+mailbox its characters arrive in, a ClassifyGlimpses stream (`GlimpseStream`), and what the
+checkpoint task of a shared session store needs of a running call (`Call`).
 
 The engine (serving/engine.py) opens and finishes calls on sessions; these pieces only carry a
 call's data. No gRPC, no torch.
@@ -10,6 +11,7 @@ call's data. No gRPC, no torch.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -17,10 +19,11 @@ import numpy as np
 from serving.errors import ResourceExhausted
 from serving.requests import GenerateParams, GlimpseParams
 from serving.sampling import Sampler, log_softmax
-from serving.scheduler import GenerateSequence, GlimpseSequence
+from serving.sequences import GenerateSequence, GlimpseSequence, Sequence
 
 if TYPE_CHECKING:
     from serving.engine import Engine
+    from serving.sessions import Session
 
 
 def generate_sequence(p: GenerateParams, tok, texts: list[str], state: np.ndarray, logits: np.ndarray | None,
@@ -116,3 +119,13 @@ class GlimpseStream:
         # scheduler, which drops it now (a stream marked finished here stayed in the scheduler,
         # and in nlstm_active_sequences, until some other call woke it).
         await self.engine._finish(self.name, self.session, self.seq, self._sent)
+
+
+@dataclass
+class Call:
+    """A running call on a session in a shared store (what the checkpoint task needs)."""
+
+    name: str
+    session: Session
+    seq: Sequence
+    keep: object  # () -> (state, logits, position) | None

@@ -34,14 +34,13 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
 from serving import snapshot
 from serving.auth import current_caller
-from serving.calls import GlimpseStream, Mailbox, generate_sequence, id_texts
+from serving.calls import Call, GlimpseStream, Mailbox, generate_sequence, id_texts
 from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.errors import (
     Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable,
@@ -501,16 +500,6 @@ class Engine:
         stream = GlimpseStream(self, name, session, seq)
         self._track(name, session, seq, lambda: stream._sent)
         return stream
-
-
-@dataclass
-class Call:
-    """A running call on a session in a shared store (what the checkpoint task needs)."""
-
-    name: str
-    session: Session
-    seq: Sequence
-    keep: object  # () -> (state, logits, position) | None
 
 
 def _retrieved(job: asyncio.Future) -> None:
