@@ -39,7 +39,7 @@ from pathlib import Path
 
 import grpc
 from _server import REPO, pick_models
-from faults import Result, run_scenarios, spawn, status
+from _scenarios import Result, run_scenarios, spawn, status
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
