@@ -38,11 +38,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, Server, pick_models
-from faults import Result, run_scenarios, spawn, status
+from _server import REPO, pick_models
+from _scenarios import Result, run_scenarios, spawn, status
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
 GLIMPSE = [0.5] * 49
 

@@ -1,5 +1,5 @@
 """Fuzzing a real `nlstm serve` process: thousands of random and malformed requests to every rpc,
-drawn by hypothesis from the strategies of tests/fuzzlib.py and judged by its checker (the
+drawn by hypothesis from the strategies of serving/testing/fuzz.py and judged by its checker (the
 same ones tests/test_fuzz.py runs a bounded number of against an in-process server).
 
 Prints a table: per rpc the requests sent, the status codes they got, how many were INTERNAL or
@@ -28,13 +28,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, Server
+from _server import REPO
 
-from serving.engine import Limits
-
-sys.path.insert(0, str(REPO / "tests"))  # the fuzzer, and the tests' tiny models
-from fuzzlib import RPCS, Fuzzer, Outcome, fuzz
-from server_harness import export_tiny_models
+from serving.limits import Limits
+from serving.testing.fuzz import RPCS, Fuzzer, Outcome, fuzz
+from serving.testing.process import Server
+from training.testing.models import export_tiny_models
 
 LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)
 FLAGS = ("--max-chars", str(LIMITS.max_chars), "--max-text", str(LIMITS.max_text),

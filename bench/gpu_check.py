@@ -91,11 +91,9 @@ def find_ptb(data_dir: str) -> Path | None:
 
 def smoke_main(device: str, run_dir: Path) -> None:
     """Stage 3, run in a child process: train a small NLSTM on a synthetic stream twice."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from trainer_data import stream_prepared
-
     from training.checkpoint import load_checkpoint
     from training.config import TrainConfig
+    from training.testing.data import stream_prepared
     from training.trainer import LAST, read_metrics, train
 
     prepared = stream_prepared(run_dir / "data", n_train=20_000, n_eval=2_000)

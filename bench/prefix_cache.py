@@ -26,7 +26,9 @@ import statistics
 import time
 from pathlib import Path
 
-from _server import REPO, Server, readme_lines
+from _server import REPO, readme_lines
+
+from serving.testing.process import Server
 
 GOAL = 20.0  # the uncached over the cached time to the first character, 2,000-character prompt
 

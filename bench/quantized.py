@@ -41,9 +41,6 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-for p in (str(REPO), str(BENCH)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 # The issue's goals: raw step-rate ratios (int8 over float32) for the PTB model, the served
 # characters/s ratio at 64 streams, and the cost on the full test splits.
@@ -108,8 +105,9 @@ def step_rates(f32: Path, int8: Path, batches: list[int], rounds: int, seconds: 
 def served_rates(f32: Path, int8: Path, streams: int, rounds: int, seconds: float) -> dict:
     """One server over both models; float32 and int8 windows of `streams` Generate streams
     alternating, starting and ending with float32; ratio of each int8 window to its neighbours."""
-    from _server import Server
     from serve_load import load
+
+    from serving.testing.process import Server
 
     with tempfile.TemporaryDirectory(prefix="nlstm-quant-serve-") as tmp:
         root = Path(tmp)
@@ -145,11 +143,12 @@ def test_costs(f32: Path, int8: Path, data_dir: Path | None, cache_dir: Path | N
 def smoke_pair(root: Path) -> tuple[Path, Path]:
     """A tiny random char model and its int8 copy, on synthetic data (torch in a subprocess)."""
     code = (
-        "import sys; from pathlib import Path; from _server import export_random, readme_lines; "
-        "export_random(Path(sys.argv[1]), 32, '\\n'.join(readme_lines()))"
+        "import sys; from pathlib import Path; from training.testing.models import export_random_char; "
+        "export_random_char(Path(sys.argv[1]), 32, sys.stdin.read().splitlines())"
     )
-    subprocess.run([sys.executable, "-c", code, str(root)], check=True, cwd=BENCH,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])})
+    lines = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines() if line]
+    subprocess.run([sys.executable, "-c", code, str(root / "random-nlstm")], input="\n".join(lines), text=True,
+                   check=True)  # the lines: bench/_server.py's readme_lines
     from serving.formats import TOKENIZER_FILE, Tokenizer
     from training.data.task import StreamSplit
     from training.quantize import EvalData, quantize_folder

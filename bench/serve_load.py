@@ -41,7 +41,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _server import REPO, Server, export_random, readme_lines, redis_server
+from _server import RANDOM_MODEL, REPO, readme_lines
+
+from serving.testing.process import Server, redis_server
+from training.testing.models import export_random_char
 
 # the goals: the server's chars/s over the raw step rate at the same batch size
 GOALS = {64: 0.8, 1: 0.7}
@@ -201,7 +204,7 @@ def main() -> None:
     if folder is None:
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
-        name = export_random(folder, args.hidden, "\n".join(readme_lines()))
+        name = export_random_char(folder / RANDOM_MODEL, args.hidden, readme_lines()).name
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
     if args.max_messages_per_s is None:

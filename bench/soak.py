@@ -36,10 +36,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from _server import REPO, Server, glimpse_requests, models_folder, pick_models, readme_lines
+from _server import REPO, glimpse_requests, models_folder, pick_models, readme_lines
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
 RPCS = ("Generate", "Score", "ClassifyGlimpses", "CreateSession", "CloseSession")
 RECREATE = 1 / 25  # chance, before each call, that a worker replaces its session

@@ -56,10 +56,10 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
     prompt, stop strings, end marker) and the same sampling arithmetic (serving.sampling.draw,
     alone or in a batch), so a seed gives the server's text for the same request."""
-    from serving.engine import Limits, banned_ids, id_texts
+    from serving.calls import generate_sequence, id_texts
     from serving.formats import start_id
-    from serving.sampling import Sampler
-    from serving.scheduler import GenerateSequence
+    from serving.limits import Limits
+    from serving.requests import GenerateParams
 
     out = out or sys.stdout
     m = _local_model(models_dir, model, providers, threads)
@@ -79,9 +79,10 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
             out.flush()
             pieces.append(text)
 
+    # the request a server's Generate without a session would get: the same sequence, sampler and seed
+    params = GenerateParams(model, "", prompt, max_chars, temperature, top_k, top_p, seed, tuple(stop))
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
-    seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit, boundaries=False)
+    seq = generate_sequence(params, tok, id_texts(tok), m.initial_state(1)[0], None, feed, emit, boundaries=False)
     while not seq.finished:
         post: list = []
         if seq.wants_sample:

@@ -1,6 +1,7 @@
 """The serving domain: Generate, Score and glimpse classification over exported models, with
-sessions and batched steps. No gRPC here: the servicer converts protos and maps the errors
-below to status codes.
+sessions and batched steps. No gRPC here: the servicer turns each request proto into a checked
+request object (serving/requests.py), which the calls below take, and maps the domain's errors
+(serving/errors.py) to status codes.
 
 Each model is served through its `Batcher` (one batched step graph call for all sequences
 that are ready). A sequence's place is (state, logits): the state after the last symbol fed
@@ -33,56 +34,27 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
 from serving import snapshot
-from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.auth import current_caller
-from serving.formats import GLIMPSE_SIZE, start_id
+from serving.calls import Call, GlimpseStream, Mailbox, generate_sequence, id_texts
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
+from serving.errors import (
+    Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable,
+)
+from serving.formats import start_id
+from serving.limits import Limits
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
-from serving.sampling import Sampler, check_sampling, log_softmax
-from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
+from serving.requests import GenerateParams, GlimpseParams, ScoreParams
+from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, Scheduler, ScoreSequence, Sequence
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 from serving.store import Backend, StoreUnavailable, open_backend
 
 log = logging.getLogger("nlstm.serving")
-
-
-# The errors of the domain, each one gRPC status code (see the .proto's header).
-class ServingError(Exception):
-    code = "UNKNOWN"
-
-
-class NotFound(ServingError):
-    code = "NOT_FOUND"
-
-
-class InvalidArgument(ServingError):
-    code = "INVALID_ARGUMENT"
-
-
-class FailedPrecondition(ServingError):
-    code = "FAILED_PRECONDITION"
-
-
-class ResourceExhausted(ServingError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Aborted(ServingError):
-    code = "ABORTED"
-
-
-class Unavailable(ServingError):
-    code = "UNAVAILABLE"
-
-
-class DataLoss(ServingError):
-    code = "DATA_LOSS"
 
 
 class ServedModel(Protocol):
@@ -97,44 +69,6 @@ class ServedModel(Protocol):
     # step's inputs, and sessions keep rows of them. check=False: skip the model's own input
     # checks (the scheduler builds the inputs itself).
     def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@dataclass
-class Limits:
-    """Server limits and batching settings (flags and environment variables of `nlstm serve`)."""
-
-    max_chars: int = 4096  # most characters one Generate may ask for
-    max_text: int = 100_000  # longest Score text or Generate prompt, in characters
-    max_sessions: int = 1024
-    idle_timeout: float = 600.0  # seconds
-    max_batch: int = 64  # sequences advanced together in one step
-    max_wait: float = 0.002  # seconds the oldest waiting step waits for company
-    # Generate: after a message, a stream's next one waits until this many seconds have passed
-    # and carries every character made meanwhile (0: each as soon as it is made, within the
-    # message budget below). Each message costs the server about 0.1 ms of Python (gRPC's and
-    # ours) on the cores the model needs, and the client as much again.
-    stream_interval: float = 0.05
-    # Generate: the most messages per second all of one model's streams send together (0: no
-    # budget). With n streams running, a stream's messages are at least n / this seconds apart
-    # (when that is longer than stream_interval; at most 10 s): 400 keeps 50 ms up to 20
-    # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
-    # share of the CPU.
-    max_messages_per_s: float = 400.0
-    max_stop: int = 4  # stop strings one Generate may give
-    # the longest stop string, in characters: each generated character is checked against the
-    # stream's stop strings (a tail of this length is kept), and the request holds them
-    max_stop_chars: int = 256
-    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
-    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
-    # beyond max_sessions
-    max_sessions_per_client: int = 0
-    # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
-    prefix_cache_mb: float = 64.0
-    # With a file or Redis session store: how often a running call writes its session (and
-    # renews its lease, which lapses after 3 of these, at least LEASE_MIN: how long a dead
-    # replica's sessions stay locked). A replica that dies loses at most this much of a long
-    # Generate.
-    checkpoint_interval: float = 2.0
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
@@ -460,17 +394,11 @@ class Engine:
             await self._store(self.store.release, session)
 
     # -------------------------------------------------------------- text
-    async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
-        if not text:
-            raise InvalidArgument("text must not be empty")
-        if len(text) > self.limits.max_text:
-            raise ResourceExhausted(
-                f"text has {len(text)} characters; this server scores at most {self.limits.max_text} per call"
-            )
-        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Score")
+    async def score(self, params: ScoreParams):
+        name, model, session, state, logits = await self._open(params.model, params.session_id, "char", "Score")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        enc = model.tokenizer.encode(text)
+        enc = model.tokenizer.encode(params.text)
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
         seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
                             lambda s: done.done() or done.set_result(s))
@@ -491,15 +419,13 @@ class Engine:
             "bits_per_char": total / len(enc.ids),
             "total_bits": total,
             "num_chars": len(enc.ids),
-            "bits": seq.bits.astype(np.float32).tolist() if per_char else [],
+            "bits": seq.bits.astype(np.float32).tolist() if params.per_char else [],
             "unknown_chars": int(enc.unknown_chars),
-            "boundaries": [b.decode() for b in seq.boundaries] if per_char else [],
+            "boundaries": [b.decode() for b in seq.boundaries] if params.per_char else [],
             "position": position,
         }
 
-    async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
-                       temperature: float, top_k: int, top_p: float, seed: int | None,
-                       stop: list[str], logprobs: bool) -> AsyncIterator[tuple[str, list[float], str]]:
+    async def generate(self, p: GenerateParams) -> AsyncIterator[tuple[str, list[float], str, int]]:
         """Yields (text, bits, finish_reason, position): the characters generated since the last
         yield (several when the reader is slower than generation), finish_reason "" until the
         last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the
@@ -508,30 +434,8 @@ class Engine:
         The caller asks for the next item only once it has sent the last one: that is how this
         generator knows which messages went out. When it is closed, the session keeps the prompt
         and the characters of the messages sent (their boundary states, kept by the sequence)."""
-        if not 1 <= max_chars <= self.limits.max_chars:
-            raise InvalidArgument(f"max_chars must be in [1, {self.limits.max_chars}], got {max_chars}")
-        try:
-            check_sampling(temperature, top_k, top_p)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        if len(stop) > self.limits.max_stop or any(not s for s in stop):
-            raise InvalidArgument(
-                f"stop takes at most {self.limits.max_stop} non-empty strings, got {len(stop)}"
-                + (" including an empty one" if any(not s for s in stop) else "")
-            )
-        longest = max(map(len, stop), default=0)
-        if longest > self.limits.max_stop_chars:
-            raise InvalidArgument(
-                f"a stop string has {longest} characters; this server allows at most "
-                f"{self.limits.max_stop_chars} per stop string"
-            )
-        if len(prompt) > self.limits.max_text:
-            raise ResourceExhausted(
-                f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
-            )
-        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Generate")
+        name, model, session, state, logits = await self._open(p.model, p.session_id, "char", "Generate")
         tok = model.tokenizer
-        banned = banned_ids(tok)
         box = Mailbox()
 
         def put(text, bits, reason, made) -> None:  # a message (or the end) from the scheduler
@@ -541,7 +445,7 @@ class Engine:
                 seq.forget(waiting[-1][3])
             box.put(text, bits, reason, made)
 
-        prompt_ids = [int(i) for i in tok.encode(prompt).ids]
+        prompt_ids = [int(i) for i in tok.encode(p.prompt).ids]
         feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
         recorder = None
         if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
@@ -549,11 +453,8 @@ class Engine:
             state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
         base = session.position if session is not None else 0
         sent = 0  # symbols generated up to the end of the last message sent
-        seq = GenerateSequence(
-            state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
-            self.texts[name], tok.eos_id, put, interval=self.limits.stream_interval,
-            boundaries=session is not None,
-        )
+        seq = generate_sequence(p, tok, self.texts[name], state, logits, feed, put,
+                                interval=self.limits.stream_interval, boundaries=session is not None)
         seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
@@ -590,23 +491,15 @@ class Engine:
             await self._finish(name, session, seq, keep())
 
     # ------------------------------------------------------------- glimpses
-    async def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
-        name, model, session, state, _ = await self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
+    async def glimpse_stream(self, first: GlimpseParams) -> GlimpseStream:
+        """A ClassifyGlimpses stream on the model or session its first message names (the
+        caller then pushes that message's glimpse too)."""
+        name, model, session, state, _ = await self._open(first.model, first.session_id, "glimpse", "ClassifyGlimpses")
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         stream = GlimpseStream(self, name, session, seq)
         self._track(name, session, seq, lambda: stream._sent)
         return stream
-
-
-@dataclass
-class Call:
-    """A running call on a session in a shared store (what the checkpoint task needs)."""
-
-    name: str
-    session: Session
-    seq: Sequence
-    keep: object  # () -> (state, logits, position) | None
 
 
 def _retrieved(job: asyncio.Future) -> None:
@@ -615,93 +508,8 @@ def _retrieved(job: asyncio.Future) -> None:
         job.exception()
 
 
-def id_texts(tok) -> list[str]:
-    """Each id's text, decoded once (generation emits one id per character); markers and the
-    unknown piece are empty."""
-    special = {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
-    return [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
-
-
-def banned_ids(tok) -> tuple[int, ...]:
-    """Ids Generate never samples: the unknown piece, the begin marker, padding."""
-    return tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
-
-
-class Mailbox:
-    """A Generate call's characters, put by the scheduler's callbacks and taken by the call's
-    coroutine, both on the event loop (lighter than an asyncio.Queue: one list, one waiter)."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self.waiter: asyncio.Future | None = None
-
-    def put(self, *item) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def take(self) -> list:
-        """Every item put since the last take; waits for one if there is none."""
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.take_nowait()
-
-    def take_nowait(self) -> list:
-        items, self.items = self.items, []
-        return items
-
-
-class GlimpseStream:
-    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried. The
-    session keeps the glimpses whose answers were sent: the caller says so with `sent()`."""
-
-    def __init__(self, engine: Engine, name: str, session, seq: GlimpseSequence):
-        self.engine, self.name, self.session, self.seq = engine, name, session, seq
-        self.steps = 0
-        self.base = session.position if session is not None else 0
-        self._answer = None  # (state, logits, position) after the last glimpse answered
-        self._sent = None  # the same after the last answer sent
-
-    async def push(self, pixels) -> tuple[int, list[float], int]:
-        if self.steps >= self.engine.limits.max_glimpses:
-            raise ResourceExhausted(
-                f"this stream has sent {self.steps} glimpses, the most one stream may send; "
-                "continue in a new stream on the same session"
-            )
-        x = np.asarray(pixels, dtype=np.float32)
-        if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise InvalidArgument(
-                f"a glimpse is {GLIMPSE_SIZE} finite floats in [0, 1] (7x7, row-major); got "
-                f"{x.size} values" + ("" if x.size != GLIMPSE_SIZE or np.isfinite(x).all() else " with NaN or infinity")
-            )
-        loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        self.seq.inputs.append((x, lambda *out: reply.done() or reply.set_result(out)))
-        self.engine.schedulers[self.name].poke()
-        logits, state = await reply
-        self.steps += 1
-        self._answer = (state, logits, self.base + self.steps)
-        self.engine.metrics.glimpses.labels(self.name).inc()
-        p = np.exp(log_softmax(logits))
-        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p)), self.base + self.steps
-
-    def sent(self) -> None:
-        """The answer to the last glimpse went out: the session will keep that glimpse."""
-        self._sent = self._answer
-
-    async def close(self) -> None:
-        # Nothing more will come. Not marked finished: _finish marks it cancelled and wakes the
-        # scheduler, which drops it now (a stream marked finished here stayed in the scheduler,
-        # and in nlstm_active_sequences, until some other call woke it).
-        await self.engine._finish(self.name, self.session, self.seq, self._sent)
-
-
+# The errors and Limits are defined in serving/errors.py and serving/limits.py; the engine is
+# where callers have always found them.
 __all__ = [
     "Aborted", "DataLoss", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
     "NotFound", "ResourceExhausted", "ServingError", "Unavailable",

@@ -148,11 +148,11 @@ def models_with_hmlstm(root: Path) -> Path:
     """root/ holding links to the bundled models and a tiny random HM-LSTM character model
     (tiny-hmlstm, 3 layers of 8 cells: its boundaries are all the page can show of it)."""
     import torch
-    from server_harness import TEXT
 
     from training.data.tokenizer import train_char_tokenizer
     from training.export import export_model
     from training.models import ModelConfig, build_model
+    from training.testing.models import TEXT
 
     root.mkdir(parents=True, exist_ok=True)
     for name in ("ptb-nlstm", "mnist-nlstm"):
@@ -170,9 +170,8 @@ def screenshots(out: Path) -> list[Path]:
     a (random) HM-LSTM under scored text."""
     import tempfile
 
-    from server_harness import ServerThread
-
     from serving.engine import Limits
+    from serving.testing.inprocess import ServerThread
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,6 +214,5 @@ def screenshots(out: Path) -> list[Path]:
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # server_harness
     for path in screenshots(Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "docs")):
         print(path)

@@ -1,5 +1,5 @@
-"""The server under a property-based fuzzer (hypothesis, tests/fuzzlib.py): random and malformed
-requests to every rpc, sent as raw bytes. Each must get a status code that docs/serving.md
+"""The server under a property-based fuzzer (hypothesis, serving/testing/fuzz.py): random and
+malformed requests to every rpc, sent as raw bytes. Each must get a status code that docs/serving.md
 documents for it (never INTERNAL, never UNKNOWN), and after each batch the server must still
 answer known-good requests as it did at the start. bench/fuzz.py runs thousands of them against
 a real `nlstm serve` process.
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fuzzlib import RPCS, SLOW_EXAMPLES, Fuzzer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
 from serving.servicer import MAX_DETAILS, SERVICE
+from serving.testing.fuzz import RPCS, SLOW_EXAMPLES, Fuzzer
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
 
 LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)  # small, so that random sizes reach them
 BATCHES = 100  # hypothesis examples per rpc, each a batch of 1 to 4 requests

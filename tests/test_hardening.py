@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import ServerThread, export_tiny_models, wait_for
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -28,6 +27,8 @@ from serving.limits import (
     request_bytes_needed,
 )
 from serving.settings import SERVE_RANGES, check_serve_settings
+from serving.testing.inprocess import ServerThread, wait_for
+from training.testing.models import export_tiny_models
 
 GLIMPSE = [0.5] * 49
 

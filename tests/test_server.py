@@ -17,12 +17,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Limits
 from serving.formats import image_to_glimpses
+from serving.testing.inprocess import ServerThread
+from training.testing.models import export_tiny_models
 
 
 @pytest.fixture(scope="module")

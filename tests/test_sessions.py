@@ -19,16 +19,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, TEXT, ServerThread, export_tiny_models
 
 from serving import snapshot
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Engine, Limits
 from serving.formats import image_to_glimpses
+from serving.requests import GenerateParams
 from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
 from serving.server import shutdown
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT, export_tiny_models
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 LIMITS = {"max_chars": 4000, "max_text": 100_000, "max_wait": 0.005, "stream_interval": 0.0,
@@ -264,7 +266,7 @@ def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
     sid = sid_of(stub)
 
     async def stuck():
-        chars = engine.generate(CHAR_MODEL, sid, "the", 4000, 1.0, 0, 0.0, 1, [], False)
+        chars = engine.generate(GenerateParams(CHAR_MODEL, sid, "the", 4000, temperature=1.0, seed=1))
         first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
         # one message per character meanwhile (interval 0, no budget), all waiting: let the
         # stream run to its end, then let the event loop take every message posted (each one

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the gRPC server (hypothesis): a request strategy for every rpc, with
 mostly-invalid fields mixed with valid ones, and a checker that knows from docs/serving.md which
-status codes each request may get.
+status codes each request may get. Needs hypothesis (the dev extra).
 
 tests/test_fuzz.py runs a bounded number of examples against an in-process server and
 bench/fuzz.py thousands against a real `nlstm serve` process; both send each request with
@@ -35,8 +35,7 @@ from hypothesis import strategies as st
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.engine import Limits
-from serving.limits import request_bytes_needed
+from serving.limits import Limits, request_bytes_needed
 from serving.servicer import SERVICE
 
 METHODS = pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name
