@@ -201,8 +201,3 @@ def test_quantized_smoke():
         assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
     assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
     assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]
-
-def test_scheduler_overhead_smoke():
-    out = run_bench("scheduler_overhead.py", "--smoke")
-    assert [r["boundaries"] for r in out["results"]] == [True, False]
-    assert all(r["cpu_us_per_step"] > 0 for r in out["results"])
