@@ -26,6 +26,7 @@ with its figures, and the script exits 1 if any failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -38,8 +39,8 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, pick_models
 from _scenarios import Result, run_scenarios, spawn, status
+from _server import REPO, pick_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -162,10 +163,8 @@ async def metrics_idle(server: Server, smoke: bool) -> Result:
         s.settimeout(0.0 if smoke else 15.0)
     if not smoke:
         for s in conns:
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionError, OSError):
                 s.recv(1)
-            except (TimeoutError, ConnectionError, OSError):
-                pass
             closed_at.append(time.perf_counter() - t0)
     for s in conns:
         s.close()

@@ -41,8 +41,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 from _scenarios import (
-    Bystander, Result, check_counted, check_released, create, drain, run_scenarios, server_counts,
-    spawn, status, usable_after,
+    Bystander,
+    Result,
+    check_counted,
+    check_released,
+    create,
+    drain,
+    run_scenarios,
+    server_counts,
+    spawn,
+    status,
+    usable_after,
 )
 from _server import glimpse_requests, pick_models
 
@@ -163,7 +172,7 @@ async def disconnect(server: Server, smoke: bool) -> Result:
         calls.update(Generate=n, ClassifyGlimpses=n)
         for g in gens:
             await g.read()
-        for s, st in zip(glimpses, streams):
+        for s, st in zip(glimpses, streams, strict=True):
             await st.write(glimpse_requests(rng, session_id=s)[0])
             await st.read()
         await abrupt.close(grace=None)
@@ -354,9 +363,9 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
     def fine(call: tuple) -> bool:
         rpc, issued, ended, code = call
         undispatched = ended < t_sig + UNDISPATCHED_WITHIN
-        return (code == "OK" and issued < t_down and ended <= deadline or code == "UNAVAILABLE"
-                or code == "CANCELLED" and undispatched
-                or code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched)
+        return ((code == "OK" and issued < t_down and ended <= deadline) or code == "UNAVAILABLE"
+                or (code == "CANCELLED" and undispatched)
+                or (code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched))
 
     windows = {"before SIGTERM": (-math.inf, t_sig), "until NOT_SERVING": (t_sig, t_down),
                "after NOT_SERVING": (t_down, math.inf)}

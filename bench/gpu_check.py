@@ -140,7 +140,11 @@ def main() -> None:
     if args.smoke and args.device == "cpu":
         CHILD_ENV["OMP_NUM_THREADS"] = "1"
     start = time.monotonic()
-    left = lambda: args.budget_s - (time.monotonic() - start)
+
+    def left() -> float:
+        """Seconds of the budget not yet spent."""
+        return args.budget_s - (time.monotonic() - start)
+
     py = sys.executable
     device_name, versions = describe(args.device)
     stages = []

@@ -75,7 +75,7 @@ def main() -> None:
         for skip in (False, True, False, True):  # interleaved: noise hits both alike
             core.skip_copy = skip
             t0 = time.perf_counter()
-            out, _, z, counts = core(tokens, return_boundaries=True)
+            out, _, _, counts = core(tokens, return_boundaries=True)
             results.setdefault(skip, []).append(time.perf_counter() - t0)
             results[("out", skip)] = out
             results[("counts", skip)] = counts

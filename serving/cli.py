@@ -27,7 +27,9 @@ def env_default(name: str, default, cast=str):
     try:
         return cast(value)
     except ValueError:
-        raise SystemExit(f"nlstm: environment variable NLSTM_{name}={value!r} is not a valid {cast.__name__}")
+        raise SystemExit(
+            f"nlstm: environment variable NLSTM_{name}={value!r} is not a valid {cast.__name__}"
+        ) from None
 
 
 def _default_models_dir() -> Path:

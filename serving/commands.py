@@ -18,7 +18,6 @@ import numpy as np
 
 from serving.client import Client, Glimpse, ScoreResult, SessionInfo, Snapshot
 
-
 # What a command says when no server answers; generate and score add the local backend.
 NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on port 50051) or pass --target HOST:PORT"
 LOCAL_HINT = "; or run without a server: --backend onnx"
@@ -63,7 +62,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
 
     out = out or sys.stdout
     m = _local_model(models_dir, model, providers, threads)
-    if not 1 <= max_chars:
+    if max_chars < 1:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
     max_stop, max_stop_chars = Limits().max_stop, Limits().max_stop_chars  # the server's default bounds
     if len(stop) > max_stop or any(not s for s in stop):
@@ -118,7 +117,7 @@ def print_score(text: str, num_chars: int, total_bits: float, bits_per_char: flo
     print(f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
           + (f", {unknown_chars} unknown" if unknown_chars else ""))
     if per_char:
-        for ch, b in zip(text, bits):
+        for ch, b in zip(text, bits, strict=True):  # one figure per character
             print(f"{ch!r}\t{b:.3f}")
 
 

@@ -33,8 +33,9 @@ import functools
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -43,14 +44,28 @@ from serving.auth import current_caller
 from serving.calls import Call, GlimpseStream, Mailbox, generate_sequence, id_texts
 from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.errors import (
-    Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable,
+    Aborted,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
 )
 from serving.formats import start_id
 from serving.limits import Limits
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
 from serving.requests import GenerateParams, GlimpseParams, ScoreParams
-from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, Scheduler, ScoreSequence, Sequence
+from serving.scheduler import (
+    MAX_SPACING,
+    GenerateSequence,
+    GlimpseSequence,
+    Scheduler,
+    ScoreSequence,
+    Sequence,
+)
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 from serving.store import Backend, StoreUnavailable, open_backend
 
@@ -215,7 +230,7 @@ class Engine:
             await asyncio.sleep(self.limits.checkpoint_interval)
             calls = list(self._calls.values())
             results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
-            for call, result in zip(calls, results):
+            for call, result in zip(calls, results, strict=True):
                 if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
                     log.warning("%s", result)
                     call.seq.cancelled = True
@@ -494,7 +509,7 @@ class Engine:
     async def glimpse_stream(self, first: GlimpseParams) -> GlimpseStream:
         """A ClassifyGlimpses stream on the model or session its first message names (the
         caller then pushes that message's glimpse too)."""
-        name, model, session, state, _ = await self._open(first.model, first.session_id, "glimpse", "ClassifyGlimpses")
+        name, _, session, state, _ = await self._open(first.model, first.session_id, "glimpse", "ClassifyGlimpses")
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         stream = GlimpseStream(self, name, session, seq)

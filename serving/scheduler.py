@@ -40,7 +40,7 @@ import operator
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -352,7 +352,7 @@ class Scheduler:
                 if streams is not None:
                     streams.stepped(new_states, logits)
                 else:
-                    for s, row_logits, row_state in zip(batch, logits, new_states):
+                    for s, row_logits, row_state in zip(batch, logits, new_states, strict=True):
                         s.advance(row_logits, row_state, post)
                 last = (batch, new_states, logits)
             except Exception as exc:  # a failing graph fails the calls in it, not the server
@@ -398,7 +398,7 @@ class Scheduler:
             tokens[greedy_rows] = greedy(logits[greedy_rows], banned)
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
         now = time.monotonic()
-        for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+        for i, (s, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             b = float(-lp[i, token] * LOG2E) if lp is not None and s.logprobs else None
             s.take_sample(token, b, post, now, spacing)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class ScoreSequence(Sequence):
     def advance(self, logits, state, post) -> None:
         self.pos = (state, logits)
         if self._scored:
-            for b, slot in zip(self.boundaries, self.z_slots):
+            for b, slot in zip(self.boundaries, self.z_slots, strict=True):
                 b.append(49 if state[slot, 0] > 0.5 else 48)  # '1' / '0' after this character
         if not self.ready():
             self.finished = True

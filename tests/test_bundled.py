@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-import pytest
 
 MNIST = REPO / "exported" / "mnist-nlstm"
 PTB = REPO / "exported" / "ptb-nlstm"

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from importlib.metadata import packages_distributions
@@ -39,11 +40,6 @@ from packaging.utils import canonicalize_name
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.metrics import Metrics
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -201,7 +201,7 @@ def test_bytes_of_requests_in_flight_are_bounded(models_dir):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "bytes of requests in flight" in details and f"limit is {need + 10_000} bytes" in details
         assert s.metric("nlstm_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"}) == 1
-        for event, call in zip(go_on, calls):
+        for event, call in zip(go_on, calls, strict=True):
             event.set()
             assert list(call) == []
         assert s.stub.Score(pb.ScoreRequest(model="tiny-char", text=text)).num_chars == 1000

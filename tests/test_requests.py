@@ -61,7 +61,7 @@ def test_generate_params_at_the_limits_pass():
 def test_score_params():
     p = ScoreParams.from_pb(pb.ScoreRequest(model="m", session_id="s", text="the cat", per_char=True), LIMITS)
     assert p == ScoreParams("m", "s", "the cat", True)
-    with pytest.raises(InvalidArgument, match="^text must not be empty$"):
+    with pytest.raises(InvalidArgument, match=r"^text must not be empty$"):
         ScoreParams.from_pb(pb.ScoreRequest(model="m"), LIMITS)
     with pytest.raises(ResourceExhausted, match=r"^text has 21 characters; this server scores at most 20 per call$"):
         ScoreParams.from_pb(pb.ScoreRequest(model="m", text="x" * 21), LIMITS)
@@ -97,5 +97,5 @@ def test_a_later_glimpse_names_no_model_or_session():
     GlimpseParams.from_pb(pb.GlimpseRequest(model="m", pixels=[0.0] * 49)).follows("m")  # its own model: allowed
     for request in (pb.GlimpseRequest(model="other", pixels=[0.0] * 49),
                     pb.GlimpseRequest(session_id="s", pixels=[0.0] * 49)):
-        with pytest.raises(InvalidArgument, match="^model and session_id go on the first message of a stream only$"):
+        with pytest.raises(InvalidArgument, match=r"^model and session_id go on the first message of a stream only$"):
             GlimpseParams.from_pb(request).follows("m")

@@ -401,7 +401,7 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     r = server.stub.Score(pb.ScoreRequest(model="tiny-char", text=text_file.read_text(), per_char=True))
     bpc_local = float(local[0].split(", ")[2].split()[0])
     assert bpc_local == pytest.approx(r.bits_per_char, abs=1e-4)
-    for a, b in zip(served[1:], local[1:]):
+    for a, b in zip(served[1:], local[1:], strict=True):
         assert a.split("\t")[0] == b.split("\t")[0] and float(a.split("\t")[1]) == pytest.approx(
             float(b.split("\t")[1]), abs=2e-3)
     # the local backend's own mistakes: one line, exit status 2

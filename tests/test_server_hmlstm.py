@@ -71,7 +71,7 @@ def test_boundaries_continue_across_a_session(server, hm_model):
     a = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[:17], per_char=True))
     b = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[17:], per_char=True))
     stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id))
-    assert [x + y for x, y in zip(a.boundaries, b.boundaries)] == torch_boundaries(hm_model, PHRASE)
+    assert [x + y for x, y in zip(a.boundaries, b.boundaries, strict=True)] == torch_boundaries(hm_model, PHRASE)
 
 
 def test_no_boundaries_without_per_char_or_a_boundary_detector(server):
