@@ -193,8 +193,8 @@ def run_scenarios(label: str, scenarios: str, run, smoke_help: str) -> None:
     ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
     ap.add_argument("--smoke", action="store_true", help=smoke_help)
     args = ap.parse_args()
-    print(f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
     with models_folder(args.models) as folder:
         results = []
         for name in args.only:

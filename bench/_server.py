@@ -59,8 +59,9 @@ async def pick_models(stub) -> tuple[str, str]:
     glimpses = [m.name for m in listed if m.num_classes]
     if not chars or not glimpses:
         raise SystemExit(
-            f"the server runs {[m.name for m in listed]}; this needs a character model and a glimpse "
-            "classifier (--tiny exports a random character model beside the bundled mnist-nlstm)"
+            f"the server runs {[m.name for m in listed]}; this needs a character model and a "
+            "glimpse classifier (--tiny exports a random character model beside the bundled "
+            "mnist-nlstm)"
         )
     return chars[0], glimpses[0]
 

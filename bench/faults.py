@@ -67,10 +67,12 @@ DISCONNECTING_CLIENT = r"""
 import asyncio, sys
 import grpc
 from serving.api.nlstm.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
-target, max_chars, chars, glimpses = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
+target, max_chars = sys.argv[1], int(sys.argv[2])
+chars, glimpses = sys.argv[3].split(","), sys.argv[4].split(",")
 async def main():
     stub = pb_grpc.InferenceStub(grpc.aio.insecure_channel(target))
-    gens = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0)) for s in chars]
+    gens = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0))
+            for s in chars]
     for g in gens:
         await g.read()
     streams = [stub.ClassifyGlimpses() for _ in glimpses]
@@ -94,7 +96,8 @@ from serving.api.nlstm.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_g
 target, max_chars, sessions = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 async def main():
     stub = pb_grpc.InferenceStub(grpc.aio.insecure_channel(target))
-    calls = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0, logprobs=True))
+    calls = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0,
+                                              logprobs=True))
              for s in sessions]
     for c in calls:
         await c.initial_metadata()
@@ -267,7 +270,8 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
                 health.append((exc.code().name, time.perf_counter()))
 
         async def long_generate(first: asyncio.Event) -> None:
-            # more characters than the grace period allows: stopped GENERATE_END_MARGIN before its end
+            # more characters than the grace period allows: stopped GENERATE_END_MARGIN before its
+            # end
             call = stub.Generate(pb.GenerateRequest(model=char, max_chars=1_000_000, temperature=1.0))
             last = await call.read()
             first.set()

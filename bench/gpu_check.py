@@ -241,14 +241,15 @@ def ptb_stage(args, left, speed: dict | None, tmp: Path) -> dict:
 def render(summary: dict, stages: list[dict]) -> str:
     """The Markdown block to paste into the docs."""
     title = (f"### gpu_check: {summary['device_name']} ({summary['device']}), torch {summary['torch']}, "
-             f"CUDA {summary['cuda'] or '-'}, {summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget")
+             f"CUDA {summary['cuda'] or '-'}, "
+             f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget")
     out = [title, "", "| stage | status | seconds | result |", "|---|---|---|---|"]
     for s in stages:
         out.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {stage_result(s)} |")
     speed = stages[1].get("result")
     if speed:
-        head = (f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden {speed['hidden']}; "
-                f"GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):")
+        head = (f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden "
+                f"{speed['hidden']}; GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):")
         out += ["", head, "",
                 "| kind | chars/s | ratio vs nn.LSTM | GFLOP/s | of peak |", "|---|---|---|---|---|"]
         for k, r in speed["kinds"].items():
@@ -263,7 +264,8 @@ def render(summary: dict, stages: list[dict]) -> str:
         m = ptb["minutes_for_35_epochs"]
         line = (f"PTB: {ptb['step']} steps at {ptb['train_chars_per_s']:,.0f} chars/s, valid BPC "
                 f"{ptb['valid_bpc']:.3f}; 35 epochs ({ptb['batches_per_epoch']} steps each) would take "
-                f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: {'met' if m < GOAL_MINUTES else 'not met'}).")
+                f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: "
+                f"{'met' if m < GOAL_MINUTES else 'not met'}).")
         out += ["", line]
     return "\n".join(out)
 
@@ -281,7 +283,8 @@ def stage_result(s: dict) -> str:
         return (f"learned: {r['learned']}, same weights with and without graphs: {r['same_weights']} "
                 f"(max difference {r['max_weight_difference']:.1e})")
     if s["name"] == "ptb" and s.get("train_chars_per_s"):
-        return f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC {s['valid_bpc']:.3f}"
+        return (f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC "
+                f"{s['valid_bpc']:.3f}")
     return s.get("output", "")[-200:].replace("\n", " ").replace("|", "/")
 
 

@@ -49,41 +49,45 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     a = p.add_argument
     a("--models", type=Path, default=env_default("MODELS", _default_models_dir(), Path),
-      help="folder of exported models, one per sub-folder; a model's name is its folder's [NLSTM_MODELS] "
-           "(default: the bundled exported/)")
+      help="folder of exported models, one per sub-folder; a model's name is its folder's "
+           "[NLSTM_MODELS] (default: the bundled exported/)")
     a("--host", default=env_default("HOST", "[::]"), help="address to bind [NLSTM_HOST] (default: all)")
     a("--port", type=int, default=env_default("PORT", 50051, int),
       help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
     a("--http-port", type=int, default=env_default("HTTP_PORT", None, int),
-      help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on this port, "
-           "bound to --host; off unless set [NLSTM_HTTP_PORT]")
+      help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on "
+           "this port, bound to --host; off unless set [NLSTM_HTTP_PORT]")
     a("--metrics-port", type=int, default=env_default("METRICS_PORT", 9090, int),
       help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
     a("--metrics-host", default=env_default("METRICS_HOST", None),
-      help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] (default: --host)")
+      help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] "
+           "(default: --host)")
     a("--max-sessions", type=int, default=env_default("MAX_SESSIONS", 1024, int),
-      help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: 1024)")
+      help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: "
+           "1024)")
     a("--max-sessions-per-client", type=int, default=env_default("MAX_SESSIONS_PER_CLIENT", 0, int),
-      help="sessions one client (its API key, or its address without --api-keys-file) may hold; 0: no bound "
-           "[NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)")
+      help="sessions one client (its API key, or its address without --api-keys-file) may hold; "
+           "0: no bound [NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)")
     a("--max-client-requests-per-s", type=float, default=env_default("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
-      help="calls per second one client may start, in bursts of twice that; more get RESOURCE_EXHAUSTED; 0: no "
-           "limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)")
+      help="calls per second one client may start, in bursts of twice that; more get "
+           "RESOURCE_EXHAUSTED; 0: no limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)")
     a("--idle-timeout", type=float, default=env_default("IDLE_TIMEOUT", 600.0, float),
-      help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] (default: 600)")
+      help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] "
+           "(default: 600)")
     a("--max-batch", type=int, default=env_default("MAX_BATCH", 64, int),
       help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
     a("--max-wait-ms", type=float, default=env_default("MAX_WAIT_MS", 2.0, float),
-      help="how long the oldest waiting step waits to fill a batch, 0 to 1000 [NLSTM_MAX_WAIT_MS] (default: 2)")
+      help="how long the oldest waiting step waits to fill a batch, 0 to 1000 "
+           "[NLSTM_MAX_WAIT_MS] (default: 2)")
     a("--stream-interval-ms", type=float, default=env_default("STREAM_INTERVAL_MS", 50.0, float),
-      help="Generate: the least time between two messages of a stream, each carrying every character "
-           "made meanwhile (the first is sent at once); 0 sends each as it is made, within "
+      help="Generate: the least time between two messages of a stream, each carrying every "
+           "character made meanwhile (the first is sent at once); 0 sends each as it is made, within "
            "--max-messages-per-s [NLSTM_STREAM_INTERVAL_MS] (default: 50)")
     a("--max-messages-per-s", type=float, default=env_default("MAX_MESSAGES_PER_S", 400.0, float),
-      help="Generate: the most messages per second all of one model's streams send together; with N "
-           "streams each stream's messages are at least N / this seconds apart (at most 10 s) when that is "
-           "longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at 64); 0 turns the budget off "
-           "[NLSTM_MAX_MESSAGES_PER_S] (default: 400)")
+      help="Generate: the most messages per second all of one model's streams send together; "
+           "with N streams each stream's messages are at least N / this seconds apart (at most 10 s) "
+           "when that is longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at "
+           "64); 0 turns the budget off [NLSTM_MAX_MESSAGES_PER_S] (default: 400)")
     a("--max-chars", type=int, default=env_default("MAX_CHARS", 4096, int),
       help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
     a("--max-text", type=int, default=env_default("MAX_TEXT", 100_000, int),
@@ -93,11 +97,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     a("--max-glimpses", type=int, default=env_default("MAX_GLIMPSES", 4096, int),
       help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)")
     a("--max-request-bytes", type=int, default=env_default("MAX_REQUEST_BYTES", 0, int),
-      help="largest request message in bytes after decompression; 0 sizes it from --max-text and the stop "
-           "limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)")
+      help="largest request message in bytes after decompression; 0 sizes it from --max-text and "
+           "the stop limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)")
     a("--max-inflight-bytes", type=int, default=env_default("MAX_INFLIGHT_BYTES", 64 << 20, int),
-      help="bytes of request messages all running calls together may hold; more get RESOURCE_EXHAUSTED "
-           "[NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)")
+      help="bytes of request messages all running calls together may hold; more get "
+           "RESOURCE_EXHAUSTED [NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)")
     a("--max-concurrent-calls", type=int, default=env_default("MAX_CONCURRENT_CALLS", 4096, int),
       help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
            "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)")
@@ -105,30 +109,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
       help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]")
     a("--tls-key", type=Path, default=env_default("TLS_KEY", None, Path), help="PEM private key of --tls-cert [NLSTM_TLS_KEY]")
     a("--tls-client-ca", type=Path, default=env_default("TLS_CLIENT_CA", None, Path),
-      help="PEM CA: mutual TLS, every client must present a certificate it signed [NLSTM_TLS_CLIENT_CA]")
+      help="PEM CA: mutual TLS, every client must present a certificate it signed "
+           "[NLSTM_TLS_CLIENT_CA]")
     a("--api-keys-file", type=Path, default=env_default("API_KEYS_FILE", None, Path),
-      help="file of API keys, one a line: every call but health checks must send 'authorization: Bearer KEY', "
-           "and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
+      help="file of API keys, one a line: every call but health checks must send 'authorization: "
+           "Bearer KEY', and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
     a("--prefix-cache-mb", type=int, default=env_default("PREFIX_CACHE_MB", 64, int),
-      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its prefill "
-           "(docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
+      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its "
+           "prefill (docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
     a("--grace", type=float, default=env_default("GRACE", 10.0, float),
       help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
     a("--threads", type=int, default=env_default("THREADS", 0, int),
       help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
     a("--providers", default=env_default("PROVIDERS", "auto"),
-      help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda [NLSTM_PROVIDERS]")
+      help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda "
+           "[NLSTM_PROVIDERS]")
     a("--snapshot-key-file", type=Path, default=env_default("SNAPSHOT_KEY_FILE", None, Path),
-      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding whitespace "
-           "is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and RestoreSession refuses "
-           "snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: none, snapshots are checksummed only)")
+      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding "
+           "whitespace is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and "
+           "RestoreSession refuses snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: "
+           "none, snapshots are checksummed only)")
     a("--session-store", default=env_default("SESSION_STORE", "memory"),
-      help="where sessions live: memory (this process), file:DIR (survives a restart on the same DIR) or "
-           "redis://HOST:PORT/DB (shared by replicas: any replica serves any session) [NLSTM_SESSION_STORE] "
-           "(default: memory)")
+      help="where sessions live: memory (this process), file:DIR (survives a restart on the same "
+           "DIR) or redis://HOST:PORT/DB (shared by replicas: any replica serves any session) "
+           "[NLSTM_SESSION_STORE] (default: memory)")
     a("--session-checkpoint-s", type=float, default=env_default("SESSION_CHECKPOINT_S", 2.0, float),
-      help="file or Redis store: how often a running call writes its session and renews its lease (a dead "
-           "replica's sessions are free again after 3 of these, at least 2 s) [NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
+      help="file or Redis store: how often a running call writes its session and renews its "
+           "lease (a dead replica's sessions are free again after 3 of these, at least 2 s) "
+           "[NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
     a("--log-level", default=env_default("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
     p.set_defaults(handler=_run_serve)
 
@@ -205,7 +213,8 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
                    help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     p.add_argument("--api-key", default=env_default("API_KEY", None),
-                   help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' [NLSTM_API_KEY]")
+                   help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' "
+                        "[NLSTM_API_KEY]")
     p.add_argument("--tls-ca", type=Path, default=env_default("TLS_CA", None, Path),
                    help="connect over TLS, trusting the server certificate this PEM CA signed [NLSTM_TLS_CA]")
     p.add_argument("--tls-client-cert", type=Path, default=env_default("TLS_CLIENT_CERT", None, Path),
@@ -217,10 +226,11 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("server", "onnx"), default="server",
-                   help="server: a running nlstm serve (--target); onnx: the exported folder --models/--model, "
-                        "run here on onnxruntime (no server, no torch) (default: server)")
+                   help="server: a running nlstm serve (--target); onnx: the exported folder "
+                        "--models/--model, run here on onnxruntime (no server, no torch) (default: server)")
     p.add_argument("--models", type=Path, default=env_default("MODELS", _default_models_dir(), Path),
-                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled exported/)")
+                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled "
+                        "exported/)")
     p.add_argument("--providers", default=env_default("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
                    help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
     p.add_argument("--threads", type=int, default=0,
@@ -229,12 +239,13 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="sample text from a running server (or a local exported model), streamed as it arrives",
-        description="Sample text from a character model and print it as it arrives: after the start symbol "
-                    "and --prompt, up to --max-chars characters, stopping early at the model's end marker or a "
-                    "--stop text. --backend server (the default) asks a running `nlstm serve` (--target); "
-                    "--backend onnx runs the exported folder --models/--model here on onnxruntime (no server, "
-                    "no torch), with the same sampling, so the same --seed gives the same text.",
+        "generate", help="sample text from a running server (or a local exported model), streamed as it "
+                         "arrives",
+        description="Sample text from a character model and print it as it arrives: after the "
+                    "start symbol and --prompt, up to --max-chars characters, stopping early at the model's "
+                    "end marker or a --stop text. --backend server (the default) asks a running `nlstm serve` "
+                    "(--target); --backend onnx runs the exported folder --models/--model here on onnxruntime "
+                    "(no server, no torch), with the same sampling, so the same --seed gives the same text.",
     )
     _add_client_flags(p)
     p.add_argument("--prompt", default="", help="text fed to the model first (default: none)")
@@ -243,7 +254,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="divides the logits before sampling; 0 = greedy (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest only; 0 = off (default: 0)")
     p.add_argument("--top-p", type=float, default=0.0,
-                   help="sample among the likeliest characters holding probability P; 0 or 1 = off (default: 0)")
+                   help="sample among the likeliest characters holding probability P; 0 or 1 = off (default: "
+                        "0)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed: the same seed and request give the same text (default: a random one)")
     p.add_argument("--stop", action="append", default=[],
@@ -270,15 +282,16 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _add_classify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "classify", help="stream an MNIST image's 20 glimpses to a served classifier",
-        description="Cut MNIST test image --index into the paper's 20 glimpses of 7x7 pixels, stream them to "
-                    "a running server's ClassifyGlimpses (--target) and print the predicted class after each "
-                    "glimpse, then the true label. The test images come from `nlstm data download mnist`.",
+        description="Cut MNIST test image --index into the paper's 20 glimpses of 7x7 pixels, "
+                    "stream them to a running server's ClassifyGlimpses (--target) and print the predicted "
+                    "class after each glimpse, then the true label. The test images come from `nlstm data "
+                    "download mnist`.",
     )
     _add_client_flags(p)
     p.add_argument("--index", type=int, default=0, help="which test image, 0 to 9999 (default: 0)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts it "
-                        "(default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)")
+                   help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts "
+                        "it (default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)")
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 

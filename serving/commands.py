@@ -19,7 +19,8 @@ import numpy as np
 from serving.client import Client, Glimpse, ScoreResult, SessionInfo, Snapshot
 
 # What a command says when no server answers; generate and score add the local backend.
-NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on port 50051) or pass --target HOST:PORT"
+NO_SERVER_HINT = ("start one with `nlstm serve` (it serves the bundled models on port 50051) "
+                  "or pass --target HOST:PORT")
 LOCAL_HINT = "; or run without a server: --backend onnx"
 
 
@@ -78,7 +79,8 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
             out.flush()
             pieces.append(text)
 
-    # the request a server's Generate without a session would get: the same sequence, sampler and seed
+    # the request a server's Generate without a session would get: the same sequence, sampler and
+    # seed
     params = GenerateParams(model, "", prompt, max_chars, temperature, top_k, top_p, seed, tuple(stop))
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
     seq = generate_sequence(params, tok, id_texts(tok), m.initial_state(1)[0], None, feed, emit, boundaries=False)
@@ -148,8 +150,8 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     for name in (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz"):
         if not (root / name).is_file():
             raise FileNotFoundError(
-                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` fetches "
-                "it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
+                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` "
+                "fetches it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
             )
     with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)

@@ -114,7 +114,8 @@ class Engine:
             raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
                              f"got {self.limits.prefix_cache_mb}")
         if not 0.05 <= self.limits.checkpoint_interval <= 600:  # NaN fails too
-            raise ValueError(f"checkpoint_interval must be in [0.05, 600] seconds, got {self.limits.checkpoint_interval}")
+            raise ValueError("checkpoint_interval must be in [0.05, 600] seconds, got "
+                             f"{self.limits.checkpoint_interval}")
         self.metrics = metrics or Metrics()
         cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
@@ -225,7 +226,7 @@ class Engine:
             raise DataLoss(str(exc)) from None
 
     async def _checkpoint_forever(self) -> None:
-        """Write the sessions of running calls, and renew their leases, every checkpoint_interval."""
+        """Every checkpoint_interval: write the sessions of running calls, renew their leases."""
         while True:
             await asyncio.sleep(self.limits.checkpoint_interval)
             calls = list(self._calls.values())

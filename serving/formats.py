@@ -411,6 +411,6 @@ class ExportMeta:
             if actual != digest:
                 raise ExportFormatError(
                     f"{folder}: {name} does not match its sha256 in {META_FILE} (expected "
-                    f"{digest[:12]}..., found {actual[:12]}...): the file was changed or corrupted; "
-                    "export the model again"
+                    f"{digest[:12]}..., found {actual[:12]}...): the file was changed or "
+                    "corrupted; export the model again"
                 )

@@ -95,8 +95,8 @@ class OverBudget:
         self.size, self.used, self.limit = size, used, limit
 
     def message(self) -> str:
-        return (f"the server is holding {self.used} bytes of requests in flight and this one has {self.size}; "
-                f"its limit is {self.limit} bytes: retry later")
+        return (f"the server is holding {self.used} bytes of requests in flight and this one has "
+                f"{self.size}; its limit is {self.limit} bytes: retry later")
 
 
 class Held:

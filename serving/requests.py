@@ -93,7 +93,8 @@ class ScoreParams:
             raise InvalidArgument("text must not be empty")
         if len(params.text) > limits.max_text:
             raise ResourceExhausted(
-                f"text has {len(params.text)} characters; this server scores at most {limits.max_text} per call"
+                f"text has {len(params.text)} characters; this server scores at most "
+                f"{limits.max_text} per call"
             )
         return params
 

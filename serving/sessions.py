@@ -104,8 +104,9 @@ class SessionStore:
                 )
             if self.max_per_client and self._per_client.get(owner, 0) >= self.max_per_client:
                 raise TooManySessions(
-                    f"this client holds {self._per_client[owner]} sessions: the server's per-client "
-                    f"session limit is {self.max_per_client}; close unused sessions (CloseSession) "
+                    f"this client holds {self._per_client[owner]} sessions: the server's "
+                    f"per-client session limit is {self.max_per_client}; close unused sessions "
+                    "(CloseSession) "
                     "or wait for them to expire"
                 )
             sid = secrets.token_urlsafe(16)  # 128 random bits

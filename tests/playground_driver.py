@@ -89,7 +89,8 @@ def generate(driver, prompt: str, max_tokens: int, seed: int | None = 1, model: 
     driver.find_element("id", "generate").click()
     seen = []
     # the last generated part: the one this click streams into
-    length = "const g = document.querySelectorAll('#gen-output .generated'); return g.length ? g[g.length - 1].textContent.length : 0"
+    length = ("const g = document.querySelectorAll('#gen-output .generated'); return g.length ? "
+              "g[g.length - 1].textContent.length : 0")
     deadline = time.monotonic() + 120
     while "finished" not in driver.find_element("id", "gen-status").text:
         n = driver.execute_script(length)
@@ -189,7 +190,8 @@ def screenshots(out: Path) -> list[Path]:
             driver.save_screenshot(str(out / "playground-generate.png"))
             written.append(out / "playground-generate.png")
             score(driver, "the company said it expects to report a loss for the third quarter\n"
-                          "the stock rose N cents to $ N a share in new york stock exchange composite trading\n"
+                          "the stock rose N cents to $ N a share in new york stock exchange "
+                          "composite trading\n"
                           "qxzv jjkw the the the", "ptb-nlstm")
             driver.save_screenshot(str(out / "playground-score.png"))
             written.append(out / "playground-score.png")

@@ -83,7 +83,9 @@ def test_cli_defaults_are_in_range_and_a_bad_flag_stops_the_start(models_dir, ca
                  ["--port", "70000"], ["--max-stop-chars", "100000"]):
         assert main(["serve", "--models", str(models_dir), *argv]) == 2
         err = capsys.readouterr().err
-        assert f"{argv[0]} must be a " in err and f"got {float(argv[1]) if '.' in argv[1] or 'e' in argv[1] or argv[1] in ('nan', 'inf') else int(argv[1])!r}" in err, err
+        flag, text = argv
+        value = float(text) if "." in text or "e" in text or text in ("nan", "inf") else int(text)
+        assert f"{flag} must be a " in err and f"got {value!r}" in err, err
     assert main(["serve", "--models", str(models_dir), "--idle-timeout", "0.5"]) == 2
     assert "--idle-timeout must be a finite number in [1, 31536000] seconds, got 0.5" in capsys.readouterr().err
     monkeypatch.setenv("NLSTM_MAX_WAIT_MS", "inf")  # the environment variables go the same way

@@ -311,9 +311,9 @@ def test_health_and_reflection(server):
 
 
 def test_serving_never_imports_torch():
-    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, serving.http, "
-            "serving.commands; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('training')))")
+    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, "
+            "serving.http, serving.commands; print(sorted(m for m in sys.modules if m == 'torch' or "
+            "m.startswith('training')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -422,7 +422,8 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     stream = list(server.stub.ClassifyGlimpses(iter(
         pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist())
         for i, g in enumerate(image_to_glimpses(images[1].astype(np.uint8))))))
-    assert lines[19] == f"glimpse 20: class {stream[-1].predicted_class} (p = {max(stream[-1].probabilities):.3f})"
+    assert lines[19] == (f"glimpse 20: class {stream[-1].predicted_class} (p = "
+                         f"{max(stream[-1].probabilities):.3f})")
     assert cli_main(["classify", *target, "--model", "tiny-mnist", "--index", "3",
                      "--data-dir", str(tmp_path)]) == 2
     assert "image index must be in [0, 3)" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def server(tmp_path_factory, hm_model):
     root = tmp_path_factory.mktemp("exported")
     model, tokenizer = hm_model
     export_model(model, root / HM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")
-    # a model without boundary detectors beside it (an NLSTM, as training.testing.models' CHAR_MODEL)
+    # a model without boundary detectors beside it (an NLSTM, as training.testing.models'
+    # CHAR_MODEL)
     nlstm = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=H, depth=2,
                                     vocab_size=model.config.vocab_size))
     export_model(nlstm.eval(), root / NLSTM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")

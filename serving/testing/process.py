@@ -65,7 +65,8 @@ def cpu_seconds(pid: int) -> float:
 _DIE_WITH_PARENT = (
     "import os, signal, sys\n"
     "if sys.platform.startswith('linux'):\n"
-    "    import ctypes; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    import ctypes  # prctl(PR_SET_PDEATHSIG = 1, SIGTERM)\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
     "os.execvp(sys.argv[1], sys.argv[1:])\n"
 )
 
