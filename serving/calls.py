@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from serving.engine import Engine
     from serving.sessions import Session
 
+# What a call leaves in its session: (state, logits, position).
+Keep = tuple[np.ndarray, np.ndarray | None, int]
+
 
 def generate_sequence(p: GenerateParams, tok, texts: list[str], state: np.ndarray, logits: np.ndarray | None,
                       feed: list[int], emit: Callable, *, interval: float = 0.0,
@@ -88,8 +91,8 @@ class GlimpseStream:
         self.engine, self.name, self.session, self.seq = engine, name, session, seq
         self.steps = 0
         self.base = session.position if session is not None else 0
-        self._answer = None  # (state, logits, position) after the last glimpse answered
-        self._sent = None  # the same after the last answer sent
+        self._answer: Keep | None = None  # (state, logits, position) after the last answer
+        self._sent: Keep | None = None  # the same after the last answer sent
 
     async def push(self, glimpse: GlimpseParams) -> tuple[int, list[float], int, int]:
         """Step the stream on one glimpse (checked by GlimpseParams.from_pb): (step,
@@ -102,7 +105,12 @@ class GlimpseStream:
         x = glimpse.pixels
         loop = asyncio.get_running_loop()
         reply = loop.create_future()
-        self.seq.inputs.append((x, lambda *out: reply.done() or reply.set_result(out)))
+
+        def answer(*out) -> None:  # (logits, state), on the event loop
+            if not reply.done():  # not cancelled meanwhile
+                reply.set_result(out)
+
+        self.seq.inputs.append((x, answer))
         self.engine.schedulers[self.name].poke()
         logits, state = await reply
         self.steps += 1
@@ -129,4 +137,4 @@ class Call:
     name: str
     session: Session
     seq: Sequence
-    keep: object  # () -> (state, logits, position) | None
+    keep: Callable[[], Keep | None]  # what the session would hold if the call ended now

@@ -41,7 +41,7 @@ import numpy as np
 
 from serving import snapshot
 from serving.auth import current_caller
-from serving.calls import Call, GlimpseStream, Mailbox, generate_sequence, id_texts
+from serving.calls import Call, GlimpseStream, Keep, Mailbox, generate_sequence, id_texts
 from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.errors import (
     Aborted,
@@ -53,7 +53,7 @@ from serving.errors import (
     ServingError,
     Unavailable,
 )
-from serving.formats import start_id
+from serving.formats import Tokenizer, start_id
 from serving.limits import Limits
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
@@ -72,11 +72,28 @@ from serving.store import Backend, StoreUnavailable, open_backend
 log = logging.getLogger("nlstm.serving")
 
 
+class ModelMeta(Protocol):
+    """What the engine reads of a served model's meta.json (serving.formats.ExportMeta)."""
+
+    kind: str  # "char" or "glimpse"
+    state_slots: list[str]  # the S slot names: "layer0.h", ...; HM-LSTM boundaries end in ".z"
+    files: dict[str, str]  # file name -> sha256 (serving.snapshot.model_identity)
+
+    @property
+    def state_shape(self) -> tuple[int, int]: ...  # (S, H)
+
+    @property
+    def output_size(self) -> int: ...  # V or the number of classes
+
+
 class ServedModel(Protocol):
     """What serving/runtime.py's loaded model offers the engine."""
 
-    meta: object  # serving.formats.ExportMeta
-    tokenizer: object | None  # serving.formats.Tokenizer for char models
+    @property
+    def meta(self) -> ModelMeta: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...  # every char model has one
 
     def initial_state(self, batch_size: int) -> np.ndarray: ...
 
@@ -121,6 +138,7 @@ class Engine:
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
         backend = open_backend(session_store) if isinstance(session_store, str) else session_store
         self.store: SessionStore | DurableSessions
+        self._durable: DurableSessions | None = None  # self.store when it is a shared store
         if backend is None:
             self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
                                       on_evict=self.metrics.evictions.inc,
@@ -130,7 +148,7 @@ class Engine:
             if self.limits.max_sessions_per_client:
                 raise ValueError("max_sessions_per_client is not supported with a shared session store "
                                  "(file: or redis://) yet: its sessions carry no owner; use the memory store")
-            self.store = DurableSessions(
+            self.store = self._durable = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
                 idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
                 key=snapshot_key, on_evict=self.metrics.evictions.inc)
@@ -164,14 +182,14 @@ class Engine:
                 self.texts[name] = id_texts(model.tokenizer)
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_model(name)
-        if self._io is not None:
+        if self._durable is not None:
             self._checkpoints = asyncio.ensure_future(self._checkpoint_forever())
             try:
-                self.store.backend.ping()
+                self._durable.backend.ping()
             except StoreUnavailable as exc:  # serve anyway: stateless calls work, sessions once it is back
                 log.warning("%s; calls on sessions get UNAVAILABLE until it answers", exc)
             else:
-                log.info("sessions in %s", self.store.backend.url)
+                log.info("sessions in %s", self._durable.backend.url)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -191,7 +209,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         for s in self.schedulers.values():
             await loop.run_in_executor(None, s.stop)
-        if self._io is not None:
+        if self._durable is not None:
+            assert self._io is not None  # a shared store always has its thread
             # the calls the drain cancelled write their sessions as they unwind: let them, then
             # wait for every write to reach the store (the SIGTERM drain loses no session)
             deadline = time.monotonic() + 5
@@ -200,7 +219,7 @@ class Engine:
             if self._checkpoints is not None:
                 self._checkpoints.cancel()
             await loop.run_in_executor(None, functools.partial(self._io.shutdown, wait=True))
-            self.store.close()
+            self._durable.close()
 
     async def _store(self, fn, *args):
         """Run a store method: at once for sessions in memory, on the store thread for a
@@ -243,7 +262,8 @@ class Engine:
         # still running? (it may have ended since the list was taken: then its last write is
         # queued already, and a checkpoint after it would find the lease given back)
         if self._calls.get(id(call.session)) is call:
-            await self._store(self.store.checkpoint, call.session, call.keep())
+            assert self._durable is not None  # calls are tracked with a shared store only
+            await self._store(self._durable.checkpoint, call.session, call.keep())
 
     def expire_sessions(self) -> int:
         """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total).
@@ -321,7 +341,7 @@ class Engine:
                     f"(it runs {sorted(self.models)})"
                 )
             model = self.models[s.model]
-            snapshot.check_model(s, s.model, self.model_id(s.model), tuple(model.meta.state_shape),
+            snapshot.check_model(s, s.model, self.model_id(s.model), model.meta.state_shape,
                                  model.meta.output_size)
         except snapshot.SnapshotMismatch as exc:
             raise FailedPrecondition(str(exc)) from None
@@ -334,7 +354,7 @@ class Engine:
 
     def _snapshot_max_bytes(self) -> int:
         """The largest snapshot one of this server's models makes, with room for the header."""
-        return max(snapshot.max_size(tuple(m.meta.state_shape), m.meta.output_size) for m in self.models.values())
+        return max(snapshot.max_size(m.meta.state_shape, m.meta.output_size) for m in self.models.values())
 
     async def fork_session(self, session_id: str) -> Session:
         """A new session with a copy of the session's state and position."""
@@ -354,7 +374,9 @@ class Engine:
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
 
-    async def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
+    async def _open(
+        self, model_name: str, session_id: str, kind: str, rpc: str
+    ) -> tuple[str, ServedModel, Session | None, np.ndarray, np.ndarray | None]:
         """(model name, model, session or None, state, logits) for a call; the caller must
         _finish it."""
         if self.closing:
@@ -393,7 +415,7 @@ class Engine:
             self._calls[id(session)] = Call(name, session, seq, keep)
 
     async def _finish(self, name: str, session: Session | None, seq: Sequence,
-                      keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+                      keep: Keep | None) -> None:
         """End a call: stop its sequence if it still runs, store `keep` (state, logits,
         position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
@@ -412,12 +434,18 @@ class Engine:
     # -------------------------------------------------------------- text
     async def score(self, params: ScoreParams):
         name, model, session, state, logits = await self._open(params.model, params.session_id, "char", "Score")
+        tok = model.tokenizer
+        assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        enc = model.tokenizer.encode(params.text)
+
+        def scored(s: ScoreSequence) -> None:  # on the event loop
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(s)
+
+        enc = tok.encode(params.text)
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
-        seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
-                            lambda s: done.done() or done.set_result(s))
+        seq = ScoreSequence(state, logits, start_id(tok), enc.ids, z_slots, scored)
         position = (session.position if session is not None else 0) + len(enc.ids)
         keep = None  # all or nothing: the session changes only when the whole text was scored
         self._track(name, session, seq, lambda: None)  # checkpoints only renew the lease
@@ -452,6 +480,7 @@ class Engine:
         and the characters of the messages sent (their boundary states, kept by the sequence)."""
         name, model, session, state, logits = await self._open(p.model, p.session_id, "char", "Generate")
         tok = model.tokenizer
+        assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         box = Mailbox()
 
         def put(text, bits, reason, made) -> None:  # a message (or the end) from the scheduler
@@ -462,7 +491,7 @@ class Engine:
             box.put(text, bits, reason, made)
 
         prompt_ids = [int(i) for i in tok.encode(p.prompt).ids]
-        feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
+        feed = ([start_id(tok)] if logits is None else []) + prompt_ids
         recorder = None
         if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
             # from the initial state: start after the longest cached prefix of the feed

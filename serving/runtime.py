@@ -329,6 +329,7 @@ class ExportedModel:
         self._require("char", "score")
         if not text:
             raise ValueError("text to score must not be empty")
+        assert self.tokenizer is not None  # every char model has one (ExportMeta.validate)
         enc = self.tokenizer.encode(text)
         ids = np.concatenate([[start_id(self.tokenizer)], enc.ids]).astype(np.int64)
         return self.score_ids(ids, unknown_chars=enc.unknown_chars)

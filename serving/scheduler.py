@@ -39,8 +39,9 @@ import logging
 import operator
 import threading
 import time
-from collections import deque
+from collections import abc, deque
 from collections.abc import Callable
+from typing import TypeGuard
 
 import numpy as np
 
@@ -48,6 +49,10 @@ from serving.sampling import LOG2E, draw, greedy, log_softmax
 from serving.sequences import GenerateSequence, GlimpseSequence, ScoreSequence, Sequence
 
 log = logging.getLogger("nlstm.serving")
+
+# A step's sequences, row i of its inputs and outputs being sequence i. Read-only here, so that
+# a block's sequences (all generating) are one too.
+Batch = abc.Sequence[Sequence]
 
 # the longest time between two messages of a stream (--stream-interval-ms, or the message
 # budget shared by many streams): beyond that a stream looks stalled to its reader
@@ -70,16 +75,18 @@ class Streams:
     BLOCK = 128  # steps a block runs at most: draws taken ahead, ids kept
 
     @staticmethod
-    def fits(batch: list[Sequence]) -> bool:
+    def fits(batch: Batch) -> TypeGuard[abc.Sequence[GenerateSequence]]:
         """Can a block run `batch` (all of its sequences generating, each about to sample)?"""
+        shared = set()  # what the block keeps once for all rows: the id texts, eos, banned ids
         for s in batch:
             if type(s) is not GenerateSequence or s.feed or not s.wants_sample or s.finish_reason:
                 return False
             if not (s.sampler.plain or s.sampler.temperature == 0):  # top-k and top-p: one row at a time
                 return False
-        return len({(id(s.texts), s.eos_id, s.sampler.banned) for s in batch}) == 1
+            shared.add((id(s.texts), s.eos_id, s.sampler.banned))
+        return len(shared) == 1
 
-    def __init__(self, seqs: list[GenerateSequence], states: np.ndarray, logits: np.ndarray,
+    def __init__(self, seqs: abc.Sequence[GenerateSequence], states: np.ndarray, logits: np.ndarray,
                  spacing: float = 0.0) -> None:
         self.seqs = seqs
         self.out = (states, logits)  # the last step's outputs: row i is seqs[i]'s position
@@ -165,6 +172,8 @@ class Streams:
                 row_states, row_logits = (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
             for j, i in enumerate(rows):
                 s = seqs[i]
+                # rows: the streams keeping marks that sent a message (_flush set _capture)
+                assert s.marks is not None and s._capture is not None
                 s.marks[s._capture] = (row_states, row_logits, i if every else j)  # read by mark()
                 s._capture = None
         for i in self.reasons:
@@ -177,6 +186,7 @@ class Streams:
         if start < self.k:
             s.pending.append("".join(map(self.texts.__getitem__, self.ids[i, start : self.k].tolist())))
             if s.logprobs:
+                assert self.bits is not None  # kept when any row wants logprobs
                 s.pending_bits.extend(self.bits[i, start : self.k].tolist())
             self.sent[i] = self.k
         if reason is not None:
@@ -201,7 +211,7 @@ class Streams:
 
 class Scheduler:
     def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
-                 post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None,
+                 post: Callable[[Callable[[], object]], object], on_batch: Callable[[int, float], None] | None = None,
                  message_rate: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -314,8 +324,9 @@ class Scheduler:
             self._cond.wait()
 
     def _loop(self) -> None:
-        last: tuple[list[Sequence], np.ndarray, np.ndarray] | None = None  # batch, states, logits
+        last: tuple[Batch, np.ndarray, np.ndarray] | None = None  # batch, states, logits
         streams: Streams | None = None
+        batch: Batch | None
         while True:
             with self._cond:
                 if streams is not None and (self._changed or streams.ended or self._stopped):
@@ -330,22 +341,23 @@ class Scheduler:
             # The steady state: the same sequences as the last step, in the same order. Their
             # positions are then the rows of that step's outputs, which are used as they are
             # instead of stacked again.
-            same = last is not None and (batch is last[0] or (
-                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))))
+            same = last if last is not None and (batch is last[0] or (
+                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0])))) else None
             try:
                 spacing = min(self._generating / self.message_rate, MAX_SPACING) if self.message_rate else 0.0
-                if streams is None and same and Streams.fits(batch):
-                    streams = Streams(batch, last[1], last[2], spacing)
+                if streams is None and same is not None and Streams.fits(batch):
+                    streams = Streams(batch, same[1], same[2], spacing)
                     batch = streams.seqs
                 if streams is not None:
+                    assert last is not None  # a block runs on from a step that succeeded
                     inputs, states = streams.sample(time.monotonic(), post), last[1]
                 else:
                     # sample the next character of every generating sequence at once; it is fed
                     # in this same step
                     sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
-                    self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None, spacing)
+                    self._sample(sampling, post, same[2] if same is not None and len(sampling) == len(batch) else None, spacing)
                     inputs = np.stack([s.take_input() for s in batch])
-                    states = last[1] if same else np.stack([s.pos[0] for s in batch])
+                    states = same[1] if same is not None else np.stack([s.pos[0] for s in batch])
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
                 elapsed = time.perf_counter() - t0
@@ -379,7 +391,7 @@ class Scheduler:
         if not seqs:
             return
         if logits is None:
-            logits = np.stack([s.pos[1] for s in seqs])
+            logits = np.stack([s.prediction() for s in seqs])
         tokens = np.empty(len(seqs), dtype=np.int64)
         plain, greedy_rows = [], []  # vectorised below
         for i, s in enumerate(seqs):

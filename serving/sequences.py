@@ -33,6 +33,13 @@ class Sequence:
         self.finished = False
         self.error: BaseException | None = None
 
+    def prediction(self) -> np.ndarray:
+        """The logits of the last step: what the next symbol is sampled or scored under. There
+        is one before any symbol is: the start step's, or the session's."""
+        logits = self.pos[1]
+        assert logits is not None, "no step yet: the start symbol goes first"
+        return logits
+
     def ready(self) -> bool:
         raise NotImplementedError
 
@@ -71,7 +78,7 @@ class ScoreSequence(Sequence):
             self._scored = False
             return np.int64(token)
         token = int(self.ids[self.next])
-        self.bits[self.next] = bits(self.pos[1][None], np.array([token]))[0]
+        self.bits[self.next] = bits(self.prediction()[None], np.array([token]))[0]
         self.next += 1
         self._scored = True
         return np.int64(token)
