@@ -334,7 +334,7 @@ def _connect(args: argparse.Namespace, local: bool = False):
 
 
 @contextlib.contextmanager
-def _server_errors(server_error: type):
+def _server_errors(server_error: type[Exception]):
     """A call the server refused ends the command like bad input: 'CODE: message', exit 2."""
     try:
         yield

@@ -37,11 +37,9 @@ from serving.client_types import (  # the results and settings are part of this 
     glimpse_of, glimpse_requests, model_info_of, score_of, session_info_of,
 )
 
-class Generation:
-    """A Generate call: iterate it for the text as it arrives (str pieces); afterwards (or
-    at any time) `text` holds what came so far, `finish_reason` why it ended ("length",
-    "stop", "cancelled"; "" until the end), `position` the sequence's position after the last
-    piece, `bits` each character's -log2 p when logprobs was asked for. `cancel()` stops it."""
+class _Received:
+    """What a Generate call has received so far: the state Generation and AsyncGeneration
+    share (they differ in how the stream is read)."""
 
     def __init__(self, responses) -> None:
         self._responses = responses
@@ -62,6 +60,16 @@ class Generation:
             self.finish_reason = FINISH[r.finish_reason]
         return r.text
 
+    def cancel(self) -> None:
+        self._responses.cancel()
+
+
+class Generation(_Received):
+    """A Generate call: iterate it for the text as it arrives (str pieces); afterwards (or
+    at any time) `text` holds what came so far, `finish_reason` why it ended ("length",
+    "stop", "cancelled"; "" until the end), `position` the sequence's position after the last
+    piece, `bits` each character's -log2 p when logprobs was asked for. `cancel()` stops it."""
+
     def __iter__(self) -> Iterator[str]:
         try:
             for r in self._responses:
@@ -77,9 +85,6 @@ class Generation:
         for _ in self:
             pass
         return self
-
-    def cancel(self) -> None:
-        self._responses.cancel()
 
 
 # ------------------------------------------------------------------------------ blocking
@@ -248,8 +253,9 @@ class Session:
 
 
 # ------------------------------------------------------------------------------ asyncio
-class AsyncGeneration(Generation):
-    """Generation for AsyncClient: `async for piece in ...`; `await result()`."""
+class AsyncGeneration(_Received):
+    """Generation for AsyncClient: `async for piece in ...`; `await result()`; the same
+    fields and `cancel()`."""
 
     def __iter__(self):
         raise TypeError("an AsyncClient's generation is read with `async for`")
@@ -346,7 +352,8 @@ class AsyncClient:
 
 class _Opening:
     def __init__(self, client: AsyncClient, model: str) -> None:
-        self.client, self.model, self.session = client, model, None
+        self.client, self.model = client, model
+        self.session: AsyncSession | None = None  # once entered
 
     async def _open(self) -> AsyncSession:
         info = await self.client._call("CreateSession", pb.CreateSessionRequest(model=self.model))
@@ -356,10 +363,11 @@ class _Opening:
         return self._open().__await__()
 
     async def __aenter__(self) -> AsyncSession:
-        self.session = await self._open()
-        return self.session
+        self.session = session = await self._open()
+        return session
 
     async def __aexit__(self, *exc) -> None:
+        assert self.session is not None  # set by __aenter__
         await self.session.close()
 
 

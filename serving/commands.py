@@ -87,7 +87,7 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     while not seq.finished:
         post: list = []
         if seq.wants_sample:
-            seq.take_sample(seq.sampler(seq.pos[1]), None, post)
+            seq.take_sample(seq.sampler(seq.prediction()), None, post)
         logits, state = m.step(np.array([seq.take_input()]), seq.pos[0][None])
         seq.advance(logits[0], state[0], post)
         for callback in post:

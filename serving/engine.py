@@ -33,7 +33,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -469,7 +469,7 @@ class Engine:
             "position": position,
         }
 
-    async def generate(self, p: GenerateParams) -> AsyncIterator[tuple[str, list[float], str, int]]:
+    async def generate(self, p: GenerateParams) -> AsyncGenerator[tuple[str, list[float], str, int]]:
         """Yields (text, bits, finish_reason, position): the characters generated since the last
         yield (several when the reader is slower than generation), finish_reason "" until the
         last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the

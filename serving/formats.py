@@ -282,7 +282,9 @@ class ExportMeta:
 
     @property
     def output_size(self) -> int:  # V or the number of classes: logits are (B, output_size)
-        return self.vocab_size if self.kind == "char" else self.num_classes
+        size = self.vocab_size if self.kind == "char" else self.num_classes
+        assert size is not None, "validate() requires the kind's size"
+        return size
 
     @property
     def has_tokenizer(self) -> bool:

@@ -112,7 +112,7 @@ class HttpFront:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]") or None, port, ssl_context=ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # aiohttp exposes no bound port
+        self.port = self.runner.addresses[0][1]  # (host, port[, ...]) of the one site
         return self.port
 
     async def stop(self, grace: float) -> None:
@@ -209,7 +209,7 @@ class HttpFront:
         return run
 
     # ------------------------------------------------------------------ open routes
-    async def playground(self, request: web.Request) -> web.Response:
+    async def playground(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(PLAYGROUND, headers={"Content-Type": "text/html; charset=utf-8",
                                                      "Cache-Control": "no-cache"})
 
@@ -258,7 +258,7 @@ class HttpFront:
     async def generate(self, request, body) -> web.Response:
         name = request.match_info["name"]
         req = generate_request(name, body)
-        text, bits, finish, position = [], [], 0, 0
+        text, bits, finish, position = [], [], pb.FINISH_REASON_UNSPECIFIED, 0
         responses = self.servicer.Generate(req, None)
         try:
             async with contextlib.aclosing(responses):

@@ -38,7 +38,7 @@ class MetricsServer:
         self.registry = registry
         self.open = 0  # connections being served
         self._writers: set[asyncio.StreamWriter] = set()
-        self._servers: list[asyncio.AbstractServer] = []  # one per address
+        self._servers: list[asyncio.Server] = []  # one per address
 
     def addresses(self) -> list[tuple[str, int]]:
         """(address, port) of every socket it listens on."""

@@ -209,6 +209,7 @@ class PrefixCache:
     def _evict(self, node: _Node) -> None:
         """Drop node's entry, then the nodes no entry needs any more."""
         del self._lru[node]
+        assert node.entry is not None  # the LRU order holds the nodes with an entry
         state, logits = node.entry
         node.entry = None
         self._grow(node.model, -entry_bytes(state, logits))

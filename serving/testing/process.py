@@ -102,6 +102,7 @@ class Server:
             raise RuntimeError("the server did not start:\n" + "".join(self.log[-20:]))
 
     def _read_log(self) -> None:
+        assert self.proc.stderr is not None  # stderr=PIPE
         for line in self.proc.stderr:
             self.log.append(line)
             if m := re.search(r"metrics on http://\S+:(\d+)/metrics", line):
@@ -170,9 +171,10 @@ class RedisServer:
     binary is not installed."""
 
     def __init__(self) -> None:
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
             raise RedisMissing("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+        self.binary = binary
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -187,6 +189,7 @@ class RedisServer:
              "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
+        assert self.proc.stderr is not None  # stderr=PIPE
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
