@@ -16,10 +16,10 @@ from serving.store import (
     LEASE_LOST,
     SAVED,
     FileBackend,
-    RedisBackend,
     StoreUnavailable,
     open_backend,
 )
+from serving.store_redis import RedisBackend
 
 
 @pytest.fixture(params=["file", "redis"])
