@@ -177,13 +177,11 @@ class Engine:
                                       max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             self._io: ThreadPoolExecutor | None = None
         else:
-            if self.limits.max_sessions_per_client:
-                raise ValueError("max_sessions_per_client is not supported with a shared session store "
-                                 "(file: or redis://) yet: its sessions carry no owner; use the memory store")
             self.store = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
                 idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
-                key=snapshot_key, on_evict=self.metrics.evictions.inc)
+                key=snapshot_key, on_evict=self.metrics.evictions.inc,
+                max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             # one thread: the store's reads and writes run in the order they were asked for (a
             # call's last write after its checkpoints), off the event loop
             self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")

@@ -11,6 +11,12 @@ another replica can serve the session from its last write. Every write made duri
 replica that lost its lease (paused past the lease's expiry) or a call on a session closed
 meanwhile never overwrites or resurrects anything.
 
+Each session is also counted for its *client* (serving.auth.Caller.client: an API key's
+fingerprint, a peer's address, or "" without either), so that --max-sessions-per-client holds
+for every replica sharing the store and across restarts: `put` refuses, in one atomic step with
+the count, a session over the client's `limit`. The count is derived from the sessions that
+exist, never kept as a number that a dead replica or an expiry could leave wrong.
+
     file:DIR               one host: a file per session (written atomically, expiry recorded
                            as the file's mtime), leases in files under an flock; survives a
                            restart on the same DIR
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -54,7 +61,8 @@ def valid_id(session_id: str) -> bool:
 
 
 class Backend:
-    """The store's interface. `ttl` and `lease_ttl` are seconds; `owner` is a lease token."""
+    """The store's interface. `ttl` and `lease_ttl` are seconds; `owner` is a lease token;
+    `client` the session's owner (the caller that created it), whose sessions are counted."""
 
     url: str  # for messages and logs (a Redis password is masked)
 
@@ -62,19 +70,27 @@ class Backend:
         """The session's bytes, or None when it does not exist or has expired."""
         raise NotImplementedError
 
-    def put(self, sid: str, data: bytes, ttl: float) -> None:
-        """Write a new session (no lease needed: nobody else knows its id yet)."""
+    def put(self, sid: str, data: bytes, ttl: float, client: str = "", limit: int = 0) -> bool:
+        """Write a new session of `client` (no lease needed: nobody else knows its id yet).
+        With `limit` > 0, atomically with the count: when `client` holds `limit` unexpired
+        sessions already, write nothing and return False."""
+        raise NotImplementedError
+
+    def held(self, client: str) -> int:
+        """The unexpired sessions `client` holds."""
         raise NotImplementedError
 
     def peek(self, sid: str) -> tuple[bytes | None, bool]:
         """(the session's bytes or None, whether a call holds its lease), for a look only."""
         raise NotImplementedError
 
-    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None) -> int:
+    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None,
+               client: str = "") -> int:
         """For the call holding the lease (`owner`), atomically: write `data` (None: keep the
         stored bytes) with a new expiry of `ttl` seconds, then renew the lease for `lease_ttl`
         seconds (None: give it back). SAVED; LEASE_LOST when `owner` no longer holds the lease;
-        GONE when the session was closed or expired (nothing is written in either case)."""
+        GONE when the session was closed or expired (nothing is written in either case).
+        `client`: the session's, whose count follows the new expiry."""
         raise NotImplementedError
 
     def acquire(self, sid: str, owner: str, lease_ttl: float) -> bool:
@@ -85,8 +101,8 @@ class Backend:
         """Give the lease back if `owner` still holds it."""
         raise NotImplementedError
 
-    def delete(self, sid: str) -> bool:
-        """Remove the session and its lease; False when there was no session."""
+    def delete(self, sid: str, client: str = "") -> bool:
+        """Remove the session (of `client`) and its lease; False when there was no session."""
         raise NotImplementedError
 
     def count(self) -> int:
@@ -129,7 +145,10 @@ def open_backend(url: str) -> Backend | None:
 class FileBackend(Backend):
     """Sessions as files under DIR/sessions (one per id, replaced atomically: write a temporary
     file, fsync, rename), their expiry as the file's mtime (the deadline, in wall-clock time, so
-    it survives a restart); leases as files under DIR/leases holding "owner deadline".
+    it survives a restart); leases as files under DIR/leases holding "owner deadline"; for each
+    client a folder DIR/owners/HASH (the first 32 hex digits of the client's SHA-256) with an
+    empty file per session id: the client's sessions are those of its ids whose session file has
+    not expired (counted, and the others' files removed, under the lock).
 
     Lease changes and conditional writes hold an exclusive flock on DIR/.lock (and a thread
     lock, since flock does not exclude threads sharing one open file), so several processes on
@@ -142,9 +161,11 @@ class FileBackend(Backend):
         self.url = f"file:{self.root}"
         self._clock = clock
         self._sessions, self._leases = self.root / "sessions", self.root / "leases"
+        self._owners = self.root / "owners"
         try:
             self._sessions.mkdir(parents=True, exist_ok=True)
             self._leases.mkdir(exist_ok=True)
+            self._owners.mkdir(exist_ok=True)
             self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ValueError(f"--session-store {self.url}: cannot use {self.root} ({exc.strerror})") from None
@@ -204,11 +225,47 @@ class FileBackend(Backend):
                 tmp.unlink()
             raise self._unavailable(exc) from None
 
-    def put(self, sid: str, data: bytes, ttl: float) -> None:
+    def put(self, sid: str, data: bytes, ttl: float, client: str = "", limit: int = 0) -> bool:
         path = self._path(sid)
         if path is None:
             raise ValueError(f"not a session id: {sid!r}")
-        self._write(path, data, ttl)
+        try:
+            with self._locked():
+                if limit and self._held(client) >= limit:
+                    return False
+                self._write(path, data, ttl)
+                mine = self._owner_dir(client)
+                mine.mkdir(exist_ok=True)
+                (mine / sid).touch()
+                return True
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def _owner_dir(self, client: str) -> Path:
+        return self._owners / hashlib.sha256(client.encode()).hexdigest()[:32]
+
+    def _held(self, client: str) -> int:
+        """Under the lock: `client`'s unexpired sessions (the ids of the others are removed)."""
+        n = 0
+        try:
+            entries = list(os.scandir(self._owner_dir(client)))
+        except FileNotFoundError:
+            return 0
+        for e in entries:
+            path = self._path(e.name)
+            if path is not None and self._alive(path):
+                n += 1
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+        return n
+
+    def held(self, client: str) -> int:
+        try:
+            with self._locked():
+                return self._held(client)
+        except OSError as exc:
+            raise self._unavailable(exc) from None
 
     def _lease(self, sid: str) -> tuple[str, float] | None:
         """(owner, deadline) of a lease that has not lapsed, under the lock."""
@@ -224,7 +281,7 @@ class FileBackend(Backend):
         tmp.write_text(f"{owner} {self._clock() + lease_ttl!r}")
         os.replace(tmp, self._leases / sid)
 
-    def _held(self, sid: str, owner: str) -> int:
+    def _holds(self, sid: str, owner: str) -> int:
         path = self._path(sid)
         lease = self._lease(sid)
         if lease is None or lease[0] != owner:
@@ -241,12 +298,13 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc) from None
 
-    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
+    def commit(self, sid, owner, data, ttl, lease_ttl, client="") -> int:
+        # (a client's count reads the session file's expiry itself: nothing to move)
         if not valid_id(sid):
             return GONE
         try:
             with self._locked():
-                held = self._held(sid, owner)
+                held = self._holds(sid, owner)
                 if held != SAVED:
                     return held
                 if data is not None:
@@ -287,17 +345,16 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc) from None
 
-    def delete(self, sid) -> bool:
+    def delete(self, sid, client="") -> bool:
         path = self._path(sid)
         if path is None:
             return False
         try:
             with self._locked():
                 alive = self._alive(path)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    (self._leases / sid).unlink()
+                for gone in (path, self._leases / sid, self._owner_dir(client) / sid):
+                    with contextlib.suppress(FileNotFoundError):
+                        gone.unlink()
                 return alive
         except OSError as exc:
             raise self._unavailable(exc) from None
@@ -331,6 +388,14 @@ class FileBackend(Backend):
                     if not lease.name.startswith(".") and self._lease(lease.name) is None:
                         with contextlib.suppress(FileNotFoundError):
                             lease.unlink()
+                for mine in self._owners.iterdir():  # the ids of sessions gone, then empty folders
+                    for marker in mine.iterdir():
+                        path = self._path(marker.name)
+                        if path is None or not self._alive(path):
+                            with contextlib.suppress(FileNotFoundError):
+                                marker.unlink()
+                    with contextlib.suppress(OSError):  # not empty: the client holds sessions
+                        mine.rmdir()
         except OSError as exc:
             raise self._unavailable(exc) from None
         return gone

@@ -29,9 +29,33 @@ from urllib.parse import urlsplit, urlunsplit
 
 from serving.store import GONE, Backend, StoreUnavailable, valid_id
 
-# KEYS[1] lease, KEYS[2] session; ARGV owner, lease ms (0: release), data ('' : keep the stored
-# bytes), ttl ms. Atomic on the server: nobody can take the lease or close the session between
-# the check and the write. (A snapshot is never empty, so '' is free to mean "no data".)
+# Now in milliseconds of Redis's clock (the one its key expiry runs on; one clock for every
+# replica). Scripts may write after reading TIME: Redis 5 and later replicate their effects.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+# KEYS[1] session, KEYS[2] its client's set; ARGV data, ttl ms, limit (0: none), session id.
+# Drop the ids whose sessions expired, count, and at the limit write nothing; else write the
+# session, add its id scored by its expiry, and keep the set at least as long.
+_CREATE = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[2])), ARGV[4])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"""
+# KEYS[1] a client's set: how many of its sessions have not expired
+_HELD = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+# KEYS[1] lease, KEYS[2] session, KEYS[3] its client's set; ARGV owner, lease ms (0: release),
+# data ('' : keep the stored bytes), ttl ms, session id. Atomic on the server: nobody can take
+# the lease or close the session between the check and the write. (A record is never empty, so
+# '' is free to mean "no data".) The session's id in its client's set moves to the new expiry
+# (XX: an id the set holds; a session written before owners were recorded is in none).
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
@@ -41,6 +65,9 @@ else
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+""" + _NOW + """
+redis.call('ZADD', KEYS[3], 'XX', string.format('%.0f', now + tonumber(ARGV[4])), ARGV[5])
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 return 1
 """
 _RELEASE = """
@@ -63,8 +90,7 @@ def _ms(seconds: float) -> int:
 
 
 class RedisBackend(Backend):
-    """Sessions in Redis: `nlstm:session:ID` holds the bytes (expiring after the idle timeout,
-    which every write renews), `nlstm:lease:ID` the lease token (expiring after lease_ttl).
+    """Sessions in Redis, under the keys of the module's docstring.
 
     The client times out after `timeout` seconds and retries a failed command once, on a new
     connection (a pooled connection is broken after Redis restarts): so a Redis that is down
@@ -93,6 +119,8 @@ class RedisBackend(Backend):
         except ValueError as exc:
             raise ValueError(f"--session-store {self.url}: {exc}") from None
         self._commit = self.r.register_script(_COMMIT)
+        self._create = self.r.register_script(_CREATE)
+        self._held = self.r.register_script(_HELD)
         self._release = self.r.register_script(_RELEASE)
         self._count = (0.0, 0)  # (when, value): SCAN walks every key, so it is cached a little
         self._backoff = backoff
@@ -100,6 +128,9 @@ class RedisBackend(Backend):
 
     def _keys(self, sid: str) -> tuple[str, str]:
         return f"{self.PREFIX}lease:{sid}", f"{self.PREFIX}session:{sid}"
+
+    def _client_key(self, client: str) -> str:
+        return f"{self.PREFIX}owner:{client}"
 
     @contextlib.contextmanager
     def _call(self):
@@ -120,11 +151,16 @@ class RedisBackend(Backend):
         with self._call():
             return self.r.get(self._keys(sid)[1])
 
-    def put(self, sid, data, ttl):
+    def put(self, sid, data, ttl, client="", limit=0) -> bool:
         if not valid_id(sid):
             raise ValueError(f"not a session id: {sid!r}")
         with self._call():
-            self.r.set(self._keys(sid)[1], data, px=_ms(ttl))
+            keys = [self._keys(sid)[1], self._client_key(client)]
+            return bool(self._create(keys=keys, args=[data, _ms(ttl), int(limit), sid]))
+
+    def held(self, client: str) -> int:
+        with self._call():
+            return int(self._held(keys=[self._client_key(client)]))
 
     def peek(self, sid):
         if not valid_id(sid):
@@ -137,12 +173,13 @@ class RedisBackend(Backend):
             data, held = pipe.execute()
         return data, bool(held) and data is not None
 
-    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
+    def commit(self, sid, owner, data, ttl, lease_ttl, client="") -> int:
         if not valid_id(sid):
             return GONE
         lease_ms = 0 if lease_ttl is None else _ms(lease_ttl)
         with self._call():
-            return int(self._commit(keys=self._keys(sid), args=[owner, lease_ms, data or b"", _ms(ttl)]))
+            keys = [*self._keys(sid), self._client_key(client)]
+            return int(self._commit(keys=keys, args=[owner, lease_ms, data or b"", _ms(ttl), sid]))
 
     def acquire(self, sid, owner, lease_ttl) -> bool:
         if not valid_id(sid):
@@ -156,7 +193,7 @@ class RedisBackend(Backend):
         with self._call():
             return bool(self._release(keys=[self._keys(sid)[0]], args=[owner]))
 
-    def delete(self, sid) -> bool:
+    def delete(self, sid, client="") -> bool:
         if not valid_id(sid):
             return False
         lease, session = self._keys(sid)
@@ -164,6 +201,7 @@ class RedisBackend(Backend):
             pipe = self.r.pipeline(transaction=True)
             pipe.delete(session)
             pipe.delete(lease)
+            pipe.zrem(self._client_key(client), sid)
             return bool(pipe.execute()[0])
 
     def count(self) -> int:
