@@ -28,6 +28,7 @@ break), else the space (text8); its prediction scores the first character
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -259,7 +260,9 @@ class Engine:
         # turn on the store thread, and an awaited run_in_executor would then drop the queued
         # write (cancelling the asyncio future cancels the pending job); the session would keep
         # its lease until it lapsed and lose what the call did. The job runs whatever happens.
-        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        # In the call's context: the store reads who is calling (serving.auth.current_caller),
+        # which a thread of the pool would not see otherwise.
+        job = asyncio.wrap_future(self._io.submit(contextvars.copy_context().run, fn, *args))
         job.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(job)
