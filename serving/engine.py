@@ -144,6 +144,10 @@ MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
 # runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
 # checkpoints get a lease that outlives a stall of a second or two.
 LEASE_MIN = 2.0
+# The largest position RestoreSession accepts: a session's position is a uint64 on the wire,
+# and one restored nearer its end than this would overflow it (every call after the restore
+# failing) long before 2**63 more characters (centuries at a billion a second) were fed.
+MAX_RESTORE_POSITION = (1 << 63) - 1
 
 
 class Engine:
@@ -378,6 +382,9 @@ class Engine:
             raise FailedPrecondition(str(exc)) from None
         except snapshot.SnapshotInvalid as exc:
             raise InvalidArgument(str(exc)) from None
+        if s.position > MAX_RESTORE_POSITION:
+            raise InvalidArgument(f"snapshot position {s.position} is past {MAX_RESTORE_POSITION}, the largest "
+                                  "a restored session may start at (positions are uint64): the snapshot is forged")
         try:
             return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
         except TooManySessions as exc:
