@@ -31,6 +31,7 @@ Record layout, version 1 (little-endian):
 A session without an owner is written as the bare snapshot ("version 0": what servers before
 records wrote, and what they still read, so a rolling update from one without owners loses no
 session), and a bare snapshot is read as a session without an owner.
+
 A call *acquires* a session (takes its lease, then reads it) and *releases* it (writes it and
 gives the lease back in one atomic step); a long call `checkpoint`s it meanwhile (writes its
 state so far, or only renews the lease and the idle timeout). Between calls nothing of a
