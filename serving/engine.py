@@ -29,6 +29,7 @@ break), else the space (text8); its prediction scores the first character
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -109,6 +110,10 @@ MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
 # runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
 # checkpoints get a lease that outlives a stall of a second or two.
 LEASE_MIN = 2.0
+# The largest position RestoreSession accepts: a session's position is a uint64 on the wire,
+# and one restored nearer its end than this would overflow it (every call after the restore
+# failing) long before 2**63 more characters (centuries at a billion a second) were fed.
+MAX_RESTORE_POSITION = (1 << 63) - 1
 
 
 class Engine:
@@ -145,13 +150,11 @@ class Engine:
                                       max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             self._io: ThreadPoolExecutor | None = None
         else:
-            if self.limits.max_sessions_per_client:
-                raise ValueError("max_sessions_per_client is not supported with a shared session store "
-                                 "(file: or redis://) yet: its sessions carry no owner; use the memory store")
             self.store = self._durable = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
                 idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
-                key=snapshot_key, on_evict=self.metrics.evictions.inc)
+                key=snapshot_key, on_evict=self.metrics.evictions.inc,
+                max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             # one thread: the store's reads and writes run in the order they were asked for (a
             # call's last write after its checkpoints), off the event loop
             self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
@@ -230,7 +233,9 @@ class Engine:
         # turn on the store thread, and an awaited run_in_executor would then drop the queued
         # write (cancelling the asyncio future cancels the pending job); the session would keep
         # its lease until it lapsed and lose what the call did. The job runs whatever happens.
-        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        # In the call's context: the store reads who is calling (serving.auth.current_caller),
+        # which a thread of the pool would not see otherwise.
+        job = asyncio.wrap_future(self._io.submit(contextvars.copy_context().run, fn, *args))
         job.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(job)
@@ -347,6 +352,9 @@ class Engine:
             raise FailedPrecondition(str(exc)) from None
         except snapshot.SnapshotInvalid as exc:
             raise InvalidArgument(str(exc)) from None
+        if s.position > MAX_RESTORE_POSITION:
+            raise InvalidArgument(f"snapshot position {s.position} is past {MAX_RESTORE_POSITION}, the largest "
+                                  "a restored session may start at (positions are uint64): the snapshot is forged")
         try:
             return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
         except TooManySessions as exc:

@@ -132,9 +132,12 @@ def test_abuse_smoke(bench_models):
 def test_fuzz_smoke(bench_models):
     result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and set(result["fuzz"]) == {
-        "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses"}
+        "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses",
+        "GetSession", "SnapshotSession", "RestoreSession", "ForkSession"}
     for rpc, r in result["fuzz"].items():
         assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+        assert r["rss_mib"] > 0, rpc
+    assert result["rss_growth_mib"] <= 64
 
 
 def test_serve_load_smoke_on_sessions():

@@ -111,3 +111,24 @@ def test_huge_names_keep_their_error_code(server, name):
     with pytest.raises(grpc.RpcError) as info:
         server.stub.CreateSession(pb.CreateSessionRequest(model="x" * 100_000))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
+
+
+def test_a_restored_position_leaves_room_to_grow(server):
+    # a forged snapshot at position 2**64 - 1 was restored, and every call on the session then
+    # failed with INTERNAL (its next position did not fit the proto's uint64), GetSession too
+    from serving import snapshot
+
+    sid = server.stub.CreateSession(pb.CreateSessionRequest(model=CHAR_MODEL)).session_id
+    server.stub.Score(pb.ScoreRequest(session_id=sid, text="the cat"))
+    s = snapshot.decode(server.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid)).data)
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    for position in (2**64 - 1, 2**63):
+        s.position = position
+        code, details, _ = raw_call(server, "RestoreSession", pb.RestoreSessionRequest(data=snapshot.encode(s))
+                                    .SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "the largest a restored session may start at" in details
+    s.position = 2**63 - 1  # the largest accepted: calls on it work
+    restored = server.stub.RestoreSession(pb.RestoreSessionRequest(data=snapshot.encode(s))).session_id
+    assert server.stub.Score(pb.ScoreRequest(session_id=restored, text="a")).position == 2**63
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=restored))
+    assert internal_errors(server) == 0

@@ -17,31 +17,15 @@ import grpc
 import pytest
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
-from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.testing.process import Server
+from serving.testing.process import REPLICA_IDLE, Replica
 from training.testing.models import CHAR_MODEL, export_tiny_models
 
-IDLE = 5.0  # the replicas' idle timeout, seconds
-FLAGS = ("--session-checkpoint-s", "0.3", "--idle-timeout", str(IDLE), "--max-chars", "100000",
-         "--stream-interval-ms", "0", "--max-messages-per-s", "0", "--threads", "1", "--grace", "2")
+IDLE = REPLICA_IDLE
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     return export_tiny_models(tmp_path_factory.mktemp("exported"))
-
-
-class Replica:
-    """A `nlstm serve` process and a stub to it."""
-
-    def __init__(self, models_dir: Path, store: str, *flags: str) -> None:
-        self.server = Server(models_dir, "--session-store", store, *FLAGS, *flags, metrics=False)
-        self.channel = grpc.insecure_channel(self.server.target)
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

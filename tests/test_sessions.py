@@ -191,6 +191,44 @@ def test_cancelled_generate_keeps_exactly_the_characters_sent(models_dir, cache_
         s.close()
 
 
+def test_a_slow_reader_at_50_ms_keeps_what_the_server_sent(models_dir):
+    """The default interval (--stream-interval-ms 50) and a reader slower than it, so that
+    messages coalesce: after a cancel, the session holds the prompt and the characters of the
+    messages the server sent (the .proto's header): those the client received and, when a
+    message was already handed to gRPC as the cancel came, that message's too. With a reader
+    this slow that is nearly always so (the next message waits in the client's buffers while it
+    sleeps: 3 of 3 cancels here on 2026-12-02), so the position is at least what the client
+    received, not equal to it. The same seeded Generate, not cancelled and cut to the session's
+    position, makes the text the session holds: it starts with what the client received, and
+    the session's state is the one that text makes (GetSession tells the client how much more).
+    """
+    s = ServerThread(models_dir, Limits(**dict(LIMITS, stream_interval=0.05, max_chars=100_000)))
+    try:
+        stub, prompt = s.stub, "the cat "
+        for k in (1, 2, 3):
+            sid = sid_of(stub)
+            stream = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=100_000,
+                                                      temperature=1.0, seed=10 + k))
+            received = ""
+            for _ in range(k):
+                m = next(stream)
+                received += m.text
+                assert m.position == len(prompt) + len(received)
+                time.sleep(0.12)  # slower than the interval: the next message coalesces
+            stream.cancel()
+            kept = settled(stub, sid).position - len(prompt)
+            assert kept >= len(received) > 0
+            text, _ = generate(stub, model=CHAR_MODEL, prompt=prompt, max_chars=kept, temperature=1.0, seed=10 + k)
+            assert text.startswith(received) and len(text) == kept
+            check = sid_of(stub)
+            score_bits(stub, check, prompt + text)
+            assert score_bits(stub, sid, "the mat") == pytest.approx(score_bits(stub, check, "the mat"), rel=1e-6)
+            for x in (sid, check):
+                stub.CloseSession(pb.CloseSessionRequest(session_id=x))
+    finally:
+        s.close()
+
+
 def test_a_drained_generate_keeps_what_its_last_message_carried(models_dir):
     """On SIGTERM's drain a running Generate ends with a FINISH_REASON_CANCELLED message that
     carries every character made; the session keeps them all, at that message's position."""

@@ -230,3 +230,28 @@ def redis_server() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+# The replica tests' settings: frequent checkpoints (a killed replica loses little), an idle
+# timeout short enough to watch Redis expire a session, no message spacing, one thread each
+REPLICA_IDLE = 5.0
+REPLICA_FLAGS = ("--session-checkpoint-s", "0.3", "--idle-timeout", str(REPLICA_IDLE), "--max-chars", "100000",
+                 "--stream-interval-ms", "0", "--max-messages-per-s", "0", "--threads", "1", "--grace", "2")
+
+
+class Replica:
+    """A `nlstm serve` process on the session store `store` (REPLICA_FLAGS, then `flags`, which
+    override them), and a gRPC stub to it."""
+
+    def __init__(self, models_dir: Path, store: str, *flags: str) -> None:
+        import grpc  # here: the rest of this module runs without a gRPC client
+
+        from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+
+        self.server = Server(models_dir, "--session-store", store, *REPLICA_FLAGS, *flags, metrics=False)
+        self.channel = grpc.insecure_channel(self.server.target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.__exit__(None, None, None)
