@@ -55,7 +55,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving import snapshot
-from serving.sessions import Session, SessionBusy, SessionError, SessionNotFound, TooManySessions, _anonymous
+from serving.sessions import (
+    Session,
+    SessionBusy,
+    SessionError,
+    SessionNotFound,
+    TooManySessions,
+    _anonymous,
+    new_session_id,
+)
 from serving.store import GONE, LEASE_LOST, Backend, StoreUnavailable, valid_id
 
 log = logging.getLogger("nlstm.serving")
@@ -221,7 +229,7 @@ class DurableSessions:
             )
         owner = self._caller().client
         session = StoredSession(
-            secrets.token_urlsafe(16), model, np.asarray(state, np.float32).copy(),
+            new_session_id(), model, np.asarray(state, np.float32).copy(),
             None if logits is None else np.asarray(logits, np.float32).copy(), position, owner=owner)
         if not self.backend.put(session.session_id, self._encode(session), self.idle_timeout, owner,
                                 self.max_per_client):

@@ -25,6 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def new_session_id() -> str:
+    """A new session id: 128 random bits, base64url (22 characters), never starting with "-" (a
+    command line would read such an id as an option: `nlstm score --session -x...`)."""
+    while True:
+        sid = secrets.token_urlsafe(16)
+        if not sid.startswith("-"):
+            return sid
+
+
 class SessionError(Exception):
     """Base of the store's errors; each maps to one gRPC status code in the servicer."""
 
@@ -109,7 +118,7 @@ class SessionStore:
                     "(CloseSession) "
                     "or wait for them to expire"
                 )
-            sid = secrets.token_urlsafe(16)  # 128 random bits
+            sid = new_session_id()
             session = Session(sid, model, state.astype(np.float32, copy=True),
                               None if logits is None else logits.astype(np.float32, copy=True),
                               position, last_used=self._clock(), owner=owner)
