@@ -26,6 +26,7 @@ with its figures, and the script exits 1 if any failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -38,11 +39,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, Server, pick_models
-from faults import Result, run_scenarios, spawn, status
+from _scenarios import Result, run_scenarios, spawn, status
+from _server import REPO, pick_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
 GLIMPSE = [0.5] * 49
 
@@ -161,10 +163,8 @@ async def metrics_idle(server: Server, smoke: bool) -> Result:
         s.settimeout(0.0 if smoke else 15.0)
     if not smoke:
         for s in conns:
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionError, OSError):
                 s.recv(1)
-            except (TimeoutError, ConnectionError, OSError):
-                pass
             closed_at.append(time.perf_counter() - t0)
     for s in conns:
         s.close()

@@ -30,28 +30,35 @@ random character model and the bundled glimpse classifier, or on the models of -
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-from _server import REPO, Server, glimpse_requests, models_folder, pick_models
+from _scenarios import (
+    Bystander,
+    Result,
+    check_counted,
+    check_released,
+    create,
+    drain,
+    run_scenarios,
+    server_counts,
+    spawn,
+    status,
+    usable_after,
+)
+from _server import glimpse_requests, pick_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
-RELEASE_LIMIT = 5.0  # seconds a freed session may take to be usable again before it counts as held
 UNDISPATCHED_WITHIN = 0.5  # d: seconds after SIGTERM in which grpc cancels the calls it holds undispatched
 
 # b: a client that opens Generate and glimpse streams on the sessions given, keeps reading the
@@ -60,10 +67,12 @@ DISCONNECTING_CLIENT = r"""
 import asyncio, sys
 import grpc
 from serving.api.nlstm.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
-target, max_chars, chars, glimpses = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
+target, max_chars = sys.argv[1], int(sys.argv[2])
+chars, glimpses = sys.argv[3].split(","), sys.argv[4].split(",")
 async def main():
     stub = pb_grpc.InferenceStub(grpc.aio.insecure_channel(target))
-    gens = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0)) for s in chars]
+    gens = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0))
+            for s in chars]
     for g in gens:
         await g.read()
     streams = [stub.ClassifyGlimpses() for _ in glimpses]
@@ -87,7 +96,8 @@ from serving.api.nlstm.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_g
 target, max_chars, sessions = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 async def main():
     stub = pb_grpc.InferenceStub(grpc.aio.insecure_channel(target))
-    calls = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0, logprobs=True))
+    calls = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=max_chars, temperature=1.0,
+                                              logprobs=True))
              for s in sessions]
     for c in calls:
         await c.initial_metadata()
@@ -97,155 +107,6 @@ asyncio.run(main())
 """
 
 
-@dataclass
-class Result:
-    name: str
-    title: str
-    figures: dict = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    def check(self, ok: bool, failure: str) -> None:
-        if not ok:
-            self.failures.append(failure)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile of values in ms (nan when empty)."""
-    return round(float(np.percentile(values, q)) * 1e3, 2) if values else math.nan
-
-
-async def status(call: Awaitable) -> str:
-    """Await a call (or a coroutine of several); the name of its status code."""
-    try:
-        await call
-        return "OK"
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name
-
-
-async def drain(stream) -> None:
-    """Read a response stream to its end."""
-    async for _ in stream:
-        pass
-
-
-class Bystander:
-    """Another client, served throughout a scenario: Generate (40 characters) and Score
-    (a sentence) in turn, each call's (rpc, start, seconds, status code) recorded."""
-
-    def __init__(self, stub, char_model: str) -> None:
-        self.stub, self.model = stub, char_model
-        self.calls: list[tuple[str, float, float, str]] = []
-        self._stopping = False
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        i = 0
-        while not self._stopping:
-            rpc, t0 = ("Generate", "Score")[i % 2], time.perf_counter()
-            if rpc == "Score":
-                code = await status(self.stub.Score(pb.ScoreRequest(model=self.model, text="the cat sat"), timeout=30))
-            else:
-                request = pb.GenerateRequest(model=self.model, max_chars=40, temperature=1.0)
-                code = await status(drain(self.stub.Generate(request, timeout=30)))
-            self.calls.append((rpc, t0, time.perf_counter() - t0, code))
-            i += 1
-            await asyncio.sleep(0.01)
-
-    def window(self, since: float, until: float = math.inf) -> dict:
-        """Calls started in [since, until): how many, their errors, p50/p99 latency in ms."""
-        calls = [c for c in self.calls if since <= c[1] < until]
-        ok = [c[2] for c in calls if c[3] == "OK"]
-        return {"calls": len(calls), "errors": dict(Counter(c[3] for c in calls if c[3] != "OK")),
-                "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99)}
-
-    def count(self, rpc: str) -> int:
-        """Calls of `rpc` finished so far."""
-        return sum(1 for c in self.calls if c[0] == rpc)
-
-    async def stop(self, calls: Counter) -> None:
-        """Let the call in flight finish, stop, and add the calls made to `calls`."""
-        self._stopping = True
-        await self._task
-        calls.update(c[0] for c in self.calls)
-
-
-async def create(stub, model: str) -> str:
-    return (await stub.CreateSession(pb.CreateSessionRequest(model=model))).session_id
-
-
-async def usable_after(stub, session_id: str, glimpse: bool, rng: np.random.Generator, calls: Counter) -> float:
-    """Seconds until the session is free again: a call on it (a Score, or a whole glimpse
-    stream) is retried while it gets ABORTED (the session is still held by a call the server
-    has not finished), and the start of the first that succeeds counts; inf when that lasts
-    RELEASE_LIMIT seconds."""
-    t0 = time.perf_counter()
-    while (attempt := time.perf_counter()) - t0 < RELEASE_LIMIT:
-        try:
-            if glimpse:
-                calls["ClassifyGlimpses"] += 1
-                # one glimpse, then its answer, then the next: each write follows an answer, so a
-                # stream the server ends early (ABORTED after the first glimpse) reports that code
-                # on the read. A write racing the server's status would get INTERNAL "Internal
-                # error from Core" in its place (grpc/grpc#36066).
-                stream = stub.ClassifyGlimpses(timeout=30)
-                out = []
-                for request in glimpse_requests(rng, session_id=session_id):
-                    await stream.write(request)
-                    out.append(await stream.read())
-                await stream.done_writing()
-                assert await stream.read() is grpc.aio.EOF and len(out) == 20, f"{len(out)} answers to 20 glimpses"
-            else:
-                calls["Score"] += 1
-                await stub.Score(pb.ScoreRequest(session_id=session_id, text="the cat"), timeout=30)
-            return attempt - t0
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.ABORTED:
-                raise
-        await asyncio.sleep(0.005)
-    return math.inf
-
-
-async def server_counts(server: Server, calls: Counter, methods: tuple[str, ...]) -> dict[str, int]:
-    """The server's nlstm_requests_total per method, once it matches what the client issued
-    (a cancelled call's handler ends a moment after the client has moved on) or after 3 s."""
-    deadline = time.perf_counter() + 3
-    while True:
-        counted = {m: int(server.metric("nlstm_requests_total", method=m)) for m in methods}
-        if all(counted[m] == calls[m] for m in methods) or time.perf_counter() > deadline:
-            return counted
-        await asyncio.sleep(0.1)
-
-
-def check_released(res: Result, release: list[float], what: str) -> None:
-    """Figures and check of usable_after() times of the sessions freed by `what`."""
-    held = sum(1 for r in release if math.isinf(r))
-    finite = [r for r in release if not math.isinf(r)]
-    res.figures[f"session_free_after_{what.replace(' ', '_')}_ms"] = {"p50": pct(finite, 50), "max": pct(finite, 100)}
-    res.check(held == 0, f"{held} of {len(release)} sessions still ABORTED {RELEASE_LIMIT:g} s after {what}")
-
-
-def check_counted(res: Result, counted: dict[str, int], calls: Counter) -> None:
-    res.figures["server_counted"] = {m: f"{counted[m]}/{calls[m]}" for m in counted}
-    for m, n in counted.items():
-        res.check(n == calls[m], f"the server counted {n} {m} calls of the {calls[m]} made")
-
-
-async def spawn(script: str, *argv: str) -> subprocess.Popen:
-    """A client subprocess; returns once it has printed its ready line."""
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline), 60)
-    if line.strip() != "ready":
-        proc.kill()
-        raise RuntimeError(f"the client subprocess did not start (exit code {proc.wait()})")
-    return proc
-
-
-# ---------------------------------------------------------------------------- the scenarios
 async def cancel_mid_stream(server: Server, smoke: bool) -> Result:
     res = Result("a", "cancel: clients cancel Generate and glimpse streams mid-stream")
     n, rng, calls = (8 if smoke else 200), np.random.default_rng(1), Counter()
@@ -314,7 +175,7 @@ async def disconnect(server: Server, smoke: bool) -> Result:
         calls.update(Generate=n, ClassifyGlimpses=n)
         for g in gens:
             await g.read()
-        for s, st in zip(glimpses, streams):
+        for s, st in zip(glimpses, streams, strict=True):
             await st.write(glimpse_requests(rng, session_id=s)[0])
             await st.read()
         await abrupt.close(grace=None)
@@ -409,7 +270,8 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
                 health.append((exc.code().name, time.perf_counter()))
 
         async def long_generate(first: asyncio.Event) -> None:
-            # more characters than the grace period allows: stopped GENERATE_END_MARGIN before its end
+            # more characters than the grace period allows: stopped GENERATE_END_MARGIN before its
+            # end
             call = stub.Generate(pb.GenerateRequest(model=char, max_chars=1_000_000, temperature=1.0))
             last = await call.read()
             first.set()
@@ -505,9 +367,9 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
     def fine(call: tuple) -> bool:
         rpc, issued, ended, code = call
         undispatched = ended < t_sig + UNDISPATCHED_WITHIN
-        return (code == "OK" and issued < t_down and ended <= deadline or code == "UNAVAILABLE"
-                or code == "CANCELLED" and undispatched
-                or code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched)
+        return ((code == "OK" and issued < t_down and ended <= deadline) or code == "UNAVAILABLE"
+                or (code == "CANCELLED" and undispatched)
+                or (code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched))
 
     windows = {"before SIGTERM": (-math.inf, t_sig), "until NOT_SERVING": (t_sig, t_down),
                "after NOT_SERVING": (t_down, math.inf)}
@@ -584,39 +446,6 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
         res.check(not server.errors(), f"errors in the server log: {server.errors()[:3]}")
     res.figures["seconds"] = round(time.perf_counter() - t0, 1)
     return res
-
-
-def run_scenarios(label: str, scenarios: str, run, smoke_help: str) -> None:
-    """The command line of a scenario script (this one, bench/abuse.py): parse the flags, run
-    each scenario chosen from `scenarios` with `run(name, folder, smoke, threads)`, print each
-    result and a JSON line keyed by `label`, exit 1 when any failed."""
-    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=None,
-                    help="exported models folder with a character model and a glimpse classifier "
-                         "(default: a random character model and the bundled mnist-nlstm)")
-    ap.add_argument("--only", nargs="+", choices=list(scenarios), default=list(scenarios), help="scenarios to run")
-    ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
-    ap.add_argument("--smoke", action="store_true", help=smoke_help)
-    args = ap.parse_args()
-    print(f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    with models_folder(args.models) as folder:
-        results = []
-        for name in args.only:
-            res = asyncio.run(run(name, folder, args.smoke, args.threads))
-            results.append(res)
-            print(f"{'PASS' if res.passed else 'FAIL'}  {res.name}. {res.title}", flush=True)
-            for key, value in res.figures.items():
-                print(f"        {key}: {value}")
-            for failure in res.failures:
-                print(f"        FAILED: {failure}")
-    failed = [r.name for r in results if not r.passed]
-    print(f"{label}: {len(results) - len(failed)} of {len(results)} scenarios passed"
-          + (f"; failed: {' '.join(failed)}" if failed else ""))
-    print(json.dumps({label: [{"name": r.name, "passed": r.passed, "figures": r.figures, "failures": r.failures}
-                              for r in results]}))
-    sys.exit(1 if failed else 0)
 
 
 def main() -> None:

@@ -1,13 +1,14 @@
 """Fuzzing a real `nlstm serve` process: thousands of random and malformed requests to every rpc,
-drawn by hypothesis from the strategies of tests/fuzzlib.py and judged by its checker (the
+drawn by hypothesis from the strategies of serving/testing/fuzz.py and judged by its checker (the
 same ones tests/test_fuzz.py runs a bounded number of against an in-process server).
 
 Prints a table: per rpc the requests sent, the status codes they got, how many were INTERNAL or
 UNKNOWN and how many broke the documented contract in any way (a code docs/serving.md does not
 give for that request, a wrong answer, a session left unusable), whether the server process is
-still alive after them, and whether known-good requests (checked every --check-every requests
-and at the end) still get the answers they got at the start; then the same as one JSON line.
-Exits 1 on any of these, or if the server logged an error.
+still alive after them, whether known-good requests (checked every --check-every requests
+and at the end) still get the answers they got at the start, and the server's resident memory
+after them; then the same as one JSON line. Exits 1 on any of these, if the server logged an
+error, or if its RSS grew by more than --max-rss-growth-mib over the run.
 
     python bench/fuzz.py --tiny                     # tiny random models, 5000 requests per rpc
     python bench/fuzz.py --examples 20000 --seed 7  # the bundled models of exported/
@@ -28,13 +29,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server import REPO, Server
+from _server import REPO
 
-from serving.engine import Limits
-
-sys.path.insert(0, str(REPO / "tests"))  # the fuzzer, and the tests' tiny models
-from fuzzlib import RPCS, Fuzzer, Outcome, fuzz
-from server_harness import export_tiny_models
+from serving.limits import Limits
+from serving.testing.fuzz import RPCS, Fuzzer, Outcome, fuzz
+from serving.testing.process import Server
+from training.testing.models import export_tiny_models
 
 LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)
 FLAGS = ("--max-chars", str(LIMITS.max_chars), "--max-text", str(LIMITS.max_text),
@@ -51,6 +51,7 @@ class Tally:
         self.problems: Counter[str] = Counter()
         self.bad_checks = 0
         self.alive = True
+        self.rss_mib = 0.0  # the server's RSS after this rpc's requests
 
     def __call__(self, outcome: Outcome) -> None:
         self.codes[outcome.code] += 1
@@ -70,10 +71,11 @@ class Tally:
         return self.codes["INTERNAL"] + self.codes["UNKNOWN"]
 
 
-def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: int) -> bool:
+def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: int, max_rss_growth: float) -> bool:
     with Server(models, *FLAGS, metrics=False) as server:
         channel = grpc.insecure_channel(server.target)
         fuzzer = Fuzzer(channel, LIMITS)
+        rss0 = server.rss_mib()
         print(f"fuzzing {', '.join(f'{n} ({k})' for n, k in sorted(fuzzer.target.models.items()))} "
               f"on port {server.port}: {examples} requests per rpc, seed {seed}", flush=True)
         tallies: dict[str, Tally] = {}
@@ -83,16 +85,19 @@ def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: in
             fuzz(fuzzer, rpc, examples, tally, seed)
             tally.check()
             tally.alive = server.proc.poll() is None
-            print(f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s", flush=True)
             if not tally.alive:
                 break
+            tally.rss_mib = server.rss_mib()
+            print(f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s, "
+                  f"RSS {tally.rss_mib:.0f} MiB", flush=True)
         channel.close()
         errors = server.errors()
     others = sorted({c for t in tallies.values() for c in t.codes} - set(CODES) - {"INTERNAL", "UNKNOWN"})
     columns = [*CODES, *others]
-    head = ["rpc", "sent", *columns, "INTERNAL/UNKNOWN", "contract broken", "alive", "good after"]
+    head = ["rpc", "sent", *columns, "INTERNAL/UNKNOWN", "contract broken", "alive", "good after", "RSS MiB"]
     rows = [[rpc, sum(t.codes.values()), *(t.codes[c] for c in columns), t.internal, sum(t.problems.values()),
-             "yes" if t.alive else "NO", "yes" if not t.bad_checks else f"NO ({t.bad_checks} checks)"]
+             "yes" if t.alive else "NO", "yes" if not t.bad_checks else f"NO ({t.bad_checks} checks)",
+             f"{t.rss_mib:.0f}"]
             for rpc, t in tallies.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     print()
@@ -104,10 +109,15 @@ def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: in
     for problem, n in problems.most_common(20):
         print(f"{n:>6} x {problem}")
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {line}" for line in errors[:20]))
-    passed = not problems and not errors and len(tallies) == len(rpcs) and all(t.alive for t in tallies.values())
+    growth = max((t.rss_mib for t in tallies.values()), default=rss0) - rss0
+    print(f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB (bound {max_rss_growth:g})")
+    passed = (not problems and not errors and len(tallies) == len(rpcs) and all(t.alive for t in tallies.values())
+              and growth <= max_rss_growth)
     print(json.dumps({"fuzz": {rpc: {"sent": sum(t.codes.values()), "codes": dict(t.codes), "internal": t.internal,
-                                     "broken": sum(t.problems.values()), "alive": t.alive, "good_after": not t.bad_checks}
+                                     "broken": sum(t.problems.values()), "alive": t.alive, "good_after": not t.bad_checks,
+                                     "rss_mib": round(t.rss_mib, 1)}
                                for rpc, t in tallies.items()},
+                      "rss_start_mib": round(rss0, 1), "rss_growth_mib": round(growth, 1),
                       "log_errors": errors, "passed": passed}))
     return passed
 
@@ -121,14 +131,17 @@ def main() -> int:
     ap.add_argument("--check-every", type=int, default=10, help="requests between two checks of the good requests")
     ap.add_argument("--rpcs", nargs="+", choices=RPCS, default=list(RPCS))
     ap.add_argument("--smoke", action="store_true", help="10 requests per rpc")
+    ap.add_argument("--max-rss-growth-mib", type=float, default=64.0,
+                    help="most the server's RSS may grow over the run (default 64 MiB)")
     args = ap.parse_args()
     if args.smoke:
         args.examples = 10
     if not args.tiny:
-        return 0 if run(args.models, args.rpcs, args.examples, args.seed, args.check_every) else 1
+        return 0 if run(args.models, args.rpcs, args.examples, args.seed, args.check_every,
+                        args.max_rss_growth_mib) else 1
     with tempfile.TemporaryDirectory(prefix="nlstm-fuzz-") as tmp:
         models = export_tiny_models(Path(tmp))
-        return 0 if run(models, args.rpcs, args.examples, args.seed, args.check_every) else 1
+        return 0 if run(models, args.rpcs, args.examples, args.seed, args.check_every, args.max_rss_growth_mib) else 1
 
 
 if __name__ == "__main__":

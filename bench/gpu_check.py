@@ -91,11 +91,9 @@ def find_ptb(data_dir: str) -> Path | None:
 
 def smoke_main(device: str, run_dir: Path) -> None:
     """Stage 3, run in a child process: train a small NLSTM on a synthetic stream twice."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from trainer_data import stream_prepared
-
     from training.checkpoint import load_checkpoint
     from training.config import TrainConfig
+    from training.testing.data import stream_prepared
     from training.trainer import LAST, read_metrics, train
 
     prepared = stream_prepared(run_dir / "data", n_train=20_000, n_eval=2_000)
@@ -142,7 +140,11 @@ def main() -> None:
     if args.smoke and args.device == "cpu":
         CHILD_ENV["OMP_NUM_THREADS"] = "1"
     start = time.monotonic()
-    left = lambda: args.budget_s - (time.monotonic() - start)
+
+    def left() -> float:
+        """Seconds of the budget not yet spent."""
+        return args.budget_s - (time.monotonic() - start)
+
     py = sys.executable
     device_name, versions = describe(args.device)
     stages = []
@@ -239,14 +241,15 @@ def ptb_stage(args, left, speed: dict | None, tmp: Path) -> dict:
 def render(summary: dict, stages: list[dict]) -> str:
     """The Markdown block to paste into the docs."""
     title = (f"### gpu_check: {summary['device_name']} ({summary['device']}), torch {summary['torch']}, "
-             f"CUDA {summary['cuda'] or '-'}, {summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget")
+             f"CUDA {summary['cuda'] or '-'}, "
+             f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget")
     out = [title, "", "| stage | status | seconds | result |", "|---|---|---|---|"]
     for s in stages:
         out.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {stage_result(s)} |")
     speed = stages[1].get("result")
     if speed:
-        head = (f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden {speed['hidden']}; "
-                f"GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):")
+        head = (f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden "
+                f"{speed['hidden']}; GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):")
         out += ["", head, "",
                 "| kind | chars/s | ratio vs nn.LSTM | GFLOP/s | of peak |", "|---|---|---|---|---|"]
         for k, r in speed["kinds"].items():
@@ -261,7 +264,8 @@ def render(summary: dict, stages: list[dict]) -> str:
         m = ptb["minutes_for_35_epochs"]
         line = (f"PTB: {ptb['step']} steps at {ptb['train_chars_per_s']:,.0f} chars/s, valid BPC "
                 f"{ptb['valid_bpc']:.3f}; 35 epochs ({ptb['batches_per_epoch']} steps each) would take "
-                f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: {'met' if m < GOAL_MINUTES else 'not met'}).")
+                f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: "
+                f"{'met' if m < GOAL_MINUTES else 'not met'}).")
         out += ["", line]
     return "\n".join(out)
 
@@ -279,7 +283,8 @@ def stage_result(s: dict) -> str:
         return (f"learned: {r['learned']}, same weights with and without graphs: {r['same_weights']} "
                 f"(max difference {r['max_weight_difference']:.1e})")
     if s["name"] == "ptb" and s.get("train_chars_per_s"):
-        return f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC {s['valid_bpc']:.3f}"
+        return (f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC "
+                f"{s['valid_bpc']:.3f}")
     return s.get("output", "")[-200:].replace("\n", " ").replace("|", "/")
 
 

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _median_us(fn, repeats: int, warmup: int = 5) -> float:
@@ -156,8 +154,10 @@ def main(argv=None) -> int:
     assert not ort["torch_loaded"], "the onnxruntime worker must not import torch"
     tt = torch_side(model, batches, chars, repeats)
 
-    print(f"model: NLSTM depth 2, {hidden} cells, vocabulary {vocab}: {params:,} parameters (random weights)")
-    print(f"threads: {threads} for torch {torch.__version__} and onnxruntime (CPU provider, own process)")
+    print(f"model: NLSTM depth 2, {hidden} cells, vocabulary {vocab}: {params:,} parameters "
+          "(random weights)")
+    print(f"threads: {threads} for torch {torch.__version__} and onnxruntime "
+          "(CPU provider, own process)")
     print(f"\none step (median of {repeats})   onnxruntime      torch eager   torch / onnxruntime")
     for b in batches:
         o, t = ort["step_us"][str(b)], tt["step_us"][str(b)]

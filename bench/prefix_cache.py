@@ -26,7 +26,9 @@ import statistics
 import time
 from pathlib import Path
 
-from _server import REPO, Server, readme_lines
+from _server import REPO, readme_lines
+
+from serving.testing.process import Server
 
 GOAL = 20.0  # the uncached over the cached time to the first character, 2,000-character prompt
 
@@ -69,8 +71,8 @@ def main() -> None:
         text += "\n" + text
     prompt = text[: args.prompt_chars]
     endings = [text[args.prompt_chars + 20 * i : args.prompt_chars + 20 * (i + 1)] for i in range(args.rounds)]
-    print(f"model {args.model} from {args.models}; a {len(prompt):,}-character prompt, {args.max_chars} characters "
-          f"generated, {args.rounds} rounds", flush=True)
+    print(f"model {args.model} from {args.models}; a {len(prompt):,}-character prompt, "
+          f"{args.max_chars} characters generated, {args.rounds} rounds", flush=True)
     with Server(args.models, "--prefix-cache-mb", "0") as off, Server(args.models) as on:
         channels = {name: grpc.insecure_channel(s.target) for name, s in (("off", off), ("on", on))}
         stubs = {name: pb_grpc.InferenceStub(c) for name, c in channels.items()}
@@ -89,7 +91,8 @@ def main() -> None:
                     seconds, texts[name] = first_char(stubs[name], args.model, p, args.max_chars, i + 1)
                     times[kind][name].append(seconds)
                 if texts["on"] != texts["off"]:
-                    raise SystemExit(f"the cached server's text differs from the uncached one's ({kind}, seed {i + 1})")
+                    raise SystemExit(f"the cached server's text differs from the uncached one's ({kind}, seed "
+                                     f"{i + 1})")
         counts = {n: on.metric(f"nlstm_prefix_cache_{n}_total", model=args.model)
                   for n in ("hits", "misses", "skipped_chars")}
         held = on.metric("nlstm_prefix_cache_bytes", model=args.model)
@@ -108,9 +111,9 @@ def main() -> None:
               f"with it {on_ms:7.2f} ms, ratio {off_ms / on_ms:6.1f}", flush=True)
     goal_applies = args.prompt_chars >= 2000
     met = results["same"]["ratio"] >= GOAL
-    print(f"cold (the call that filled the cache): {cold * 1e3:.1f} ms; cache: {counts['hits']:.0f} hits, "
-          f"{counts['misses']:.0f} misses, {counts['skipped_chars']:,.0f} prompt characters skipped, "
-          f"{held / 2**20:.2f} MiB held"
+    print(f"cold (the call that filled the cache): {cold * 1e3:.1f} ms; cache: {counts['hits']:.0f} "
+          f"hits, {counts['misses']:.0f} misses, {counts['skipped_chars']:,.0f} prompt characters "
+          f"skipped, {held / 2**20:.2f} MiB held"
           + (f"; goal {GOAL:g}x: {'met' if met else 'NOT met'}" if goal_applies else ""), flush=True)
     print(json.dumps({"model": args.model, "prompt_chars": len(prompt), "max_chars": args.max_chars,
                       "rounds": args.rounds, "cold_ms": cold * 1e3, "results": results, "cache": counts,

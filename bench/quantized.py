@@ -41,9 +41,6 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-for p in (str(REPO), str(BENCH)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 # The issue's goals: raw step-rate ratios (int8 over float32) for the PTB model, the served
 # characters/s ratio at 64 streams, and the cost on the full test splits.
@@ -108,8 +105,9 @@ def step_rates(f32: Path, int8: Path, batches: list[int], rounds: int, seconds: 
 def served_rates(f32: Path, int8: Path, streams: int, rounds: int, seconds: float) -> dict:
     """One server over both models; float32 and int8 windows of `streams` Generate streams
     alternating, starting and ending with float32; ratio of each int8 window to its neighbours."""
-    from _server import Server
     from serve_load import load
+
+    from serving.testing.process import Server
 
     with tempfile.TemporaryDirectory(prefix="nlstm-quant-serve-") as tmp:
         root = Path(tmp)
@@ -145,11 +143,13 @@ def test_costs(f32: Path, int8: Path, data_dir: Path | None, cache_dir: Path | N
 def smoke_pair(root: Path) -> tuple[Path, Path]:
     """A tiny random char model and its int8 copy, on synthetic data (torch in a subprocess)."""
     code = (
-        "import sys; from pathlib import Path; from _server import export_random, readme_lines; "
-        "export_random(Path(sys.argv[1]), 32, '\\n'.join(readme_lines()))"
+        "import sys; from pathlib import Path; from training.testing.models import "
+        "export_random_char; export_random_char(Path(sys.argv[1]), 32, "
+        "sys.stdin.read().splitlines())"
     )
-    subprocess.run([sys.executable, "-c", code, str(root)], check=True, cwd=BENCH,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])})
+    lines = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines() if line]
+    subprocess.run([sys.executable, "-c", code, str(root / "random-nlstm")], input="\n".join(lines), text=True,
+                   check=True)  # the lines: bench/_server.py's readme_lines
     from serving.formats import TOKENIZER_FILE, Tokenizer
     from training.data.task import StreamSplit
     from training.quantize import EvalData, quantize_folder
@@ -208,15 +208,17 @@ def main(argv=None) -> int:
             wall_ratio = statistics.median(rates["wall_ratios"][b])
             goal = STEP_GOALS.get(b) if f32.name.startswith("ptb") else None
             verdict = "" if goal is None else f"  goal {goal}x: {'met' if cpu_ratio >= goal else 'NOT met'} (cpu)"
-            print(f"  step batch {b:>2}: cpu (1 thread) {cpu['float32']:8.1f} -> {cpu['int8']:7.1f} us = {cpu_ratio:.2f}x;"
-                  f"  wall (default threads) {wall['float32']:8.1f} -> {wall['int8']:7.1f} us = {wall_ratio:.2f}x "
-                  f"(windows {min(rates['wall_ratios'][b]):.2f}-{max(rates['wall_ratios'][b]):.2f}){verdict}", flush=True)
+            print(f"  step batch {b:>2}: cpu (1 thread) {cpu['float32']:8.1f} -> {cpu['int8']:7.1f} "
+                  f"us = {cpu_ratio:.2f}x;  wall (default threads) {wall['float32']:8.1f} -> "
+                  f"{wall['int8']:7.1f} us = {wall_ratio:.2f}x (windows "
+                  f"{min(rates['wall_ratios'][b]):.2f}-{max(rates['wall_ratios'][b]):.2f}){verdict}", flush=True)
         if not args.skip_serve and (f32.name.startswith("ptb") or args.smoke):
             s = served_rates(f32, q, args.streams, args.serve_rounds, args.serve_seconds)
             r["serve"] = s
             verdict = "" if args.smoke else f"  goal {SERVE_GOAL}x: {'met' if s['ratio'] >= SERVE_GOAL else 'NOT met'}"
-            print(f"  served, {args.streams} streams: {s['chars_per_s']['float32']:,.0f} -> {s['chars_per_s']['int8']:,.0f} "
-                  f"chars/s = {s['ratio']:.2f}x (windows {min(s['ratios']):.2f}-{max(s['ratios']):.2f}){verdict}", flush=True)
+            print(f"  served, {args.streams} streams: {s['chars_per_s']['float32']:,.0f} -> "
+                  f"{s['chars_per_s']['int8']:,.0f} chars/s = {s['ratio']:.2f}x (windows "
+                  f"{min(s['ratios']):.2f}-{max(s['ratios']):.2f}){verdict}", flush=True)
         rec_f, rec_q = qm["reference_figures"], qm["figures"]
         task = ExportMeta.from_folder(f32).task
         key, how, goal = COST_GOALS.get(task, ("test_bpc", "+", None))
@@ -232,9 +234,10 @@ def main(argv=None) -> int:
                 delta, ok = f"{(b_ - a) * 100:+.3f} points", a - b_ <= goal
             else:
                 delta, ok = f"{(b_ / a - 1) * 100:+.3f}%", b_ / a <= goal
-            print(f"  full test split ({c['float32']['items']:,} {'images' if metric == 'acc' else 'characters'}): "
-                  f"{metric} {a:.5f} -> {b_:.5f} ({delta}; nll {c['float32']['nll']:.5f} -> {c['int8']['nll']:.5f})  "
-                  f"goal: {'met' if ok else 'NOT met'}", flush=True)
+            print(f"  full test split ({c['float32']['items']:,} "
+                  f"{'images' if metric == 'acc' else 'characters'}): {metric} {a:.5f} -> {b_:.5f} "
+                  f"({delta}; nll {c['float32']['nll']:.5f} -> {c['int8']['nll']:.5f})  goal: "
+                  f"{'met' if ok else 'NOT met'}", flush=True)
         print(line, flush=True)
         report["pairs"][f32.name] = r
     if args.json:

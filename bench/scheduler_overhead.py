@@ -89,7 +89,8 @@ def main() -> None:
             for boundaries in ((True, False) if has_option else (None,)):
                 us = min(run(n, args.chars, interval / 1000, boundaries) for _ in range(args.repeats))
                 label = {True: "with boundaries", False: "without", None: "(no boundaries in this code)"}[boundaries]
-                print(f"streams {n:3d} interval {interval:g} ms {label:28s} {us:8.1f} us of CPU per step")
+                print(f"streams {n:3d} interval {interval:g} ms {label:28s} "
+                      f"{us:8.1f} us of CPU per step")
                 results.append({"streams": n, "interval_ms": interval, "boundaries": boundaries, "cpu_us_per_step": us})
     print(json.dumps({"chars": args.chars, "repeats": args.repeats, "results": results}))
 

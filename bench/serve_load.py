@@ -41,7 +41,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _server import REPO, Server, export_random, readme_lines, redis_server
+from _server import RANDOM_MODEL, REPO, readme_lines
+
+from serving.testing.process import Server, redis_server
+from training.testing.models import export_random_char
 
 # the issue's goals: the server's chars/s over the raw step rate at the same batch size
 GOALS = {64: 0.8, 1: 0.7}
@@ -65,7 +68,8 @@ for line in sys.stdin:
     while time.perf_counter() - t0 < seconds:
         _, state = m.step(x, state, check=False)
         n += 1
-    print(json.dumps({"step_s": (time.perf_counter() - t0) / n, "torch": "torch" in sys.modules}), flush=True)
+    figures = {"step_s": (time.perf_counter() - t0) / n, "torch": "torch" in sys.modules}
+    print(json.dumps(figures), flush=True)
 """
 
 
@@ -201,15 +205,15 @@ def main() -> None:
     if folder is None:
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
-        name = export_random(folder, args.hidden, "\n".join(readme_lines()))
+        name = export_random_char(folder / RANDOM_MODEL, args.hidden, readme_lines()).name
     elif name is None:
         name = sorted(p.name for p in folder.iterdir() if (p / "meta.json").exists())[0]
     if args.max_messages_per_s is None:
         budget, budget_flags = "the server's default", []
     else:
         budget, budget_flags = f"{args.max_messages_per_s:g}/s", ["--max-messages-per-s", str(args.max_messages_per_s)]
-    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message budget: {budget}; "
-          f"{args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
+    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message "
+          f"budget: {budget}; {args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
     window = args.seconds / args.rounds
     results = []
     with contextlib.ExitStack() as stack:
@@ -248,9 +252,11 @@ def run_one(folder: Path, name: str, n: int, interval: float, store: str, url: s
     ratio = float(np.median(ratios))
     goal = GOALS.get(n)
     verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
-    print(f"streams {n:>3} interval {interval:g} ms sessions {store}: server {res['chars_per_s']:>9,.0f} chars/s  "
+    print(f"streams {n:>3} interval {interval:g} ms sessions {store}: server "
+          f"{res['chars_per_s']:>9,.0f} chars/s  "
           f"raw onnxruntime batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-"
-          f"{max(raw_steps) * 1e3:.2f} ms/step)  ratio {ratio:.2f} (windows {min(ratios):.2f}-{max(ratios):.2f})  "
+          f"{max(raw_steps) * 1e3:.2f} ms/step)  ratio {ratio:.2f} (windows "
+          f"{min(ratios):.2f}-{max(ratios):.2f})  "
           f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
           f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
           f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from _server import REPO, Server, glimpse_requests, models_folder, pick_models, readme_lines
+from _server import REPO, glimpse_requests, models_folder, pick_models, readme_lines
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import Server
 
 RPCS = ("Generate", "Score", "ClassifyGlimpses", "CreateSession", "CloseSession")
 RECREATE = 1 / 25  # chance, before each call, that a worker replaces its session
@@ -137,8 +138,8 @@ async def soak(server: Server, args: argparse.Namespace) -> dict:
         stub = pb_grpc.InferenceStub(channel)
         char, glimpse = await pick_models(stub)
         print(f"soak: {args.sessions} sessions for {args.seconds:g} s against {char} and {glimpse} "
-              f"(server pid {server.pid}, onnxruntime threads {args.threads}); {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+              f"(server pid {server.pid}, onnxruntime threads {args.threads}); {os.cpu_count()} "
+              f"CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
         t0, cpu0, client_cpu0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
         sampler = asyncio.create_task(sample_rss(server, args.sample_every, samples, t0))
         await asyncio.gather(*(worker(i, stub, char, glimpse, texts, stats, t0 + args.seconds, args.timeout)
@@ -186,19 +187,20 @@ def report(r: dict, max_growth: float) -> list[str]:
         print(f"{rpc:<17}{s['calls']:>9}{s['errors']:>8}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
               f"{s['max_ms']:>9.1f}{s['per_s']:>8.1f}")
     t = r["throughput_per_s"]
-    print(f"throughput: {t.get('generated', 0):,.0f} chars generated/s, {t.get('scored', 0):,.0f} chars scored/s, "
-          f"{t.get('glimpses', 0):,.0f} glimpses/s; server mean batch {r['server']['mean_batch']}")
+    print(f"throughput: {t.get('generated', 0):,.0f} chars generated/s, {t.get('scored', 0):,.0f} "
+          f"chars scored/s, {t.get('glimpses', 0):,.0f} glimpses/s; server mean batch "
+          f"{r['server']['mean_batch']}")
     c = r["cpu"]
     print(f"CPU time: server {c['server_s']} s, this client {c['client_s']} s in {r['seconds']} s on "
           f"{os.cpu_count()} CPUs (load average {c['load_average_at_end']} at the end)")
     m = r["rss_mib"]
-    print(f"server RSS: {m['first']} MiB at start, {m['warm']} MiB after warm-up ({m['warm_at_s']} s), "
-          f"{m['end']} MiB at the end ({r['seconds']} s): growth {m['growth']:+} MiB (limit {max_growth:g}), "
-          f"max {m['max_after_warm']}, trend {m['slope_mib_per_min']:+} MiB/min")
+    print(f"server RSS: {m['first']} MiB at start, {m['warm']} MiB after warm-up ({m['warm_at_s']} "
+          f"s), {m['end']} MiB at the end ({r['seconds']} s): growth {m['growth']:+} MiB (limit "
+          f"{max_growth:g}), max {m['max_after_warm']}, trend {m['slope_mib_per_min']:+} MiB/min")
     s = r["server"]
     print(f"errors: {r['errors'] or 'none'}; server: {s['ok']} OK, non-OK {s['non_ok'] or 'none'}, "
-          f"{s['active_sessions_at_end']:g} sessions left, SIGTERM exit {s['exit_code']} in {s['stop_s']} s, "
-          f"log errors {len(s['log_errors'])}")
+          f"{s['active_sessions_at_end']:g} sessions left, SIGTERM exit {s['exit_code']} in "
+          f"{s['stop_s']} s, log errors {len(s['log_errors'])}")
     failures = []
     if r["errors"] or s["non_ok"]:
         failures.append("unexpected errors")
@@ -217,7 +219,8 @@ def main() -> None:
                        help="exported models folder with a character model and a glimpse classifier "
                             "(default: the repository's exported/)")
     which.add_argument("--tiny", action="store_true",
-                       help="a random character model (16 cells) and the bundled mnist-nlstm, in a temporary folder")
+                       help="a random character model (16 cells) and the bundled mnist-nlstm, "
+                            "in a temporary folder")
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--sessions", type=int, default=256)
     ap.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS baseline is taken")

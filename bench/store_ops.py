@@ -19,10 +19,10 @@ import tempfile
 import time
 
 import numpy as np
-from _server import redis_server
 
 from serving.durable import DurableSessions
 from serving.store import open_backend
+from serving.testing.process import redis_server
 
 
 def measure(url: str, n: int, sessions: int = 64) -> dict:

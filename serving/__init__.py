@@ -1,1 +1,2 @@
-"""Serving side: exported-model formats, onnxruntime inference and the gRPC server. Never imports torch."""
+"""Serving side: exported-model formats, onnxruntime inference and the gRPC server. Never imports
+torch."""

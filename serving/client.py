@@ -15,7 +15,8 @@ gRPC, with typed results. No torch.
 
 AsyncClient has the same calls as coroutines (`await client.score(...)`), `generate` as an
 async iterator and `async with client.session(...) as s`. A failed call raises ServerError
-with the gRPC status code's name and the server's message. `tls`: None or False for
+with the gRPC status code's name and the server's message (the results and ServerError are
+defined in serving/client_types.py). `tls`: None or False for
 plaintext, True for TLS trusting the system's roots, or TLS(ca=..., cert=..., key=...) for a
 private CA and, with cert and key, mutual TLS. `api_key` is sent as `authorization: Bearer
 KEY` with every call. The `nlstm generate|score|classify|session` commands are built on this
@@ -26,147 +27,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
-import numpy as np
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.formats import image_to_glimpses
+from serving.client_types import (  # the results and settings are part of this module's interface
+    FINISH, TLS, Glimpse, ModelInfo, ScoreResult, ServerError, SessionInfo, Snapshot, generate_request,
+    glimpse_of, glimpse_requests, model_info_of, score_of, session_info_of,
+)
 
-FINISH = {pb.FINISH_REASON_UNSPECIFIED: "", pb.FINISH_REASON_LENGTH: "length",
-          pb.FINISH_REASON_STOP_SEQUENCE: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
-
-
-# ------------------------------------------------------------------------------ results
-class ServerError(Exception):
-    """A call the server refused or that failed: `code` is the gRPC status code's name
-    ("INVALID_ARGUMENT", "NOT_FOUND", ...), `details` the server's message."""
-
-    def __init__(self, code: str, details: str) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code, self.details = code, details
-
-    @classmethod
-    def of(cls, exc: grpc.RpcError) -> ServerError:
-        return cls(exc.code().name, exc.details() or "")
-
-
-@dataclass(frozen=True)
-class TLS:
-    """TLS to a server: `ca` the PEM CA that signed its certificate (None: the system's roots);
-    `cert` and `key` a client certificate for servers that ask for one (mutual TLS)."""
-
-    ca: str | Path | None = None
-    cert: str | Path | None = None
-    key: str | Path | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    task: str  # "ptb", "text8", "poems", "mnist"
-    kind: str  # the core: "nlstm", "lstm", "hmlstm"
-    vocab_size: int  # character models; 0 for classifiers
-    num_classes: int  # classifiers; 0 for character models
-    metrics: dict[str, float]  # training figures: "valid_bpc", "test_acc", ...
-    depth: int
-    num_layers: int
-    hidden_size: int
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    model: str
-    position: int  # characters (or glimpses) the state has taken in since its creation
-    idle_timeout_seconds: int
-    in_use: bool  # a call is running on it now
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A session's state as bytes (a versioned, checksummed format): restore it with
-    Client.restore on this server or any other running the same export of the model."""
-
-    data: bytes
-    model: str
-    position: int
-
-    def save(self, path: str | Path) -> None:
-        """Write the data to `path` atomically (a reader never sees half a snapshot)."""
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(self.data)
-        tmp.replace(out)
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    bits_per_char: float
-    total_bits: float
-    num_chars: int
-    unknown_chars: int  # characters outside the vocabulary (scored as the unknown symbol)
-    position: int
-    bits: list[float] = field(default_factory=list)  # per character, with per_char=True
-    boundaries: list[str] = field(default_factory=list)  # HM-LSTM, per_char: '0'/'1' per layer
-
-
-@dataclass(frozen=True)
-class Glimpse:
-    step: int  # glimpses read so far in this call (1 for the first)
-    probabilities: list[float]  # one per class, summing to 1
-    predicted_class: int
-    position: int
-
-
-def _model_info(m: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(m.name, m.task, m.kind, m.vocab_size, m.num_classes, dict(m.metrics), m.depth,
-                     m.num_layers, m.hidden_size)
-
-
-def _session_info(s: pb.Session) -> SessionInfo:
-    return SessionInfo(s.session_id, s.model, s.position, s.idle_timeout_seconds, s.in_use)
-
-
-def _score(r: pb.ScoreResponse) -> ScoreResult:
-    return ScoreResult(r.bits_per_char, r.total_bits, r.num_chars, r.unknown_chars, r.position,
-                       list(r.bits), list(r.boundaries))
-
-
-def _glimpse(r: pb.GlimpseResponse) -> Glimpse:
-    return Glimpse(r.step, list(r.probabilities), r.predicted_class, r.position)
-
-
-def _generate_request(model: str, prompt: str, max_chars: int, temperature: float, top_k: int, top_p: float,
-                      seed: int | None, stop: Iterable[str], logprobs: bool, session_id: str) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop),
-                                 logprobs=logprobs)
-    if seed is not None:
-        request.seed = seed
-    return request
-
-
-def _glimpse_requests(model: str, image, glimpses, session_id: str) -> list[pb.GlimpseRequest]:
-    """An image (28, 28: uint8 0..255 or floats in [0, 1]) as its 20 glimpses, or glimpses
-    as given (rows of 49 floats in [0, 1])."""
-    if (image is None) == (glimpses is None):
-        raise ValueError("classify takes an image or glimpses, not both or neither")
-    rows = image_to_glimpses(np.asarray(image)) if image is not None else np.asarray(glimpses, dtype=np.float32)
-    if rows.ndim != 2 or not len(rows):
-        raise ValueError(f"glimpses must be a non-empty list of rows of 49 floats, got shape {rows.shape}")
-    return [pb.GlimpseRequest(model=model if i == 0 else "", session_id=session_id if i == 0 else "",
-                              pixels=g.tolist()) for i, g in enumerate(rows)]
-
-
-class Generation:
-    """A Generate call: iterate it for the text as it arrives (str pieces); afterwards (or
-    at any time) `text` holds what came so far, `finish_reason` why it ended ("length",
-    "stop", "cancelled"; "" until the end), `position` the sequence's position after the last
-    piece, `bits` each character's -log2 p when logprobs was asked for. `cancel()` stops it."""
+class _Received:
+    """What a Generate call has received so far: the state Generation and AsyncGeneration
+    share (they differ in how the stream is read)."""
 
     def __init__(self, responses) -> None:
         self._responses = responses
@@ -187,6 +60,16 @@ class Generation:
             self.finish_reason = FINISH[r.finish_reason]
         return r.text
 
+    def cancel(self) -> None:
+        self._responses.cancel()
+
+
+class Generation(_Received):
+    """A Generate call: iterate it for the text as it arrives (str pieces); afterwards (or
+    at any time) `text` holds what came so far, `finish_reason` why it ended ("length",
+    "stop", "cancelled"; "" until the end), `position` the sequence's position after the last
+    piece, `bits` each character's -log2 p when logprobs was asked for. `cancel()` stops it."""
+
     def __iter__(self) -> Iterator[str]:
         try:
             for r in self._responses:
@@ -202,9 +85,6 @@ class Generation:
         for _ in self:
             pass
         return self
-
-    def cancel(self) -> None:
-        self._responses.cancel()
 
 
 # ------------------------------------------------------------------------------ blocking
@@ -266,31 +146,31 @@ class Client:
 
     # -------------------------------------------------------------- calls
     def models(self) -> list[ModelInfo]:
-        return [_model_info(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
+        return [model_info_of(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
 
     def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
                  logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> Generation:
         """Sample up to max_chars characters after `prompt` (temperature 0: greedy; top_k, top_p
         0: off); iterate the result for the pieces as they arrive."""
-        request = _generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
+        request = generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
                                     session_id)
         return Generation(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
 
     def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
               timeout: float | None = None) -> ScoreResult:
         """Bits per character of `text` (each character's too with per_char)."""
-        return _score(self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
+        return score_of(self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
                                                           per_char=per_char), timeout))
 
     def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
                         timeout: float | None = None) -> Iterator[Glimpse]:
         """The classifier's answer after each glimpse, as it comes (see classify)."""
-        requests = _glimpse_requests(model, image, glimpses, session_id)
+        requests = glimpse_requests(model, image, glimpses, session_id)
         try:
             for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
                                                  metadata=self.metadata):
-                yield _glimpse(r)
+                yield glimpse_of(r)
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
@@ -303,20 +183,20 @@ class Client:
     # -------------------------------------------------------------- sessions
     def session(self, model: str) -> Session:
         """A new session on `model` (closed by `with ... as s:` at the block's end)."""
-        return Session(self, _session_info(self._call("CreateSession", pb.CreateSessionRequest(model=model))))
+        return Session(self, session_info_of(self._call("CreateSession", pb.CreateSessionRequest(model=model))))
 
     def attach(self, session_id: str) -> Session:
         """An existing session, by id."""
         return Session(self, self.session_info(session_id))
 
     def session_info(self, session_id: str) -> SessionInfo:
-        return _session_info(self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+        return session_info_of(self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
 
     def restore(self, snapshot: Snapshot | bytes) -> Session:
         """A new session holding a snapshot's state (from this server or another running the
         same export of the model)."""
         data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
-        return Session(self, _session_info(self._call("RestoreSession", pb.RestoreSessionRequest(data=data))))
+        return Session(self, session_info_of(self._call("RestoreSession", pb.RestoreSessionRequest(data=data))))
 
 
 class Session:
@@ -356,7 +236,7 @@ class Session:
 
     def fork(self) -> Session:
         """A new session with a copy of this one's state."""
-        return Session(self.client, _session_info(self.client._call("ForkSession",
+        return Session(self.client, session_info_of(self.client._call("ForkSession",
                                                                     pb.ForkSessionRequest(session_id=self.id))))
 
     def snapshot(self) -> Snapshot:
@@ -373,8 +253,9 @@ class Session:
 
 
 # ------------------------------------------------------------------------------ asyncio
-class AsyncGeneration(Generation):
-    """Generation for AsyncClient: `async for piece in ...`; `await result()`."""
+class AsyncGeneration(_Received):
+    """Generation for AsyncClient: `async for piece in ...`; `await result()`; the same
+    fields and `cancel()`."""
 
     def __iter__(self):
         raise TypeError("an AsyncClient's generation is read with `async for`")
@@ -423,27 +304,27 @@ class AsyncClient:
             raise ServerError.of(exc) from None
 
     async def models(self) -> list[ModelInfo]:
-        return [_model_info(m) for m in (await self._call("ListModels", pb.ListModelsRequest())).models]
+        return [model_info_of(m) for m in (await self._call("ListModels", pb.ListModelsRequest())).models]
 
     def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
                  logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> AsyncGeneration:
-        request = _generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
+        request = generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
                                     session_id)
         return AsyncGeneration(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
 
     async def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
                     timeout: float | None = None) -> ScoreResult:
-        return _score(await self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
+        return score_of(await self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
                                                                 per_char=per_char), timeout))
 
     async def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
                               timeout: float | None = None) -> AsyncIterator[Glimpse]:
-        requests = _glimpse_requests(model, image, glimpses, session_id)
+        requests = glimpse_requests(model, image, glimpses, session_id)
         try:
             async for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
                                                        metadata=self.metadata):
-                yield _glimpse(r)
+                yield glimpse_of(r)
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
@@ -458,33 +339,35 @@ class AsyncClient:
         return _Opening(self, model)
 
     async def session_info(self, session_id: str) -> SessionInfo:
-        return _session_info(await self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+        return session_info_of(await self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
 
     async def attach(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self.session_info(session_id))
 
     async def restore(self, snapshot: Snapshot | bytes) -> AsyncSession:
         data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
-        return AsyncSession(self, _session_info(await self._call("RestoreSession",
+        return AsyncSession(self, session_info_of(await self._call("RestoreSession",
                                                                  pb.RestoreSessionRequest(data=data))))
 
 
 class _Opening:
     def __init__(self, client: AsyncClient, model: str) -> None:
-        self.client, self.model, self.session = client, model, None
+        self.client, self.model = client, model
+        self.session: AsyncSession | None = None  # once entered
 
     async def _open(self) -> AsyncSession:
         info = await self.client._call("CreateSession", pb.CreateSessionRequest(model=self.model))
-        return AsyncSession(self.client, _session_info(info))
+        return AsyncSession(self.client, session_info_of(info))
 
     def __await__(self):
         return self._open().__await__()
 
     async def __aenter__(self) -> AsyncSession:
-        self.session = await self._open()
-        return self.session
+        self.session = session = await self._open()
+        return session
 
     async def __aexit__(self, *exc) -> None:
+        assert self.session is not None  # set by __aenter__
         await self.session.close()
 
 
@@ -519,7 +402,7 @@ class AsyncSession:
 
     async def fork(self) -> AsyncSession:
         info = await self.client._call("ForkSession", pb.ForkSessionRequest(session_id=self.id))
-        return AsyncSession(self.client, _session_info(info))
+        return AsyncSession(self.client, session_info_of(info))
 
     async def snapshot(self) -> Snapshot:
         s = await self.client._call("SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id))

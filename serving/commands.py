@@ -18,9 +18,9 @@ import numpy as np
 
 from serving.client import Client, Glimpse, ScoreResult, SessionInfo, Snapshot
 
-
 # What a command says when no server answers; generate and score add the local backend.
-NO_SERVER_HINT = "start one with `nlstm serve` (it serves the bundled models on port 50051) or pass --target HOST:PORT"
+NO_SERVER_HINT = ("start one with `nlstm serve` (it serves the bundled models on port 50051) "
+                  "or pass --target HOST:PORT")
 LOCAL_HINT = "; or run without a server: --backend onnx"
 
 
@@ -56,14 +56,14 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
     prompt, stop strings, end marker) and the same sampling arithmetic (serving.sampling.draw,
     alone or in a batch), so a seed gives the server's text for the same request."""
-    from serving.engine import Limits, banned_ids, id_texts
+    from serving.calls import generate_sequence, id_texts
     from serving.formats import start_id
-    from serving.sampling import Sampler
-    from serving.scheduler import GenerateSequence
+    from serving.limits import Limits
+    from serving.requests import GenerateParams
 
     out = out or sys.stdout
     m = _local_model(models_dir, model, providers, threads)
-    if not 1 <= max_chars:
+    if max_chars < 1:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
     max_stop, max_stop_chars = Limits().max_stop, Limits().max_stop_chars  # the server's default bounds
     if len(stop) > max_stop or any(not s for s in stop):
@@ -79,13 +79,15 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
             out.flush()
             pieces.append(text)
 
+    # the request a server's Generate without a session would get: the same sequence, sampler and
+    # seed
+    params = GenerateParams(model, "", prompt, max_chars, temperature, top_k, top_p, seed, tuple(stop))
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
-    seq = GenerateSequence(m.initial_state(1)[0], None, feed, Sampler(temperature, top_k, top_p, seed, banned_ids(tok)),
-                           max_chars, stop, False, id_texts(tok), tok.eos_id, emit, boundaries=False)
+    seq = generate_sequence(params, tok, id_texts(tok), m.initial_state(1)[0], None, feed, emit, boundaries=False)
     while not seq.finished:
         post: list = []
         if seq.wants_sample:
-            seq.take_sample(seq.sampler(seq.pos[1]), None, post)
+            seq.take_sample(seq.sampler(seq.prediction()), None, post)
         logits, state = m.step(np.array([seq.take_input()]), seq.pos[0][None])
         seq.advance(logits[0], state[0], post)
         for callback in post:
@@ -117,7 +119,7 @@ def print_score(text: str, num_chars: int, total_bits: float, bits_per_char: flo
     print(f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
           + (f", {unknown_chars} unknown" if unknown_chars else ""))
     if per_char:
-        for ch, b in zip(text, bits):
+        for ch, b in zip(text, bits, strict=True):  # one figure per character
             print(f"{ch!r}\t{b:.3f}")
 
 
@@ -148,8 +150,8 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     for name in (f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz"):
         if not (root / name).is_file():
             raise FileNotFoundError(
-                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` fetches "
-                "it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
+                f"no MNIST file {root / name}: `nlstm data download mnist --data-dir {data_dir}` "
+                "fetches it, or pass --data-dir DIR where DIR/mnist/ holds the MNIST .gz files"
             )
     with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)

@@ -1,6 +1,7 @@
 """The serving domain: Generate, Score and glimpse classification over exported models, with
-sessions and batched steps. No gRPC here: the servicer converts protos and maps the errors
-below to status codes.
+sessions and batched steps. No gRPC here: the servicer turns each request proto into a checked
+request object (serving/requests.py), which the calls below take, and maps the domain's errors
+(serving/errors.py) to status codes.
 
 Each model is served through its `Batcher` (one batched step graph call for all sequences
 that are ready). A sequence's place is (state, logits): the state after the last symbol fed
@@ -28,68 +29,72 @@ break), else the space (text8); its prediction scores the first character
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
 import time
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from serving import snapshot
-from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
 from serving.auth import current_caller
-from serving.formats import GLIMPSE_SIZE, start_id
+from serving.calls import Call, GlimpseStream, Keep, Mailbox, generate_sequence, id_texts
+from serving.durable import DurableSessions, SessionCorrupt, SessionLost, SessionMismatch
+from serving.errors import (
+    Aborted,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
+from serving.formats import Tokenizer, start_id
+from serving.limits import Limits
 from serving.metrics import Metrics
 from serving.prefix_cache import PrefixCache
-from serving.sampling import Sampler, check_sampling, log_softmax
-from serving.scheduler import MAX_SPACING, GenerateSequence, GlimpseSequence, ScoreSequence, Scheduler, Sequence
+from serving.requests import GenerateParams, GlimpseParams, ScoreParams
+from serving.scheduler import (
+    MAX_SPACING,
+    GenerateSequence,
+    GlimpseSequence,
+    Scheduler,
+    ScoreSequence,
+    Sequence,
+)
 from serving.sessions import Session, SessionBusy, SessionNotFound, SessionStore, TooManySessions
 from serving.store import Backend, StoreUnavailable, open_backend
 
 log = logging.getLogger("nlstm.serving")
 
 
-# The errors of the domain, each one gRPC status code (see the .proto's header).
-class ServingError(Exception):
-    code = "UNKNOWN"
+class ModelMeta(Protocol):
+    """What the engine reads of a served model's meta.json (serving.formats.ExportMeta)."""
 
+    kind: str  # "char" or "glimpse"
+    state_slots: list[str]  # the S slot names: "layer0.h", ...; HM-LSTM boundaries end in ".z"
+    files: dict[str, str]  # file name -> sha256 (serving.snapshot.model_identity)
 
-class NotFound(ServingError):
-    code = "NOT_FOUND"
+    @property
+    def state_shape(self) -> tuple[int, int]: ...  # (S, H)
 
-
-class InvalidArgument(ServingError):
-    code = "INVALID_ARGUMENT"
-
-
-class FailedPrecondition(ServingError):
-    code = "FAILED_PRECONDITION"
-
-
-class ResourceExhausted(ServingError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Aborted(ServingError):
-    code = "ABORTED"
-
-
-class Unavailable(ServingError):
-    code = "UNAVAILABLE"
-
-
-class DataLoss(ServingError):
-    code = "DATA_LOSS"
+    @property
+    def output_size(self) -> int: ...  # V or the number of classes
 
 
 class ServedModel(Protocol):
     """What serving/runtime.py's loaded model offers the engine."""
 
-    meta: object  # serving.formats.ExportMeta
-    tokenizer: object | None  # serving.formats.Tokenizer for char models
+    @property
+    def meta(self) -> ModelMeta: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...  # every char model has one
 
     def initial_state(self, batch_size: int) -> np.ndarray: ...
 
@@ -99,50 +104,16 @@ class ServedModel(Protocol):
     def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-@dataclass
-class Limits:
-    """Server limits and batching settings (flags and environment variables of `nlstm serve`)."""
-
-    max_chars: int = 4096  # most characters one Generate may ask for
-    max_text: int = 100_000  # longest Score text or Generate prompt, in characters
-    max_sessions: int = 1024
-    idle_timeout: float = 600.0  # seconds
-    max_batch: int = 64  # sequences advanced together in one step
-    max_wait: float = 0.002  # seconds the oldest waiting step waits for company
-    # Generate: after a message, a stream's next one waits until this many seconds have passed
-    # and carries every character made meanwhile (0: each as soon as it is made, within the
-    # message budget below). Each message costs the server about 0.1 ms of Python (gRPC's and
-    # ours) on the cores the model needs, and the client as much again.
-    stream_interval: float = 0.05
-    # Generate: the most messages per second all of one model's streams send together (0: no
-    # budget). With n streams running, a stream's messages are at least n / this seconds apart
-    # (when that is longer than stream_interval; at most 10 s): 400 keeps 50 ms up to 20
-    # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
-    # share of the CPU.
-    max_messages_per_s: float = 400.0
-    max_stop: int = 4  # stop strings one Generate may give
-    # the longest stop string, in characters: each generated character is checked against the
-    # stream's stop strings (a tail of this length is kept), and the request holds them
-    max_stop_chars: int = 256
-    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
-    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
-    # beyond max_sessions
-    max_sessions_per_client: int = 0
-    # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
-    prefix_cache_mb: float = 64.0
-    # With a file or Redis session store: how often a running call writes its session (and
-    # renews its lease, which lapses after 3 of these, at least LEASE_MIN: how long a dead
-    # replica's sessions stay locked). A replica that dies loses at most this much of a long
-    # Generate.
-    checkpoint_interval: float = 2.0
-
-
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
 MAX_PREFIX_CACHE_MB = 1 << 20  # the largest --prefix-cache-mb allowed (1 TiB)
 # The shortest lease on a session in a shared store: a lease that lapses while its call still
 # runs (an event loop held up on a loaded machine) loses that call's result, so even frequent
 # checkpoints get a lease that outlives a stall of a second or two.
 LEASE_MIN = 2.0
+# The largest position RestoreSession accepts: a session's position is a uint64 on the wire,
+# and one restored nearer its end than this would overflow it (every call after the restore
+# failing) long before 2**63 more characters (centuries at a billion a second) were fed.
+MAX_RESTORE_POSITION = (1 << 63) - 1
 
 
 class Engine:
@@ -165,25 +136,25 @@ class Engine:
             raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
                              f"got {self.limits.prefix_cache_mb}")
         if not 0.05 <= self.limits.checkpoint_interval <= 600:  # NaN fails too
-            raise ValueError(f"checkpoint_interval must be in [0.05, 600] seconds, got {self.limits.checkpoint_interval}")
+            raise ValueError("checkpoint_interval must be in [0.05, 600] seconds, got "
+                             f"{self.limits.checkpoint_interval}")
         self.metrics = metrics or Metrics()
         cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
         backend = open_backend(session_store) if isinstance(session_store, str) else session_store
         self.store: SessionStore | DurableSessions
+        self._durable: DurableSessions | None = None  # self.store when it is a shared store
         if backend is None:
             self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
                                       on_evict=self.metrics.evictions.inc,
                                       max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             self._io: ThreadPoolExecutor | None = None
         else:
-            if self.limits.max_sessions_per_client:
-                raise ValueError("max_sessions_per_client is not supported with a shared session store "
-                                 "(file: or redis://) yet: its sessions carry no owner; use the memory store")
-            self.store = DurableSessions(
+            self.store = self._durable = DurableSessions(
                 backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
                 idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
-                key=snapshot_key, on_evict=self.metrics.evictions.inc)
+                key=snapshot_key, on_evict=self.metrics.evictions.inc,
+                max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
             # one thread: the store's reads and writes run in the order they were asked for (a
             # call's last write after its checkpoints), off the event loop
             self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
@@ -214,14 +185,14 @@ class Engine:
                 self.texts[name] = id_texts(model.tokenizer)
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_model(name)
-        if self._io is not None:
+        if self._durable is not None:
             self._checkpoints = asyncio.ensure_future(self._checkpoint_forever())
             try:
-                self.store.backend.ping()
+                self._durable.backend.ping()
             except StoreUnavailable as exc:  # serve anyway: stateless calls work, sessions once it is back
                 log.warning("%s; calls on sessions get UNAVAILABLE until it answers", exc)
             else:
-                log.info("sessions in %s", self.store.backend.url)
+                log.info("sessions in %s", self._durable.backend.url)
 
     def _on_batch(self, name: str):
         batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
@@ -241,7 +212,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         for s in self.schedulers.values():
             await loop.run_in_executor(None, s.stop)
-        if self._io is not None:
+        if self._durable is not None:
+            assert self._io is not None  # a shared store always has its thread
             # the calls the drain cancelled write their sessions as they unwind: let them, then
             # wait for every write to reach the store (the SIGTERM drain loses no session)
             deadline = time.monotonic() + 5
@@ -250,7 +222,7 @@ class Engine:
             if self._checkpoints is not None:
                 self._checkpoints.cancel()
             await loop.run_in_executor(None, functools.partial(self._io.shutdown, wait=True))
-            self.store.close()
+            self._durable.close()
 
     async def _store(self, fn, *args):
         """Run a store method: at once for sessions in memory, on the store thread for a
@@ -261,7 +233,9 @@ class Engine:
         # turn on the store thread, and an awaited run_in_executor would then drop the queued
         # write (cancelling the asyncio future cancels the pending job); the session would keep
         # its lease until it lapsed and lose what the call did. The job runs whatever happens.
-        job = asyncio.wrap_future(self._io.submit(fn, *args))
+        # In the call's context: the store reads who is calling (serving.auth.current_caller),
+        # which a thread of the pool would not see otherwise.
+        job = asyncio.wrap_future(self._io.submit(contextvars.copy_context().run, fn, *args))
         job.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(job)
@@ -276,12 +250,12 @@ class Engine:
             raise DataLoss(str(exc)) from None
 
     async def _checkpoint_forever(self) -> None:
-        """Write the sessions of running calls, and renew their leases, every checkpoint_interval."""
+        """Every checkpoint_interval: write the sessions of running calls, renew their leases."""
         while True:
             await asyncio.sleep(self.limits.checkpoint_interval)
             calls = list(self._calls.values())
             results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
-            for call, result in zip(calls, results):
+            for call, result in zip(calls, results, strict=True):
                 if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
                     log.warning("%s", result)
                     call.seq.cancelled = True
@@ -293,7 +267,8 @@ class Engine:
         # still running? (it may have ended since the list was taken: then its last write is
         # queued already, and a checkpoint after it would find the lease given back)
         if self._calls.get(id(call.session)) is call:
-            await self._store(self.store.checkpoint, call.session, call.keep())
+            assert self._durable is not None  # calls are tracked with a shared store only
+            await self._store(self._durable.checkpoint, call.session, call.keep())
 
     def expire_sessions(self) -> int:
         """Drop the sessions idle past the timeout (counted in nlstm_session_evictions_total).
@@ -371,12 +346,15 @@ class Engine:
                     f"(it runs {sorted(self.models)})"
                 )
             model = self.models[s.model]
-            snapshot.check_model(s, s.model, self.model_id(s.model), tuple(model.meta.state_shape),
+            snapshot.check_model(s, s.model, self.model_id(s.model), model.meta.state_shape,
                                  model.meta.output_size)
         except snapshot.SnapshotMismatch as exc:
             raise FailedPrecondition(str(exc)) from None
         except snapshot.SnapshotInvalid as exc:
             raise InvalidArgument(str(exc)) from None
+        if s.position > MAX_RESTORE_POSITION:
+            raise InvalidArgument(f"snapshot position {s.position} is past {MAX_RESTORE_POSITION}, the largest "
+                                  "a restored session may start at (positions are uint64): the snapshot is forged")
         try:
             return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
         except TooManySessions as exc:
@@ -384,7 +362,7 @@ class Engine:
 
     def _snapshot_max_bytes(self) -> int:
         """The largest snapshot one of this server's models makes, with room for the header."""
-        return max(snapshot.max_size(tuple(m.meta.state_shape), m.meta.output_size) for m in self.models.values())
+        return max(snapshot.max_size(m.meta.state_shape, m.meta.output_size) for m in self.models.values())
 
     async def fork_session(self, session_id: str) -> Session:
         """A new session with a copy of the session's state and position."""
@@ -404,7 +382,9 @@ class Engine:
         except SessionNotFound as exc:
             raise NotFound(str(exc)) from None
 
-    async def _open(self, model_name: str, session_id: str, kind: str, rpc: str):
+    async def _open(
+        self, model_name: str, session_id: str, kind: str, rpc: str
+    ) -> tuple[str, ServedModel, Session | None, np.ndarray, np.ndarray | None]:
         """(model name, model, session or None, state, logits) for a call; the caller must
         _finish it."""
         if self.closing:
@@ -443,7 +423,7 @@ class Engine:
             self._calls[id(session)] = Call(name, session, seq, keep)
 
     async def _finish(self, name: str, session: Session | None, seq: Sequence,
-                      keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+                      keep: Keep | None) -> None:
         """End a call: stop its sequence if it still runs, store `keep` (state, logits,
         position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
@@ -460,20 +440,20 @@ class Engine:
             await self._store(self.store.release, session)
 
     # -------------------------------------------------------------- text
-    async def score(self, model_name: str, session_id: str, text: str, per_char: bool):
-        if not text:
-            raise InvalidArgument("text must not be empty")
-        if len(text) > self.limits.max_text:
-            raise ResourceExhausted(
-                f"text has {len(text)} characters; this server scores at most {self.limits.max_text} per call"
-            )
-        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Score")
+    async def score(self, params: ScoreParams):
+        name, model, session, state, logits = await self._open(params.model, params.session_id, "char", "Score")
+        tok = model.tokenizer
+        assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        enc = model.tokenizer.encode(text)
+
+        def scored(s: ScoreSequence) -> None:  # on the event loop
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(s)
+
+        enc = tok.encode(params.text)
         z_slots = [i for i, s in enumerate(model.meta.state_slots) if s.endswith(".z")]
-        seq = ScoreSequence(state, logits, start_id(model.tokenizer), enc.ids, z_slots,
-                            lambda s: done.done() or done.set_result(s))
+        seq = ScoreSequence(state, logits, start_id(tok), enc.ids, z_slots, scored)
         position = (session.position if session is not None else 0) + len(enc.ids)
         keep = None  # all or nothing: the session changes only when the whole text was scored
         self._track(name, session, seq, lambda: None)  # checkpoints only renew the lease
@@ -491,15 +471,13 @@ class Engine:
             "bits_per_char": total / len(enc.ids),
             "total_bits": total,
             "num_chars": len(enc.ids),
-            "bits": seq.bits.astype(np.float32).tolist() if per_char else [],
+            "bits": seq.bits.astype(np.float32).tolist() if params.per_char else [],
             "unknown_chars": int(enc.unknown_chars),
-            "boundaries": [b.decode() for b in seq.boundaries] if per_char else [],
+            "boundaries": [b.decode() for b in seq.boundaries] if params.per_char else [],
             "position": position,
         }
 
-    async def generate(self, model_name: str, session_id: str, prompt: str, max_chars: int,
-                       temperature: float, top_k: int, top_p: float, seed: int | None,
-                       stop: list[str], logprobs: bool) -> AsyncIterator[tuple[str, list[float], str]]:
+    async def generate(self, p: GenerateParams) -> AsyncGenerator[tuple[str, list[float], str, int]]:
         """Yields (text, bits, finish_reason, position): the characters generated since the last
         yield (several when the reader is slower than generation), finish_reason "" until the
         last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the
@@ -508,30 +486,9 @@ class Engine:
         The caller asks for the next item only once it has sent the last one: that is how this
         generator knows which messages went out. When it is closed, the session keeps the prompt
         and the characters of the messages sent (their boundary states, kept by the sequence)."""
-        if not 1 <= max_chars <= self.limits.max_chars:
-            raise InvalidArgument(f"max_chars must be in [1, {self.limits.max_chars}], got {max_chars}")
-        try:
-            check_sampling(temperature, top_k, top_p)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        if len(stop) > self.limits.max_stop or any(not s for s in stop):
-            raise InvalidArgument(
-                f"stop takes at most {self.limits.max_stop} non-empty strings, got {len(stop)}"
-                + (" including an empty one" if any(not s for s in stop) else "")
-            )
-        longest = max(map(len, stop), default=0)
-        if longest > self.limits.max_stop_chars:
-            raise InvalidArgument(
-                f"a stop string has {longest} characters; this server allows at most "
-                f"{self.limits.max_stop_chars} per stop string"
-            )
-        if len(prompt) > self.limits.max_text:
-            raise ResourceExhausted(
-                f"prompt has {len(prompt)} characters; at most {self.limits.max_text} are allowed"
-            )
-        name, model, session, state, logits = await self._open(model_name, session_id, "char", "Generate")
+        name, model, session, state, logits = await self._open(p.model, p.session_id, "char", "Generate")
         tok = model.tokenizer
-        banned = banned_ids(tok)
+        assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         box = Mailbox()
 
         def put(text, bits, reason, made) -> None:  # a message (or the end) from the scheduler
@@ -541,19 +498,16 @@ class Engine:
                 seq.forget(waiting[-1][3])
             box.put(text, bits, reason, made)
 
-        prompt_ids = [int(i) for i in tok.encode(prompt).ids]
-        feed = ([start_id(model.tokenizer)] if logits is None else []) + prompt_ids
+        prompt_ids = [int(i) for i in tok.encode(p.prompt).ids]
+        feed = ([start_id(tok)] if logits is None else []) + prompt_ids
         recorder = None
         if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
             # from the initial state: start after the longest cached prefix of the feed
             state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
         base = session.position if session is not None else 0
         sent = 0  # symbols generated up to the end of the last message sent
-        seq = GenerateSequence(
-            state, logits, feed, Sampler(temperature, top_k, top_p, seed, banned), max_chars, stop, logprobs,
-            self.texts[name], tok.eos_id, put, interval=self.limits.stream_interval,
-            boundaries=session is not None,
-        )
+        seq = generate_sequence(p, tok, self.texts[name], state, logits, feed, put,
+                                interval=self.limits.stream_interval, boundaries=session is not None)
         seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
@@ -590,23 +544,15 @@ class Engine:
             await self._finish(name, session, seq, keep())
 
     # ------------------------------------------------------------- glimpses
-    async def glimpse_stream(self, model_name: str, session_id: str) -> "GlimpseStream":
-        name, model, session, state, _ = await self._open(model_name, session_id, "glimpse", "ClassifyGlimpses")
+    async def glimpse_stream(self, first: GlimpseParams) -> GlimpseStream:
+        """A ClassifyGlimpses stream on the model or session its first message names (the
+        caller then pushes that message's glimpse too)."""
+        name, _, session, state, _ = await self._open(first.model, first.session_id, "glimpse", "ClassifyGlimpses")
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         stream = GlimpseStream(self, name, session, seq)
         self._track(name, session, seq, lambda: stream._sent)
         return stream
-
-
-@dataclass
-class Call:
-    """A running call on a session in a shared store (what the checkpoint task needs)."""
-
-    name: str
-    session: Session
-    seq: Sequence
-    keep: object  # () -> (state, logits, position) | None
 
 
 def _retrieved(job: asyncio.Future) -> None:
@@ -615,93 +561,8 @@ def _retrieved(job: asyncio.Future) -> None:
         job.exception()
 
 
-def id_texts(tok) -> list[str]:
-    """Each id's text, decoded once (generation emits one id per character); markers and the
-    unknown piece are empty."""
-    special = {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
-    return [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
-
-
-def banned_ids(tok) -> tuple[int, ...]:
-    """Ids Generate never samples: the unknown piece, the begin marker, padding."""
-    return tuple(i for i in (tok.unk_id, tok.bos_id, tok.pad_id) if i is not None and i >= 0)
-
-
-class Mailbox:
-    """A Generate call's characters, put by the scheduler's callbacks and taken by the call's
-    coroutine, both on the event loop (lighter than an asyncio.Queue: one list, one waiter)."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self.waiter: asyncio.Future | None = None
-
-    def put(self, *item) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def take(self) -> list:
-        """Every item put since the last take; waits for one if there is none."""
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.take_nowait()
-
-    def take_nowait(self) -> list:
-        items, self.items = self.items, []
-        return items
-
-
-class GlimpseStream:
-    """One ClassifyGlimpses call: glimpses in, class probabilities out, state carried. The
-    session keeps the glimpses whose answers were sent: the caller says so with `sent()`."""
-
-    def __init__(self, engine: Engine, name: str, session, seq: GlimpseSequence):
-        self.engine, self.name, self.session, self.seq = engine, name, session, seq
-        self.steps = 0
-        self.base = session.position if session is not None else 0
-        self._answer = None  # (state, logits, position) after the last glimpse answered
-        self._sent = None  # the same after the last answer sent
-
-    async def push(self, pixels) -> tuple[int, list[float], int]:
-        if self.steps >= self.engine.limits.max_glimpses:
-            raise ResourceExhausted(
-                f"this stream has sent {self.steps} glimpses, the most one stream may send; "
-                "continue in a new stream on the same session"
-            )
-        x = np.asarray(pixels, dtype=np.float32)
-        if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise InvalidArgument(
-                f"a glimpse is {GLIMPSE_SIZE} finite floats in [0, 1] (7x7, row-major); got "
-                f"{x.size} values" + ("" if x.size != GLIMPSE_SIZE or np.isfinite(x).all() else " with NaN or infinity")
-            )
-        loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        self.seq.inputs.append((x, lambda *out: reply.done() or reply.set_result(out)))
-        self.engine.schedulers[self.name].poke()
-        logits, state = await reply
-        self.steps += 1
-        self._answer = (state, logits, self.base + self.steps)
-        self.engine.metrics.glimpses.labels(self.name).inc()
-        p = np.exp(log_softmax(logits))
-        return self.steps, p.astype(np.float32).tolist(), int(np.argmax(p)), self.base + self.steps
-
-    def sent(self) -> None:
-        """The answer to the last glimpse went out: the session will keep that glimpse."""
-        self._sent = self._answer
-
-    async def close(self) -> None:
-        # Nothing more will come. Not marked finished: _finish marks it cancelled and wakes the
-        # scheduler, which drops it now (a stream marked finished here stayed in the scheduler,
-        # and in nlstm_active_sequences, until some other call woke it).
-        await self.engine._finish(self.name, self.session, self.seq, self._sent)
-
-
+# The errors and Limits are defined in serving/errors.py and serving/limits.py; the engine is
+# where callers have always found them.
 __all__ = [
     "Aborted", "DataLoss", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
     "NotFound", "ResourceExhausted", "ServingError", "Unavailable",

@@ -1,4 +1,5 @@
-"""Wire formats that training and serving share: the MNIST glimpse layout and the tokenizer.
+"""Wire formats that training and serving share: the MNIST glimpse layout, where raw data
+lives, and the tokenizer.
 
 The reader of a format owns its definition, so these live on the serving side and training
 imports them (never the other way round). This module imports numpy and sentencepiece only:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -79,6 +81,21 @@ def image_to_glimpses(image: np.ndarray) -> np.ndarray:
     out = np.stack([g00, g01, g10, g11, pooled], axis=2)  # (N, 4, 5, 7, 7)
     out = np.ascontiguousarray(out.reshape(-1, GLIMPSES_PER_IMAGE, GLIMPSE_SIZE))  # (N, 20, 49)
     return out[0] if single else out
+
+
+# ---------------------------------------------------------------------------- raw data folder
+DATA_DIR_ENV = "NLSTM_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """$NLSTM_DATA_DIR, else a per-user cache folder ($XDG_CACHE_HOME or ~/.cache)/nlstm/raw:
+    where `nlstm data download` puts the raw files, as DIR/TASK/FILE (`nlstm classify` reads
+    the MNIST test images there)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "nlstm" / "raw"
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -265,7 +282,9 @@ class ExportMeta:
 
     @property
     def output_size(self) -> int:  # V or the number of classes: logits are (B, output_size)
-        return self.vocab_size if self.kind == "char" else self.num_classes
+        size = self.vocab_size if self.kind == "char" else self.num_classes
+        assert size is not None, "validate() requires the kind's size"
+        return size
 
     @property
     def has_tokenizer(self) -> bool:
@@ -394,6 +413,6 @@ class ExportMeta:
             if actual != digest:
                 raise ExportFormatError(
                     f"{folder}: {name} does not match its sha256 in {META_FILE} (expected "
-                    f"{digest[:12]}..., found {actual[:12]}...): the file was changed or corrupted; "
-                    "export the model again"
+                    f"{digest[:12]}..., found {actual[:12]}...): the file was changed or "
+                    "corrupted; export the model again"
                 )

@@ -37,7 +37,10 @@ def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | No
     with _channel(target, tls_ca, server_name, cert, key) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            # the stubs' HealthStub lacks the methods its __init__ adds
+            reply = stub.Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as err:
             return False, f"{target}: {err.code().name}: {err.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

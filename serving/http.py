@@ -3,8 +3,8 @@ extension, the session and glimpse calls, and the playground page, on aiohttp in
 own event loop, over the same engine as gRPC.
 
 One domain path: every handler builds the request protobuf the gRPC call would get (from JSON,
-through google.protobuf.json_format where the names match) and calls the same
-InferenceServicer method, so validation, limits, sessions and their ownership are the
+through google.protobuf.json_format where the names match; serving/http_json.py) and calls the
+same InferenceServicer method, so validation, limits, sessions and their ownership are the
 engine's; its errors carry a gRPC code, mapped here to an HTTP status (`HTTP_STATUS`) with a
 body `{"error": "..."}`. Callers are admitted as serving.auth's Gate admits gRPC calls: the
 same API keys (`Authorization: Bearer KEY`), the same per-client rate limiter (one bucket per
@@ -37,21 +37,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import ssl
 import time
 from pathlib import Path
 
-import numpy as np
 from aiohttp import web
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.auth import Caller, rate_refusal, run_as
-from serving.engine import ServingError
-from serving.formats import image_to_glimpses
+from serving.errors import ServingError
+from serving.http_json import (
+    FINISH, GENERATE_NAMES, HTTP_STATUS, HttpError, check_fields, from_serving, generate_request,
+    glimpse_json, glimpse_requests, json_object, model_json, parse_message, score_json, session_json, sse,
+)
 from serving.limits import OverBudget
 
 log = logging.getLogger("nlstm.serving")
@@ -59,145 +59,9 @@ log = logging.getLogger("nlstm.serving")
 STATIC = Path(__file__).with_name("static")
 PLAYGROUND = STATIC / "playground.html"
 
-# gRPC status code name -> HTTP status. RESOURCE_EXHAUSTED is 429 (a limit or a quota: retry
-# later or ask for less); a body over the receive limit is 413 before anything is parsed.
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "ABORTED": 409,
-    "ALREADY_EXISTS": 409,
-    "FAILED_PRECONDITION": 412,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
-    "UNIMPLEMENTED": 501,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
-FINISH = {  # FinishReason -> the generate extension's finish_reason
-    pb.FINISH_REASON_UNSPECIFIED: "",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-}
-# the generate extension's names -> GenerateRequest's fields
-GENERATE_PARAMETERS = {"max_tokens": "max_chars", "temperature": "temperature", "top_k": "top_k",
-                       "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
-                       "session_id": "session_id"}
-DEFAULT_MAX_TOKENS = 100  # when a generate body gives none (gRPC's max_chars has no default)
-GENERATE_NAMES = {"max_chars": "max_tokens", "prompt": "text_input"}  # in the engine's messages
-
-
-class HttpError(Exception):
-    """An answer other than 200, with its JSON error message; `code`: the gRPC code it stands
-    for (for the metrics)."""
-
-    def __init__(self, status: int, message: str, code: str = "INVALID_ARGUMENT") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
 
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def _from_serving(exc: ServingError, names: dict[str, str] | None = None) -> HttpError:
-    message = str(exc)
-    for old, new in (names or {}).items():
-        message = message.replace(old, new)
-    return HttpError(HTTP_STATUS.get(exc.code, 500), message, exc.code)
-
-
-# ------------------------------------------------------------------------------------ JSON
-def session_json(s: pb.Session) -> dict:
-    return {"session_id": s.session_id, "model": s.model, "position": s.position,
-            "idle_timeout_seconds": s.idle_timeout_seconds, "in_use": s.in_use}
-
-
-def model_json(m: pb.ModelInfo) -> dict:
-    """KServe's model metadata (name, versions, platform) and what ListModels says of it."""
-    return {"name": m.name, "versions": [], "platform": "onnxruntime", "task": m.task, "kind": m.kind,
-            "vocab_size": m.vocab_size, "num_classes": m.num_classes, "metrics": dict(m.metrics),
-            "depth": m.depth, "num_layers": m.num_layers, "hidden_size": m.hidden_size}
-
-
-def score_json(name: str, r: pb.ScoreResponse) -> dict:
-    return {"model_name": name, "bits_per_char": r.bits_per_char, "total_bits": r.total_bits,
-            "num_chars": r.num_chars, "unknown_chars": r.unknown_chars, "position": r.position,
-            "bits": list(r.bits), "boundaries": list(r.boundaries)}
-
-
-def glimpse_json(r: pb.GlimpseResponse) -> dict:
-    return {"step": r.step, "probabilities": list(r.probabilities), "predicted_class": r.predicted_class,
-            "position": r.position}
-
-
-def _parse(body: dict, message, what: str, names: dict[str, str] | None = None):
-    """json_format.ParseDict with the error said in the HTTP names."""
-    try:
-        return json_format.ParseDict(body, message)
-    except json_format.ParseError as exc:
-        text = str(exc)
-        for old, new in (names or {}).items():
-            text = text.replace(old, new)
-        raise HttpError(400, f"{what}: {text}") from None
-
-
-def _fields(body: dict, allowed: set[str], what: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise HttpError(400, f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join(sorted(allowed))}")
-
-
-def generate_request(name: str, body: dict) -> pb.GenerateRequest:
-    """The GenerateRequest of a generate extension body: {"text_input", "parameters": {...}}."""
-    _fields(body, {"text_input", "parameters"}, "the body")
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise HttpError(400, "parameters must be a JSON object")
-    _fields(params, set(GENERATE_PARAMETERS), "parameters")
-    message = {GENERATE_PARAMETERS[k]: v for k, v in params.items() if v is not None}
-    message.setdefault("max_chars", DEFAULT_MAX_TOKENS)
-    if not isinstance(message.get("stop", []), list):  # ParseDict would take a string's characters
-        raise HttpError(400, "parameters.stop must be a list of strings")
-    message["model"] = name
-    message["prompt"] = body.get("text_input", "")
-    return _parse(message, pb.GenerateRequest(), "generate", GENERATE_NAMES)
-
-
-def glimpse_requests(name: str, body: dict) -> list[pb.GlimpseRequest]:
-    """The ClassifyGlimpses messages of {"glimpses": [[49 floats], ...]} or {"image": 28 rows
-    of 28 floats in [0, 1]}, with an optional "session_id"."""
-    _fields(body, {"glimpses", "image", "session_id"}, "the body")
-    if ("glimpses" in body) == ("image" in body):
-        raise HttpError(400, 'give either "glimpses" (a list of 49-float lists) or "image" (28 rows of 28 '
-                             "floats in [0, 1]), not both or neither")
-    try:
-        if "image" in body:
-            glimpses = image_to_glimpses(np.asarray(body["image"], dtype=np.float32)).tolist()
-        else:
-            glimpses = body["glimpses"]
-            if not isinstance(glimpses, list) or not glimpses:
-                raise ValueError("glimpses must be a non-empty list of 49-float lists")
-    except (ValueError, TypeError) as exc:
-        raise HttpError(400, str(exc)) from None
-    session = body.get("session_id", "")
-    if not isinstance(session, str):
-        raise HttpError(400, "session_id must be a string")
-    out = []
-    for i, g in enumerate(glimpses):
-        first = {"model": name, "session_id": session} if i == 0 else {}
-        out.append(_parse({**first, "pixels": g}, pb.GlimpseRequest(), f"glimpse {i}"))
-    return out
-
-
-def sse(data: dict, event: str | None = None) -> bytes:
-    """One server-sent event (JSON on one line, so one data: field)."""
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 # --------------------------------------------------------------------------------- the app
@@ -248,7 +112,7 @@ class HttpFront:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]") or None, port, ssl_context=ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # aiohttp exposes no bound port
+        self.port = self.runner.addresses[0][1]  # (host, port[, ...]) of the one site
         return self.port
 
     async def stop(self, grace: float) -> None:
@@ -313,7 +177,7 @@ class HttpFront:
                         held = self.budget.hold(len(raw))
                         if isinstance(held, OverBudget):
                             raise HttpError(429, held.message(), "RESOURCE_EXHAUSTED")
-                    data = _json_object(raw)
+                    data = json_object(raw)
                 return await handler(request, data)
             except HttpError as exc:
                 code = exc.code
@@ -345,7 +209,7 @@ class HttpFront:
         return run
 
     # ------------------------------------------------------------------ open routes
-    async def playground(self, request: web.Request) -> web.Response:
+    async def playground(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(PLAYGROUND, headers={"Content-Type": "text/html; charset=utf-8",
                                                      "Cache-Control": "no-cache"})
 
@@ -394,7 +258,7 @@ class HttpFront:
     async def generate(self, request, body) -> web.Response:
         name = request.match_info["name"]
         req = generate_request(name, body)
-        text, bits, finish, position = [], [], 0, 0
+        text, bits, finish, position = [], [], pb.FINISH_REASON_UNSPECIFIED, 0
         responses = self.servicer.Generate(req, None)
         try:
             async with contextlib.aclosing(responses):
@@ -403,7 +267,7 @@ class HttpFront:
                     bits.extend(r.bits)
                     finish, position = r.finish_reason, r.position
         except ServingError as exc:
-            raise _from_serving(exc, GENERATE_NAMES) from None
+            raise from_serving(exc, GENERATE_NAMES) from None
         out = {"model_name": name, "model_version": "", "text_output": "".join(text),
                "finish_reason": FINISH[finish], "position": position}
         if req.logprobs:
@@ -422,7 +286,7 @@ class HttpFront:
             try:
                 first = await anext(responses, None)
             except ServingError as exc:
-                raise _from_serving(exc, GENERATE_NAMES) from None
+                raise from_serving(exc, GENERATE_NAMES) from None
             stream = await _event_stream(request)
             r = first
             try:
@@ -435,7 +299,7 @@ class HttpFront:
                     await stream.write(sse(msg))
                     r = await anext(responses, None)
             except ServingError as exc:
-                err = _from_serving(exc, GENERATE_NAMES)
+                err = from_serving(exc, GENERATE_NAMES)
                 await stream.write(sse({"error": str(err), "status": err.status}, event="error"))
             await stream.write_eof()
             return stream
@@ -443,8 +307,8 @@ class HttpFront:
     # ------------------------------------------------------------------ score
     async def score(self, request, body) -> web.Response:
         name = request.match_info["name"]
-        _fields(body, {"text", "per_char", "session_id"}, "the body")
-        req = _parse({**body, "model": name}, pb.ScoreRequest(), "score")
+        check_fields(body, {"text", "per_char", "session_id"}, "the body")
+        req = parse_message({**body, "model": name}, pb.ScoreRequest(), "score")
         return web.json_response(score_json(name, await self.servicer.Score(req, None)))
 
     # ------------------------------------------------------------------ glimpses
@@ -476,7 +340,7 @@ class HttpFront:
             try:
                 first = await anext(responses, None)
             except ServingError as exc:
-                raise _from_serving(exc) from None
+                raise from_serving(exc) from None
             stream = await _event_stream(request)
             r = first
             try:
@@ -484,14 +348,14 @@ class HttpFront:
                     await stream.write(sse({"model_name": name, **glimpse_json(r)}))
                     r = await anext(responses, None)
             except ServingError as exc:
-                err = _from_serving(exc)
+                err = from_serving(exc)
                 await stream.write(sse({"error": str(err), "status": err.status}, event="error"))
             await stream.write_eof()
             return stream
 
     # ------------------------------------------------------------------ sessions
     async def create_session(self, request, body) -> web.Response:
-        _fields(body, set(), "the body")
+        check_fields(body, set(), "the body")
         s = await self.servicer.CreateSession(pb.CreateSessionRequest(model=request.match_info["name"]), None)
         return web.json_response(session_json(s))
 
@@ -504,7 +368,7 @@ class HttpFront:
         return web.json_response({})
 
     async def snapshot_session(self, request, body) -> web.Response:
-        _fields(body, set(), "the body")
+        check_fields(body, set(), "the body")
         snap = await self.servicer.SnapshotSession(
             pb.SnapshotSessionRequest(session_id=request.match_info["sid"]), None)
         return web.json_response({"data": base64.b64encode(snap.data).decode(), "model": snap.model,
@@ -513,7 +377,7 @@ class HttpFront:
     async def restore_session(self, request, body) -> web.Response:
         # "model" and "position" too, so that snapshot's answer can be sent back as it is
         # (the data holds both; these copies are not read)
-        _fields(body, {"data", "model", "position"}, "the body")
+        check_fields(body, {"data", "model", "position"}, "the body")
         if not isinstance(body.get("data"), str):
             raise HttpError(400, 'restore takes {"data": "..."}: a snapshot\'s data, base64-encoded as '
                                  "snapshot returns it")
@@ -525,7 +389,7 @@ class HttpFront:
         return web.json_response(session_json(s))
 
     async def fork_session(self, request, body) -> web.Response:
-        _fields(body, set(), "the body")
+        check_fields(body, set(), "the body")
         s = await self.servicer.ForkSession(pb.ForkSessionRequest(session_id=request.match_info["sid"]), None)
         return web.json_response(session_json(s))
 
@@ -535,18 +399,6 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
                                          "X-Accel-Buffering": "no"})  # proxies: pass each event on
     await stream.prepare(request)
     return stream
-
-
-def _json_object(raw: bytes) -> dict:
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HttpError(400, f"the body is not valid JSON ({exc}); send a JSON object") from None
-    if not isinstance(data, dict):
-        raise HttpError(400, f"the body must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 def ssl_context(cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None) -> ssl.SSLContext:

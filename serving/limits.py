@@ -1,5 +1,6 @@
-"""Bounds on what requests may make the server hold: the receive limit sized from the
-engine's own limits, the bytes of requests in flight, and a per-client call rate.
+"""Bounds on what requests may make the server hold: the engine's limits on each call
+(`Limits`), the receive limit sized from them, the bytes of requests in flight, and a
+per-client call rate.
 
 gRPC checks its receive limit after decompression, so a 15 KB gzip request can unpack to the
 whole limit: a fixed 16 MiB limit let 32 concurrent ones take the server to 780 MiB. The limit
@@ -34,6 +35,45 @@ def request_bytes_needed(max_text: int, max_stop: int, max_stop_chars: int) -> i
 
 
 @dataclass
+class Limits:
+    """The engine's limits on calls and its batching settings (flags and environment variables
+    of `nlstm serve`); serving/requests.py checks each request against them."""
+
+    max_chars: int = 4096  # most characters one Generate may ask for
+    max_text: int = 100_000  # longest Score text or Generate prompt, in characters
+    max_sessions: int = 1024
+    idle_timeout: float = 600.0  # seconds
+    max_batch: int = 64  # sequences advanced together in one step
+    max_wait: float = 0.002  # seconds the oldest waiting step waits for company
+    # Generate: after a message, a stream's next one waits until this many seconds have passed
+    # and carries every character made meanwhile (0: each as soon as it is made, within the
+    # message budget below). Each message costs the server about 0.1 ms of Python (gRPC's and
+    # ours) on the cores the model needs, and the client as much again.
+    stream_interval: float = 0.05
+    # Generate: the most messages per second all of one model's streams send together (0: no
+    # budget). With n streams running, a stream's messages are at least n / this seconds apart
+    # (when that is longer than stream_interval; at most 10 s): 400 keeps 50 ms up to 20
+    # streams and spaces 64 streams' messages 160 ms apart, so that messages cost a bounded
+    # share of the CPU.
+    max_messages_per_s: float = 400.0
+    max_stop: int = 4  # stop strings one Generate may give
+    # the longest stop string, in characters: each generated character is checked against the
+    # stream's stop strings (a tail of this length is kept), and the request holds them
+    max_stop_chars: int = 256
+    max_glimpses: int = 4096  # glimpses one ClassifyGlimpses stream may send
+    # sessions one client (its API key, or its address without keys) may hold; 0: no bound
+    # beyond max_sessions
+    max_sessions_per_client: int = 0
+    # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
+    prefix_cache_mb: float = 64.0
+    # With a file or Redis session store: how often a running call writes its session (and
+    # renews its lease, which lapses after 3 of these, at least serving.engine.LEASE_MIN: how
+    # long a dead replica's sessions stay locked). A replica that dies loses at most this much
+    # of a long Generate.
+    checkpoint_interval: float = 2.0
+
+
+@dataclass
 class ServerLimits:
     """Transport-level bounds of one server (flags of `nlstm serve`)."""
 
@@ -55,8 +95,8 @@ class OverBudget:
         self.size, self.used, self.limit = size, used, limit
 
     def message(self) -> str:
-        return (f"the server is holding {self.used} bytes of requests in flight and this one has {self.size}; "
-                f"its limit is {self.limit} bytes: retry later")
+        return (f"the server is holding {self.used} bytes of requests in flight and this one has "
+                f"{self.size}; its limit is {self.limit} bytes: retry later")
 
 
 class Held:

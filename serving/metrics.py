@@ -47,7 +47,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "nlstm_queue_depth",
-            "Sequences ready for the last step that did not fit in its batch (more than --max-batch)",
+            "Sequences ready for the last step that did not fit in its batch "
+            "(more than --max-batch)",
             ["model"], registry=r,
         )
         # the prefix-state cache (serving/prefix_cache.py, --prefix-cache-mb)

@@ -38,7 +38,7 @@ class MetricsServer:
         self.registry = registry
         self.open = 0  # connections being served
         self._writers: set[asyncio.StreamWriter] = set()
-        self._servers: list[asyncio.AbstractServer] = []  # one per address
+        self._servers: list[asyncio.Server] = []  # one per address
 
     def addresses(self) -> list[tuple[str, int]]:
         """(address, port) of every socket it listens on."""
@@ -86,7 +86,7 @@ class MetricsServer:
             # Python 3.12 waits here for every connection to end: they were closed just above
             try:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("the metrics endpoint did not close within 1 s")
         self._servers = []
 
@@ -99,7 +99,7 @@ class MetricsServer:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 return  # idle, cut short or too long: closed without an answer
             method, _, rest = head.partition(b" ")
             path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
@@ -114,7 +114,7 @@ class MetricsServer:
                          + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
                          + (body if method != b"HEAD" else b""))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             self.open -= 1

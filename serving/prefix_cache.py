@@ -41,9 +41,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# Python objects around the arrays, in bytes (measured on CPython 3.11, numpy 2.4, 64-bit; see the module
-# doc): a node's object, its children dict and its edge array's header; an entry's two array
-# headers, its tuple and its slot in the LRU order.
+# Python objects around the arrays, in bytes (measured on CPython 3.11, numpy 2.4, 64-bit; see the
+# module doc): a node's object, its children dict and its edge array's header; an entry's two
+# array headers, its tuple and its slot in the LRU order.
 NODE_BYTES = 400
 ENTRY_BYTES = 400
 IDS = np.int32  # the dtype of the trie's edges: ids of the models' vocabularies
@@ -209,6 +209,7 @@ class PrefixCache:
     def _evict(self, node: _Node) -> None:
         """Drop node's entry, then the nodes no entry needs any more."""
         del self._lru[node]
+        assert node.entry is not None  # the LRU order holds the nodes with an entry
         state, logits = node.entry
         node.entry = None
         self._grow(node.model, -entry_bytes(state, logits))

@@ -96,10 +96,10 @@ def _provider_list(providers: str | Sequence) -> list:
         if CUDA not in available:
             if providers == "cuda":
                 raise RuntimeError(
-                    f"providers='cuda' but this onnxruntime build has no CUDA provider "
-                    f"(available: {available}); replace the CPU build with the GPU one (`pip uninstall -y "
-                    f"onnxruntime && pip install onnxruntime-gpu`: the two must not be installed together) "
-                    f"or use providers='cpu'"
+                    "providers='cuda' but this onnxruntime build has no CUDA provider (available: "
+                    f"{available}); replace the CPU build with the GPU one (`pip uninstall -y "
+                    "onnxruntime && pip install onnxruntime-gpu`: the two must not be installed "
+                    "together) or use providers='cpu'"
                 )
             return [CPU]
         return [CUDA, CPU]
@@ -217,7 +217,8 @@ class ExportedModel:
             V = self.meta.vocab_size
             if x.ndim != (2 if steps else 1) or not np.issubdtype(x.dtype, np.integer):
                 raise ValueError(
-                    f"tokens must be integer ids of shape ({lead}), got shape {x.shape} of {x.dtype}"
+                    f"tokens must be integer ids of shape ({lead}), got shape {x.shape} of "
+                    f"{x.dtype}"
                 )
             if x.size and (x.min() < 0 or x.max() >= V):
                 raise ValueError(f"token ids must lie in [0, {V}), got {x.min()}..{x.max()}")
@@ -228,7 +229,8 @@ class ExportedModel:
                 np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
             ):
                 raise ValueError(
-                    f"glimpses must be floats of shape ({lead}, {n}), got shape {x.shape} of {x.dtype}"
+                    f"glimpses must be floats of shape ({lead}, {n}), got shape {x.shape} of "
+                    f"{x.dtype}"
                 )
             x = x.astype(np.float32, copy=False)
         if x.shape[1 if steps else 0] < 1:
@@ -327,6 +329,7 @@ class ExportedModel:
         self._require("char", "score")
         if not text:
             raise ValueError("text to score must not be empty")
+        assert self.tokenizer is not None  # every char model has one (ExportMeta.validate)
         enc = self.tokenizer.encode(text)
         ids = np.concatenate([[start_id(self.tokenizer)], enc.ids]).astype(np.int64)
         return self.score_ids(ids, unknown_chars=enc.unknown_chars)
@@ -340,7 +343,8 @@ class ExportedModel:
         if single:
             g = g[None]
         if g.ndim != 3:
-            raise ValueError(f"glimpses must be (T, {self.meta.input_size}) or (N, T, {self.meta.input_size}), got {g.shape}")
+            raise ValueError(f"glimpses must be (T, {self.meta.input_size}) or (N, T, {self.meta.input_size}), "
+                             f"got {g.shape}")
         logits, _ = self.run(np.ascontiguousarray(g.transpose(1, 0, 2)))  # (T, N, 10)
         return logits[-1, 0] if single else logits[-1]
 

@@ -4,8 +4,8 @@
 same text: each character sampled with a temperature takes the next draw of the request's
 uniform stream, whether it is sampled alone (`Sampler.__call__`) or with a batch (`draw`,
 `greedy`: the scheduler's vectorised rows, which may take draws ahead and give back those
-they did not use). Validation of the parameters lives in `check_sampling`, whose messages say what is
-allowed (the servicer turns them into INVALID_ARGUMENT).
+they did not use). Validation of the parameters lives in `check_sampling`, whose messages say what
+is allowed (the servicer turns them into INVALID_ARGUMENT).
 """
 
 from __future__ import annotations

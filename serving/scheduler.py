@@ -15,7 +15,8 @@ row; and when every sequence in it is generating with plain temperature sampling
 a `Streams` block takes over their per-character bookkeeping in arrays, so that the Python
 between two steps no longer grows with the number of streams.
 
-Generate messages are timed here too (GenerateSequence): a stream's characters collect on
+What each kind of call feeds and keeps is its sequence's (serving/sequences.py). Generate
+messages are timed here too (GenerateSequence): a stream's characters collect on
 this thread and go to the event loop once per `interval` (or further apart when the model's
 message budget, `message_rate`, is shared by many streams), so the loop wakes once per
 message rather than once per character. Callbacks reach the loop through a messenger thread,
@@ -38,254 +39,24 @@ import logging
 import operator
 import threading
 import time
-from collections import deque
-from typing import Callable
+from collections import abc, deque
+from collections.abc import Callable
+from typing import TypeGuard
 
 import numpy as np
 
-from serving.sampling import LOG2E, Sampler, bits, draw, greedy, log_softmax
+from serving.sampling import LOG2E, draw, greedy, log_softmax
+from serving.sequences import GenerateSequence, GlimpseSequence, ScoreSequence, Sequence
 
 log = logging.getLogger("nlstm.serving")
+
+# A step's sequences, row i of its inputs and outputs being sequence i. Read-only here, so that
+# a block's sequences (all generating) are one too.
+Batch = abc.Sequence[Sequence]
 
 # the longest time between two messages of a stream (--stream-interval-ms, or the message
 # budget shared by many streams): beyond that a stream looks stalled to its reader
 MAX_SPACING = 10.0
-
-
-class Sequence:
-    """One call's sequence. Fields written by the scheduler thread: `state`, `logits` (always
-    together, as `pos`), `finished`. The asyncio side may set `cancelled`."""
-
-    def __init__(self, state: np.ndarray, logits: np.ndarray | None) -> None:
-        self.pos = (state, logits)  # assigned as one tuple: readers never see half an update
-        self.cancelled = False
-        self.finished = False
-        self.error: BaseException | None = None
-
-    def ready(self) -> bool:
-        raise NotImplementedError
-
-    def take_input(self):
-        """The next input to step (called only when ready())."""
-        raise NotImplementedError
-
-    def advance(self, logits: np.ndarray, state: np.ndarray, post: list) -> None:
-        """Take this sequence's row of the step; append callbacks for the asyncio side."""
-        raise NotImplementedError
-
-    def close(self, post: list) -> None:
-        """Finished or cancelled: append the final callbacks."""
-
-
-class ScoreSequence(Sequence):
-    """Feeds the start symbol if fresh, then each character of the text, scoring each under
-    the prediction made before it."""
-
-    def __init__(self, state, logits, start_id: int, ids: np.ndarray, z_slots: list[int], done: Callable) -> None:
-        super().__init__(state, logits)
-        self.start_id = start_id if logits is None else None
-        self.ids = ids
-        self.next = 0  # index of the next text id to feed
-        self.bits = np.empty(len(ids))
-        self.z_slots = z_slots
-        self.boundaries = [bytearray() for _ in z_slots]
-        self._done = done
-
-    def ready(self) -> bool:
-        return self.start_id is not None or self.next < len(self.ids)
-
-    def take_input(self):
-        if self.start_id is not None:
-            token, self.start_id = self.start_id, None
-            self._scored = False
-            return np.int64(token)
-        token = int(self.ids[self.next])
-        self.bits[self.next] = bits(self.pos[1][None], np.array([token]))[0]
-        self.next += 1
-        self._scored = True
-        return np.int64(token)
-
-    def advance(self, logits, state, post) -> None:
-        self.pos = (state, logits)
-        if self._scored:
-            for b, slot in zip(self.boundaries, self.z_slots):
-                b.append(49 if state[slot, 0] > 0.5 else 48)  # '1' / '0' after this character
-        if not self.ready():
-            self.finished = True
-
-    def close(self, post) -> None:
-        post.append(lambda: self._done(self))
-
-
-class GenerateSequence(Sequence):
-    """Feeds `feed` (the start symbol if fresh, then the prompt), then alternates: sample a
-    character from the last prediction, emit it, feed it.
-
-    Characters are emitted in messages: the first as soon as it is sampled, each later one
-    when `interval` seconds have passed since the previous message (0: every character as it
-    is made), carrying every character sampled meanwhile; the last (a finish reason set) and
-    a cancelled stream's remainder go at once. The timing is kept here, on the scheduler
-    thread, so that the event loop wakes once per message, not once per character.
-
-    While a `Streams` block runs it, its counters live in the block's columns and its position
-    is its row of the block's last step (`pos` reads it there).
-
-    Message boundaries: each message carries `made`, the symbols generated up to its end, and
-    `marks[made]` keeps (state, logits) after the step that fed a message's last character
-    (`marks[0]`: after the prompt): where a session goes back to when the call ends before the
-    next message is sent. The event loop forgets each boundary once it cannot be needed (a
-    later message was sent, or coalesced with a later one before it went), so a stream holds a
-    few. It costs a copy of the state per message, nothing per character."""
-
-    _at: tuple[Streams, int] | None = None  # (block, row) while a Streams block runs this sequence
-    # serving.prefix_cache.Recorder while a fresh sequence's prompt is fed (the engine sets it)
-    recorder = None
-
-    @property
-    def pos(self) -> tuple[np.ndarray, np.ndarray | None]:
-        at = self._at
-        if at is None:
-            return self._pos
-        states, logits = at[0].out
-        return states[at[1]], logits[at[1]]
-
-    @pos.setter
-    def pos(self, value: tuple[np.ndarray, np.ndarray | None]) -> None:
-        self._pos = value
-
-    def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
-                 stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
-                 interval: float = 0.0, boundaries: bool = True) -> None:
-        super().__init__(state, logits)
-        self.feed: deque[int] = deque(feed)
-        self.sampler = sampler
-        self.max_chars = max_chars
-        self.remaining = max_chars
-        self.stop, self.logprobs, self.texts, self.eos_id = stop, logprobs, texts, eos_id
-        self.tail = ""  # the end of the generated text, long enough to see a stop string
-        self.keep = max((len(s) for s in stop), default=0)
-        self._emit = emit  # emit(text, bits, finish_reason) on the asyncio side
-        self.finish_reason = ""
-        self.interval = interval
-        self.due = 0.0  # time.monotonic() from which the next message may go
-        self.pending: list[str] = []  # sampled characters not emitted yet
-        self.pending_bits: list[float] = []
-        # no start or prompt to feed: a session's position already predicts the next character
-        self.wants_sample = not self.feed
-        # made -> (state, logits) at message boundaries: set here, read and dropped by the event
-        # loop (single dict operations are atomic); the state after the prompt first. None
-        # (boundaries=False): a call without a session, which keeps nothing
-        self.marks: dict[int, tuple] | None = {} if boundaries else None
-        self._capture: int | None = 0  # `made` of the message whose boundary the next step makes
-        self.prompt_fed = not self.feed
-        if self.prompt_fed:
-            if self.marks is not None:
-                self.marks[0] = (state, logits)
-            self._capture = None
-
-    def ready(self) -> bool:
-        return bool(self.feed) or self.wants_sample
-
-    def take_input(self):
-        return np.int64(self.feed.popleft())
-
-    def advance(self, logits, state, post) -> None:
-        self.pos = (state, logits)
-        if self.recorder is not None and not self.recorder.stepped(state, logits):
-            self.recorder = None  # the prompt is in: the prefix-state cache has its checkpoints
-        if self.feed:  # still feeding the start symbol or the prompt
-            return
-        if self._capture is not None:  # this step fed a message's last character (or the prompt's)
-            if self.marks is not None:
-                self.marks[self._capture] = (state.copy(), logits.copy())
-            self._capture = None
-            self.prompt_fed = True
-        if self.finish_reason:  # the last character is in the state now
-            self.finished = True
-        else:
-            self.wants_sample = True  # sampled at the start of the next step
-
-    def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None,
-                    spacing: float = 0.0) -> None:
-        """The scheduler sampled `token` for this sequence at time.monotonic() `now` (None: read
-        the clock): emit it (now or with the next message) and feed it next. `spacing`: the
-        least time between this stream's messages that the model's message budget allows (the
-        stream's own interval applies when it is longer)."""
-        if now is None:
-            now = time.monotonic()
-        self.wants_sample = False
-        self.remaining -= 1
-        text = self.texts[token]
-        if token == self.eos_id or (self.keep and self.stopped(text)):
-            self.finish_reason = "STOP_SEQUENCE"
-        if self.remaining == 0 and not self.finish_reason:
-            self.finish_reason = "LENGTH"
-        self.pending.append(text)
-        if bits is not None:
-            self.pending_bits.append(bits)
-        if self.finish_reason or now >= self.due:
-            self._flush(self.finish_reason, post, self.max_chars - self.remaining)
-            self.due = now + max(self.interval, spacing)
-        self.feed.append(token)  # fed so the state (and a session) includes it
-
-    def stopped(self, text: str) -> bool:
-        """`text` follows the generated text: does the text now end with a stop string?"""
-        self.tail = (self.tail + text)[-self.keep:]
-        return any(self.tail.endswith(s) for s in self.stop)
-
-    def _flush(self, reason: str, post: list, made: int | None) -> None:
-        """Send the pending characters as one message; `made`: symbols generated up to its end
-        (None: the prompt was not all fed). The step that feeds its last character marks it."""
-        text, b, emit = "".join(self.pending), self.pending_bits, self._emit
-        self.pending, self.pending_bits = [], []
-        self._capture = made
-        post.append(lambda: emit(text, b, reason, made))
-
-    def mark(self, made: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(state, logits) after the prompt and `made` generated symbols, if that is a message
-        boundary still kept; None when the prompt was never all fed."""
-        m = None if self.marks is None else self.marks.get(made)
-        if m is not None and len(m) == 3:  # (rows' states, rows' logits, row) from a Streams block
-            return m[0][m[2]], m[1][m[2]]
-        return m
-
-    def forget(self, made: int) -> None:
-        """The boundary at `made` will not be needed (a later message was sent, or this one
-        was coalesced with a later one)."""
-        if self.marks is not None:
-            self.marks.pop(made, None)
-
-    def close(self, post) -> None:
-        # A failed step: the characters not sent yet are dropped (the step did not feed the
-        # last one, so no message boundary holds them); the error follows what was sent.
-        if self.error is None and not self.finish_reason:  # cancelled, or the server is draining
-            if not self.prompt_fed:  # the session will not change
-                self._flush("CANCELLED", post, None)
-            else:  # with the characters made since the last message, all fed
-                made = self.max_chars - self.remaining
-                if self.marks is not None:
-                    state, logits = self.pos
-                    self.marks[made] = (state.copy(), None if logits is None else logits.copy())
-                self._flush("CANCELLED", post, made)
-        post.append(lambda: self._emit(None, None, None, None))  # end of stream
-
-
-class GlimpseSequence(Sequence):
-    def __init__(self, state) -> None:
-        super().__init__(state, None)
-        self.inputs: deque = deque()  # (pixels, callback(logits)) appended by the asyncio side
-
-    def ready(self) -> bool:
-        return bool(self.inputs)
-
-    def take_input(self):
-        pixels, self._reply = self.inputs.popleft()
-        return pixels
-
-    def advance(self, logits, state, post) -> None:
-        self.pos = (state, logits)
-        reply = self._reply
-        post.append(lambda: reply(logits, state))
 
 
 class Streams:
@@ -304,16 +75,18 @@ class Streams:
     BLOCK = 128  # steps a block runs at most: draws taken ahead, ids kept
 
     @staticmethod
-    def fits(batch: list[Sequence]) -> bool:
+    def fits(batch: Batch) -> TypeGuard[abc.Sequence[GenerateSequence]]:
         """Can a block run `batch` (all of its sequences generating, each about to sample)?"""
+        shared = set()  # what the block keeps once for all rows: the id texts, eos, banned ids
         for s in batch:
             if type(s) is not GenerateSequence or s.feed or not s.wants_sample or s.finish_reason:
                 return False
             if not (s.sampler.plain or s.sampler.temperature == 0):  # top-k and top-p: one row at a time
                 return False
-        return len({(id(s.texts), s.eos_id, s.sampler.banned) for s in batch}) == 1
+            shared.add((id(s.texts), s.eos_id, s.sampler.banned))
+        return len(shared) == 1
 
-    def __init__(self, seqs: list[GenerateSequence], states: np.ndarray, logits: np.ndarray,
+    def __init__(self, seqs: abc.Sequence[GenerateSequence], states: np.ndarray, logits: np.ndarray,
                  spacing: float = 0.0) -> None:
         self.seqs = seqs
         self.out = (states, logits)  # the last step's outputs: row i is seqs[i]'s position
@@ -399,6 +172,8 @@ class Streams:
                 row_states, row_logits = (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
             for j, i in enumerate(rows):
                 s = seqs[i]
+                # rows: the streams keeping marks that sent a message (_flush set _capture)
+                assert s.marks is not None and s._capture is not None
                 s.marks[s._capture] = (row_states, row_logits, i if every else j)  # read by mark()
                 s._capture = None
         for i in self.reasons:
@@ -411,6 +186,7 @@ class Streams:
         if start < self.k:
             s.pending.append("".join(map(self.texts.__getitem__, self.ids[i, start : self.k].tolist())))
             if s.logprobs:
+                assert self.bits is not None  # kept when any row wants logprobs
                 s.pending_bits.extend(self.bits[i, start : self.k].tolist())
             self.sent[i] = self.k
         if reason is not None:
@@ -435,7 +211,7 @@ class Streams:
 
 class Scheduler:
     def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
-                 post: Callable[[Callable], None], on_batch: Callable[[int, float], None] | None = None,
+                 post: Callable[[Callable[[], object]], object], on_batch: Callable[[int, float], None] | None = None,
                  message_rate: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -548,8 +324,9 @@ class Scheduler:
             self._cond.wait()
 
     def _loop(self) -> None:
-        last: tuple[list[Sequence], np.ndarray, np.ndarray] | None = None  # batch, states, logits
+        last: tuple[Batch, np.ndarray, np.ndarray] | None = None  # batch, states, logits
         streams: Streams | None = None
+        batch: Batch | None
         while True:
             with self._cond:
                 if streams is not None and (self._changed or streams.ended or self._stopped):
@@ -564,29 +341,30 @@ class Scheduler:
             # The steady state: the same sequences as the last step, in the same order. Their
             # positions are then the rows of that step's outputs, which are used as they are
             # instead of stacked again.
-            same = last is not None and (batch is last[0] or (
-                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0]))))
+            same = last if last is not None and (batch is last[0] or (
+                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0])))) else None
             try:
                 spacing = min(self._generating / self.message_rate, MAX_SPACING) if self.message_rate else 0.0
-                if streams is None and same and Streams.fits(batch):
-                    streams = Streams(batch, last[1], last[2], spacing)
+                if streams is None and same is not None and Streams.fits(batch):
+                    streams = Streams(batch, same[1], same[2], spacing)
                     batch = streams.seqs
                 if streams is not None:
+                    assert last is not None  # a block runs on from a step that succeeded
                     inputs, states = streams.sample(time.monotonic(), post), last[1]
                 else:
                     # sample the next character of every generating sequence at once; it is fed
                     # in this same step
                     sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
-                    self._sample(sampling, post, last[2] if same and len(sampling) == len(batch) else None, spacing)
+                    self._sample(sampling, post, same[2] if same is not None and len(sampling) == len(batch) else None, spacing)
                     inputs = np.stack([s.take_input() for s in batch])
-                    states = last[1] if same else np.stack([s.pos[0] for s in batch])
+                    states = same[1] if same is not None else np.stack([s.pos[0] for s in batch])
                 t0 = time.perf_counter()
                 logits, new_states = self._step(inputs, states)
                 elapsed = time.perf_counter() - t0
                 if streams is not None:
                     streams.stepped(new_states, logits)
                 else:
-                    for s, row_logits, row_state in zip(batch, logits, new_states):
+                    for s, row_logits, row_state in zip(batch, logits, new_states, strict=True):
                         s.advance(row_logits, row_state, post)
                 last = (batch, new_states, logits)
             except Exception as exc:  # a failing graph fails the calls in it, not the server
@@ -613,7 +391,7 @@ class Scheduler:
         if not seqs:
             return
         if logits is None:
-            logits = np.stack([s.pos[1] for s in seqs])
+            logits = np.stack([s.prediction() for s in seqs])
         tokens = np.empty(len(seqs), dtype=np.int64)
         plain, greedy_rows = [], []  # vectorised below
         for i, s in enumerate(seqs):
@@ -632,7 +410,7 @@ class Scheduler:
             tokens[greedy_rows] = greedy(logits[greedy_rows], banned)
         lp = log_softmax(logits) if any(s.logprobs for s in seqs) else None
         now = time.monotonic()
-        for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+        for i, (s, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             b = float(-lp[i, token] * LOG2E) if lp is not None and s.logprobs else None
             s.take_sample(token, b, post, now, spacing)
 
@@ -662,3 +440,7 @@ class Scheduler:
                     log.warning("the event loop closed before %d callbacks reached it", sum(map(len, batches)))
             if self._outbox_closed and not self._outbox:
                 return
+
+
+# the sequences are defined in serving/sequences.py; the scheduler is where callers find them
+__all__ = ["MAX_SPACING", "GenerateSequence", "GlimpseSequence", "Scheduler", "ScoreSequence", "Sequence", "Streams"]

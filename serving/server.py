@@ -108,10 +108,6 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
                          f"({max_request} bytes): the largest request allowed could never be served")
     rate = (RateLimiter(server_limits.max_client_requests_per_s)
             if server_limits.max_client_requests_per_s > 0 else None)
-    if api_keys is not None and session_store not in (None, "memory"):
-        # sessions belong to the key that made them; a shared store does not record owners yet
-        raise ValueError("API keys need the memory session store for now: sessions in a file or "
-                         "Redis store carry no owner, so one key could use another's sessions")
     engine = Engine(models, limits, metrics, snapshot_key=snapshot_key, session_store=session_store)
     engine.start()
     # outermost first: every call is counted, whatever ends it. The Gate names each call's

@@ -1,6 +1,7 @@
-"""The gRPC servicer (thin: protos in and out, the engine does the work) and the one
-interceptor that records every call's status and latency, answers requests that do not parse
-with INVALID_ARGUMENT, and turns unexpected exceptions into INTERNAL (logged with their
+"""The gRPC servicer (thin: each request proto becomes a checked request object of
+serving/requests.py, the engine does the work, its answer becomes the response proto) and the
+one interceptor that records every call's status and latency, answers requests that do not
+parse with INVALID_ARGUMENT, and turns unexpected exceptions into INTERNAL (logged with their
 traceback; the client sees no internals)."""
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from google.protobuf.message import DecodeError
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.engine import Engine, InvalidArgument, ResourceExhausted, ServingError
+from serving.engine import Engine
+from serving.errors import InvalidArgument, ResourceExhausted, ServingError
 from serving.limits import Held, InflightBytes, OverBudget
 from serving.metrics import Metrics
+from serving.requests import GenerateParams, GlimpseParams, ScoreParams
 
 log = logging.getLogger("nlstm.serving")
 
@@ -88,29 +91,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return session_info(self.engine, await self.engine.fork_session(request.session_id))
 
     async def Generate(self, request, context):
-        seed = request.seed if request.HasField("seed") else None
-        chars = self.engine.generate(
-            request.model, request.session_id, request.prompt, request.max_chars,
-            request.temperature, request.top_k, request.top_p, seed, list(request.stop),
-            request.logprobs,
-        )
+        chars = self.engine.generate(GenerateParams.from_pb(request, self.engine.limits))
         async with contextlib.aclosing(chars):  # closing this stream ends the call's sequence now
             async for text, bits, finish, position in chars:
                 yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish], position=position)
 
     async def Score(self, request, context):
-        r = await self.engine.score(request.model, request.session_id, request.text, request.per_char)
+        r = await self.engine.score(ScoreParams.from_pb(request, self.engine.limits))
         return pb.ScoreResponse(**r)
 
     async def ClassifyGlimpses(self, request_iterator, context):
         stream = None
         try:
             async for request in request_iterator:
+                glimpse = GlimpseParams.from_pb(request)
                 if stream is None:
-                    stream = await self.engine.glimpse_stream(request.model, request.session_id)
-                elif (request.model and request.model != stream.name) or request.session_id:
-                    raise InvalidArgument("model and session_id go on the first message of a stream only")
-                step, probs, cls, position = await stream.push(request.pixels)
+                    stream = await self.engine.glimpse_stream(glimpse)
+                else:
+                    glimpse.follows(stream.name)
+                step, probs, cls, position = await stream.push(glimpse)
                 yield pb.GlimpseResponse(step=step, probabilities=probs, predicted_class=cls, position=position)
                 stream.sent()  # resumed: the answer went out, the session keeps this glimpse
         finally:

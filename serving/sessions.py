@@ -25,6 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def new_session_id() -> str:
+    """A new session id: 128 random bits, base64url (22 characters), never starting with "-" (a
+    command line would read such an id as an option: `nlstm score --session -x...`)."""
+    while True:
+        sid = secrets.token_urlsafe(16)
+        if not sid.startswith("-"):
+            return sid
+
+
 class SessionError(Exception):
     """Base of the store's errors; each maps to one gRPC status code in the servicer."""
 
@@ -104,11 +113,12 @@ class SessionStore:
                 )
             if self.max_per_client and self._per_client.get(owner, 0) >= self.max_per_client:
                 raise TooManySessions(
-                    f"this client holds {self._per_client[owner]} sessions: the server's per-client "
-                    f"session limit is {self.max_per_client}; close unused sessions (CloseSession) "
+                    f"this client holds {self._per_client[owner]} sessions: the server's "
+                    f"per-client session limit is {self.max_per_client}; close unused sessions "
+                    "(CloseSession) "
                     "or wait for them to expire"
                 )
-            sid = secrets.token_urlsafe(16)  # 128 random bits
+            sid = new_session_id()
             session = Session(sid, model, state.astype(np.float32, copy=True),
                               None if logits is None else logits.astype(np.float32, copy=True),
                               position, last_used=self._clock(), owner=owner)

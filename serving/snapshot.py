@@ -30,9 +30,10 @@ Layout, version 1 (all integers little-endian):
 Every snapshot carries the checksum, so truncation and corruption are caught even without a
 key; a key adds authenticity. Decoding with a key refuses an unsigned snapshot (missing HMAC)
 and one whose HMAC does not verify; decoding without a key checks a signed snapshot's checksum,
-layout and values but not its HMAC (a server without a key has nothing to verify it against). Everything refused here is `SnapshotInvalid` (the servicer answers INVALID_ARGUMENT);
-a well-formed snapshot of another model, or of another export of this model, is
-`SnapshotMismatch` from `check_model` (FAILED_PRECONDITION).
+layout and values but not its HMAC (a server without a key has nothing to verify it against).
+Everything refused here is `SnapshotInvalid` (the servicer answers INVALID_ARGUMENT); a
+well-formed snapshot of another model, or of another export of this model, is `SnapshotMismatch`
+from `check_model` (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations

@@ -11,12 +11,18 @@ another replica can serve the session from its last write. Every write made duri
 replica that lost its lease (paused past the lease's expiry) or a call on a session closed
 meanwhile never overwrites or resurrects anything.
 
+Each session is also counted for its *client* (serving.auth.Caller.client: an API key's
+fingerprint, a peer's address, or "" without either), so that --max-sessions-per-client holds
+for every replica sharing the store and across restarts: `put` refuses, in one atomic step with
+the count, a session over the client's `limit`. The count is derived from the sessions that
+exist, never kept as a number that a dead replica or an expiry could leave wrong.
+
     file:DIR               one host: a file per session (written atomically, expiry recorded
                            as the file's mtime), leases in files under an flock; survives a
                            restart on the same DIR
-    redis://HOST:PORT/DB   a Redis server shared by replicas: Redis's own key expiry is the
-                           idle timeout, the lease is a key set with SET NX PX and renewed or
-                           released by compare-and-set Lua scripts
+    redis://HOST:PORT/DB   a Redis server shared by replicas (serving/store_redis.py): Redis's
+                           own key expiry is the idle timeout, the lease is a key set with SET
+                           NX PX and renewed or released by compare-and-set Lua scripts
 
 (`memory`, the default, is not a backend: serving/sessions.py keeps sessions as objects in
 the process, without encoding them, as before there were stores.)
@@ -30,15 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-# Session ids are secrets.token_urlsafe(16); anything else a client sends is no session (and
+# Session ids are serving.sessions.new_session_id()'s; anything else a client sends is no session (and
 # must never become a path or a key pattern).
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -55,7 +61,8 @@ def valid_id(session_id: str) -> bool:
 
 
 class Backend:
-    """The store's interface. `ttl` and `lease_ttl` are seconds; `owner` is a lease token."""
+    """The store's interface. `ttl` and `lease_ttl` are seconds; `owner` is a lease token;
+    `client` the session's owner (the caller that created it), whose sessions are counted."""
 
     url: str  # for messages and logs (a Redis password is masked)
 
@@ -63,19 +70,27 @@ class Backend:
         """The session's bytes, or None when it does not exist or has expired."""
         raise NotImplementedError
 
-    def put(self, sid: str, data: bytes, ttl: float) -> None:
-        """Write a new session (no lease needed: nobody else knows its id yet)."""
+    def put(self, sid: str, data: bytes, ttl: float, client: str = "", limit: int = 0) -> bool:
+        """Write a new session of `client` (no lease needed: nobody else knows its id yet).
+        With `limit` > 0, atomically with the count: when `client` holds `limit` unexpired
+        sessions already, write nothing and return False."""
+        raise NotImplementedError
+
+    def held(self, client: str) -> int:
+        """The unexpired sessions `client` holds."""
         raise NotImplementedError
 
     def peek(self, sid: str) -> tuple[bytes | None, bool]:
         """(the session's bytes or None, whether a call holds its lease), for a look only."""
         raise NotImplementedError
 
-    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None) -> int:
+    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None,
+               client: str = "") -> int:
         """For the call holding the lease (`owner`), atomically: write `data` (None: keep the
         stored bytes) with a new expiry of `ttl` seconds, then renew the lease for `lease_ttl`
         seconds (None: give it back). SAVED; LEASE_LOST when `owner` no longer holds the lease;
-        GONE when the session was closed or expired (nothing is written in either case)."""
+        GONE when the session was closed or expired (nothing is written in either case).
+        `client`: the session's, whose count follows the new expiry."""
         raise NotImplementedError
 
     def acquire(self, sid: str, owner: str, lease_ttl: float) -> bool:
@@ -86,8 +101,8 @@ class Backend:
         """Give the lease back if `owner` still holds it."""
         raise NotImplementedError
 
-    def delete(self, sid: str) -> bool:
-        """Remove the session and its lease; False when there was no session."""
+    def delete(self, sid: str, client: str = "") -> bool:
+        """Remove the session (of `client`) and its lease; False when there was no session."""
         raise NotImplementedError
 
     def count(self) -> int:
@@ -117,6 +132,8 @@ def open_backend(url: str) -> Backend | None:
             raise ValueError("--session-store file:DIR needs a directory, e.g. file:/var/lib/nlstm/sessions")
         return FileBackend(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
+        from serving.store_redis import RedisBackend  # the redis client only where it is used
+
         return RedisBackend(url)
     raise ValueError(
         f"--session-store {url!r} is not a store this server knows; use memory (the default), "
@@ -128,7 +145,10 @@ def open_backend(url: str) -> Backend | None:
 class FileBackend(Backend):
     """Sessions as files under DIR/sessions (one per id, replaced atomically: write a temporary
     file, fsync, rename), their expiry as the file's mtime (the deadline, in wall-clock time, so
-    it survives a restart); leases as files under DIR/leases holding "owner deadline".
+    it survives a restart); leases as files under DIR/leases holding "owner deadline"; for each
+    client a folder DIR/owners/HASH (the first 32 hex digits of the client's SHA-256) with an
+    empty file per session id: the client's sessions are those of its ids whose session file has
+    not expired (counted, and the others' files removed, under the lock).
 
     Lease changes and conditional writes hold an exclusive flock on DIR/.lock (and a thread
     lock, since flock does not exclude threads sharing one open file), so several processes on
@@ -141,9 +161,11 @@ class FileBackend(Backend):
         self.url = f"file:{self.root}"
         self._clock = clock
         self._sessions, self._leases = self.root / "sessions", self.root / "leases"
+        self._owners = self.root / "owners"
         try:
             self._sessions.mkdir(parents=True, exist_ok=True)
             self._leases.mkdir(exist_ok=True)
+            self._owners.mkdir(exist_ok=True)
             self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ValueError(f"--session-store {self.url}: cannot use {self.root} ({exc.strerror})") from None
@@ -203,11 +225,47 @@ class FileBackend(Backend):
                 tmp.unlink()
             raise self._unavailable(exc) from None
 
-    def put(self, sid: str, data: bytes, ttl: float) -> None:
+    def put(self, sid: str, data: bytes, ttl: float, client: str = "", limit: int = 0) -> bool:
         path = self._path(sid)
         if path is None:
             raise ValueError(f"not a session id: {sid!r}")
-        self._write(path, data, ttl)
+        try:
+            with self._locked():
+                if limit and self._held(client) >= limit:
+                    return False
+                self._write(path, data, ttl)
+                mine = self._owner_dir(client)
+                mine.mkdir(exist_ok=True)
+                (mine / sid).touch()
+                return True
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def _owner_dir(self, client: str) -> Path:
+        return self._owners / hashlib.sha256(client.encode()).hexdigest()[:32]
+
+    def _held(self, client: str) -> int:
+        """Under the lock: `client`'s unexpired sessions (the ids of the others are removed)."""
+        n = 0
+        try:
+            entries = list(os.scandir(self._owner_dir(client)))
+        except FileNotFoundError:
+            return 0
+        for e in entries:
+            path = self._path(e.name)
+            if path is not None and self._alive(path):
+                n += 1
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+        return n
+
+    def held(self, client: str) -> int:
+        try:
+            with self._locked():
+                return self._held(client)
+        except OSError as exc:
+            raise self._unavailable(exc) from None
 
     def _lease(self, sid: str) -> tuple[str, float] | None:
         """(owner, deadline) of a lease that has not lapsed, under the lock."""
@@ -223,7 +281,7 @@ class FileBackend(Backend):
         tmp.write_text(f"{owner} {self._clock() + lease_ttl!r}")
         os.replace(tmp, self._leases / sid)
 
-    def _held(self, sid: str, owner: str) -> int:
+    def _holds(self, sid: str, owner: str) -> int:
         path = self._path(sid)
         lease = self._lease(sid)
         if lease is None or lease[0] != owner:
@@ -240,12 +298,13 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc) from None
 
-    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
+    def commit(self, sid, owner, data, ttl, lease_ttl, client="") -> int:
+        # (a client's count reads the session file's expiry itself: nothing to move)
         if not valid_id(sid):
             return GONE
         try:
             with self._locked():
-                held = self._held(sid, owner)
+                held = self._holds(sid, owner)
                 if held != SAVED:
                     return held
                 if data is not None:
@@ -286,17 +345,16 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._unavailable(exc) from None
 
-    def delete(self, sid) -> bool:
+    def delete(self, sid, client="") -> bool:
         path = self._path(sid)
         if path is None:
             return False
         try:
             with self._locked():
                 alive = self._alive(path)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    (self._leases / sid).unlink()
+                for gone in (path, self._leases / sid, self._owner_dir(client) / sid):
+                    with contextlib.suppress(FileNotFoundError):
+                        gone.unlink()
                 return alive
         except OSError as exc:
             raise self._unavailable(exc) from None
@@ -330,6 +388,14 @@ class FileBackend(Backend):
                     if not lease.name.startswith(".") and self._lease(lease.name) is None:
                         with contextlib.suppress(FileNotFoundError):
                             lease.unlink()
+                for mine in self._owners.iterdir():  # the ids of sessions gone, then empty folders
+                    for marker in mine.iterdir():
+                        path = self._path(marker.name)
+                        if path is None or not self._alive(path):
+                            with contextlib.suppress(FileNotFoundError):
+                                marker.unlink()
+                    with contextlib.suppress(OSError):  # not empty: the client holds sessions
+                        mine.rmdir()
         except OSError as exc:
             raise self._unavailable(exc) from None
         return gone
@@ -343,169 +409,12 @@ class FileBackend(Backend):
             os.close(self._lock_fd)
 
 
-# ------------------------------------------------------------------------------------ Redis
-# KEYS[1] lease, KEYS[2] session; ARGV owner, lease ms (0: release), data ('' : keep the stored
-# bytes), ttl ms. Atomic on the server: nobody can take the lease or close the session between
-# the check and the write. (A snapshot is never empty, so '' is free to mean "no data".)
-_COMMIT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then
-    if redis.call('PEXPIRE', KEYS[2], ARGV[4]) == 0 then return -1 end
-else
-    if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-end
-if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def _masked(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-class RedisBackend(Backend):
-    """Sessions in Redis: `nlstm:session:ID` holds the bytes (expiring after the idle timeout,
-    which every write renews), `nlstm:lease:ID` the lease token (expiring after lease_ttl).
-
-    The client times out after `timeout` seconds and retries a failed command once, on a new
-    connection (a pooled connection is broken after Redis restarts): so a Redis that is down
-    costs a call at most about 2 x timeout, and the first command after Redis is back
-    reconnects by itself, with no restart of the server. After a failure, commands fail at once
-    for `backoff` seconds without trying: a Redis that does not answer (a host that drops
-    packets) must not hold every call, or a drain's writes, for 2 x timeout each."""
-
-    PREFIX = "nlstm:"
-
-    def __init__(self, url: str, timeout: float = 1.0, backoff: float = 0.5) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self.url = _masked(url)
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.BusyLoadingError)
-        self._redis_error = redis.exceptions.RedisError
-        try:
-            self.r = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 1), retry_on_error=list(self._errors),
-                health_check_interval=30,
-            )
-        except ValueError as exc:
-            raise ValueError(f"--session-store {self.url}: {exc}") from None
-        self._commit = self.r.register_script(_COMMIT)
-        self._release = self.r.register_script(_RELEASE)
-        self._count = (0.0, 0)  # (when, value): SCAN walks every key, so it is cached a little
-        self._backoff = backoff
-        self._down: tuple[float, str] = (0.0, "")  # (until when commands fail at once, why)
-
-    def _keys(self, sid: str) -> tuple[str, str]:
-        return f"{self.PREFIX}lease:{sid}", f"{self.PREFIX}session:{sid}"
-
-    @contextlib.contextmanager
-    def _call(self):
-        until, why = self._down
-        if time.monotonic() < until:
-            raise StoreUnavailable(f"the session store {self.url} is unreachable ({why})")
-        try:
-            yield
-        except self._errors as exc:
-            self._down = (time.monotonic() + self._backoff, str(exc))
-            raise StoreUnavailable(f"the session store {self.url} is unreachable ({exc})") from None
-        except self._redis_error as exc:  # e.g. OOM (maxmemory), READONLY (a replica)
-            raise StoreUnavailable(f"the session store {self.url} refused the request ({exc})") from None
-
-    def get(self, sid):
-        if not valid_id(sid):
-            return None
-        with self._call():
-            return self.r.get(self._keys(sid)[1])
-
-    def put(self, sid, data, ttl):
-        if not valid_id(sid):
-            raise ValueError(f"not a session id: {sid!r}")
-        with self._call():
-            self.r.set(self._keys(sid)[1], data, px=_ms(ttl))
-
-    def peek(self, sid):
-        if not valid_id(sid):
-            return None, False
-        lease, session = self._keys(sid)
-        with self._call():
-            pipe = self.r.pipeline(transaction=False)
-            pipe.get(session)
-            pipe.exists(lease)
-            data, held = pipe.execute()
-        return data, bool(held) and data is not None
-
-    def commit(self, sid, owner, data, ttl, lease_ttl) -> int:
-        if not valid_id(sid):
-            return GONE
-        lease_ms = 0 if lease_ttl is None else _ms(lease_ttl)
-        with self._call():
-            return int(self._commit(keys=self._keys(sid), args=[owner, lease_ms, data or b"", _ms(ttl)]))
-
-    def acquire(self, sid, owner, lease_ttl) -> bool:
-        if not valid_id(sid):
-            return True  # nothing to hold: get() finds no session
-        with self._call():
-            return bool(self.r.set(self._keys(sid)[0], owner, nx=True, px=_ms(lease_ttl)))
-
-    def release(self, sid, owner) -> bool:
-        if not valid_id(sid):
-            return False
-        with self._call():
-            return bool(self._release(keys=[self._keys(sid)[0]], args=[owner]))
-
-    def delete(self, sid) -> bool:
-        if not valid_id(sid):
-            return False
-        lease, session = self._keys(sid)
-        with self._call():
-            pipe = self.r.pipeline(transaction=True)
-            pipe.delete(session)
-            pipe.delete(lease)
-            return bool(pipe.execute()[0])
-
-    def count(self) -> int:
-        when, value = self._count
-        if time.monotonic() - when < 1.0:
-            return value
-        with self._call():
-            value = sum(1 for _ in self.r.scan_iter(match=f"{self.PREFIX}session:*", count=1000))
-        self._count = (time.monotonic(), value)
-        return value
-
-    def ping(self) -> None:
-        with self._call():
-            self.r.ping()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.r.close()
-
-
 __all__ = [
     "GONE",
     "LEASE_LOST",
     "SAVED",
     "Backend",
     "FileBackend",
-    "RedisBackend",
     "StoreUnavailable",
     "open_backend",
     "valid_id",

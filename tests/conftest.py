@@ -40,9 +40,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def redis_server():
     """A real redis-server on a free loopback port for one test module (skips without one)."""
-    from redis_harness import RedisServer
+    from serving.testing.process import RedisMissing, RedisServer
 
-    server = RedisServer()
+    try:
+        server = RedisServer()
+    except RedisMissing as exc:  # .ci/run installs it
+        pytest.skip(str(exc))
     yield server
     server.stop()
 

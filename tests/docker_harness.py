@@ -18,6 +18,7 @@ fail instead: there the images must be checked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,12 +32,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("NLSTM_DOCKER_ROOT", "/var/lib/nlstm-test-docker"))
 # What .ci/docker.sh installs from Debian: the engine, its runtime, and the local-base tools.
-TOOLS = {"dockerd": "docker.io", "docker": "docker.io", "containerd": "containerd", "runc": "runc",
-         "iptables": "iptables", "debootstrap": "debootstrap"}
+TOOLS = {
+    "dockerd": "docker.io",
+    "docker": "docker.io",
+    "containerd": "containerd",
+    "runc": "runc",
+    "iptables": "iptables",
+    "debootstrap": "debootstrap",
+}
 
 
 def required() -> bool:
-    return os.environ.get("CI", "").lower() == "true" or os.environ.get("NLSTM_REQUIRE_DOCKER") == "1"
+    return (
+        os.environ.get("CI", "").lower() == "true" or os.environ.get("NLSTM_REQUIRE_DOCKER") == "1"
+    )
 
 
 def unavailable(reason: str):
@@ -55,32 +64,59 @@ class Engine:
 
     env: dict[str, str]
 
-    def run(self, argv: list[str], timeout: float, check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
-        out = subprocess.run(argv, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    def run(
+        self, argv: list[str], timeout: float, check: bool = True, cwd: Path = REPO
+    ) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            argv,
+            env=self.env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and out.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} exited {out.returncode}:\n{tail(out.stdout)}\n{tail(out.stderr)}")
+            raise AssertionError(
+                f"{' '.join(argv)} exited {out.returncode}:\n{tail(out.stdout)}\n{tail(out.stderr)}"
+            )
         return out
 
-    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    def docker(
+        self, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess:
         return self.run(["docker", *args], timeout=timeout, check=check)
 
     def compose_command(self) -> list[str]:
-        """`docker compose` (the v2 plugin) where the CLI has it, else Debian's docker-compose (v1)."""
+        """`docker compose` (the v2 plugin) where the CLI has it, else Debian's docker-compose
+        (v1)."""
         if self.run(["docker", "compose", "version"], timeout=30, check=False).returncode == 0:
             return ["docker", "compose"]
         if shutil.which("docker-compose"):
             return ["docker-compose"]
-        unavailable("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+        unavailable(
+            "neither `docker compose` nor docker-compose is installed"
+            " (apt-get install docker-compose)"
+        )
         raise AssertionError("unreachable")
 
     def ensure_image(self, image: str) -> str:
         """`image` present: already, pulled, or built by deploy/local-base.sh (no registry here;
         a stand-in it built before is refreshed if its recipe changed). Returns how it came."""
-        label = self.docker("image", "inspect", "--format", '{{ index .Config.Labels "org.nlstm.local-base" }}',
-                            image, check=False)
+        label = self.docker(
+            "image",
+            "inspect",
+            "--format",
+            '{{ index .Config.Labels "org.nlstm.local-base" }}',
+            image,
+            check=False,
+        )
         if label.returncode == 0 and label.stdout.strip() in ("", "<no value>"):
             return "present"
-        if label.returncode != 0 and self.docker("pull", "-q", image, timeout=600, check=False).returncode == 0:
+        if (
+            label.returncode != 0
+            and self.docker("pull", "-q", image, timeout=600, check=False).returncode == 0
+        ):
             return "pulled"
         # made here from Debian packages, or brought up to date if its recipe changed
         self.run([str(REPO / "deploy" / "local-base.sh"), "--for-image", image], timeout=1500)
@@ -110,15 +146,23 @@ class Images:
         reported to every test that needs the image, not retried)."""
         if target not in self.builds:
             start = time.monotonic()
-            out = self.engine.run([str(REPO / "deploy" / "build-image.sh"), target, "--local-base"],
-                                  timeout=2400, check=False)
+            out = self.engine.run(
+                [str(REPO / "deploy" / "build-image.sh"), target, "--local-base"],
+                timeout=2400,
+                check=False,
+            )
             seconds = time.monotonic() - start
-            self.builds[target] = Build(target, out.stdout + out.stderr, seconds, out.returncode == 0)
-            print(f"nlstm:{target}: {'built' if out.returncode == 0 else 'FAILED'} in {seconds:.0f} s "
-                  f"(storage driver {self.engine.env.get('NLSTM_STORAGE_DRIVER')})")
+            self.builds[target] = Build(
+                target, out.stdout + out.stderr, seconds, out.returncode == 0
+            )
+            outcome = "built" if out.returncode == 0 else "FAILED"
+            driver = self.engine.env.get("NLSTM_STORAGE_DRIVER")
+            print(f"nlstm:{target}: {outcome} in {seconds:.0f} s (storage driver {driver})")
         build = self.builds[target]
         if check and not build.ok:
-            raise AssertionError(f"deploy/build-image.sh {target} --local-base failed:\n{tail(build.log)}")
+            raise AssertionError(
+                f"deploy/build-image.sh {target} --local-base failed:\n{tail(build.log)}"
+            )
         return build
 
     def base(self, image: str) -> str:
@@ -157,7 +201,9 @@ class Dockerd:
             unavailable("the Docker tests start their own dockerd, which needs root")
         missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
         if missing:
-            unavailable(f"not installed: {', '.join(missing)} (.ci/docker.sh installs them from Debian)")
+            unavailable(
+                f"not installed: {', '.join(missing)} (.ci/docker.sh installs them from Debian)"
+            )
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "docker.sock"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
@@ -175,32 +221,40 @@ class Dockerd:
     def _start(self, driver: str, workdir: Path, log_path: Path) -> bool:
         """Start dockerd with `driver`; False (and nothing left running) if it does not come up."""
         self.log = log_path.open("w")
-        argv = ["dockerd", f"--storage-driver={driver}", f"--data-root={DATA_ROOT}",
-                f"--exec-root={workdir / 'exec'}", f"--host=unix://{self.socket}",
-                f"--pidfile={workdir / 'dockerd.pid'}"]
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [
+            "dockerd",
+            f"--storage-driver={driver}",
+            f"--data-root={DATA_ROOT}",
+            f"--exec-root={workdir / 'exec'}",
+            f"--host=unix://{self.socket}",
+            f"--pidfile={workdir / 'dockerd.pid'}",
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if self.socket.exists() and self.engine.docker("info", timeout=30, check=False).returncode == 0:
+            if (
+                self.socket.exists()
+                and self.engine.docker("info", timeout=30, check=False).returncode == 0
+            ):
                 return True
             time.sleep(0.5)
         self.stop()
         return False
 
     def stop(self) -> None:
-        """SIGTERM: dockerd stops its containers and its containerd; SIGKILL to the group after 60 s."""
+        """SIGTERM: dockerd stops its containers and its containerd; SIGKILL to the group after
+        60 s."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left of the group (containerd, shims), by its id: ours alone
+        # whatever is left of the group (containerd, shims), by its id: ours alone
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
         self.proc = None
         self.log.close()

@@ -89,7 +89,8 @@ def generate(driver, prompt: str, max_tokens: int, seed: int | None = 1, model: 
     driver.find_element("id", "generate").click()
     seen = []
     # the last generated part: the one this click streams into
-    length = "const g = document.querySelectorAll('#gen-output .generated'); return g.length ? g[g.length - 1].textContent.length : 0"
+    length = ("const g = document.querySelectorAll('#gen-output .generated'); return g.length ? "
+              "g[g.length - 1].textContent.length : 0")
     deadline = time.monotonic() + 120
     while "finished" not in driver.find_element("id", "gen-status").text:
         n = driver.execute_script(length)
@@ -148,11 +149,11 @@ def models_with_hmlstm(root: Path) -> Path:
     """root/ holding links to the bundled models and a tiny random HM-LSTM character model
     (tiny-hmlstm, 3 layers of 8 cells: its boundaries are all the page can show of it)."""
     import torch
-    from server_harness import TEXT
 
     from training.data.tokenizer import train_char_tokenizer
     from training.export import export_model
     from training.models import ModelConfig, build_model
+    from training.testing.models import TEXT
 
     root.mkdir(parents=True, exist_ok=True)
     for name in ("ptb-nlstm", "mnist-nlstm"):
@@ -170,9 +171,8 @@ def screenshots(out: Path) -> list[Path]:
     a (random) HM-LSTM under scored text."""
     import tempfile
 
-    from server_harness import ServerThread
-
     from serving.engine import Limits
+    from serving.testing.inprocess import ServerThread
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +190,8 @@ def screenshots(out: Path) -> list[Path]:
             driver.save_screenshot(str(out / "playground-generate.png"))
             written.append(out / "playground-generate.png")
             score(driver, "the company said it expects to report a loss for the third quarter\n"
-                          "the stock rose N cents to $ N a share in new york stock exchange composite trading\n"
+                          "the stock rose N cents to $ N a share in new york stock exchange "
+                          "composite trading\n"
                           "qxzv jjkw the the the", "ptb-nlstm")
             driver.save_screenshot(str(out / "playground-score.png"))
             written.append(out / "playground-score.png")
@@ -215,6 +216,5 @@ def screenshots(out: Path) -> list[Path]:
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # server_harness
     for path in screenshots(Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "docs")):
         print(path)

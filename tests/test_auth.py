@@ -12,13 +12,14 @@ import grpc
 import pytest
 from certs import make_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_harness import ServerThread, export_tiny_models, wait_for
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.auth import ApiKeys, channel_credentials, peer_host, server_credentials
 from serving.engine import Limits
 from serving.limits import ServerLimits
+from serving.testing.inprocess import ServerThread, wait_for
+from training.testing.models import export_tiny_models
 
 pytest.importorskip("cryptography")
 

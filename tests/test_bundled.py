@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-import pytest
 
 MNIST = REPO / "exported" / "mnist-nlstm"
 PTB = REPO / "exported" / "ptb-nlstm"
@@ -32,8 +32,8 @@ BUNDLED_LIMIT = 30 * 2**20  # the issue's budget for all bundled models together
 ], ids=["mnist", "ptb", "poems", "mnist-int8", "ptb-int8", "poems-int8"])
 def test_bundled_models_load_without_torch_and_match_their_hashes(folder, expect):
     code = ("import sys; from serving.runtime import load_model; "
-            f"m = load_model({str(folder)!r}); print(m.meta.kind, m.meta.core, m.meta.hidden_size, m.meta.depth, "
-            "'torch' in sys.modules)")
+            f"m = load_model({str(folder)!r}); print(m.meta.kind, m.meta.core, m.meta.hidden_size, "
+            "m.meta.depth, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == expect
 

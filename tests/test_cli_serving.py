@@ -44,7 +44,8 @@ def _nlstm_without(modules, args: list[str], **kw) -> subprocess.CompletedProces
     code = _blocker(modules) + (
         "from training.cli import main\n"
         "rc = main(sys.argv[1:])\n"
-        f"print('imported:', sorted(m for m in sys.modules if m.partition('.')[0] in {set(modules)!r}))\n"
+        "print('imported:', sorted(m for m in sys.modules if m.partition('.')[0] in "
+        f"{set(modules)!r}))\n"
         "sys.exit(rc)\n"
     )
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, check=False,
@@ -187,8 +188,8 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
                              capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        f"nlstm serve: error: cannot serve metrics on port {metrics_port}: Address already in use (another "
-        "nlstm serve?); pass --metrics-port N, or -1 to turn metrics off")
+        f"nlstm serve: error: cannot serve metrics on port {metrics_port}: Address already in use "
+        "(another nlstm serve?); pass --metrics-port N, or -1 to turn metrics off")
 
 
 # -------------------------------------------------------------------------------- the clients

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.auth import ApiKeys
@@ -26,6 +25,8 @@ from serving.client import (
     Snapshot,
 )
 from serving.engine import Limits
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
 
 KEY = secrets.token_urlsafe(24)
 

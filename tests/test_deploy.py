@@ -453,7 +453,8 @@ def test_compose_replicas_share_sessions_in_redis():
     if exe is not None:
         out = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
-    from serving.store import RedisBackend, open_backend
+    from serving.store import open_backend
+    from serving.store_redis import RedisBackend
 
     assert isinstance(open_backend(store), RedisBackend)  # a URL the server takes
 

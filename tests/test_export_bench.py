@@ -1,4 +1,5 @@
-"""The ONNX inference benchmark has a smoke mode, and it runs (onnxruntime measured without torch)."""
+"""The ONNX inference benchmark has a smoke mode, and it runs (onnxruntime measured without
+torch)."""
 
 from __future__ import annotations
 

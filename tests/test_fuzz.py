@@ -1,5 +1,5 @@
-"""The server under a property-based fuzzer (hypothesis, tests/fuzzlib.py): random and malformed
-requests to every rpc, sent as raw bytes. Each must get a status code that docs/serving.md
+"""The server under a property-based fuzzer (hypothesis, serving/testing/fuzz.py): random and
+malformed requests to every rpc, sent as raw bytes. Each must get a status code that docs/serving.md
 documents for it (never INTERNAL, never UNKNOWN), and after each batch the server must still
 answer known-good requests as it did at the start. bench/fuzz.py runs thousands of them against
 a real `nlstm serve` process.
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fuzzlib import RPCS, SLOW_EXAMPLES, Fuzzer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
 from serving.servicer import MAX_DETAILS, SERVICE
+from serving.testing.fuzz import RPCS, SLOW_EXAMPLES, Fuzzer
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
 
 LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)  # small, so that random sizes reach them
 BATCHES = 100  # hypothesis examples per rpc, each a batch of 1 to 4 requests
@@ -110,3 +111,24 @@ def test_huge_names_keep_their_error_code(server, name):
     with pytest.raises(grpc.RpcError) as info:
         server.stub.CreateSession(pb.CreateSessionRequest(model="x" * 100_000))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
+
+
+def test_a_restored_position_leaves_room_to_grow(server):
+    # a forged snapshot at position 2**64 - 1 was restored, and every call on the session then
+    # failed with INTERNAL (its next position did not fit the proto's uint64), GetSession too
+    from serving import snapshot
+
+    sid = server.stub.CreateSession(pb.CreateSessionRequest(model=CHAR_MODEL)).session_id
+    server.stub.Score(pb.ScoreRequest(session_id=sid, text="the cat"))
+    s = snapshot.decode(server.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid)).data)
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    for position in (2**64 - 1, 2**63):
+        s.position = position
+        code, details, _ = raw_call(server, "RestoreSession", pb.RestoreSessionRequest(data=snapshot.encode(s))
+                                    .SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "the largest a restored session may start at" in details
+    s.position = 2**63 - 1  # the largest accepted: calls on it work
+    restored = server.stub.RestoreSession(pb.RestoreSessionRequest(data=snapshot.encode(s))).session_id
+    assert server.stub.Score(pb.ScoreRequest(session_id=restored, text="a")).position == 2**63
+    server.stub.CloseSession(pb.CloseSessionRequest(session_id=restored))
+    assert internal_errors(server) == 0

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import ServerThread, export_tiny_models, wait_for
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -28,6 +27,8 @@ from serving.limits import (
     request_bytes_needed,
 )
 from serving.settings import SERVE_RANGES, check_serve_settings
+from serving.testing.inprocess import ServerThread, wait_for
+from training.testing.models import export_tiny_models
 
 GLIMPSE = [0.5] * 49
 
@@ -82,7 +83,9 @@ def test_cli_defaults_are_in_range_and_a_bad_flag_stops_the_start(models_dir, ca
                  ["--port", "70000"], ["--max-stop-chars", "100000"]):
         assert main(["serve", "--models", str(models_dir), *argv]) == 2
         err = capsys.readouterr().err
-        assert f"{argv[0]} must be a " in err and f"got {float(argv[1]) if '.' in argv[1] or 'e' in argv[1] or argv[1] in ('nan', 'inf') else int(argv[1])!r}" in err, err
+        flag, text = argv
+        value = float(text) if "." in text or "e" in text or text in ("nan", "inf") else int(text)
+        assert f"{flag} must be a " in err and f"got {value!r}" in err, err
     assert main(["serve", "--models", str(models_dir), "--idle-timeout", "0.5"]) == 2
     assert "--idle-timeout must be a finite number in [1, 31536000] seconds, got 0.5" in capsys.readouterr().err
     monkeypatch.setenv("NLSTM_MAX_WAIT_MS", "inf")  # the environment variables go the same way
@@ -200,7 +203,7 @@ def test_bytes_of_requests_in_flight_are_bounded(models_dir):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "bytes of requests in flight" in details and f"limit is {need + 10_000} bytes" in details
         assert s.metric("nlstm_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"}) == 1
-        for event, call in zip(go_on, calls):
+        for event, call in zip(go_on, calls, strict=True):
             event.set()
             assert list(call) == []
         assert s.stub.Score(pb.ScoreRequest(model="tiny-char", text=text)).num_chars == 1000

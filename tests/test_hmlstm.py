@@ -107,10 +107,9 @@ def test_slope_schedule_and_trainer_hook():
 def test_trainer_anneals_the_slope_each_epoch(tmp_path, monkeypatch):
     """train() sets a = min(5, 1 + 0.04 * epoch) at each epoch start: 1.0, 1.04, 1.08 over the
     optimizer steps of three epochs."""
-    from trainer_data import stream_prepared
-
     from training import trainer
     from training.config import TrainConfig
+    from training.testing.data import stream_prepared
 
     built = []  # the model the trainer builds, kept so that on_step can read its slope
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.auth import ApiKeys
@@ -30,6 +29,8 @@ from serving.engine import Limits
 from serving.formats import image_to_glimpses
 from serving.limits import ServerLimits
 from serving.server import shutdown
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
 
 KEY_A, KEY_B = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
 

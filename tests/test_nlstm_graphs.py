@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_data import stream_prepared
 
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.nlstm import NestedLSTM
+from training.testing.data import stream_prepared
 from training.trainer import LAST, Trainer, train
 
 QUIET = {"log": lambda *_: None, "progress": False}

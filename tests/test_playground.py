@@ -27,9 +27,9 @@ from playground_driver import (
     score,
     start_browser,
 )
-from server_harness import ServerThread
 
 from serving.engine import Limits
+from serving.testing.inprocess import ServerThread
 
 pytestmark = pytest.mark.slow
 

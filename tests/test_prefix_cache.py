@@ -11,11 +11,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Engine, Limits
 from serving.prefix_cache import ENTRY_BYTES, NODE_BYTES, PrefixCache, Recorder
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, export_tiny_models
 
 S, H, V = 3, 8, 12  # a small state and vocabulary for the unit tests
 
@@ -422,21 +423,16 @@ def test_a_small_bound_evicts_and_still_gives_the_same_text(models_dir):
 
 # ----------------------------------------------------------------------- the flag, for real
 def test_the_flag_and_its_environment_variable_on_nlstm_serve(models_dir, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
+    from serving.testing.process import Server
     from training.cli import main as cli_main
 
     for bad in ("-1", str((1 << 20) + 1)):
         assert cli_main(["serve", "--models", str(models_dir), "--prefix-cache-mb", bad]) == 2
-    spec = importlib.util.spec_from_file_location("_server", Path(__file__).parents[1] / "bench" / "_server.py")
-    shared = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shared)
     monkeypatch.setenv("NLSTM_PREFIX_CACHE_MB", "3")
-    with shared.Server(models_dir) as server:
+    with Server(models_dir) as server:
         assert server.metric("nlstm_prefix_cache_max_bytes") == 3 << 20
         server.stop()
-    with shared.Server(models_dir, "--prefix-cache-mb", "0") as server:  # the flag wins over the variable
+    with Server(models_dir, "--prefix-cache-mb", "0") as server:  # the flag wins over the variable
         assert server.metric("nlstm_prefix_cache_max_bytes") == 0
         server.stop()
     monkeypatch.setenv("NLSTM_PREFIX_CACHE_MB", "lots")

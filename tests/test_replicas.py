@@ -8,7 +8,6 @@ lease lapses after 2 s (3 checkpoints, at least 2 s). Skips without redis-server
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import threading
 import time
@@ -16,19 +15,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import CHAR_MODEL, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
-from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
+from serving.testing.process import REPLICA_IDLE, Replica
+from training.testing.models import CHAR_MODEL, export_tiny_models
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_server", REPO / "bench" / "_server.py")
-_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench)
-
-IDLE = 5.0  # the replicas' idle timeout, seconds
-FLAGS = ("--session-checkpoint-s", "0.3", "--idle-timeout", str(IDLE), "--max-chars", "100000",
-         "--stream-interval-ms", "0", "--max-messages-per-s", "0", "--threads", "1", "--grace", "2")
+IDLE = REPLICA_IDLE
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +28,9 @@ def models_dir(tmp_path_factory) -> Path:
     return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
-class Replica:
-    """A `nlstm serve` process and a stub to it."""
-
-    def __init__(self, models_dir: Path, store: str, *flags: str) -> None:
-        self.server = _bench.Server(models_dir, "--session-store", store, *FLAGS, *flags, metrics=False)
-        self.channel = grpc.insecure_channel(self.server.target)
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.__exit__(None, None, None)
-
-
 @pytest.fixture(scope="module")
 def pair(models_dir, redis_server):
-    # started from this thread: bench/_server.py ties a server's life to the thread that starts it
+    # started from this thread: serving.testing.process ties a server's life to the thread that starts it
     replicas = [Replica(models_dir, redis_server.url)]
     replicas.append(Replica(models_dir, redis_server.url))
     yield replicas

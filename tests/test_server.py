@@ -17,12 +17,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import ServerThread, export_tiny_models
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Limits
 from serving.formats import image_to_glimpses
+from serving.testing.inprocess import ServerThread
+from training.testing.models import export_tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +311,9 @@ def test_health_and_reflection(server):
 
 
 def test_serving_never_imports_torch():
-    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, serving.http, "
-            "serving.commands; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('training')))")
+    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, "
+            "serving.http, serving.commands; print(sorted(m for m in sys.modules if m == 'torch' or "
+            "m.startswith('training')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -400,7 +401,7 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     r = server.stub.Score(pb.ScoreRequest(model="tiny-char", text=text_file.read_text(), per_char=True))
     bpc_local = float(local[0].split(", ")[2].split()[0])
     assert bpc_local == pytest.approx(r.bits_per_char, abs=1e-4)
-    for a, b in zip(served[1:], local[1:]):
+    for a, b in zip(served[1:], local[1:], strict=True):
         assert a.split("\t")[0] == b.split("\t")[0] and float(a.split("\t")[1]) == pytest.approx(
             float(b.split("\t")[1]), abs=2e-3)
     # the local backend's own mistakes: one line, exit status 2
@@ -421,7 +422,8 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     stream = list(server.stub.ClassifyGlimpses(iter(
         pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist())
         for i, g in enumerate(image_to_glimpses(images[1].astype(np.uint8))))))
-    assert lines[19] == f"glimpse 20: class {stream[-1].predicted_class} (p = {max(stream[-1].probabilities):.3f})"
+    assert lines[19] == (f"glimpse 20: class {stream[-1].predicted_class} (p = "
+                         f"{max(stream[-1].probabilities):.3f})")
     assert cli_main(["classify", *target, "--model", "tiny-mnist", "--index", "3",
                      "--data-dir", str(tmp_path)]) == 2
     assert "image index must be in [0, 3)" in capsys.readouterr().err

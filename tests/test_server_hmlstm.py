@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_harness import TEXT, ServerThread
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
 from serving.formats import Tokenizer, start_id
+from serving.testing.inprocess import ServerThread
 from training.data.tokenizer import train_char_tokenizer
 from training.export import export_model
 from training.models import ModelConfig, build_model
+from training.testing.models import TEXT
 
 HM_MODEL, NLSTM_MODEL, LAYERS, H = "tiny-hmlstm", "tiny-nlstm", 3, 8
 PHRASE = "the cat sat on the mat\na dog ran in the park\nwe saw"
@@ -20,7 +21,7 @@ PHRASE = "the cat sat on the mat\na dog ran in the park\nwe saw"
 
 @pytest.fixture(scope="module")
 def hm_model():
-    """A random 3-layer HM-LSTM char model over server_harness's vocabulary; its seed gives
+    """A random 3-layer HM-LSTM char model over training.testing.models' vocabulary; its seed gives
     boundaries of both values on both detectors over PHRASE (and UPDATE, COPY and FLUSH)."""
     torch.manual_seed(0)
     tok = train_char_tokenizer(TEXT, newline=True)
@@ -34,7 +35,8 @@ def server(tmp_path_factory, hm_model):
     root = tmp_path_factory.mktemp("exported")
     model, tokenizer = hm_model
     export_model(model, root / HM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")
-    # a model without boundary detectors beside it (an NLSTM, as server_harness's CHAR_MODEL)
+    # a model without boundary detectors beside it (an NLSTM, as training.testing.models'
+    # CHAR_MODEL)
     nlstm = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=H, depth=2,
                                     vocab_size=model.config.vocab_size))
     export_model(nlstm.eval(), root / NLSTM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")
@@ -70,7 +72,7 @@ def test_boundaries_continue_across_a_session(server, hm_model):
     a = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[:17], per_char=True))
     b = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[17:], per_char=True))
     stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id))
-    assert [x + y for x, y in zip(a.boundaries, b.boundaries)] == torch_boundaries(hm_model, PHRASE)
+    assert [x + y for x, y in zip(a.boundaries, b.boundaries, strict=True)] == torch_boundaries(hm_model, PHRASE)
 
 
 def test_no_boundaries_without_per_char_or_a_boundary_detector(server):

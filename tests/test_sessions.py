@@ -19,16 +19,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_harness import CHAR_MODEL, GLIMPSE_MODEL, TEXT, ServerThread, export_tiny_models
 
 from serving import snapshot
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Engine, Limits
 from serving.formats import image_to_glimpses
+from serving.requests import GenerateParams
 from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
 from serving.server import shutdown
+from serving.testing.inprocess import ServerThread
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT, export_tiny_models
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 LIMITS = {"max_chars": 4000, "max_text": 100_000, "max_wait": 0.005, "stream_interval": 0.0,
@@ -189,6 +191,44 @@ def test_cancelled_generate_keeps_exactly_the_characters_sent(models_dir, cache_
         s.close()
 
 
+def test_a_slow_reader_at_50_ms_keeps_what_the_server_sent(models_dir):
+    """The default interval (--stream-interval-ms 50) and a reader slower than it, so that
+    messages coalesce: after a cancel, the session holds the prompt and the characters of the
+    messages the server sent (the .proto's header): those the client received and, when a
+    message was already handed to gRPC as the cancel came, that message's too. With a reader
+    this slow that is nearly always so (the next message waits in the client's buffers while it
+    sleeps: 3 of 3 cancels here on 2026-12-02), so the position is at least what the client
+    received, not equal to it. The same seeded Generate, not cancelled and cut to the session's
+    position, makes the text the session holds: it starts with what the client received, and
+    the session's state is the one that text makes (GetSession tells the client how much more).
+    """
+    s = ServerThread(models_dir, Limits(**dict(LIMITS, stream_interval=0.05, max_chars=100_000)))
+    try:
+        stub, prompt = s.stub, "the cat "
+        for k in (1, 2, 3):
+            sid = sid_of(stub)
+            stream = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=100_000,
+                                                      temperature=1.0, seed=10 + k))
+            received = ""
+            for _ in range(k):
+                m = next(stream)
+                received += m.text
+                assert m.position == len(prompt) + len(received)
+                time.sleep(0.12)  # slower than the interval: the next message coalesces
+            stream.cancel()
+            kept = settled(stub, sid).position - len(prompt)
+            assert kept >= len(received) > 0
+            text, _ = generate(stub, model=CHAR_MODEL, prompt=prompt, max_chars=kept, temperature=1.0, seed=10 + k)
+            assert text.startswith(received) and len(text) == kept
+            check = sid_of(stub)
+            score_bits(stub, check, prompt + text)
+            assert score_bits(stub, sid, "the mat") == pytest.approx(score_bits(stub, check, "the mat"), rel=1e-6)
+            for x in (sid, check):
+                stub.CloseSession(pb.CloseSessionRequest(session_id=x))
+    finally:
+        s.close()
+
+
 def test_a_drained_generate_keeps_what_its_last_message_carried(models_dir):
     """On SIGTERM's drain a running Generate ends with a FINISH_REASON_CANCELLED message that
     carries every character made; the session keeps them all, at that message's position."""
@@ -264,7 +304,7 @@ def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
     sid = sid_of(stub)
 
     async def stuck():
-        chars = engine.generate(CHAR_MODEL, sid, "the", 4000, 1.0, 0, 0.0, 1, [], False)
+        chars = engine.generate(GenerateParams(CHAR_MODEL, sid, "the", 4000, temperature=1.0, seed=1))
         first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
         # one message per character meanwhile (interval 0, no budget), all waiting: let the
         # stream run to its end, then let the event loop take every message posted (each one

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from server_harness import ServerThread, export_tiny_models
 from test_sessions import (  # noqa: F401 - collected here, with this module's fixtures
     LIMITS,
     test_a_cancelled_glimpse_stream_keeps_the_glimpses_answered,
@@ -19,6 +18,8 @@ from test_sessions import (  # noqa: F401 - collected here, with this module's f
 )
 
 from serving.engine import Limits
+from serving.testing.inprocess import ServerThread
+from training.testing.models import export_tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from serving.store import (
     LEASE_LOST,
     SAVED,
     FileBackend,
-    RedisBackend,
     StoreUnavailable,
     open_backend,
 )
+from serving.store_redis import RedisBackend
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -292,17 +292,127 @@ def test_serve_session_store_flags_and_environment(monkeypatch, tmp_path, capsys
     assert "--session-checkpoint-s must be a finite number in [0.05, 600] seconds" in capsys.readouterr().err
 
 
-def test_owners_need_the_memory_store(tmp_path):
-    """Sessions in a shared store carry no owner yet: API keys and a per-client session bound
-    are refused with one (at start, with a message saying why), not silently ignored."""
-    import asyncio
+# ------------------------------------------------------------- owners and per-client bounds
+class As:
+    """A stand-in for serving.auth.current_caller: whoever `who` is set to is calling."""
 
-    from serving.auth import ApiKeys
-    from serving.engine import Engine, Limits
-    from serving.server import build_server
+    def __init__(self, client="", private=False):
+        self.client, self.private = client, private
 
-    with pytest.raises(ValueError, match="max_sessions_per_client is not supported with a shared session store"):
-        Engine({}, Limits(max_sessions_per_client=2), session_store=f"file:{tmp_path}")
-    keys = ApiKeys(["k" * 32])
-    with pytest.raises(ValueError, match="API keys need the memory session store"):
-        asyncio.run(build_server({}, port=0, host="localhost", api_keys=keys, session_store=f"file:{tmp_path}"))
+    def __call__(self):
+        return self
+
+
+def twin(backend):
+    """Another client of the same store: as another replica (Redis) or process (file) opens it."""
+    return FileBackend(backend.root) if isinstance(backend, FileBackend) else RedisBackend(backend.url)
+
+
+def test_a_clients_count_is_atomic_shared_and_freed_by_close_and_expiry(backend):
+    other = twin(backend)
+    try:
+        assert backend.put("a1", b"x", 60, "key:a", limit=2) and other.put("a2", b"x", 60, "key:a", limit=2)
+        assert not backend.put("a3", b"x", 60, "key:a", limit=2) and not other.put("a3", b"x", 60, "key:a", limit=2)
+        assert backend.get("a3") is None  # refused: nothing written
+        assert other.put("b1", b"x", 60, "key:b", limit=2)  # the bound is per client
+        assert other.put("a3", b"x", 60, "key:a")  # limit 0: no bound, still counted
+        assert (backend.held("key:a"), other.held("key:b"), backend.held("key:c")) == (3, 1, 0)
+        assert backend.delete("a3", "key:a") and backend.held("key:a") == 2
+        assert other.delete("a2", "key:a")  # closed on the other replica frees the slot here
+        assert backend.put("a4", b"x", 60, "key:a", limit=2) and not backend.put("a5", b"x", 60, "key:a", limit=2)
+        # expiry frees a slot; a write (a call's commit) keeps its session counted past its first ttl
+        backend.put("short", b"x", 0.4, "key:e")
+        backend.put("kept", b"x", 0.4, "key:e")
+        assert backend.acquire("kept", "call", 5)
+        time.sleep(0.2)
+        assert backend.commit("kept", "call", b"y", 0.8, None, "key:e") == SAVED
+        assert not backend.put("e3", b"x", 60, "key:e", limit=2)
+        time.sleep(0.35)
+        assert backend.held("key:e") == 1 and other.put("e3", b"x", 60, "key:e", limit=2)
+        assert not other.put("e4", b"x", 60, "key:e", limit=2)
+        time.sleep(0.5)
+        backend.expire()
+        assert backend.held("key:e") == 1 and backend.put("e4", b"x", 60, "key:e", limit=2)
+    finally:
+        other.close()
+
+
+def test_creates_racing_for_the_last_slots_take_only_those(backend):
+    import threading
+
+    clients = [twin(backend) for _ in range(8)]
+    barrier, won = threading.Barrier(len(clients)), []
+
+    def create(i, b):
+        barrier.wait()
+        if b.put(f"race{i}", b"x", 60, "key:r", limit=3):
+            won.append(i)
+
+    threads = [threading.Thread(target=create, args=(i, b)) for i, b in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for b in clients:
+        b.close()
+    assert len(won) == 3 and backend.held("key:r") == 3
+
+
+def test_sessions_belong_to_their_owner_in_a_shared_store(backend):
+    caller = As("key:aaaa", private=True)
+    store = durable(backend, caller=caller, key=b"k" * 16, max_per_client=2)
+    replica = durable(backend, caller=caller, key=b"k" * 16, max_per_client=2)  # another replica
+    mine = store.create("m", np.zeros((2, 3), np.float32), position=4)
+    assert mine.owner == "key:aaaa" and replica.get(mine.session_id).owner == "key:aaaa"
+    caller.client = "key:bbbb"  # another key: as if the id did not exist, on every replica
+    for s in (store, replica):
+        for op in (s.acquire, s.get, s.delete):
+            with pytest.raises(SessionNotFound, match="closed or expired"):
+                op(mine.session_id)
+    theirs = replica.create("m", np.zeros((2, 3), np.float32))
+    held = replica.acquire(theirs.session_id)
+    caller.client = "key:aaaa"
+    with pytest.raises(SessionNotFound):  # not ABORTED: a busy session of another key is not found either
+        store.acquire(theirs.session_id)
+    caller.client = "key:bbbb"
+    replica.release(held)
+    caller.client = "key:aaaa"
+    held = store.acquire(mine.session_id)
+    held.position = 9
+    store.release(held)  # a call's write keeps the owner
+    assert replica.get(mine.session_id).owner == "key:aaaa" and store.held_by("key:aaaa") == 1
+    store.create("m", np.zeros((2, 3), np.float32))
+    with pytest.raises(TooManySessions, match="per-client session limit is 2"):
+        replica.create("m", np.zeros((2, 3), np.float32))
+    store.delete(mine.session_id)
+    replica.create("m", np.zeros((2, 3), np.float32))
+    # without keys (not private) every caller sees every session; the owner still counts
+    open_store = durable(backend, caller=As("peer:ipv4:10.0.0.9"), key=b"k" * 16)
+    look = open_store.get(theirs.session_id)
+    assert look.owner == "key:bbbb" and look.position == 0
+
+
+def test_records_without_an_owner_still_load(backend):
+    """A session written by a server before owners were recorded is a bare snapshot: it loads,
+    with no owner, for servers without keys, and is found by no key."""
+    from serving import snapshot
+    from serving.durable import RECORD_MAGIC, decode_record, encode_record
+
+    old = snapshot.encode(snapshot.SessionState("m", "a" * 64, 5, np.ones((2, 3), np.float32), None))
+    backend.put("legacy", old, 60)
+    assert durable(backend).get("legacy").owner == "" and durable(backend).get("legacy").position == 5
+    with pytest.raises(SessionNotFound):
+        durable(backend, caller=As("key:aaaa", private=True)).acquire("legacy")
+    held = durable(backend).acquire("legacy")
+    durable(backend).release(held)
+    assert backend.get("legacy") == old  # an ownerless session is written as it was (main reads it)
+    # an owned record: its owner and snapshot bound by a digest (an HMAC under the snapshot key)
+    record = encode_record("key:aaaa", old, b"k" * 16)
+    assert record.startswith(RECORD_MAGIC) and decode_record(record, b"k" * 16) == ("key:aaaa", old)
+    moved = record.replace(b"key:aaaa", b"key:bbbb")
+    for bad in (moved, record[:-1], record[:20], record[:8] + b"\x07\x00" + record[10:]):
+        with pytest.raises(snapshot.SnapshotInvalid):
+            decode_record(bad, b"k" * 16)
+    backend.put("moved", moved, 60)
+    with pytest.raises(SessionCorrupt, match="cannot be read"):
+        durable(backend, key=b"k" * 16).get("moved")

@@ -1,6 +1,6 @@
 """The trainer on small synthetic data: metrics, checkpoints, exact resume, config overrides.
 
-Runs use tests/trainer_data.py's tiny datasets (a character stream, padded sequences, glimpse
+Runs use training/testing/data.py's tiny datasets (a character stream, padded sequences, glimpse
 sequences) in place of training.data.load, and models of 8-16 cells: each run takes a second or
 two on the CPU.
 """
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_data import glimpses_prepared, sequences_prepared, stream_prepared
 
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import (
@@ -31,6 +30,7 @@ from training.config import (
     load_config,
     model_config_for,
 )
+from training.testing.data import glimpses_prepared, sequences_prepared, stream_prepared
 from training.trainer import BEST, LAST, METRICS, figures, read_metrics, train
 
 QUIET = dict(log=lambda *_: None, progress=False)

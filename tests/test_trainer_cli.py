@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_data import glimpses_prepared, stream_prepared
 
 from training.checkpoint import load_checkpoint
 from training.cli import build_parser, main
 from training.config import TrainConfig
 from training.plots import cell_activations, plot_runs, visualize_checkpoint
+from training.testing.data import glimpses_prepared, stream_prepared
 from training.trainer import BEST, LAST, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """DistributedDataParallel on the CPU: two processes under torchrun with the gloo backend.
 
-Two launches of a worker script train a tiny NLSTM on tests/trainer_data.py's synthetic stream:
+Two launches of a worker script train a tiny NLSTM on training/testing/data.py's synthetic stream:
 the first through `train()` (which joins and leaves the process group itself, as `nlstm train`
 does under torchrun) until max_steps; the second resumes it through a `Trainer` in a group the
 script holds, so that each rank can save the weights it ends with. Both ranks must hold the same
@@ -14,27 +14,22 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from trainer_data import stream_prepared
 
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
+from training.testing.data import stream_prepared
 from training.trainer import LAST, read_metrics, train
-
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 
 WORKER = textwrap.dedent(
     """
     import os, sys
     from dataclasses import replace
     from pathlib import Path
-    sys.path[:0] = [sys.argv[2], sys.argv[3]]
     import torch, torch.distributed as dist
-    from trainer_data import stream_prepared
+    from training.testing.data import stream_prepared
     from training.config import TrainConfig
     from training.trainer import Trainer, dist_from_env, train
 
@@ -43,7 +38,7 @@ WORKER = textwrap.dedent(
     prepared = stream_prepared(root / f"data{rank}", n_train=6000, n_eval=800)
     cfg = TrainConfig(**eval(os.environ["TEST_CONFIG"]))
     quiet = dict(log=lambda *_: None, progress=False)
-    if sys.argv[4] == "first":  # as `nlstm train` under torchrun: train() joins the group
+    if sys.argv[2] == "first":  # as `nlstm train` under torchrun: train() joins the group
         train(replace(cfg, max_steps=37), root / "run", prepared=prepared, **quiet)
         assert not dist.is_initialized()  # and leaves it
     else:  # relaunched: resume, and keep each rank's final weights
@@ -68,7 +63,7 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
     env = {**os.environ, "TEST_CONFIG": repr(CONFIG), "OMP_NUM_THREADS": "1"}
     for part in ("first", "resume"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), str(tmp_path), str(TESTS), str(REPO), part]
+               "--nproc_per_node=2", str(script), str(tmp_path), part]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

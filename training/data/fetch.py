@@ -26,7 +26,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-DATA_DIR_ENV = "NLSTM_DATA_DIR"
+# defined on the serving side, whose `nlstm classify` reads the MNIST files there too; the data
+# pipeline and the tests import default_data_dir from here
+from serving.formats import DATA_DIR_ENV, default_data_dir  # noqa: F401
+
 _CHUNK = 1 << 20
 
 
@@ -64,15 +67,6 @@ class RawFile:
         if self.sha256:
             return f"sha256 {self.sha256}"
         return f"size {self.size:,} bytes" if self.size is not None else "a content check"
-
-
-def default_data_dir() -> Path:
-    """$NLSTM_DATA_DIR, else a per-user cache folder ($XDG_CACHE_HOME or ~/.cache)/nlstm/raw."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "nlstm" / "raw"
 
 
 def show_progress() -> bool:

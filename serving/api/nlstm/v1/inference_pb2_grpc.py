@@ -135,7 +135,8 @@ class InferenceServicer:
         """A new session (new id) holding a snapshot's state, model and position; it continues exactly
         as the snapshotted session would (the same seed gives the same text). INVALID_ARGUMENT for
         data that is truncated, corrupt, too large for this server's models, of another format
-        version, holds non-finite values, or (when the server has a snapshot key) whose HMAC is
+        version, holds non-finite values, a position past 2**63 - 1 (no room left to grow in a
+        uint64; no real session gets there), or (when the server has a snapshot key) whose HMAC is
         missing or does not verify; FAILED_PRECONDITION for a snapshot of a model this server does
         not run or of another export of it (other weights); RESOURCE_EXHAUSTED when the server holds
         its maximum of sessions.

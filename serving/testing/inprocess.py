@@ -1,8 +1,6 @@
-"""What the server tests and the fuzzer share: tiny random models exported with torch, and an
-in-process server on port 0 with sync stubs.
-
-tests/test_server.py and tests/test_fuzz.py use both; bench/fuzz.py exports the tiny models
-with `export_tiny_models` when run with --tiny.
+"""An in-process server for tests: `ServerThread` runs build_server on port 0 in an asyncio
+loop of its own thread, and tests talk to it with sync stubs; `wait_for` polls a condition.
+No torch (the models it serves come from a folder: training.testing exports tiny ones).
 """
 
 from __future__ import annotations
@@ -15,32 +13,8 @@ from pathlib import Path
 import grpc
 
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.engine import Limits
+from serving.limits import Limits
 from serving.server import build_server, load_models, shutdown
-
-# the tiny character model's training text: its vocabulary is these characters and the newline
-TEXT = ["the cat sat on the mat", "a dog ran in the park", "we saw the stars at night"]
-CHAR_MODEL, GLIMPSE_MODEL = "tiny-char", "tiny-mnist"
-
-
-def export_tiny_models(root: Path) -> Path:
-    """Export two random models under `root` and return it: CHAR_MODEL (NLSTM 16 cells, depth
-    2, a PTB-style tokenizer of TEXT) and GLIMPSE_MODEL (NLSTM 8 cells, depth 2, MNIST)."""
-    import torch
-
-    from training.data.tokenizer import train_char_tokenizer
-    from training.export import export_model
-    from training.models import ModelConfig, build_model
-
-    root = Path(root)
-    torch.manual_seed(0)
-    tok = train_char_tokenizer(TEXT, newline=True)
-    char = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=16, depth=2, vocab_size=tok.vocab_size))
-    export_model(char.eval(), root / CHAR_MODEL, task="ptb", tokenizer=tok.model_proto,
-                 metrics={"valid_bpc": 3.0}, sequence="never")
-    glimpse = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
-    export_model(glimpse.eval(), root / GLIMPSE_MODEL, task="mnist", tokenizer=None, sequence="never")
-    return root
 
 
 class ServerThread:

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the gRPC server (hypothesis): a request strategy for every rpc, with
 mostly-invalid fields mixed with valid ones, and a checker that knows from docs/serving.md which
-status codes each request may get.
+status codes each request may get. Needs hypothesis (the dev extra).
 
 tests/test_fuzz.py runs a bounded number of examples against an in-process server and
 bench/fuzz.py thousands against a real `nlstm serve` process; both send each request with
@@ -15,6 +15,14 @@ bytes with the protobuf library the server uses, to know what the server saw: by
 parse must get INVALID_ARGUMENT, the rest the codes their fields call for. The fuzzer sends one
 request at a time, so ABORTED (two calls on one session) and UNAVAILABLE (a draining server)
 are never right.
+
+RestoreSession gets real snapshots of the server's models (made once, at the start), mutated:
+bits flipped, bytes cut, spliced in or appended, or the snapshot decoded, a field changed (the
+model, its export identity, the position up to 2**64 - 1, the state's shape, NaN in the state)
+and encoded again with a valid checksum; and random bytes of every size up to past the receive
+limit. The checker reads what the server saw with serving/snapshot.py's decoder and the
+identities the real snapshots carry, so it knows which of INVALID_ARGUMENT, FAILED_PRECONDITION
+and OK each must get.
 """
 
 from __future__ import annotations
@@ -33,14 +41,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+from serving import snapshot
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-from serving.engine import Limits
-from serving.limits import request_bytes_needed
+from serving.limits import Limits, request_bytes_needed
 from serving.servicer import SERVICE
 
 METHODS = pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name
-RPCS = ("ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses")
+RPCS = ("ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses",
+        "GetSession", "SnapshotSession", "RestoreSession", "ForkSession")
+SESSION_RPCS = ("GetSession", "SnapshotSession", "ForkSession")  # a session id, and nothing else
 OK, IA, NF, FP, RE = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"
 # what valid texts are made of; other characters are the unknown symbol (counted, still valid)
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
@@ -61,6 +71,50 @@ class SessionRef:
     a live session's id with its last character changed."""
 
     kind: str
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """Snapshot bytes chosen when the request is sent: the real snapshot of a model of `kind`
+    ("char", "glimpse"), changed by `mutation` (see `mutate`)."""
+
+    kind: str
+    mutation: tuple = ()
+
+
+def mutate(data: bytes, mutation: tuple) -> bytes:
+    """`data` changed by `mutation`: ("flip", i, bit), ("cut", n: bytes off the end), ("head", n:
+    the first n bytes), ("splice", i, bytes), ("pad", bytes), ("zeros", n), or ("field", name, value): decoded,
+    the field set, encoded again (unsigned, a valid checksum); () leaves it as it is."""
+    if not mutation:
+        return data
+    op, *args = mutation
+    if op == "flip":
+        i = args[0] % len(data)
+        return data[:i] + bytes([data[i] ^ (1 << args[1])]) + data[i + 1:]
+    if op == "cut":
+        return data[:max(0, len(data) - args[0])]
+    if op == "head":
+        return data[:args[0]]
+    if op == "splice":
+        i = args[0] % (len(data) + 1)
+        return data[:i] + args[1] + data[i:]
+    if op == "pad":
+        return data + args[0]
+    if op == "zeros":
+        return data + b"\0" * args[0]
+    s = snapshot.decode(data)
+    name, value = args
+    if name == "state_columns":  # a state of another shape
+        s.state = np.resize(s.state, (s.state.shape[0], value))
+    elif name == "nan":
+        s.state = s.state.copy()
+        s.state.flat[value % s.state.size] = np.nan
+    elif name == "logits":
+        s.logits = None if value is None else np.full(value, 0.5, np.float32)
+    else:
+        setattr(s, name, value)
+    return snapshot.encode(s)
 
 
 @dataclass(frozen=True)
@@ -115,14 +169,15 @@ def _field(number: int, ftype: int | None, value) -> bytes:
     return _varint(number << 3) + _varint(int(value))
 
 
-def encode(message: Message, descriptor, resolve: Callable[[SessionRef], str]) -> bytes:
-    """The bytes of one message of type `descriptor`, each SessionRef replaced by resolve(ref)."""
+def encode(message: Message, descriptor, resolve: Callable[[SessionRef | SnapshotRef], str | bytes]) -> bytes:
+    """The bytes of one message of type `descriptor`, each SessionRef or SnapshotRef replaced by
+    resolve(ref)."""
     if isinstance(message, bytes):
         return message
     out = b""
     for name, value in message.items:
         f = descriptor.fields_by_name[name] if isinstance(name, str) else None
-        if isinstance(value, SessionRef):
+        if isinstance(value, (SessionRef, SnapshotRef)):
             value = resolve(value)
         out += _field(f.number if f else name, f.type if f else None, value)
     return out[: max(0, len(out) - message.cut)] + message.tail
@@ -263,9 +318,41 @@ def requests(rpc: str, target: Target) -> st.SearchStrategy:
         )
     elif rpc == "ClassifyGlimpses":
         return _glimpse_streams(glimpse or names[0], model_junk, session_junk)
+    elif rpc in SESSION_RPCS:
+        refs = [SessionRef("live")] + ([SessionRef("other")] if char and glimpse else [])
+        fields = _message({"session_id": st.sampled_from(refs)}, {"session_id": session_junk})
+    elif rpc == "RestoreSession":
+        kinds = sorted(set(target.models.values()))
+        limit = request_bytes_needed(lim.max_text, lim.max_stop, lim.max_stop_chars)
+        fields = _message({"data": st.builds(SnapshotRef, st.sampled_from(kinds), _mutations(names))},
+                          {"data": _junk((limit - 64, limit + 1)) | st.binary(min_size=100, max_size=20_000)})
     else:
         raise ValueError(f"no rpc {rpc!r}; the rpcs are {RPCS}")
     return _mostly(fields)
+
+
+def _mutations(names: list[str]) -> st.SearchStrategy:
+    """How a real snapshot is changed (see `mutate`): 1 in 4 not at all."""
+    hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
+    field = st.one_of(
+        st.tuples(st.just("model"), st.sampled_from(names) | st.sampled_from(["nope", "x" * 300]) | st.text(min_size=1)),
+        st.tuples(st.just("model_id"), hexes),
+        # positions at the edges (a real snapshot's is small)
+        st.tuples(st.just("position"), st.sampled_from([(1 << 64) - 1, 1 << 63, (1 << 63) - 1, 0])),
+        st.tuples(st.just("state_columns"), st.integers(1, 64)),
+        st.tuples(st.just("nan"), st.integers(0, 1 << 20)),
+        st.tuples(st.just("logits"), st.none() | st.integers(1, 300)),
+    ).map(lambda t: ("field", *t))
+    return st.one_of(
+        st.just(()),
+        st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(0, 7)),
+        st.tuples(st.just("cut"), st.integers(1, 200)),
+        st.tuples(st.just("head"), st.integers(0, 100)),
+        st.tuples(st.just("splice"), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=64)),
+        st.tuples(st.just("pad"), st.binary(min_size=1, max_size=64)),
+        st.tuples(st.just("zeros"), st.sampled_from([1000, 30_000])),  # past the server's bound
+        field,
+    )
 
 
 def _glimpses() -> tuple[st.SearchStrategy, st.SearchStrategy]:
@@ -328,6 +415,22 @@ class Fuzzer:
         self.live: dict[str, str] = {}  # session id -> model: the sessions open now
         self.stale = self._create(min(self.target.models))
         self._close(self.stale)
+        # per kind, a real snapshot of its first model (a session that took in some input);
+        # per model snapshotted, (export identity, state shape, logits size) as it says
+        self.snaps: dict[str, bytes] = {}
+        self.exports: dict[str, tuple[str, tuple, int | None]] = {}
+        for kind in sorted(set(self.target.models.values())):
+            sid = self._create(self.target.first(kind))
+            if kind == "char":
+                self.stub.Score(pb.ScoreRequest(session_id=sid, text=GOOD_TEXT), timeout=timeout)
+            else:
+                list(self.stub.ClassifyGlimpses(iter([pb.GlimpseRequest(session_id=sid, pixels=GLIMPSES[0])]),
+                                                timeout=timeout))
+            self.snaps[kind] = self.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid),
+                                                         timeout=timeout).data
+            self._close(sid)
+            s = snapshot.decode(self.snaps[kind])
+            self.exports[s.model] = (s.model_id, s.state.shape, None if s.logits is None else s.logits.size)
         self._calls = {}
         for rpc in RPCS:
             method, path = METHODS[rpc], f"/{SERVICE}/{rpc}"
@@ -361,7 +464,7 @@ class Fuzzer:
                 allowed, answers = {RE}, oversized
             code, details, received = self._call(rpc, wire)
             out = [getattr(pb, method.output_type.name).FromString(r) for r in received]
-            if code == OK and rpc == "CreateSession":
+            if code == OK and rpc in ("CreateSession", "ForkSession", "RestoreSession"):
                 self.live[out[0].session_id] = out[0].model
                 opened.append(out[0].session_id)
             if code == OK and rpc == "CloseSession" and parsed[0] is not None:
@@ -424,7 +527,9 @@ class Fuzzer:
         self.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=self.timeout)
         del self.live[sid]
 
-    def _resolve(self, ref: SessionRef, kind: str, opened: list[str]) -> str:
+    def _resolve(self, ref: SessionRef | SnapshotRef, kind: str, opened: list[str]) -> str | bytes:
+        if isinstance(ref, SnapshotRef):
+            return mutate(self.snaps[ref.kind], ref.mutation)
         if ref.kind == "stale":
             return self.stale
         t = self.target
@@ -487,6 +592,12 @@ class Fuzzer:
         elif rpc == "Score":
             errors = {IA} if not m.text else {RE} if len(m.text) > lim.max_text else set()
             errors |= self._open_errors(m.model, m.session_id, "char")
+        elif rpc in SESSION_RPCS:
+            errors = {IA} if not m.session_id else set() if m.session_id in self.live else {NF}
+            errors |= {RE} if not errors and rpc == "ForkSession" and len(self.live) >= lim.max_sessions else set()
+        elif rpc == "RestoreSession":
+            codes = self._restore_codes(m.data)
+            return codes | ({RE} if OK in codes and len(self.live) >= lim.max_sessions else set()), 1
         else:  # Generate
             bad = (not 1 <= m.max_chars <= lim.max_chars or not math.isfinite(m.temperature) or m.temperature < 0
                    or not 0 <= m.top_p <= 1 or len(m.stop) > lim.max_stop or "" in m.stop
@@ -496,6 +607,28 @@ class Fuzzer:
         if errors:
             return errors, 0
         return {OK}, 0 if rpc == "Generate" else 1
+
+    def _restore_codes(self, data: bytes) -> set[str]:
+        """The codes RestoreSession may answer for `data` (docs/serving.md, "Snapshot, restore,
+        fork"), from what the real snapshots said of their exports."""
+        if not data:
+            return {IA}
+        # larger than the largest snapshot of the models known here: the server's bound (over
+        # all its models) may refuse it before reading it
+        largest = max(snapshot.max_size(shape, logits or 0) for _, shape, logits in self.exports.values())
+        bound = {IA} if len(data) > largest else set()
+        try:
+            s = snapshot.decode(data)
+        except snapshot.SnapshotInvalid:
+            return {IA}
+        if s.model not in self.exports:  # not served, or served under another export
+            return {FP} | bound
+        model_id, shape, logits = self.exports[s.model]
+        if s.model_id != model_id:
+            return {FP} | bound
+        if s.state.shape != shape or (s.logits is not None and s.logits.size != (logits or s.logits.size)):
+            return {IA}
+        return ({IA} if s.position >= 1 << 63 else {OK}) | bound
 
     def _expect_glimpses(self, parsed: list) -> tuple[set[str], int]:
         name = ""
@@ -522,6 +655,8 @@ class Fuzzer:
         if rpc == "Generate":
             return self._check_generate(parsed[0], out) if code == OK else (
                 f"Generate failed with {code} after {len(out)} messages" if out else None)
+        if rpc != "ClassifyGlimpses":
+            answers = int(code == OK)  # a unary call: its answer, or its status
         if len(out) != answers and not (code == RE and rpc == "ClassifyGlimpses" and len(out) < answers):
             # (a stream refused by gRPC for a message too large may lose the answers in flight)
             return f"{rpc} answered {len(out)} messages before {code}, expected {answers}"
@@ -536,7 +671,28 @@ class Fuzzer:
             return f"CreateSession answered {r}"
         if rpc == "Score":
             return self._check_score(m, r)
+        if rpc in SESSION_RPCS or rpc == "RestoreSession":
+            return self._check_session(rpc, m, r)
         return None
+
+    def _check_session(self, rpc: str, m, r) -> str | None:
+        """A fuzzed session is fresh (position 0, idle); a restored one is the snapshot's."""
+        if rpc == "RestoreSession":
+            s = snapshot.decode(m.data)
+            want = (s.model, s.position)
+        else:
+            want = (self.live[m.session_id], 0)
+        got = (r.model, r.position)
+        if rpc == "SnapshotSession":
+            s = snapshot.decode(r.data)
+            if (s.model, s.position) != want:
+                return f"SnapshotSession's data says {(s.model, s.position)}, expected {want}"
+        elif rpc == "GetSession" and (r.session_id != m.session_id or r.in_use or r.idle_timeout_seconds < 1):
+            return f"GetSession answered {r}"
+        elif rpc in ("ForkSession", "RestoreSession") and (r.session_id in (getattr(m, "session_id", ""), "")
+                                                           or r.in_use):
+            return f"{rpc} answered {r}"
+        return None if got == want else f"{rpc} answered model and position {got}, expected {want}"
 
     @staticmethod
     def _check_score(m, r) -> str | None:

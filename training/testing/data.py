@@ -1,4 +1,5 @@
-"""Small synthetic datasets shaped like training.data's prepared tasks, for the trainer's tests.
+"""Small synthetic datasets shaped like training.data's prepared tasks, for the trainer's tests
+(and bench/gpu_check.py's smoke stage).
 
 Each helper returns a `training.data.Prepared` that `training.trainer.train(..., prepared=...)`
 accepts in place of `training.data.load(task)`: a character stream (like PTB), padded
