@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from serving.files import replace_file
+
 DATA_DIR_ENV = "NLSTM_DATA_DIR"
 _CHUNK = 1 << 20
 
@@ -269,5 +271,4 @@ def _install(raw: RawFile, tmp: Path, final: Path) -> None:
     except ChecksumError as exc:
         tmp.unlink(missing_ok=True)
         raise ChecksumError(f"downloaded file rejected and deleted: {exc}") from None
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; raw data is not
-    os.replace(tmp, final)
+    replace_file(tmp, final, 0o644)  # mkstemp makes files private; raw data is not
