@@ -275,7 +275,8 @@ def test_auto_ships_the_sequence_graph_only_when_it_measured_faster(tok, tmp_pat
 def test_a_failed_timing_ships_the_sequence_graph_only_when_asked_to(tok, tmp_path, monkeypatch):
     import training.export as export
 
-    monkeypatch.setattr(export, "TIMING_SCRIPT", "import sys; sys.exit('no timing here')")
+    # the timing program fails: its command line replaced by one that exits with a message
+    monkeypatch.setattr(export, "TIMING_COMMAND", [sys.executable, "-c", "import sys; sys.exit('no timing here')"])
     model = make_model(tok, kind="glimpse", core="lstm")
     auto = export_model(model, tmp_path / "auto", task="t", tokenizer=None)
     t = auto.sequence_timing
