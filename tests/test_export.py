@@ -69,7 +69,8 @@ CASES = [(name, kind) for name in CORES for kind in ("char", "glimpse")]
 
 @pytest.fixture(scope="module")
 def graphs(tok):
-    """Step graphs exported once per case (export takes a second or two)."""
+    """Step graphs exported once per case (1-3 s of CPU time each: 0.7 s for an LSTM, 2.7 s for
+    an HM-LSTM, measured with one torch thread)."""
     cache = {}
 
     def get(name, kind):
