@@ -33,9 +33,22 @@ import grpc
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.client_types import (  # the results and settings are part of this module's interface
-    FINISH, TLS, Glimpse, ModelInfo, ScoreResult, ServerError, SessionInfo, Snapshot, generate_request,
-    glimpse_of, glimpse_requests, model_info_of, score_of, session_info_of,
+    FINISH,
+    TLS,
+    Glimpse,
+    ModelInfo,
+    ScoreResult,
+    ServerError,
+    SessionInfo,
+    Snapshot,
+    generate_request,
+    glimpse_of,
+    glimpse_requests,
+    model_info_of,
+    score_of,
+    session_info_of,
 )
+
 
 class _Received:
     """What a Generate call has received so far: the state Generation and AsyncGeneration

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
+from serving.files import atomic_write_bytes
 from serving.formats import image_to_glimpses
 
 FINISH = {pb.FINISH_REASON_UNSPECIFIED: "", pb.FINISH_REASON_LENGTH: "length",
@@ -76,10 +77,7 @@ class Snapshot:
 
     def save(self, path: str | Path) -> None:
         """Write the data to `path` atomically (a reader never sees half a snapshot)."""
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(self.data)
-        tmp.replace(out)
+        atomic_write_bytes(path, self.data)
 
 
 @dataclass(frozen=True)

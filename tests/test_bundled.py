@@ -74,6 +74,7 @@ def _exported_figure(folder: Path, task: str, shared_data, tmp_path) -> tuple[fl
     return ours, meta.figures[f"test_{'bpc' if task == 'ptb' else 'ppl'}"]
 
 
+@pytest.mark.long  # the whole PTB test set through the 4.5M-parameter model, twice: minutes
 @pytest.mark.parametrize("folder", [PTB, INT8[PTB]], ids=["float32", "int8"])
 def test_ptb_model_reaches_its_recorded_test_bpc(folder, shared_data, tmp_path):
     ours, recorded = _exported_figure(folder, "ptb", shared_data, tmp_path)

@@ -2,7 +2,9 @@
 
 Runs use training/testing/data.py's tiny datasets (a character stream, padded sequences, glimpse
 sequences) in place of training.data.load, and models of 8-16 cells: each run takes a second or
-two on the CPU.
+two of CPU time on one torch thread (tests/conftest.py; 1.0-1.7 s for one or two epochs of the
+stream, measured), more wall time when other jobs share the cores. The uninterrupted runs that
+resumed ones must equal are trained once per module (the `uninterrupted` fixture).
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     return stream_prepared(tmp_path_factory.mktemp("stream"), n_train=6000, n_eval=800)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, stream):
+    """Uninterrupted runs of _cfg() for 1 and 2 epochs, trained once for the module: what the
+    resumed, killed and extended runs below must end equal to. Tests read them, never write
+    them (checkpoint_every changes neither the weights nor the evaluations: saving draws no
+    random numbers)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for epochs in (1, 2):
+        train(_cfg(epochs=epochs), root / f"epochs{epochs}", prepared=stream, **QUIET)
+    return {1: root / "epochs1", 2: root / "epochs2"}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -174,15 +188,15 @@ def test_quiet_when_not_a_terminal(tmp_path, stream, capsys):
 
 
 # --------------------------------------------------------------------------------- resuming
-def test_resume_after_max_steps_is_bit_identical(tmp_path, stream):
+def test_resume_after_max_steps_is_bit_identical(tmp_path, stream, uninterrupted):
     cfg = _cfg(checkpoint_every=7)
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    a = uninterrupted[2]
     s = train(replace(cfg, max_steps=45), tmp_path / "b", prepared=stream, **QUIET)
     assert s["stopped"] == "max_steps" and s["step"] == 45
     s = train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
     assert s["stopped"] == "done"
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
-    _, ea = read_metrics(tmp_path / "a")
+    assert _same(_weights(a), _weights(tmp_path / "b"))
+    _, ea = read_metrics(a)
     _, eb = read_metrics(tmp_path / "b")
     # b also evaluated where it stopped (so its next train_bpc covers fewer steps); the
     # validation and test figures of every other evaluation are the same
@@ -193,29 +207,30 @@ def test_resume_after_max_steps_is_bit_identical(tmp_path, stream):
 
 
 @pytest.mark.parametrize("kind", ["stream", "glimpses"])
-def test_a_killed_run_resumes_bit_identical(tmp_path, stream, kind):
+def test_a_killed_run_resumes_bit_identical(tmp_path, stream, uninterrupted, kind):
     if kind == "stream":
         prepared, cfg = stream, _cfg(checkpoint_every=10)
+        a = uninterrupted[2]
     else:
         prepared = glimpses_prepared(tmp_path)
         cfg = _cfg(task="mnist", batch_size=24, epochs=3, checkpoint_every=4,
                    optimizer={"name": "rmsprop", "lr": 0.003})
-    train(cfg, tmp_path / "a", prepared=prepared, **QUIET)
+        a = tmp_path / "a"
+        train(cfg, a, prepared=prepared, **QUIET)
     with pytest.raises(Kill):  # killed after step 23's update, before it was saved
         train(cfg, tmp_path / "b", prepared=prepared, on_step=_kill_at(23), **QUIET)
     saved = load_checkpoint(tmp_path / "b" / LAST).step
     assert saved < 23  # the resumed run must redo some steps
     train(cfg, tmp_path / "b", prepared=prepared, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
-    _, ea = read_metrics(tmp_path / "a")
+    assert _same(_weights(a), _weights(tmp_path / "b"))
+    _, ea = read_metrics(a)
     _, eb = read_metrics(tmp_path / "b")
     assert _figures_only(ea) == _figures_only(eb)  # no duplicated or lost evaluations
 
 
-def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, monkeypatch):
+def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, uninterrupted, monkeypatch):
     """A metrics line was written, its checkpoint was not: resume drops the line, redoes it."""
     cfg = _cfg()
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
     import training.trainer as tr
 
     real = tr.Trainer._save_last
@@ -232,15 +247,15 @@ def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, monkeypatch)
         train(cfg, tmp_path / "b", prepared=stream, **QUIET)
     monkeypatch.setattr(tr.Trainer, "_save_last", real)
     train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(uninterrupted[2]), _weights(tmp_path / "b"))
     lines = (tmp_path / "b" / METRICS).read_text().splitlines()
     types = [json.loads(x)["type"] for x in lines]
     assert types == ["run", "eval", "resume", "eval"]
 
 
-def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, monkeypatch):
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, uninterrupted,
+                                                             monkeypatch):
     cfg = _cfg(checkpoint_every=10)
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
     run = tmp_path / "b"
     with pytest.raises(Kill):
         train(cfg, run, prepared=stream, on_step=_kill_at(15), **QUIET)
@@ -257,7 +272,7 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, m
     assert (run / LAST).read_bytes() == before  # the previous checkpoint, intact
     assert sorted(p.name for p in run.iterdir()) == [LAST, METRICS]  # no temporary left behind
     train(cfg, run, prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(run))
+    assert _same(_weights(uninterrupted[2]), _weights(run))
 
 
 # Writes the bytes of argv[2] to argv[1] through atomic_write_bytes, says so, and sleeps in the
@@ -319,23 +334,21 @@ def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_l
     assert _same(_weights(tmp_path / "a"), _weights(run))
 
 
-def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream, uninterrupted):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / METRICS).write_text('{"type": "run"}\n')  # killed before any checkpoint
     train(_cfg(epochs=1), tmp_path / "b", prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(uninterrupted[1]), _weights(tmp_path / "b"))
     assert [json.loads(x)["type"] for x in (tmp_path / "b" / METRICS).read_text().splitlines()] == [
         "run", "eval"]
 
 
-def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path, stream, uninterrupted):
+    shutil.copytree(uninterrupted[1], tmp_path / "a")  # a finished one-epoch run
     s = train(_cfg(epochs=1), tmp_path / "a", prepared=stream, resume=True, **QUIET)
     assert s["stopped"] == "done" and s["epoch"] == 1
     train(_cfg(epochs=2), tmp_path / "a", prepared=stream, resume=True, **QUIET)  # epochs may grow
-    train(_cfg(epochs=2), tmp_path / "b", prepared=stream, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(tmp_path / "a"), _weights(uninterrupted[2]))
 
 
 def test_resume_refuses_another_config(tmp_path, stream):
@@ -368,10 +381,9 @@ def test_corrupt_or_foreign_last_checkpoint(tmp_path, stream):
 
 
 # ------------------------------------------------------------------------------ run options
-def test_carry_state_changes_training(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_carry_state_changes_training(tmp_path, stream, uninterrupted):
     train(_cfg(epochs=1, carry_state=False), tmp_path / "b", prepared=stream, **QUIET)
-    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert not _same(_weights(uninterrupted[1]), _weights(tmp_path / "b"))
     assert load_checkpoint(tmp_path / "b" / LAST).extra["trainer"]["carry"] is None
 
 
@@ -506,18 +518,18 @@ def test_allowed_keys_and_overrides_on_dicts():
 
 
 # ------------------------------------------------------------------------------- init_from
-def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
-    start = load_checkpoint(tmp_path / "a" / BEST)
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream, uninterrupted):
+    a = uninterrupted[1]
+    start = load_checkpoint(a / BEST)
     # a learning rate of 1e-9 leaves the starting weights as they are (to 1e-6)
-    cfg = _cfg(epochs=1, init_from=str(tmp_path / "a" / BEST), optimizer={"lr": 1e-9})
+    cfg = _cfg(epochs=1, init_from=str(a / BEST), optimizer={"lr": 1e-9})
     train(cfg, tmp_path / "b", prepared=stream, **QUIET)
     b = load_checkpoint(tmp_path / "b" / LAST)
-    assert b.train_config["init_from"] == str(tmp_path / "a" / BEST)
+    assert b.train_config["init_from"] == str(a / BEST)
     assert b.step == start.step  # a fresh run: steps, epochs and optimizer counted from 0
     for k, v in start.model.items():
         assert torch.allclose(b.model[k], v, atol=1e-6), k
-    _, evals_a = read_metrics(tmp_path / "a")
+    _, evals_a = read_metrics(a)
     _, evals_b = read_metrics(tmp_path / "b")
     assert evals_b[0]["valid_bpc"] == pytest.approx(evals_a[-1]["best_valid_bpc"], abs=1e-4)
     # the same config without init_from starts from the paper's initialisation instead
@@ -526,9 +538,8 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream
     assert evals_c[0]["valid_bpc"] > evals_b[0]["valid_bpc"] + 0.5
 
 
-def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
-    best = tmp_path / "a" / BEST
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream, uninterrupted):
+    best = uninterrupted[1] / BEST
     with pytest.raises(ConfigError, match="init_from=.*its model differs in hidden_size"):
         train(_cfg(model={"hidden_size": 8}, init_from=str(best)), tmp_path / "b", prepared=stream, **QUIET)
     ck = load_checkpoint(best)

@@ -117,7 +117,18 @@ def test_config_errors_and_a_taken_run_dir_are_reported_before_torch_loads(tmp_p
     assert (rc, torch_loaded) == (2, False) and "already holds a run (metrics.jsonl); pass --resume" in err
 
 
-def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler, as in a terminal. A test process started in the background
+    (`nohup pytest ... &`) inherits SIGINT ignored, and a Ctrl-C would then do nothing at all."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys, sigint_raises):
     """A real SIGINT in the middle of a run (the CLI's own data loading replaced by a small
     synthetic stream): exit 130, what last.pt holds, the command that continues; that command
     finishes the run, and resuming the finished run adds nothing to metrics.jsonl."""

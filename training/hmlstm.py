@@ -187,6 +187,12 @@ class HMLSTM(nn.Module):
             z_below, h_below = z, h
         return torch.cat(hs, dim=1), tuple(new_state), torch.cat(zs, dim=1)
 
+    def reference_step(self, x: Tensor, state):
+        """One step (what the ONNX exporter traces): x (B, in) or (B,) indices -> (every layer's
+        h (B, L*H), for the output module; new state). The boundaries are in the state (z)."""
+        hs, new_state, _ = self.step(x, state)
+        return hs, new_state
+
     def forward(self, x: Tensor, state=None, return_boundaries: bool = False):
         if x.dim() not in (2, 3) or (x.dim() == 2) != (x.dtype in (torch.int64, torch.int32)):
             raise ValueError(

@@ -3,6 +3,8 @@
 Every recurrent core (NestedLSTM, LSTM; later HM-LSTM) answers one small interface:
 
     core(x, state=None) -> (output (T, B, H), state)   x: (T, B, in) floats or (T, B) indices
+    core.reference_step(x, state) -> (output (B, ...), state)   one step, as the equations read
+                                                      (the head's input; what export traces)
     core.initial_state(batch_size, device, dtype) -> state
     core.hidden_size, core.num_layers, core.depth
 

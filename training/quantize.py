@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from serving.formats import (
-    EXPORT_FORMAT,
     LOGITS_OUTPUT,
     META_FILE,
     STEP_GRAPH,
@@ -57,6 +56,7 @@ from serving.formats import (
     Tokenizer,
     file_sha256,
 )
+from training.export_folder import building, check_target, write_graph, write_meta
 from training.quant_measure import (
     EvalData,
     QuantizationError,
@@ -244,10 +244,7 @@ def _finish_graph(q, reference, out: Path) -> None:
         onnx.checker.check_model(q, full_check=True)
     except Exception as exc:
         raise QuantizationError(f"the converted graph fails onnx.checker: {exc}") from exc
-    with open(out, "wb") as f:
-        f.write(q.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
+    write_graph(q, out)
 
 
 # ------------------------------------------------------------------------------- the folder
@@ -390,7 +387,7 @@ def quantize_folder(
     if meta.precision != "float32":
         raise QuantizationError(f"{src} holds a {meta.precision} model; quantize its float32 export")
     data.check_folder(src, meta)
-    _check_target(out)
+    check_target(out)
     report: list[str] = []
     unit, limit = Thresholds.unit(data.kind), thresholds.limit(data.kind)
     started = time.perf_counter()
@@ -483,10 +480,7 @@ def quantize_folder(
         for s in ("valid", "test"):
             new_figures.update({k: v for k, v in figures[precision].items()
                                 if k.startswith(f"{s}_") and not k.endswith("_items")})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp's folder is private; an export is not
+        with building(out) as tmp:  # replaces an export at `out`, refuses anything else
             shutil.copyfile(chosen_path, tmp / STEP_GRAPH)
             if meta.has_tokenizer:
                 shutil.copyfile(src / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -498,15 +492,7 @@ def quantize_folder(
                 "figures": _json_clean(new_figures), "precision": precision,
                 "quantization": _json_clean(quantization),
             })
-            with open(tmp / META_FILE, "w") as f:
-                f.write(new.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            _check_target(out)
-            _publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_meta(new, tmp / META_FILE)
     return QuantizeResult(ExportMeta.from_folder(out), over, report)
 
 
@@ -522,33 +508,6 @@ def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _check_target(out: Path) -> None:
-    """The same rule as training/export.py's: replace an export, refuse anything else."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            ok = json.loads((out / META_FILE).read_text()).get("format") == EXPORT_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise FileExistsError(
-                f"{out} is a folder that is not an exported model (no nlstm {META_FILE}); "
-                "refusing to replace it: choose another --out or remove it"
-            )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place: out is the old export, absent, or the new one."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "export")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = [
