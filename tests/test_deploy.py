@@ -107,16 +107,22 @@ def stages() -> dict[str, Stage]:
 
 
 def test_hadolint_passes():
-    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    exe = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     if exe is None:
         pytest.skip("hadolint is not installed (the dev extra installs it on Linux x86_64)")
-    out = subprocess.run([exe, str(REPO / "Dockerfile")], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [exe, str(REPO / "Dockerfile")], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dockerfile_contract(stages):
     serve = stages["serve"]
-    assert serve.base == "base-${VARIANT}" and {"base-cpu", "base-gpu", "build", "train"} <= set(stages)
+    assert serve.base == "base-${VARIANT}" and {"base-cpu", "base-gpu", "build", "train"} <= set(
+        stages
+    )
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
     # onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9: the GPU base is NVIDIA's runtime image
@@ -124,13 +130,17 @@ def test_dockerfile_contract(stages):
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.[\d.]+-cudnn-runtime-", text, re.M)
     assert stages["base-cpu"].env()["ORT_PACKAGE"] == "onnxruntime"
     assert stages["base-gpu"].env()["ORT_PACKAGE"] == "onnxruntime-gpu"
-    assert any("serving.codegen" in r for r in stages["build"].all("RUN")), "gRPC code is generated in the build"
+    assert any("serving.codegen" in r for r in stages["build"].all("RUN")), (
+        "gRPC code is generated in the build"
+    )
     # no torch anywhere in what the serving image installs
     for name in ("base-cpu", "base-gpu", "serve"):
         assert not any("torch" in r for r in stages[name].all("RUN")), name
     requirements = (DEPLOY / "requirements-serve.txt").read_text()
     assert "torch" not in re.sub(r"#.*", "", requirements)
-    assert any("--no-deps" in r for r in serve.all("RUN")), "the wheel must not pull its training dependencies"
+    assert any("--no-deps" in r for r in serve.all("RUN")), (
+        "the wheel must not pull its training dependencies"
+    )
     # a non-root user, the ports the server listens on, health, stop signal
     (user,) = serve.all("USER")
     assert user.isdigit() and int(user) != 0
@@ -156,12 +166,16 @@ def _serving_third_party_modules() -> set[str]:
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {m for m in found if m not in sys.stdlib_module_names and m not in {"serving", "__future__"}}
+    return {
+        m for m in found if m not in sys.stdlib_module_names and m not in {"serving", "__future__"}
+    }
 
 
 def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]}
+    declared = {
+        canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]
+    }
     pinned = {}
     for line in (DEPLOY / "requirements-serve.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -172,12 +186,16 @@ def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
             pinned[canonicalize_name(req.name)] = spec.version
     for name, version in pinned.items():
         assert name in declared, f"{name} is in the image but not a dependency in pyproject.toml"
-        assert declared[name].specifier.contains(version), f"{name}=={version} breaks {declared[name]}"
+        assert declared[name].specifier.contains(version), (
+            f"{name}=={version} breaks {declared[name]}"
+        )
     provided = set(pinned) | {"onnxruntime", "onnxruntime-gpu"}  # the Dockerfile adds one of them
     dists = packages_distributions()
     for module in sorted(_serving_third_party_modules()):
         names = {canonicalize_name(d) for d in dists.get(module, [])}
-        assert names & provided, f"serving imports {module} ({names or 'not installed'}) but the image lacks it"
+        assert names & provided, (
+            f"serving imports {module} ({names or 'not installed'}) but the image lacks it"
+        )
 
 
 # -------------------------------------------------------------------- the image's entry command
@@ -211,18 +229,30 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
     # torch is not in the image: make every import of it fail in this process tree
     shim = tmp_path / "no-torch"
     (shim / "torch").mkdir(parents=True)
-    (shim / "torch" / "__init__.py").write_text("raise ImportError('torch is not in the serving image')\n")
+    (shim / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch is not in the serving image')\n"
+    )
     port, metrics_port = _free_port(), _free_port()
-    run_env = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"},
-               "NLSTM_PORT": str(port), "NLSTM_METRICS_PORT": str(metrics_port),
-               "NLSTM_HOST": "localhost", "PYTHONPATH": str(shim), "OMP_NUM_THREADS": "1"}
+    run_env = {
+        **os.environ,
+        **{k: v for k, v in env.items() if k != "PATH"},
+        "NLSTM_PORT": str(port),
+        "NLSTM_METRICS_PORT": str(metrics_port),
+        "NLSTM_HOST": "localhost",
+        "PYTHONPATH": str(shim),
+        "OMP_NUM_THREADS": "1",
+    }
     argv = _resolve(serve.exec_form("ENTRYPOINT") + serve.exec_form("CMD"))
     health = _resolve(serve.exec_form("HEALTHCHECK"))
-    proc = subprocess.Popen(argv, cwd=app, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=app, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline, healthy = time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
-            healthy = subprocess.run(health, cwd=app, env=run_env, capture_output=True, text=True, check=False)
+            healthy = subprocess.run(
+                health, cwd=app, env=run_env, capture_output=True, text=True, check=False
+            )
             if healthy.returncode == 0:
                 break
             time.sleep(0.5)
@@ -232,7 +262,11 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             listed = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         assert sorted(m.name for m in listed.models) == bundled
-        text = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         assert re.search(r"^nlstm_max_sessions \d", text, re.M)
         proc.send_signal(getattr(signal, serve.all("STOPSIGNAL")[0]))
         code = proc.wait(timeout=float(env["NLSTM_GRACE"]) + 15)
@@ -243,7 +277,9 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    after = subprocess.run(health, cwd=app, env=run_env, capture_output=True, text=True, check=False)
+    after = subprocess.run(
+        health, cwd=app, env=run_env, capture_output=True, text=True, check=False
+    )
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr
 
 
@@ -252,7 +288,9 @@ def _exported_samples() -> dict[str, set[str]]:
     """Every metric family of the server and the sample names it exposes."""
     out = {}
     for family in Metrics().registry.collect():
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+            family.type, [""]
+        )
         out[family.name] = {family.name + s for s in suffixes}
     return out
 
@@ -266,7 +304,9 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     assert server["build"]["context"] == "." and "VARIANT" in server["build"]["args"]
     assert any(p.endswith(f":{env['NLSTM_PORT']}") for p in server["ports"])
     grace = float(server["environment"].get("NLSTM_GRACE", env["NLSTM_GRACE"]))
-    assert float(server["stop_grace_period"].rstrip("s")) > grace, "Docker must not SIGKILL a draining server"
+    assert float(server["stop_grace_period"].rstrip("s")) > grace, (
+        "Docker must not SIGKILL a draining server"
+    )
 
     prom = services["prometheus"]
     mounts = dict(v.rsplit(":", 1)[0].split(":") for v in prom["volumes"])
@@ -282,23 +322,37 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     grafana = services["grafana"]
     g_mounts = dict(v.rsplit(":", 1)[0].split(":") for v in grafana["volumes"])
     provisioning = REPO / next(h for h, c in g_mounts.items() if c == "/etc/grafana/provisioning")
-    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
     assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "nlstm.yml").read_text())["providers"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "nlstm.yml").read_text())[
+        "providers"
+    ]
     dash_dir = REPO / next(h for h, c in g_mounts.items() if c == provider["options"]["path"])
     dashboard = json.loads((dash_dir / "nlstm.json").read_text())
-    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {source["uid"]}
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {
+        source["uid"]
+    }
 
 
 def test_compose_replicas_share_sessions_in_redis():
     """Two replicas of one image, on two host ports, with one Redis session store: no affinity."""
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     a, b, redis = services["server"], services["server-2"], services["redis"]
-    assert a["image"] == b["image"] and a["build"] == b["build"] and a["environment"] == b["environment"]
+    assert (
+        a["image"] == b["image"]
+        and a["build"] == b["build"]
+        and a["environment"] == b["environment"]
+    )
     assert {p.split(":")[-1] for p in a["ports"] + b["ports"]} == {"50051"}
     assert len({p.rsplit(":", 1)[0] for p in a["ports"] + b["ports"]}) == 2  # two host ports
     store = a["environment"]["NLSTM_SESSION_STORE"]
-    assert store.startswith("redis://redis:") and "redis" in a["depends_on"] and "redis" in b["depends_on"]
+    assert (
+        store.startswith("redis://redis:")
+        and "redis" in a["depends_on"]
+        and "redis" in b["depends_on"]
+    )
     assert b["stop_grace_period"] == a["stop_grace_period"]
     command = redis["command"]
     assert "--appendonly" in command and "noeviction" in command
@@ -307,8 +361,12 @@ def test_compose_replicas_share_sessions_in_redis():
     dockerfile = REPO / redis["build"]["context"] / "Dockerfile"
     text = dockerfile.read_text()
     assert "FROM python:${PYTHON_VERSION}-slim" in text and "redis-server" in text
-    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.M) and re.search(r"^USER redis$", text, re.M)
-    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.M) and re.search(
+        r"^USER redis$", text, re.M
+    )
+    exe = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     if exe is not None:
         out = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -328,11 +386,16 @@ def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):
     assert server["image"] == "nlstm-serve:gpu"
     assert server["environment"]["NLSTM_PROVIDERS"] == "cuda"
     (device,) = server["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert (
+        device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    )
     # Compose merges mappings key by key: the base's settings (ports, grace, ...) stay
     assert not set(server) & {"ports", "stop_grace_period", "restart"}
     assert not set(server["environment"]) & set(base["environment"])
-    for text in ((REPO / "docs" / "deploy.md").read_text(), (REPO / "docker-compose.yml").read_text()):
+    for text in (
+        (REPO / "docs" / "deploy.md").read_text(),
+        (REPO / "docker-compose.yml").read_text(),
+    ):
         assert "-f docker-compose.yml -f docker-compose.gpu.yml" in text
 
 
@@ -362,8 +425,13 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_show_them_all():
 
 
 def test_deploy_docs_name_every_setting():
-    help_text = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--help"], capture_output=True,
-                               text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     settings = set(re.findall(r"\[(NLSTM_[A-Z_]+)\]", help_text))
     assert len(settings) >= 10, help_text
     doc = (REPO / "docs" / "deploy.md").read_text()
@@ -376,9 +444,14 @@ def test_deploy_docs_name_every_setting():
 def test_envoy_routes_a_session_key_to_one_healthy_replica(stages):
     config = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())["static_resources"]
     (cluster,) = config["clusters"]
-    assert cluster["lb_policy"] == "RING_HASH" and "grpc_health_check" in cluster["health_checks"][0]
+    assert (
+        cluster["lb_policy"] == "RING_HASH" and "grpc_health_check" in cluster["health_checks"][0]
+    )
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert str(endpoint["endpoint"]["address"]["socket_address"]["port_value"]) == stages["serve"].env()["NLSTM_PORT"]
+    assert (
+        str(endpoint["endpoint"]["address"]["socket_address"]["port_value"])
+        == stages["serve"].env()["NLSTM_PORT"]
+    )
     (listener,) = config["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]

@@ -47,7 +47,9 @@ def test_writes_bytes_text_and_streams_with_open_s_permissions(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "line\n"
     # what open() would give (not mkstemp's private 0600): a non-root server reads checkpoints
     assert stat.S_IMODE(target.stat().st_mode) == umask_mode(0o666)
-    assert _listing(tmp_path) == ["a.txt", "b.txt", "sub"] and _listing(tmp_path / "sub") == ["a.bin"]
+    assert _listing(tmp_path) == ["a.txt", "b.txt", "sub"] and _listing(tmp_path / "sub") == [
+        "a.bin"
+    ]
 
 
 @pytest.mark.parametrize("how", ["bytes-writer", "open", "path", "replace"])
@@ -70,6 +72,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
                 tmp.write_bytes(b"half a new one")
                 raise Crash
         else:  # the rename itself fails (a full or read-only disk): the temporary is removed too
+
             def failing_replace(*a):
                 raise Crash
 
@@ -84,7 +87,9 @@ def test_atomic_path_hands_a_path_to_writers_that_want_one(tmp_path):
         assert tmp.parent == tmp_path and tmp.name.startswith(".model.onnx.") and tmp.exists()
         tmp.write_bytes(b"graph")
         assert not (tmp_path / "model.onnx").exists()  # nothing at the target until the end
-    assert (tmp_path / "model.onnx").read_bytes() == b"graph" and _listing(tmp_path) == ["model.onnx"]
+    assert (tmp_path / "model.onnx").read_bytes() == b"graph" and _listing(tmp_path) == [
+        "model.onnx"
+    ]
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
         with atomic_open(tmp_path / "x", "a"):
             pass
@@ -120,6 +125,7 @@ def test_atomic_folder_publishes_replaces_or_refuses(tmp_path):
 
 def test_imports_no_torch():
     code = "import sys, serving.files; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert out.stdout.strip() == "False"

@@ -16,12 +16,19 @@ from training.plots import hmlstm_boundaries
 def test_visualize_hmlstm(tmp_path, capsys):
     torch.manual_seed(0)
     tok = train_char_tokenizer(["the cat sat on the mat", "a dog ran"], newline=True)
-    cfg = ModelConfig(kind="char", core="hmlstm", hidden_size=6, num_layers=3, vocab_size=tok.vocab_size)
+    cfg = ModelConfig(
+        kind="char", core="hmlstm", hidden_size=6, num_layers=3, vocab_size=tok.vocab_size
+    )
     model = build_model(cfg)
     with torch.no_grad():  # boundaries that fire sometimes: every layer above the first copies
         model.core.bias_l0[4 * 6] = 0.05  # layer 1's boundary bias; layer 2's stays 0
     path = tmp_path / "hm.pt"
-    save_checkpoint(Checkpoint(task="ptb", model_config=cfg, model=model.state_dict(), tokenizer=tok.model_proto), path)
+    save_checkpoint(
+        Checkpoint(
+            task="ptb", model_config=cfg, model=model.state_dict(), tokenizer=tok.model_proto
+        ),
+        path,
+    )
     text = "the cat sat"
     assert main(["visualize", str(path), "--text", text, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -47,8 +54,11 @@ def test_visualize_hmlstm(tmp_path, capsys):
         z2, norms, counts2 = hmlstm_boundaries(model, tok.encode(text).ids)
         assert np.array_equal(z2, z) and counts2 == counts
         for n in range(1, L):
-            copies = [t for t in range(1, len(text))
-                      if z[t, n - 1] < 0.5 and (n == L - 1 or z[t - 1, n] < 0.5)]
+            copies = [
+                t
+                for t in range(1, len(text))
+                if z[t, n - 1] < 0.5 and (n == L - 1 or z[t - 1, n] < 0.5)
+            ]
             copied_first = z[0, n - 1] < 0.5  # from the zero state (z_{-1} = 0)
             assert len(copies) + copied_first == counts[n]["copy"] and copies
             for t in copies:

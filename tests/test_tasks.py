@@ -40,7 +40,10 @@ def test_every_data_task_has_a_kind_and_every_kind_a_model_kind():
 
 
 def test_model_kinds_own_the_exported_input():
-    assert MODEL_KINDS["char"].input_spec == CHAR_INPUT and MODEL_KINDS["glimpse"].input_spec == GLIMPSE_INPUT
+    assert (
+        MODEL_KINDS["char"].input_spec == CHAR_INPUT
+        and MODEL_KINDS["glimpse"].input_spec == GLIMPSE_INPUT
+    )
     g = torch.Generator().manual_seed(0)
     char = ModelConfig(kind="char", vocab_size=7, hidden_size=4)
     x = model_kind("char").example_input(char, (3, 2), g)
@@ -48,7 +51,11 @@ def test_model_kinds_own_the_exported_input():
     glimpse = ModelConfig(kind="glimpse", hidden_size=4)
     x = model_kind("glimpse").example_input(glimpse, (2,), g)
     assert x.shape == (2, 49) and x.dtype == torch.float32
-    assert model_kind("char").meta_fields(char) == {"vocab_size": 7, "input_size": None, "num_classes": None}
+    assert model_kind("char").meta_fields(char) == {
+        "vocab_size": 7,
+        "input_size": None,
+        "num_classes": None,
+    }
     with pytest.raises(ValueError, match="exported with its tokenizer"):
         model_kind("char").check_tokenizer(char, None)
     model_kind("glimpse").check_tokenizer(glimpse, None)  # a classifier ships none
@@ -59,8 +66,14 @@ def test_glimpse_targets_and_figures():
     split = data_mod.GlimpseSplit(np.zeros((10, 20, 49), np.float32), np.arange(10, dtype=np.uint8))
     batch = next(iter(kind.eval_batches(split, TrainConfig(task="mnist", batch_size=8))))
     assert kind.targets(batch) == 8 and kind.targets(batch, slice(2, 5)) == 3
-    assert kind.figures_of(2.0, 4, 3) == {"nll": 0.5, "acc": 0.75} and kind.figures_of(0.0, 0, 0) == {}
-    assert kind.better("acc", 0.8, 0.7) and kind.better("nll", 0.1, 0.2) and kind.better("nll", 5.0, None)
+    assert (
+        kind.figures_of(2.0, 4, 3) == {"nll": 0.5, "acc": 0.75} and kind.figures_of(0.0, 0, 0) == {}
+    )
+    assert (
+        kind.better("acc", 0.8, 0.7)
+        and kind.better("nll", 0.1, 0.2)
+        and kind.better("nll", 5.0, None)
+    )
 
 
 # --------------------------------------------------------------- the worked example (docs)
@@ -95,10 +108,25 @@ class EndingsTask(SequencesTask):
 def test_a_new_kind_trains_through_the_unchanged_trainer(tmp_path, monkeypatch):
     monkeypatch.setitem(TASK_KINDS, "endings", EndingsTask())
     poems = sequences_prepared(tmp_path / "data", n_train=120, n_eval=24)
-    prepared = data_mod.Prepared(poems.task, "endings", poems.path, poems.meta, poems.vocab_size,
-                                 None, poems.tokenizer_path, poems.splits)
-    cfg = TrainConfig(task="poems", model={"hidden_size": 8}, batch_size=12, epochs=2,
-                      checkpoint_every=0, seed=1, optimizer={"lr": 0.01})
+    prepared = data_mod.Prepared(
+        poems.task,
+        "endings",
+        poems.path,
+        poems.meta,
+        poems.vocab_size,
+        None,
+        poems.tokenizer_path,
+        poems.splits,
+    )
+    cfg = TrainConfig(
+        task="poems",
+        model={"hidden_size": 8},
+        batch_size=12,
+        epochs=2,
+        checkpoint_every=0,
+        seed=1,
+        optimizer={"lr": 0.01},
+    )
     summary = train(cfg, tmp_path / "run", prepared=prepared, **QUIET)
     run, evals = read_metrics(tmp_path / "run")
     assert run["model_config"]["kind"] == "char"  # the kind's model

@@ -30,8 +30,16 @@ def unigram_entropy(ids: np.ndarray) -> float:
 def test_smoke_run_learns(shared_data, tmp_path, capsys):
     cache = tmp_path / "cache"
     run = tmp_path / "run"
-    rc = main(["train", str(SMOKE), "--run-dir", str(run), f"data_dir={shared_data}",
-               f"cache_dir={cache}"])
+    rc = main(
+        [
+            "train",
+            str(SMOKE),
+            "--run-dir",
+            str(run),
+            f"data_dir={shared_data}",
+            f"cache_dir={cache}",
+        ]
+    )
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]  # a summary a person reads
     config = load_config(SMOKE)

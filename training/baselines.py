@@ -69,10 +69,14 @@ class LSTM(nn.Module):
             )
         B = x.shape[1]
         if len(state) != self.num_layers:
-            raise ValueError(f"state must hold one (h, c) per layer ({self.num_layers}), got {len(state)}")
+            raise ValueError(
+                f"state must hold one (h, c) per layer ({self.num_layers}), got {len(state)}"
+            )
         for s in state:
             if len(s) != 2 or any(t.shape != (B, self.hidden_size) for t in s):
-                raise ValueError(f"each layer's state is (h, c), each of shape ({B}, {self.hidden_size})")
+                raise ValueError(
+                    f"each layer's state is (h, c), each of shape ({B}, {self.hidden_size})"
+                )
 
     def forward(self, x: Tensor, state: tuple[State, ...] | None = None):
         if state is None:
@@ -114,7 +118,9 @@ class LSTM(nn.Module):
             finals.append((h, c))
         return x, tuple(finals)
 
-    def reference_step(self, x: Tensor, state: tuple[State, ...]) -> tuple[Tensor, tuple[State, ...]]:
+    def reference_step(
+        self, x: Tensor, state: tuple[State, ...]
+    ) -> tuple[Tensor, tuple[State, ...]]:
         """One step of every layer through lstm_step (what the ONNX exporter traces): x
         (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
         new = []

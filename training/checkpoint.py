@@ -101,7 +101,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
     ours = "nlstm reads the best.pt and last.pt that `nlstm train` writes"
     with path.open("rb") as f:  # torch.save writes a zip archive; a truncated one still starts so
         if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path} is not an nlstm checkpoint: not a file torch.save wrote; {ours}")
+            raise CheckpointError(
+                f"{path} is not an nlstm checkpoint: not a file torch.save wrote; {ours}"
+            )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -112,8 +114,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
                 f"{path} is not an nlstm checkpoint: it holds pickled Python objects (a whole "
                 f"model, or another program's checkpoint), which nlstm never writes nor loads; {ours}"
             ) from None
-        raise CheckpointError(f"{path} is not a readable nlstm checkpoint (corrupt or truncated): "
-                              f"{_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{path} is not a readable nlstm checkpoint (corrupt or truncated): {_first_line(exc)}"
+        ) from None
     except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
         raise CheckpointError(
             f"{path} is not a readable nlstm checkpoint (corrupt, truncated or not written by "

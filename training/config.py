@@ -34,7 +34,13 @@ SCHEDULES = ("constant", "linear")
 DATA_MODEL_KEYS = ("kind", "vocab_size", "input_size", "num_classes")
 # Keys a resumed run may change: they steer the run, not what it computes.
 RESUMABLE = (
-    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every",
+    "epochs",
+    "max_steps",
+    "device",
+    "data_dir",
+    "cache_dir",
+    "eval_every",
+    "checkpoint_every",
     "cuda_graphs",
 )
 

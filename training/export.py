@@ -75,8 +75,9 @@ TIMING_COMMAND = [sys.executable, "-m", "training.sequence_timing"]
 _PACKAGES = Path(__file__).resolve().parents[1]
 
 
-def time_sequence_graph(folder: str | os.PathLike, *, steps: int = 256, repeats: int = 3,
-                        timeout: float = 300.0) -> dict[str, Any]:
+def time_sequence_graph(
+    folder: str | os.PathLike, *, steps: int = 256, repeats: int = 3, timeout: float = 300.0
+) -> dict[str, Any]:
     """Scoring `steps` inputs at batch 1 with serving.runtime on onnxruntime's CPU provider, in a
     subprocess without torch (training.sequence_timing): ExportedModel.run through the step graph
     once per input (what the runtime does without a sequence graph) against one call of the
@@ -88,7 +89,12 @@ def time_sequence_graph(folder: str | os.PathLike, *, steps: int = 256, repeats:
     try:
         out = subprocess.run(
             [*TIMING_COMMAND, str(Path(folder).resolve()), str(steps), str(repeats)],
-            capture_output=True, text=True, timeout=timeout, cwd=folder, env=env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=folder,
+            env=env,
+            check=False,
         )
         if out.returncode != 0:
             raise ExportError(
@@ -99,12 +105,19 @@ def time_sequence_graph(folder: str | os.PathLike, *, steps: int = 256, repeats:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         loop_us, seq_us = result["loop_s"] / steps * 1e6, result["sequence_s"] / steps * 1e6
         speedup = loop_us / seq_us
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError,
-            ZeroDivisionError) as exc:
+    except (
+        OSError,
+        subprocess.TimeoutExpired,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        ZeroDivisionError,
+    ) as exc:
         raise ExportError(f"the sequence-graph timing subprocess failed: {exc!r}") from None
     return {
         "what": "scoring at batch 1 with serving.runtime on the onnxruntime CPU provider, in a "
-                "subprocess without torch",
+        "subprocess without torch",
         "steps": steps,
         "step_graph_loop_us_per_step": round(loop_us, 2),
         "sequence_graph_us_per_step": round(seq_us, 2),
@@ -144,9 +157,15 @@ def training_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     win; without them the record's own valid_* / test_* figures and its epoch are used.
     """
     figures = {
-        k: v for k, v in metrics.items() if k.startswith(("valid_", "test_")) and not k.endswith("_per_s")
+        k: v
+        for k, v in metrics.items()
+        if k.startswith(("valid_", "test_")) and not k.endswith("_per_s")
     }
-    best = {k[len("best_"):]: v for k, v in metrics.items() if k.startswith(("best_valid_", "best_test_"))}
+    best = {
+        k[len("best_") :]: v
+        for k, v in metrics.items()
+        if k.startswith(("best_valid_", "best_test_"))
+    }
     when = ("best_epoch", "best_step") if best else ("epoch", "step")
     figures.update(best)
     figures.update({k: metrics[k] for k in when if k in metrics})
@@ -275,7 +294,10 @@ def export_model(
 
 
 def export_checkpoint(
-    checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *, sequence: str = "auto",
+    checkpoint_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    sequence: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> ExportMeta:
     """Export a checkpoint written by training.checkpoint.save_checkpoint (see export_model)."""
@@ -291,8 +313,12 @@ def export_checkpoint(
         tokenizer=ckpt.tokenizer,
         metrics=ckpt.metrics,
         train_config=ckpt.train_config,
-        source={"checkpoint": Path(checkpoint_path).name, "step": ckpt.step, "epoch": ckpt.epoch,
-                "trained_on": ckpt.extra.get("hardware")},
+        source={
+            "checkpoint": Path(checkpoint_path).name,
+            "step": ckpt.step,
+            "epoch": ckpt.epoch,
+            "trained_on": ckpt.extra.get("hardware"),
+        },
         sequence=sequence,
         progress=progress,
     )

@@ -140,10 +140,16 @@ class NestedLSTMCell(nn.Module):
         """x must be (..., input_size) floats, or (...) integer indices in [0, input_size)."""
         if x.dtype in (torch.int64, torch.int32):
             if x.dim() != step_dims:
-                raise ValueError(f"integer one-hot indices must have {step_dims} dims, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"integer one-hot indices must have {step_dims} dims, got {tuple(x.shape)}"
+                )
             if x.numel() and (x.min() < 0 or x.max() >= self.input_size):
-                raise ValueError(f"one-hot indices must lie in [0, {self.input_size}), got {x.min()}..{x.max()}")
-        elif not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"one-hot indices must lie in [0, {self.input_size}), got {x.min()}..{x.max()}"
+                )
+        elif (
+            not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size
+        ):
             raise ValueError(
                 f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, {self.input_size}) "
                 f"or integer one-hot indices of shape ({'T, ' if step_dims == 2 else ''}B), "
@@ -250,7 +256,10 @@ def sequence_forward(
 
 
 def sequence_backward(
-    saved: list[Tensor], d_hs: Tensor | None, d_hT: Tensor | None, d_cT: list[Tensor | None],
+    saved: list[Tensor],
+    d_hs: Tensor | None,
+    d_hT: Tensor | None,
+    d_cT: list[Tensor | None],
     tanh_outer: bool,
 ) -> list[Tensor]:
     """The gradients of `sequence_forward`'s inputs (xproj, w_hh0, w_1, b_1, ..., h0, c0_0, ...)
@@ -267,7 +276,9 @@ def sequence_backward(
 
     def start(d):  # a working copy, never a view: the loop updates it in place, and autograd
         # may hand one buffer to several outputs
-        return d.clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(B, H)
+        return (
+            d.clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(B, H)
+        )
 
     d_gates = [hs.new_empty(T, B, 4 * H) for _ in range(D)]  # grads of pre-activations
     dh = start(d_hT)
@@ -411,7 +422,9 @@ class NestedLSTM(nn.Module):
         self.fused = fused
         self.cuda_graphs = cuda_graphs
         self.layers = nn.ModuleList(
-            NestedLSTMCell(input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation)
+            NestedLSTMCell(
+                input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation
+            )
             for n in range(num_layers)
         )
         self.reset_parameters()
@@ -430,7 +443,9 @@ class NestedLSTM(nn.Module):
         if state is None:
             state = self.initial_state(B, device=x.device)
         elif len(state) != self.num_layers:
-            raise ValueError(f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}")
+            raise ValueError(
+                f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}"
+            )
         finals = []
         for cell, s in zip(self.layers, state):
             cell.check_state(s, B)
@@ -446,7 +461,9 @@ class NestedLSTM(nn.Module):
             finals.append(s)
         return x, tuple(finals)
 
-    def reference_step(self, x: Tensor, state: tuple[State, ...]) -> tuple[Tensor, tuple[State, ...]]:
+    def reference_step(
+        self, x: Tensor, state: tuple[State, ...]
+    ) -> tuple[Tensor, tuple[State, ...]]:
         """One step of every layer through the reference cell (what the ONNX exporter traces):
         x (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
         new = []
@@ -460,4 +477,3 @@ class NestedLSTM(nn.Module):
             f"{self.input_size}, {self.hidden_size}, depth={self.depth}, "
             f"num_layers={self.num_layers}, outer_activation={self.outer_activation!r}"
         )
-

@@ -244,8 +244,15 @@ def _cpu_session(path_or_bytes: str | bytes, threads: int = 1):
 
 
 @torch.no_grad()
-def check_parity(model: nn.Module, graph, *, steps: int = 200, batch: int = 5, seed: int = 0,
-                 sequence: bool = False) -> Parity:
+def check_parity(
+    model: nn.Module,
+    graph,
+    *,
+    steps: int = 200,
+    batch: int = 5,
+    seed: int = 0,
+    sequence: bool = False,
+) -> Parity:
     """Run onnxruntime (CPU provider) and the torch model side by side from random inputs and a
     random state, and return the largest differences of every logit and every state value.
 

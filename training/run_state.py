@@ -52,8 +52,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     out = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -91,11 +96,19 @@ def hardware(device: torch.device, world: int = 1) -> dict[str, Any]:
         name = platform.processor() or platform.machine()
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+                name = next(
+                    (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                    name,
+                )
         except OSError:
             pass
-    return {"device": str(device), "name": name, "processes": world, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "device": str(device),
+        "name": name,
+        "processes": world,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -210,8 +223,15 @@ class RunFiles:
     RunState and the weights go into them, and how a resumed or warm-started run reads them
     back. Only rank 0 writes; every rank takes part in the collectives of `save`."""
 
-    def __init__(self, run_dir: str | os.PathLike, config: TrainConfig, model_config: ModelConfig,
-                 tokenizer: bytes | None, dist: Dist, log: Callable[[str], None]):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: TrainConfig,
+        model_config: ModelConfig,
+        tokenizer: bytes | None,
+        dist: Dist,
+        log: Callable[[str], None],
+    ):
         self.dir = Path(run_dir)
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
         self.dist, self.log = dist, log
@@ -233,28 +253,36 @@ class RunFiles:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics.reset(0)
-        self.metrics.append({
-            "type": "run",
-            "task": self.config.task,
-            "seed": self.config.seed,
-            "config": self.config.to_dict(),
-            "model_config": self.model_config.to_dict(),
-            "params": count_parameters(model),
-            "train_batches_per_epoch": n_batches,
-            "device": str(device),
-            "world_size": self.dist.world,
-            "versions": versions(),
-            "hardware": hardware(device, self.dist.world),
-            "started": _now(),
-        })
+        self.metrics.append(
+            {
+                "type": "run",
+                "task": self.config.task,
+                "seed": self.config.seed,
+                "config": self.config.to_dict(),
+                "model_config": self.model_config.to_dict(),
+                "params": count_parameters(model),
+                "train_batches_per_epoch": n_batches,
+                "device": str(device),
+                "world_size": self.dist.world,
+                "versions": versions(),
+                "hardware": hardware(device, self.dist.world),
+                "started": _now(),
+            }
+        )
 
     def record(self, rec: dict[str, Any]) -> None:
         if self.dist.main:
             self.metrics.append(rec)
 
     # --------------------------------------------------------------------------- saving
-    def save(self, name: str, at: RunState, model: torch.nn.Module, device: torch.device,
-             optimizer: torch.optim.Optimizer | None = None) -> None:
+    def save(
+        self,
+        name: str,
+        at: RunState,
+        model: torch.nn.Module,
+        device: torch.device,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """Write `name` (LAST with the optimizer, BEST without): the weights and `at`."""
         # Collectives first, on every rank; then rank 0 writes.
         carry = self.dist.gather_rows(at.carry)
@@ -292,8 +320,9 @@ class RunFiles:
         )
 
     # ------------------------------------------------------------------------- resuming
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               device: torch.device) -> RunState:
+    def resume(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> RunState:
         """Load last.pt into `model`, `optimizer` and the RNGs and return where it stood; checks
         that it was written by this trainer for this config (up to RESUMABLE), model and data."""
         path = self.dir / LAST
@@ -333,15 +362,17 @@ class RunFiles:
         if self.dist.main:
             self.metrics.reset(int(ts["metrics_lines"]))
         if self.dist.main and not finished:  # resuming a finished run records nothing
-            self.metrics.append({
-                "type": "resume",
-                "step": at.step,
-                "epoch": at.epoch,
-                "batch": at.batch,
-                "world_size": self.dist.world,
-                "versions": versions(),
-                "time": _now(),
-            })
+            self.metrics.append(
+                {
+                    "type": "resume",
+                    "step": at.step,
+                    "epoch": at.epoch,
+                    "batch": at.batch,
+                    "world_size": self.dist.world,
+                    "versions": versions(),
+                    "time": _now(),
+                }
+            )
         self.log(f"resumed {self.dir} at step {at.step} (epoch {at.epoch}, batch {at.batch})")
         return at
 

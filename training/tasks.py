@@ -97,8 +97,11 @@ class GlimpseModel(ModelKind):
         return torch.rand(*lead, config.input_size, generator=generator)  # (*lead, in) float32
 
     def meta_fields(self, config):
-        return {"vocab_size": None, "input_size": config.input_size,
-                "num_classes": config.num_classes}
+        return {
+            "vocab_size": None,
+            "input_size": config.input_size,
+            "num_classes": config.num_classes,
+        }
 
 
 MODEL_KINDS: dict[str, ModelKind] = {k.name: k for k in (CharModel(), GlimpseModel())}
@@ -109,7 +112,9 @@ def model_kind(name: str) -> ModelKind:
     try:
         return MODEL_KINDS[name]
     except KeyError:
-        raise ValueError(f"unknown model kind {name!r}; expected one of {tuple(MODEL_KINDS)}") from None
+        raise ValueError(
+            f"unknown model kind {name!r}; expected one of {tuple(MODEL_KINDS)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------- task kinds
@@ -162,8 +167,9 @@ class TaskKind:
         """How many targets `rows` of a batch have (all rows: what the mean loss divides by)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch, rows: slice, state, device, autocast: Callable
-             ) -> BatchLoss:
+    def loss(
+        self, model: nn.Module, batch, rows: slice, state, device, autocast: Callable
+    ) -> BatchLoss:
         """Summed NLL, correct predictions and the new state of this rank's `rows`. `state` is
         the recurrent state to start from (None: zeros)."""
         raise NotImplementedError
@@ -251,8 +257,15 @@ class SequencesTask(_CharTask):
         return data_mod.num_batches(len(split), config.batch_size)
 
     def train_batches(self, split, config, epoch, start):
-        return data_mod.sequence_batches(split.ids, split.lengths, config.batch_size,
-                                         shuffle=True, seed=config.seed, epoch=epoch, start=start)
+        return data_mod.sequence_batches(
+            split.ids,
+            split.lengths,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            epoch=epoch,
+            start=start,
+        )
 
     def eval_batches(self, split, config):
         return data_mod.sequence_batches(split.ids, split.lengths, config.batch_size)
@@ -284,8 +297,15 @@ class GlimpsesTask(TaskKind):
         return data_mod.num_batches(len(split), config.batch_size)
 
     def train_batches(self, split, config, epoch, start):
-        return data_mod.glimpse_batches(split.glimpses, split.labels, config.batch_size,
-                                        shuffle=True, seed=config.seed, epoch=epoch, start=start)
+        return data_mod.glimpse_batches(
+            split.glimpses,
+            split.labels,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            epoch=epoch,
+            start=start,
+        )
 
     def eval_batches(self, split, config):
         return data_mod.glimpse_batches(split.glimpses, split.labels, config.batch_size)
@@ -306,7 +326,9 @@ class GlimpsesTask(TaskKind):
         return {"nll": nll / count, "acc": correct / count} if count > 0 else {}
 
 
-TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in (StreamTask(), SequencesTask(), GlimpsesTask())}
+TASK_KINDS: dict[str, TaskKind] = {
+    k.name: k for k in (StreamTask(), SequencesTask(), GlimpsesTask())
+}
 
 
 class TaskData:
@@ -337,7 +359,9 @@ def task_kind(name: str) -> TaskKind:
     try:
         return TASK_KINDS[name]
     except KeyError:
-        raise ValueError(f"unknown data kind {name!r}; expected one of {tuple(TASK_KINDS)}") from None
+        raise ValueError(
+            f"unknown data kind {name!r}; expected one of {tuple(TASK_KINDS)}"
+        ) from None
 
 
 __all__ = [

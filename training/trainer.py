@@ -228,12 +228,12 @@ class Trainer:
                     stop = bool(c.max_steps) and at.step >= c.max_steps
                     if stepped and self.on_step is not None:
                         self.on_step(at.step)
-                    due_eval = end_of_epoch or stop or (
-                        stepped and c.eval_every and at.step % c.eval_every == 0
+                    due_eval = (
+                        end_of_epoch
+                        or stop
+                        or (stepped and c.eval_every and at.step % c.eval_every == 0)
                     )
-                    due_ckpt = (
-                        stepped and c.checkpoint_every and at.step % c.checkpoint_every == 0
-                    )
+                    due_ckpt = stepped and c.checkpoint_every and at.step % c.checkpoint_every == 0
                     if due_eval:
                         self._evaluate()
                     if due_eval or due_ckpt:
@@ -254,7 +254,10 @@ class Trainer:
         loss = self.kind.figures_of(nll, count, correct).get(primary)
         rate = count * self.dist.world / max(self.at.train_seconds, 1e-9)
         bar.set_postfix(
-            {primary: "-" if loss is None else f"{loss:.3f}", f"{self.kind.unit}/s": f"{rate:,.0f}"},
+            {
+                primary: "-" if loss is None else f"{loss:.3f}",
+                f"{self.kind.unit}/s": f"{rate:,.0f}",
+            },
             refresh=False,
         )
 
@@ -312,11 +315,13 @@ class Trainer:
 
     def _sums(self, out) -> torch.Tensor:
         """(3,) float64: a BatchLoss's summed NLL, targets and correct predictions."""
-        return torch.stack([
-            out.nll.detach().double(),
-            torch.tensor(float(out.targets), dtype=torch.float64, device=self.device),
-            out.correct.detach().double(),
-        ])
+        return torch.stack(
+            [
+                out.nll.detach().double(),
+                torch.tensor(float(out.targets), dtype=torch.float64, device=self.device),
+                out.correct.detach().double(),
+            ]
+        )
 
     # -------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -357,8 +362,12 @@ class Trainer:
             if k not in valid:
                 continue
             if kind.better(k, valid[k], at.best.get(k, {}).get("valid")):
-                at.best[k] = {"valid": valid[k], "test": test.get(k), "epoch": rec["epoch"],
-                              "step": at.step}
+                at.best[k] = {
+                    "valid": valid[k],
+                    "test": test.get(k),
+                    "epoch": rec["epoch"],
+                    "step": at.step,
+                }
                 improved |= k == kind.primary
             rec[f"best_valid_{k}"] = at.best[k]["valid"]
             rec[f"best_test_{k}"] = at.best[k]["test"]
@@ -385,8 +394,10 @@ class Trainer:
                 parts.append(f"{k} {v:.4f}")
         k = self.kind.primary
         if f"best_valid_{k}" in rec:
-            parts.append(f"(best valid_{k} {rec[f'best_valid_{k}']:.4f}, "
-                         f"its test_{k} {rec[f'best_test_{k}']:.4f})")
+            parts.append(
+                f"(best valid_{k} {rec[f'best_valid_{k}']:.4f}, "
+                f"its test_{k} {rec[f'best_test_{k}']:.4f})"
+            )
         return " ".join(parts)
 
     def _save_last(self) -> None:
@@ -418,7 +429,12 @@ def train(
         trainer = None
         try:
             trainer = Trainer(
-                config, run_dir, prepared, dist_info=info, progress=progress, log=log,
+                config,
+                run_dir,
+                prepared,
+                dist_info=info,
+                progress=progress,
+                log=log,
                 on_step=on_step,
             )
             try:
