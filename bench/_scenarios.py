@@ -29,6 +29,7 @@ from serving.testing.process import Server
 
 RELEASE_LIMIT = 5.0  # seconds a freed session may take to be usable again before it counts as held
 
+
 @dataclass
 class Result:
     name: str
@@ -80,7 +81,11 @@ class Bystander:
         while not self._stopping:
             rpc, t0 = ("Generate", "Score")[i % 2], time.perf_counter()
             if rpc == "Score":
-                code = await status(self.stub.Score(pb.ScoreRequest(model=self.model, text="the cat sat"), timeout=30))
+                code = await status(
+                    self.stub.Score(
+                        pb.ScoreRequest(model=self.model, text="the cat sat"), timeout=30
+                    )
+                )
             else:
                 request = pb.GenerateRequest(model=self.model, max_chars=40, temperature=1.0)
                 code = await status(drain(self.stub.Generate(request, timeout=30)))
@@ -92,8 +97,12 @@ class Bystander:
         """Calls started in [since, until): how many, their errors, p50/p99 latency in ms."""
         calls = [c for c in self.calls if since <= c[1] < until]
         ok = [c[2] for c in calls if c[3] == "OK"]
-        return {"calls": len(calls), "errors": dict(Counter(c[3] for c in calls if c[3] != "OK")),
-                "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99)}
+        return {
+            "calls": len(calls),
+            "errors": dict(Counter(c[3] for c in calls if c[3] != "OK")),
+            "p50_ms": pct(ok, 50),
+            "p99_ms": pct(ok, 99),
+        }
 
     def count(self, rpc: str) -> int:
         """Calls of `rpc` finished so far."""
@@ -110,7 +119,9 @@ async def create(stub, model: str) -> str:
     return (await stub.CreateSession(pb.CreateSessionRequest(model=model))).session_id
 
 
-async def usable_after(stub, session_id: str, glimpse: bool, rng: np.random.Generator, calls: Counter) -> float:
+async def usable_after(
+    stub, session_id: str, glimpse: bool, rng: np.random.Generator, calls: Counter
+) -> float:
     """Seconds until the session is free again: a call on it (a Score, or a whole glimpse
     stream) is retried while it gets ABORTED (the session is still held by a call the server
     has not finished), and the start of the first that succeeds counts; inf when that lasts
@@ -130,7 +141,9 @@ async def usable_after(stub, session_id: str, glimpse: bool, rng: np.random.Gene
                     await stream.write(request)
                     out.append(await stream.read())
                 await stream.done_writing()
-                assert await stream.read() is grpc.aio.EOF and len(out) == 20, f"{len(out)} answers to 20 glimpses"
+                assert await stream.read() is grpc.aio.EOF and len(out) == 20, (
+                    f"{len(out)} answers to 20 glimpses"
+                )
             else:
                 calls["Score"] += 1
                 await stub.Score(pb.ScoreRequest(session_id=session_id, text="the cat"), timeout=30)
@@ -157,8 +170,14 @@ def check_released(res: Result, release: list[float], what: str) -> None:
     """Figures and check of usable_after() times of the sessions freed by `what`."""
     held = sum(1 for r in release if math.isinf(r))
     finite = [r for r in release if not math.isinf(r)]
-    res.figures[f"session_free_after_{what.replace(' ', '_')}_ms"] = {"p50": pct(finite, 50), "max": pct(finite, 100)}
-    res.check(held == 0, f"{held} of {len(release)} sessions still ABORTED {RELEASE_LIMIT:g} s after {what}")
+    res.figures[f"session_free_after_{what.replace(' ', '_')}_ms"] = {
+        "p50": pct(finite, 50),
+        "max": pct(finite, 100),
+    }
+    res.check(
+        held == 0,
+        f"{held} of {len(release)} sessions still ABORTED {RELEASE_LIMIT:g} s after {what}",
+    )
 
 
 def check_counted(res: Result, counted: dict[str, int], calls: Counter) -> None:
@@ -169,8 +188,12 @@ def check_counted(res: Result, counted: dict[str, int], calls: Counter) -> None:
 
 async def spawn(script: str, *argv: str) -> subprocess.Popen:
     """A client subprocess; returns once it has printed its ready line."""
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline), 60)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    line = await asyncio.wait_for(
+        asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline), 60
+    )
     if line.strip() != "ready":
         proc.kill()
         raise RuntimeError(f"the client subprocess did not start (exit code {proc.wait()})")
@@ -184,17 +207,34 @@ def run_scenarios(label: str, scenarios: str, run, smoke_help: str) -> None:
     """The command line of a scenario script (this one, bench/abuse.py): parse the flags, run
     each scenario chosen from `scenarios` with `run(name, folder, smoke, threads)`, print each
     result and a JSON line keyed by `label`, exit 1 when any failed."""
-    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=None,
-                    help="exported models folder with a character model and a glimpse classifier "
-                         "(default: a random character model and the bundled mnist-nlstm)")
-    ap.add_argument("--only", nargs="+", choices=list(scenarios), default=list(scenarios), help="scenarios to run")
-    ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
+    ap = argparse.ArgumentParser(
+        description=sys.modules["__main__"].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="exported models folder with a character model and a glimpse classifier "
+        "(default: a random character model and the bundled mnist-nlstm)",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(scenarios),
+        default=list(scenarios),
+        help="scenarios to run",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="the server's onnxruntime intra-op threads"
+    )
     ap.add_argument("--smoke", action="store_true", help=smoke_help)
     args = ap.parse_args()
-    print(f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"{label}: scenarios {' '.join(args.only)}{' (smoke)' if args.smoke else ''}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     with models_folder(args.models) as folder:
         results = []
         for name in args.only:
@@ -206,8 +246,23 @@ def run_scenarios(label: str, scenarios: str, run, smoke_help: str) -> None:
             for failure in res.failures:
                 print(f"        FAILED: {failure}")
     failed = [r.name for r in results if not r.passed]
-    print(f"{label}: {len(results) - len(failed)} of {len(results)} scenarios passed"
-          + (f"; failed: {' '.join(failed)}" if failed else ""))
-    print(json.dumps({label: [{"name": r.name, "passed": r.passed, "figures": r.figures, "failures": r.failures}
-                              for r in results]}))
+    print(
+        f"{label}: {len(results) - len(failed)} of {len(results)} scenarios passed"
+        + (f"; failed: {' '.join(failed)}" if failed else "")
+    )
+    print(
+        json.dumps(
+            {
+                label: [
+                    {
+                        "name": r.name,
+                        "passed": r.passed,
+                        "figures": r.figures,
+                        "failures": r.failures,
+                    }
+                    for r in results
+                ]
+            }
+        )
+    )
     sys.exit(1 if failed else 0)

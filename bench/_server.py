@@ -73,5 +73,11 @@ def glimpse_requests(rng: np.random.Generator, model: str = "", session_id: str 
     from serving.formats import image_to_glimpses
 
     image = ((rng.random((28, 28)) < 0.2) * rng.integers(64, 256, (28, 28))).astype(np.uint8)
-    return [pb.GlimpseRequest(model=model if i == 0 else "", session_id=session_id if i == 0 else "",
-                              pixels=g.tolist()) for i, g in enumerate(image_to_glimpses(image))]
+    return [
+        pb.GlimpseRequest(
+            model=model if i == 0 else "",
+            session_id=session_id if i == 0 else "",
+            pixels=g.tolist(),
+        )
+        for i, g in enumerate(image_to_glimpses(image))
+    ]

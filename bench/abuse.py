@@ -93,24 +93,60 @@ def threads_of(pid: int) -> int:
 async def stop_strings(server: Server, smoke: bool) -> Result:
     res = Result("f", "stop: huge stop strings")
     n = 4 if smoke else 40
-    async with grpc.aio.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    async with grpc.aio.insecure_channel(
+        server.target, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
         stub = pb_grpc.InferenceStub(ch)
         char, _ = await pick_models(stub)
         rss0 = server.rss_mib()
         peak = PeakRss(server)
         huge = ["x" * 3_900_000] * 4
-        codes = Counter(await asyncio.gather(*(status(stub.Generate(
-            pb.GenerateRequest(model=char, max_chars=10, stop=huge)).read()) for _ in range(n))))
+        codes = Counter(
+            await asyncio.gather(
+                *(
+                    status(
+                        stub.Generate(
+                            pb.GenerateRequest(model=char, max_chars=10, stop=huge)
+                        ).read()
+                    )
+                    for _ in range(n)
+                )
+            )
+        )
         over = ["x" * 257] * 4
-        codes_over = Counter(await asyncio.gather(*(status(stub.Generate(
-            pb.GenerateRequest(model=char, max_chars=10, stop=over)).read()) for _ in range(n))))
-        ok = await status(stub.Generate(pb.GenerateRequest(model=char, max_chars=10, stop=["x" * 256] * 4)).read())
-        res.figures.update(huge_stops=dict(codes), stops_of_257=dict(codes_over), stops_of_256=ok,
-                           rss_before_mib=round(rss0, 1), rss_peak_mib=peak.stop(), rss_after_mib=round(server.rss_mib(), 1))
+        codes_over = Counter(
+            await asyncio.gather(
+                *(
+                    status(
+                        stub.Generate(
+                            pb.GenerateRequest(model=char, max_chars=10, stop=over)
+                        ).read()
+                    )
+                    for _ in range(n)
+                )
+            )
+        )
+        ok = await status(
+            stub.Generate(pb.GenerateRequest(model=char, max_chars=10, stop=["x" * 256] * 4)).read()
+        )
+        res.figures.update(
+            huge_stops=dict(codes),
+            stops_of_257=dict(codes_over),
+            stops_of_256=ok,
+            rss_before_mib=round(rss0, 1),
+            rss_peak_mib=peak.stop(),
+            rss_after_mib=round(server.rss_mib(), 1),
+        )
     res.check(codes == Counter({"RESOURCE_EXHAUSTED": n}), f"huge stop strings: {dict(codes)}")
-    res.check(codes_over == Counter({"INVALID_ARGUMENT": n}), f"stop strings over the limit: {dict(codes_over)}")
+    res.check(
+        codes_over == Counter({"INVALID_ARGUMENT": n}),
+        f"stop strings over the limit: {dict(codes_over)}",
+    )
     res.check(ok == "OK", f"stop strings at the limit: {ok}")
-    res.check(res.figures["rss_peak_mib"] - rss0 < 64, f"peak RSS grew {res.figures['rss_peak_mib'] - rss0:.0f} MiB")
+    res.check(
+        res.figures["rss_peak_mib"] - rss0 < 64,
+        f"peak RSS grew {res.figures['rss_peak_mib'] - rss0:.0f} MiB",
+    )
     return res
 
 
@@ -123,18 +159,34 @@ async def gzip_bombs(server: Server, smoke: bool) -> Result:
         rss0 = server.rss_mib()
         peak = PeakRss(server)
         bomb = pb.ScoreRequest(model=char, text="a" * 16_000_000)
-        codes = Counter(await asyncio.gather(*(status(stub.Score(bomb, compression=grpc.Compression.Gzip))
-                                               for _ in range(n))))
+        codes = Counter(
+            await asyncio.gather(
+                *(status(stub.Score(bomb, compression=grpc.Compression.Gzip)) for _ in range(n))
+            )
+        )
         bomb_peak = peak.stop()
         peak = PeakRss(server)
-        longest = pb.ScoreRequest(model=char, text="the cat sat on the mat " * 4347)  # 99,981 characters
+        longest = pb.ScoreRequest(
+            model=char, text="the cat sat on the mat " * 4347
+        )  # 99,981 characters
         n_max = 1 if smoke else n  # each is 100,000 characters of scoring
-        codes_max = Counter(await asyncio.gather(*(status(stub.Score(longest, compression=grpc.Compression.Gzip))
-                                                   for _ in range(n_max))))
-        res.figures.update(bombs=dict(codes), wire_bytes_each=len(_gzip(bomb.SerializeToString())),
-                           longest_allowed=dict(codes_max), rss_before_mib=round(rss0, 1),
-                           rss_peak_bombs_mib=bomb_peak, rss_peak_longest_mib=peak.stop(),
-                           rss_after_mib=round(server.rss_mib(), 1))
+        codes_max = Counter(
+            await asyncio.gather(
+                *(
+                    status(stub.Score(longest, compression=grpc.Compression.Gzip))
+                    for _ in range(n_max)
+                )
+            )
+        )
+        res.figures.update(
+            bombs=dict(codes),
+            wire_bytes_each=len(_gzip(bomb.SerializeToString())),
+            longest_allowed=dict(codes_max),
+            rss_before_mib=round(rss0, 1),
+            rss_peak_bombs_mib=bomb_peak,
+            rss_peak_longest_mib=peak.stop(),
+            rss_after_mib=round(server.rss_mib(), 1),
+        )
     res.check(codes == Counter({"RESOURCE_EXHAUSTED": n}), f"gzip bombs: {dict(codes)}")
     res.check(codes_max == Counter({"OK": n_max}), f"the longest text allowed: {dict(codes_max)}")
     res.check(bomb_peak - rss0 < 64, f"peak RSS under the bombs grew {bomb_peak - rss0:.0f} MiB")
@@ -149,7 +201,13 @@ def _gzip(data: bytes) -> bytes:
 
 async def metrics_idle(server: Server, smoke: bool) -> Result:
     res = Result("h", "metrics: idle connections to the metrics endpoint")
-    hosts = sorted({line.split("http://", 1)[1].rsplit(":", 1)[0] for line in server.log if "metrics on http://" in line})
+    hosts = sorted(
+        {
+            line.split("http://", 1)[1].rsplit(":", 1)[0]
+            for line in server.log
+            if "metrics on http://" in line
+        }
+    )
     before = threads_of(server.pid)
     conns = []
     for _ in range(100):
@@ -169,17 +227,31 @@ async def metrics_idle(server: Server, smoke: bool) -> Result:
     for s in conns:
         s.close()
     scrape = server.metric("nlstm_max_sessions")
-    res.figures.update(metrics_hosts=hosts, server_threads_before=before, with_100_idle=during,
-                       all_closed_after_s=round(max(closed_at), 1) if closed_at else None, scrape_ok=scrape > 0)
+    res.figures.update(
+        metrics_hosts=hosts,
+        server_threads_before=before,
+        with_100_idle=during,
+        all_closed_after_s=round(max(closed_at), 1) if closed_at else None,
+        scrape_ok=scrape > 0,
+    )
     res.check("0.0.0.0" not in hosts and hosts, f"the metrics endpoint listens on {hosts}")
-    res.check(during <= before + 2, f"server threads {before} -> {during} with 100 idle connections")
-    res.check(smoke or max(closed_at) < 12.5, f"idle connections closed after {max(closed_at or [0]):.1f} s")
+    res.check(
+        during <= before + 2, f"server threads {before} -> {during} with 100 idle connections"
+    )
+    res.check(
+        smoke or max(closed_at) < 12.5,
+        f"idle connections closed after {max(closed_at or [0]):.1f} s",
+    )
     res.check(scrape > 0, "the endpoint still answers")
     return res
 
 
-async def one_client(server: Server, smoke: bool, keys: list[str], bound: int, per_client: int) -> Result:
-    res = Result("i", f"one client: --max-sessions {bound} --max-sessions-per-client {per_client}, API keys")
+async def one_client(
+    server: Server, smoke: bool, keys: list[str], bound: int, per_client: int
+) -> Result:
+    res = Result(
+        "i", f"one client: --max-sessions {bound} --max-sessions-per-client {per_client}, API keys"
+    )
     md_a, md_b = [("authorization", f"Bearer {keys[0]}")], [("authorization", f"Bearer {keys[1]}")]
     async with grpc.aio.insecure_channel(server.target) as ch:
         stub = pb_grpc.InferenceStub(ch)
@@ -188,7 +260,9 @@ async def one_client(server: Server, smoke: bool, keys: list[str], bound: int, p
 
         async def create(md):
             try:
-                return "OK", (await stub.CreateSession(pb.CreateSessionRequest(model=char), metadata=md)).session_id
+                return "OK", (
+                    await stub.CreateSession(pb.CreateSessionRequest(model=char), metadata=md)
+                ).session_id
             except grpc.aio.AioRpcError as exc:
                 return exc.code().name, exc.details()
 
@@ -199,14 +273,29 @@ async def one_client(server: Server, smoke: bool, keys: list[str], bound: int, p
         details = next((d for c, d in results if c != "OK"), "")
         theirs = await create(md_b)
         mine = [d for c, d in results if c == "OK"]
-        stolen = await status(stub.Score(pb.ScoreRequest(session_id=mine[0], text="abc"), metadata=md_b))
-        closed = await status(stub.CloseSession(pb.CloseSessionRequest(session_id=mine[0]), metadata=md_b))
+        stolen = await status(
+            stub.Score(pb.ScoreRequest(session_id=mine[0], text="abc"), metadata=md_b)
+        )
+        closed = await status(
+            stub.CloseSession(pb.CloseSessionRequest(session_id=mine[0]), metadata=md_b)
+        )
         nokey = await status(stub.ListModels(pb.ListModelsRequest()))
         for sid in mine:
             await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=md_a)
-        res.figures.update(asked=bound, got=dict(codes), seconds=round(seconds, 2), message=details[:90],
-                           other_key=theirs[0], other_key_uses_it=stolen, other_key_closes_it=closed, no_key=nokey)
-    res.check(codes == Counter({"OK": per_client, "RESOURCE_EXHAUSTED": bound - per_client}), f"one key got {dict(codes)}")
+        res.figures.update(
+            asked=bound,
+            got=dict(codes),
+            seconds=round(seconds, 2),
+            message=details[:90],
+            other_key=theirs[0],
+            other_key_uses_it=stolen,
+            other_key_closes_it=closed,
+            no_key=nokey,
+        )
+    res.check(
+        codes == Counter({"OK": per_client, "RESOURCE_EXHAUSTED": bound - per_client}),
+        f"one key got {dict(codes)}",
+    )
     res.check("per-client session limit" in details, f"the refusal says: {details!r}")
     res.check(theirs[0] == "OK", f"another key's CreateSession: {theirs[0]}")
     res.check(stolen == closed == "NOT_FOUND", f"another key on the session: {stolen}, {closed}")
@@ -231,14 +320,18 @@ async def killed_glimpses(server: Server, smoke: bool) -> Result:
             st.cancel()
         deadline = time.perf_counter() + 5
         while time.perf_counter() < deadline:
-            counted = {c: int(server.metric("nlstm_requests_total", method="ClassifyGlimpses", code=c))
-                       for c in ("OK", "CANCELLED")}
+            counted = {
+                c: int(server.metric("nlstm_requests_total", method="ClassifyGlimpses", code=c))
+                for c in ("OK", "CANCELLED")
+            }
             active = server.metric("nlstm_active_sequences", model=glimpse)
             if counted["CANCELLED"] == 2 * n and active == 0:
                 break
             await asyncio.sleep(0.1)
         res.figures.update(streams=2 * n, counted=counted, active_sequences_after=active)
-    res.check(counted == {"OK": 0, "CANCELLED": 2 * n}, f"counted {counted} of {2 * n} cancelled streams")
+    res.check(
+        counted == {"OK": 0, "CANCELLED": 2 * n}, f"counted {counted} of {2 * n} cancelled streams"
+    )
     res.check(active == 0, f"nlstm_active_sequences is {active} on an idle server")
     return res
 
@@ -246,14 +339,42 @@ async def killed_glimpses(server: Server, smoke: bool) -> Result:
 def bad_settings(folder: Path) -> Result:
     res = Result("k", "settings: out-of-range values refused at start")
     seen = {}
-    for flag, value in (("--idle-timeout", "5e9"), ("--idle-timeout", "inf"), ("--idle-timeout", "nan"),
-                        ("--idle-timeout", "0.5"), ("--max-wait-ms", "inf")):
+    for flag, value in (
+        ("--idle-timeout", "5e9"),
+        ("--idle-timeout", "inf"),
+        ("--idle-timeout", "nan"),
+        ("--idle-timeout", "0.5"),
+        ("--max-wait-ms", "inf"),
+    ):
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--models", str(folder), "--port", "0",
-                              "--metrics-port", "-1", flag, value], capture_output=True, text=True, cwd=REPO, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "serve",
+                "--models",
+                str(folder),
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                flag,
+                value,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         line = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
-        seen[f"{flag} {value}"] = f"exit {out.returncode} in {time.perf_counter() - t0:.1f} s: {line}"
-        res.check(out.returncode == 2 and f"{flag} must be" in line, f"{flag} {value}: {seen[f'{flag} {value}']}")
+        seen[f"{flag} {value}"] = (
+            f"exit {out.returncode} in {time.perf_counter() - t0:.1f} s: {line}"
+        )
+        res.check(
+            out.returncode == 2 and f"{flag} must be" in line,
+            f"{flag} {value}: {seen[f'{flag} {value}']}",
+        )
     res.figures.update(seen)
     return res
 
@@ -270,8 +391,17 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
             "f": ([], lambda s: stop_strings(s, smoke)),
             "g": ([], lambda s: gzip_bombs(s, smoke)),
             "h": ([], lambda s: metrics_idle(s, smoke)),
-            "i": (["--api-keys-file", f.name, "--max-sessions", str(bound), "--max-sessions-per-client", str(per_client)],
-                  lambda s: one_client(s, smoke, keys, bound, per_client)),
+            "i": (
+                [
+                    "--api-keys-file",
+                    f.name,
+                    "--max-sessions",
+                    str(bound),
+                    "--max-sessions-per-client",
+                    str(per_client),
+                ],
+                lambda s: one_client(s, smoke, keys, bound, per_client),
+            ),
             "j": ([], lambda s: killed_glimpses(s, smoke)),
         }[name]
         t0 = time.perf_counter()
@@ -293,6 +423,7 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
 
 def main() -> None:
     run_scenarios("abuse", "fghijk", run, "fewer calls (CI)")
+
 
 if __name__ == "__main__":
     main()

@@ -59,7 +59,9 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.testing.process import Server
 
-UNDISPATCHED_WITHIN = 0.5  # d: seconds after SIGTERM in which grpc cancels the calls it holds undispatched
+UNDISPATCHED_WITHIN = (
+    0.5  # d: seconds after SIGTERM in which grpc cancels the calls it holds undispatched
+)
 
 # b: a client that opens Generate and glimpse streams on the sessions given, keeps reading the
 # Generate streams and holds the glimpse streams open, until it is killed
@@ -121,12 +123,16 @@ async def cancel_mid_stream(server: Server, smoke: bool) -> Result:
             async with limit:
                 sid, gid = await create(stub, char), await create(stub, glimpse)
                 calls["Generate"] += 1
-                call = stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=100_000, temperature=1.0))
+                call = stub.Generate(
+                    pb.GenerateRequest(session_id=sid, max_chars=100_000, temperature=1.0)
+                )
                 for _ in range(1 + i % 3):
                     await call.read()
                 call.cancel()
                 client_codes[f"Generate {(await call.code()).name}"] += 1
-                release["cancelled Generate"].append(await usable_after(stub, sid, False, rng, calls))
+                release["cancelled Generate"].append(
+                    await usable_after(stub, sid, False, rng, calls)
+                )
                 calls["ClassifyGlimpses"] += 1
                 stream = stub.ClassifyGlimpses()
                 for request in glimpse_requests(rng, session_id=gid)[: 1 + i % 10]:
@@ -134,15 +140,19 @@ async def cancel_mid_stream(server: Server, smoke: bool) -> Result:
                     await stream.read()
                 stream.cancel()
                 client_codes[f"ClassifyGlimpses {(await stream.code()).name}"] += 1
-                release["cancelled glimpses"].append(await usable_after(stub, gid, True, rng, calls))
+                release["cancelled glimpses"].append(
+                    await usable_after(stub, gid, True, rng, calls)
+                )
                 for s in (sid, gid):
                     await stub.CloseSession(pb.CloseSessionRequest(session_id=s))
 
         await asyncio.gather(*(one(i) for i in range(n)))
         counted = await server_counts(server, calls, ("Generate", "ClassifyGlimpses", "Score"))
     res.figures.update(cancelled=dict(client_codes))
-    res.check(client_codes == Counter({"Generate CANCELLED": n, "ClassifyGlimpses CANCELLED": n}),
-              f"client-side codes {dict(client_codes)}")
+    res.check(
+        client_codes == Counter({"Generate CANCELLED": n, "ClassifyGlimpses CANCELLED": n}),
+        f"client-side codes {dict(client_codes)}",
+    )
     for what, times in release.items():
         check_released(res, times, what)
     check_counted(res, counted, calls)
@@ -150,7 +160,9 @@ async def cancel_mid_stream(server: Server, smoke: bool) -> Result:
 
 
 async def disconnect(server: Server, smoke: bool) -> Result:
-    res = Result("b", "disconnect: a client process killed mid-call, a channel closed abruptly mid-call")
+    res = Result(
+        "b", "disconnect: a client process killed mid-call, a channel closed abruptly mid-call"
+    )
     n, rng, calls = (4 if smoke else 32), np.random.default_rng(2), Counter()
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -160,17 +172,24 @@ async def disconnect(server: Server, smoke: bool) -> Result:
         glimpses = [await create(stub, glimpse) for _ in range(n)]
         # a client process killed mid-call: the kernel closes its connection, no HTTP/2 goodbye
         t0 = time.perf_counter()
-        client = await spawn(DISCONNECTING_CLIENT, server.target, "100000", ",".join(chars), ",".join(glimpses))
+        client = await spawn(
+            DISCONNECTING_CLIENT, server.target, "100000", ",".join(chars), ",".join(glimpses)
+        )
         calls.update(Generate=n, ClassifyGlimpses=n)
         await asyncio.sleep(0.3)
         client.kill()
         client.wait()
-        killed = await asyncio.gather(*(usable_after(stub, s, s in glimpses, rng, calls) for s in chars + glimpses))
+        killed = await asyncio.gather(
+            *(usable_after(stub, s, s in glimpses, rng, calls) for s in chars + glimpses)
+        )
         check_released(res, killed, "SIGKILL")
         # a channel closed mid-call without waiting for its calls
         abrupt = grpc.aio.insecure_channel(server.target)
         other = pb_grpc.InferenceStub(abrupt)
-        gens = [other.Generate(pb.GenerateRequest(session_id=s, max_chars=100_000, temperature=1.0)) for s in chars]
+        gens = [
+            other.Generate(pb.GenerateRequest(session_id=s, max_chars=100_000, temperature=1.0))
+            for s in chars
+        ]
         streams = [other.ClassifyGlimpses() for _ in glimpses]
         calls.update(Generate=n, ClassifyGlimpses=n)
         for g in gens:
@@ -179,7 +198,9 @@ async def disconnect(server: Server, smoke: bool) -> Result:
             await st.write(glimpse_requests(rng, session_id=s)[0])
             await st.read()
         await abrupt.close(grace=None)
-        closed = await asyncio.gather(*(usable_after(stub, s, s in glimpses, rng, calls) for s in chars + glimpses))
+        closed = await asyncio.gather(
+            *(usable_after(stub, s, s in glimpses, rng, calls) for s in chars + glimpses)
+        )
         check_released(res, closed, "channel close")
         await bystander.stop(calls)
         counted = await server_counts(server, calls, ("Generate", "ClassifyGlimpses", "Score"))
@@ -203,7 +224,9 @@ async def stalled_reader(server: Server, smoke: bool, max_chars: int) -> Result:
         t_base = time.perf_counter()
         await asyncio.sleep(settle)
         rss0 = server.rss_mib()
-        counted0 = server.metric("nlstm_requests_total", method="Generate") - bystander.count("Generate")
+        counted0 = server.metric("nlstm_requests_total", method="Generate") - bystander.count(
+            "Generate"
+        )
         t0 = time.perf_counter()
         client = await spawn(STALLED_CLIENT, server.target, str(max_chars), ",".join(sessions))
         try:
@@ -216,31 +239,52 @@ async def stalled_reader(server: Server, smoke: bool, max_chars: int) -> Result:
             rss1 = server.rss_mib()
             # the stalled calls the server has not finished, blocked writing to them (give or
             # take the bystander's call in flight, which the server may have counted already)
-            open_calls = max(0, n - int(server.metric("nlstm_requests_total", method="Generate")
-                                        - bystander.count("Generate") - counted0))
+            open_calls = max(
+                0,
+                n
+                - int(
+                    server.metric("nlstm_requests_total", method="Generate")
+                    - bystander.count("Generate")
+                    - counted0
+                ),
+            )
             await asyncio.sleep(hold)
             rss2 = server.rss_mib()
             t_end = time.perf_counter()
         finally:
             client.kill()
             client.wait()
-        release = await asyncio.gather(*(usable_after(stub, s, False, rng, calls) for s in sessions))
+        release = await asyncio.gather(
+            *(usable_after(stub, s, False, rng, calls) for s in sessions)
+        )
         await asyncio.sleep(1.0)
         rss3 = server.rss_mib()
         await bystander.stop(calls)
     base, during = bystander.window(t_base, t0), bystander.window(t0, t_end)
     res.figures.update(
-        stalled_calls=n, max_chars=max_chars, seconds_to_generate_all=round(generated, 1),
-        calls_still_open_on_server=open_calls, rss_before_mib=round(rss0, 1), rss_generated_mib=round(rss1, 1),
-        rss_after_hold_mib=round(rss2, 1), hold_s=hold, rss_after_kill_mib=round(rss3, 1),
-        bytes_per_stalled_char=round((rss1 - rss0) * 2**20 / (n * max_chars)), bystander_before=base,
+        stalled_calls=n,
+        max_chars=max_chars,
+        seconds_to_generate_all=round(generated, 1),
+        calls_still_open_on_server=open_calls,
+        rss_before_mib=round(rss0, 1),
+        rss_generated_mib=round(rss1, 1),
+        rss_after_hold_mib=round(rss2, 1),
+        hold_s=hold,
+        rss_after_kill_mib=round(rss3, 1),
+        bytes_per_stalled_char=round((rss1 - rss0) * 2**20 / (n * max_chars)),
+        bystander_before=base,
         bystander_during=during,
     )
     res.check(depth <= 1, "the stalled calls were still generating after 300 s")
-    res.check(rss2 - rss1 <= 2.0, f"memory kept growing after the stalled calls were done: "
-                                  f"{rss1:.1f} -> {rss2:.1f} MiB in {hold:g} s")
-    res.check(not during["errors"] and during["calls"] > 0 and during["p99_ms"] < 1000,
-              f"the other client while the reader was stalled: {during}")
+    res.check(
+        rss2 - rss1 <= 2.0,
+        f"memory kept growing after the stalled calls were done: "
+        f"{rss1:.1f} -> {rss2:.1f} MiB in {hold:g} s",
+    )
+    res.check(
+        not during["errors"] and during["calls"] > 0 and during["p99_ms"] < 1000,
+        f"the other client while the reader was stalled: {during}",
+    )
     check_released(res, release, "stalled client killed")
     return res
 
@@ -253,8 +297,11 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
     rng = np.random.default_rng(4)
     short: list[tuple[str, float, float, str]] = []  # (rpc, issued, ended, code)
     # the calls started before SIGTERM (their first answer came back) and how each ended
-    started: dict[str, list[tuple[str, float]]] = {"long Generate": [], "paced glimpse stream": [],
-                                                   "held glimpse stream": []}
+    started: dict[str, list[tuple[str, float]]] = {
+        "long Generate": [],
+        "paced glimpse stream": [],
+        "held glimpse stream": [],
+    }
     health: list[tuple[str, float]] = []
     t_sig = math.inf
     async with grpc.aio.insecure_channel(server.target) as channel:
@@ -265,14 +312,21 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
             request = health_pb2.HealthCheckRequest(service="nlstm.v1.Inference")
             try:
                 async for r in health_pb2_grpc.HealthStub(channel).Watch(request):
-                    health.append((health_pb2.HealthCheckResponse.ServingStatus.Name(r.status), time.perf_counter()))
+                    health.append(
+                        (
+                            health_pb2.HealthCheckResponse.ServingStatus.Name(r.status),
+                            time.perf_counter(),
+                        )
+                    )
             except grpc.aio.AioRpcError as exc:
                 health.append((exc.code().name, time.perf_counter()))
 
         async def long_generate(first: asyncio.Event) -> None:
             # more characters than the grace period allows: stopped GENERATE_END_MARGIN before its
             # end
-            call = stub.Generate(pb.GenerateRequest(model=char, max_chars=1_000_000, temperature=1.0))
+            call = stub.Generate(
+                pb.GenerateRequest(model=char, max_chars=1_000_000, temperature=1.0)
+            )
             last = await call.read()
             first.set()
             try:
@@ -307,12 +361,21 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
             while time.perf_counter() < t_sig + 1.0:
                 rpc, t0 = ("Generate", "Score", "ClassifyGlimpses")[i % 3], time.perf_counter()
                 if rpc == "Generate":
-                    code = await status(drain(stub.Generate(pb.GenerateRequest(model=char, max_chars=30,
-                                                                               temperature=1.0))))
+                    code = await status(
+                        drain(
+                            stub.Generate(
+                                pb.GenerateRequest(model=char, max_chars=30, temperature=1.0)
+                            )
+                        )
+                    )
                 elif rpc == "Score":
-                    code = await status(stub.Score(pb.ScoreRequest(model=char, text="the cat sat on the mat")))
+                    code = await status(
+                        stub.Score(pb.ScoreRequest(model=char, text="the cat sat on the mat"))
+                    )
                 else:
-                    code = await status(drain(stub.ClassifyGlimpses(glimpse_requests(rng, model=glimpse))))
+                    code = await status(
+                        drain(stub.ClassifyGlimpses(glimpse_requests(rng, model=glimpse)))
+                    )
                 short.append((rpc, t0, time.perf_counter(), code))
                 if code != "OK":
                     await asyncio.sleep(0.02)
@@ -323,10 +386,14 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
         pause = (grace - 1.0) / 20  # the 20 glimpses take the grace period but its last second
         tasks = [asyncio.create_task(long_generate(e)) for e in firsts[:streams]]
         image = glimpse_requests(rng, model=glimpse)
-        tasks += [asyncio.create_task(glimpses(e, "paced glimpse stream", image, pause))
-                  for e in firsts[streams:2 * streams]]
-        tasks += [asyncio.create_task(glimpses(e, "held glimpse stream", image * 100, 0.2))
-                  for e in firsts[2 * streams:]]
+        tasks += [
+            asyncio.create_task(glimpses(e, "paced glimpse stream", image, pause))
+            for e in firsts[streams : 2 * streams]
+        ]
+        tasks += [
+            asyncio.create_task(glimpses(e, "held glimpse stream", image * 100, 0.2))
+            for e in firsts[2 * streams :]
+        ]
         await asyncio.gather(*(e.wait() for e in firsts))
         tasks += [asyncio.create_task(worker(i)) for i in range(workers)]
         await asyncio.sleep(0.5 if smoke else 2.0)
@@ -340,25 +407,44 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
 
     deadline = t_sig + grace + 0.25
     t_down = next((t for h, t in health if h == "NOT_SERVING"), math.inf)
-    res.figures.update(exit_code=code, exit_s=round(exited, 2), health=[h for h, _ in health],
-                       not_serving_after_s=round(t_down - t_sig, 3))
-    res.check(code == 0 and exited <= grace + 1.5, f"the server exited with {code} after {exited:.2f} s")
+    res.figures.update(
+        exit_code=code,
+        exit_s=round(exited, 2),
+        health=[h for h, _ in health],
+        not_serving_after_s=round(t_down - t_sig, 3),
+    )
+    res.check(
+        code == 0 and exited <= grace + 1.5, f"the server exited with {code} after {exited:.2f} s"
+    )
     res.check(t_down < math.inf, f"health never turned NOT_SERVING: {health}")
-    expected = {"long Generate": {"FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"},
-                "paced glimpse stream": {"OK after 20 answers"}, "held glimpse stream": {"UNAVAILABLE"}}
+    expected = {
+        "long Generate": {"FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"},
+        "paced glimpse stream": {"OK after 20 answers"},
+        "held glimpse stream": {"UNAVAILABLE"},
+    }
     for what, ends in started.items():
         late = max(t for _, t in ends) - t_sig
         res.figures[what] = {**Counter(e for e, _ in ends), "last_ended_s": round(late, 2)}
-        res.check({e for e, _ in ends} <= expected[what], f"{what}s started before SIGTERM ended {res.figures[what]}")
-        res.check(late <= grace + (0.75 if what == "held glimpse stream" else 0.25),
-                  f"a {what} ended {late:.2f} s after SIGTERM (grace {grace:g} s)")
+        res.check(
+            {e for e, _ in ends} <= expected[what],
+            f"{what}s started before SIGTERM ended {res.figures[what]}",
+        )
+        res.check(
+            late <= grace + (0.75 if what == "held glimpse stream" else 0.25),
+            f"a {what} ended {late:.2f} s after SIGTERM (grace {grace:g} s)",
+        )
 
     # Short calls: OK if the server started them before it turned NOT_SERVING (and then they
     # end by the deadline); UNAVAILABLE if it had not (the client cannot tell which for a call
     # issued before SIGTERM: it may wait in grpc's queue); or CANCELLED, at once, by grpc for
     # the calls it still held undispatched when the server's stop began (grpc/grpc#41785).
     def show(calls: list) -> str:  # (rpc, issued and ended in s after SIGTERM, code)
-        return str([(rpc, round(t0 - t_sig, 3), round(t1 - t_sig, 3), code) for rpc, t0, t1, code in calls[:5]])
+        return str(
+            [
+                (rpc, round(t0 - t_sig, 3), round(t1 - t_sig, 3), code)
+                for rpc, t0, t1, code in calls[:5]
+            ]
+        )
 
     # A glimpse stream (bidi) that grpc held undispatched ended INTERNAL instead, once, on the
     # client, at the moment of SIGTERM on a loaded machine (2026-12-01), with no error in the
@@ -367,14 +453,22 @@ async def sigterm_under_load(server: Server, smoke: bool, grace: float) -> Resul
     def fine(call: tuple) -> bool:
         rpc, issued, ended, code = call
         undispatched = ended < t_sig + UNDISPATCHED_WITHIN
-        return ((code == "OK" and issued < t_down and ended <= deadline) or code == "UNAVAILABLE"
-                or (code == "CANCELLED" and undispatched)
-                or (code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched))
+        return (
+            (code == "OK" and issued < t_down and ended <= deadline)
+            or code == "UNAVAILABLE"
+            or (code == "CANCELLED" and undispatched)
+            or (code == "INTERNAL" and rpc == "ClassifyGlimpses" and undispatched)
+        )
 
-    windows = {"before SIGTERM": (-math.inf, t_sig), "until NOT_SERVING": (t_sig, t_down),
-               "after NOT_SERVING": (t_down, math.inf)}
-    res.figures["short calls"] = {name: dict(Counter(c[3] for c in short if a <= c[1] < b))
-                                  for name, (a, b) in windows.items()}
+    windows = {
+        "before SIGTERM": (-math.inf, t_sig),
+        "until NOT_SERVING": (t_sig, t_down),
+        "after NOT_SERVING": (t_down, math.inf),
+    }
+    res.figures["short calls"] = {
+        name: dict(Counter(c[3] for c in short if a <= c[1] < b))
+        for name, (a, b) in windows.items()
+    }
     bad = [c for c in short if not fine(c)]
     res.check(not bad, f"short calls that ended otherwise: {show(bad)}")
     res.check(any(c[1] >= t_down for c in short), "no call was made after NOT_SERVING")
@@ -387,11 +481,15 @@ async def session_bound(server: Server, smoke: bool, bound: int) -> Result:
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         char, glimpse = await pick_models(stub)
-        sessions = [(await create(stub, char if i % 2 else glimpse), bool(i % 2)) for i in range(bound)]
+        sessions = [
+            (await create(stub, char if i % 2 else glimpse), bool(i % 2)) for i in range(bound)
+        ]
 
         async def use(sid: str, is_char: bool) -> None:
             if is_char:
-                await drain(stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=30, temperature=1.0)))
+                await drain(
+                    stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=30, temperature=1.0))
+                )
                 await stub.Score(pb.ScoreRequest(session_id=sid, text="the cat sat"))
             else:
                 await drain(stub.ClassifyGlimpses(glimpse_requests(rng, session_id=sid)))
@@ -402,20 +500,34 @@ async def session_bound(server: Server, smoke: bool, bound: int) -> Result:
         def sessionless() -> Awaitable:
             return status(stub.Score(pb.ScoreRequest(model=char, text="the cat sat")))
 
-        results = await asyncio.gather(*(status(use(s, c)) for s, c in sessions),
-                                       *(extra() for _ in range(2 * bound)), *(sessionless() for _ in range(bound)))
-        used, extras, free = results[:bound], results[bound:3 * bound], results[3 * bound:]
+        results = await asyncio.gather(
+            *(status(use(s, c)) for s, c in sessions),
+            *(extra() for _ in range(2 * bound)),
+            *(sessionless() for _ in range(bound)),
+        )
+        used, extras, free = results[:bound], results[bound : 3 * bound], results[3 * bound :]
         active = server.metric("nlstm_active_sessions")
         await stub.CloseSession(pb.CloseSessionRequest(session_id=sessions[0][0]))
         room = await extra()
-        await asyncio.gather(*(stub.CloseSession(pb.CloseSessionRequest(session_id=s)) for s, _ in sessions[1:]))
-        res.figures.update(
-            sessions=bound, beyond_the_bound=dict(Counter(extras)), sessions_served=dict(Counter(used)),
-            sessionless_served=dict(Counter(free)), active_sessions_gauge=active, create_after_close=room,
+        await asyncio.gather(
+            *(stub.CloseSession(pb.CloseSessionRequest(session_id=s)) for s, _ in sessions[1:])
         )
-    res.check(Counter(extras) == Counter({"RESOURCE_EXHAUSTED": 2 * bound}),
-              f"CreateSession beyond the bound: {dict(Counter(extras))}")
-    res.check(Counter(used) == Counter({"OK": bound}), f"calls on the existing sessions: {dict(Counter(used))}")
+        res.figures.update(
+            sessions=bound,
+            beyond_the_bound=dict(Counter(extras)),
+            sessions_served=dict(Counter(used)),
+            sessionless_served=dict(Counter(free)),
+            active_sessions_gauge=active,
+            create_after_close=room,
+        )
+    res.check(
+        Counter(extras) == Counter({"RESOURCE_EXHAUSTED": 2 * bound}),
+        f"CreateSession beyond the bound: {dict(Counter(extras))}",
+    )
+    res.check(
+        Counter(used) == Counter({"OK": bound}),
+        f"calls on the existing sessions: {dict(Counter(used))}",
+    )
     res.check(Counter(free) == Counter({"OK": bound}), f"session-less calls: {dict(Counter(free))}")
     res.check(active == bound, f"nlstm_active_sessions is {active}, not {bound}")
     res.check(room == "OK", f"CreateSession after closing one: {room}")
@@ -428,16 +540,25 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
     flags, scenario = {
         "a": (["--max-chars", "100000"], lambda server: cancel_mid_stream(server, smoke)),
         "b": (["--max-chars", "100000"], lambda server: disconnect(server, smoke)),
-        "c": (["--max-chars", str(stall_chars)], lambda server: stalled_reader(server, smoke, stall_chars)),
-        "d": (["--max-chars", "1000000", "--grace", str(grace)],
-              lambda server: sigterm_under_load(server, smoke, grace)),
+        "c": (
+            ["--max-chars", str(stall_chars)],
+            lambda server: stalled_reader(server, smoke, stall_chars),
+        ),
+        "d": (
+            ["--max-chars", "1000000", "--grace", str(grace)],
+            lambda server: sigterm_under_load(server, smoke, grace),
+        ),
         "e": (["--max-sessions", str(bound)], lambda server: session_bound(server, smoke, bound)),
     }[name]
     t0 = time.perf_counter()
     with Server(folder, "--threads", str(threads), *flags) as server:
         try:
             res = await scenario(server)
-        except (AssertionError, grpc.aio.AioRpcError, RuntimeError) as exc:  # a wrong answer or status
+        except (
+            AssertionError,
+            grpc.aio.AioRpcError,
+            RuntimeError,
+        ) as exc:  # a wrong answer or status
             res = Result(name, "crashed")
             res.check(False, f"{type(exc).__name__}: {exc}")
         if server.proc.poll() is None:
@@ -450,6 +571,7 @@ async def run(name: str, folder: Path, smoke: bool, threads: int) -> Result:
 
 def main() -> None:
     run_scenarios("faults", "abcde", run, "fewer calls and shorter waits (CI)")
+
 
 if __name__ == "__main__":
     main()

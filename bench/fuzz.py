@@ -37,8 +37,14 @@ from serving.testing.process import Server
 from training.testing.models import export_tiny_models
 
 LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)
-FLAGS = ("--max-chars", str(LIMITS.max_chars), "--max-text", str(LIMITS.max_text),
-         "--max-sessions", str(LIMITS.max_sessions))
+FLAGS = (
+    "--max-chars",
+    str(LIMITS.max_chars),
+    "--max-text",
+    str(LIMITS.max_text),
+    "--max-sessions",
+    str(LIMITS.max_sessions),
+)
 CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED")
 
 
@@ -71,13 +77,18 @@ class Tally:
         return self.codes["INTERNAL"] + self.codes["UNKNOWN"]
 
 
-def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: int, max_rss_growth: float) -> bool:
+def run(
+    models: Path, rpcs: list[str], examples: int, seed: int, check_every: int, max_rss_growth: float
+) -> bool:
     with Server(models, *FLAGS, metrics=False) as server:
         channel = grpc.insecure_channel(server.target)
         fuzzer = Fuzzer(channel, LIMITS)
         rss0 = server.rss_mib()
-        print(f"fuzzing {', '.join(f'{n} ({k})' for n, k in sorted(fuzzer.target.models.items()))} "
-              f"on port {server.port}: {examples} requests per rpc, seed {seed}", flush=True)
+        print(
+            f"fuzzing {', '.join(f'{n} ({k})' for n, k in sorted(fuzzer.target.models.items()))} "
+            f"on port {server.port}: {examples} requests per rpc, seed {seed}",
+            flush=True,
+        )
         tallies: dict[str, Tally] = {}
         for rpc in rpcs:
             t0 = time.perf_counter()
@@ -88,21 +99,49 @@ def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: in
             if not tally.alive:
                 break
             tally.rss_mib = server.rss_mib()
-            print(f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s, "
-                  f"RSS {tally.rss_mib:.0f} MiB", flush=True)
+            print(
+                f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s, "
+                f"RSS {tally.rss_mib:.0f} MiB",
+                flush=True,
+            )
         channel.close()
         errors = server.errors()
-    others = sorted({c for t in tallies.values() for c in t.codes} - set(CODES) - {"INTERNAL", "UNKNOWN"})
+    others = sorted(
+        {c for t in tallies.values() for c in t.codes} - set(CODES) - {"INTERNAL", "UNKNOWN"}
+    )
     columns = [*CODES, *others]
-    head = ["rpc", "sent", *columns, "INTERNAL/UNKNOWN", "contract broken", "alive", "good after", "RSS MiB"]
-    rows = [[rpc, sum(t.codes.values()), *(t.codes[c] for c in columns), t.internal, sum(t.problems.values()),
-             "yes" if t.alive else "NO", "yes" if not t.bad_checks else f"NO ({t.bad_checks} checks)",
-             f"{t.rss_mib:.0f}"]
-            for rpc, t in tallies.items()]
+    head = [
+        "rpc",
+        "sent",
+        *columns,
+        "INTERNAL/UNKNOWN",
+        "contract broken",
+        "alive",
+        "good after",
+        "RSS MiB",
+    ]
+    rows = [
+        [
+            rpc,
+            sum(t.codes.values()),
+            *(t.codes[c] for c in columns),
+            t.internal,
+            sum(t.problems.values()),
+            "yes" if t.alive else "NO",
+            "yes" if not t.bad_checks else f"NO ({t.bad_checks} checks)",
+            f"{t.rss_mib:.0f}",
+        ]
+        for rpc, t in tallies.items()
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     print()
     for row in (head, *rows):
-        print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                str(x).rjust(w) if i else str(x).ljust(w)
+                for i, (x, w) in enumerate(zip(row, widths))
+            )
+        )
     problems = Counter()
     for t in tallies.values():
         problems.update(t.problems)
@@ -110,38 +149,107 @@ def run(models: Path, rpcs: list[str], examples: int, seed: int, check_every: in
         print(f"{n:>6} x {problem}")
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {line}" for line in errors[:20]))
     growth = max((t.rss_mib for t in tallies.values()), default=rss0) - rss0
-    print(f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB (bound {max_rss_growth:g})")
-    passed = (not problems and not errors and len(tallies) == len(rpcs) and all(t.alive for t in tallies.values())
-              and growth <= max_rss_growth)
-    print(json.dumps({"fuzz": {rpc: {"sent": sum(t.codes.values()), "codes": dict(t.codes), "internal": t.internal,
-                                     "broken": sum(t.problems.values()), "alive": t.alive, "good_after": not t.bad_checks,
-                                     "rss_mib": round(t.rss_mib, 1)}
-                               for rpc, t in tallies.items()},
-                      "rss_start_mib": round(rss0, 1), "rss_growth_mib": round(growth, 1),
-                      "log_errors": errors, "passed": passed}))
+    print(
+        f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB (bound {max_rss_growth:g})"
+    )
+    passed = (
+        not problems
+        and not errors
+        and len(tallies) == len(rpcs)
+        and all(t.alive for t in tallies.values())
+        and growth <= max_rss_growth
+    )
+    print(
+        json.dumps(
+            {
+                "fuzz": {
+                    rpc: {
+                        "sent": sum(t.codes.values()),
+                        "codes": dict(t.codes),
+                        "internal": t.internal,
+                        "broken": sum(t.problems.values()),
+                        "alive": t.alive,
+                        "good_after": not t.bad_checks,
+                        "rss_mib": round(t.rss_mib, 1),
+                    }
+                    for rpc, t in tallies.items()
+                },
+                "rss_start_mib": round(rss0, 1),
+                "rss_growth_mib": round(growth, 1),
+                "log_errors": errors,
+                "passed": passed,
+            }
+        )
+    )
     return passed
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=REPO / "exported", help="exported models folder (default: exported/)")
-    ap.add_argument("--tiny", action="store_true", help="tiny random models exported to a temporary folder instead")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models",
+        type=Path,
+        default=REPO / "exported",
+        help="exported models folder (default: exported/)",
+    )
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random models exported to a temporary folder instead",
+    )
     ap.add_argument("--examples", type=int, default=5000, help="requests per rpc")
-    ap.add_argument("--seed", type=int, default=0, help="hypothesis's seed: the same seed sends the same requests")
-    ap.add_argument("--check-every", type=int, default=10, help="requests between two checks of the good requests")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="hypothesis's seed: the same seed sends the same requests",
+    )
+    ap.add_argument(
+        "--check-every",
+        type=int,
+        default=10,
+        help="requests between two checks of the good requests",
+    )
     ap.add_argument("--rpcs", nargs="+", choices=RPCS, default=list(RPCS))
     ap.add_argument("--smoke", action="store_true", help="10 requests per rpc")
-    ap.add_argument("--max-rss-growth-mib", type=float, default=64.0,
-                    help="most the server's RSS may grow over the run (default 64 MiB)")
+    ap.add_argument(
+        "--max-rss-growth-mib",
+        type=float,
+        default=64.0,
+        help="most the server's RSS may grow over the run (default 64 MiB)",
+    )
     args = ap.parse_args()
     if args.smoke:
         args.examples = 10
     if not args.tiny:
-        return 0 if run(args.models, args.rpcs, args.examples, args.seed, args.check_every,
-                        args.max_rss_growth_mib) else 1
+        return (
+            0
+            if run(
+                args.models,
+                args.rpcs,
+                args.examples,
+                args.seed,
+                args.check_every,
+                args.max_rss_growth_mib,
+            )
+            else 1
+        )
     with tempfile.TemporaryDirectory(prefix="nlstm-fuzz-") as tmp:
         models = export_tiny_models(Path(tmp))
-        return 0 if run(models, args.rpcs, args.examples, args.seed, args.check_every, args.max_rss_growth_mib) else 1
+        return (
+            0
+            if run(
+                models,
+                args.rpcs,
+                args.examples,
+                args.seed,
+                args.check_every,
+                args.max_rss_growth_mib,
+            )
+            else 1
+        )
 
 
 if __name__ == "__main__":

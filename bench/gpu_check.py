@@ -50,18 +50,40 @@ def run_stage(name: str, cmd: list[str], timeout: float) -> dict:
     """Run one stage's command; its status, seconds, and the tail of its output."""
     t0 = time.monotonic()
     if timeout < 5:
-        return {"name": name, "status": "skipped", "reason": "no time left in the budget", "seconds": 0.0}
+        return {
+            "name": name,
+            "status": "skipped",
+            "reason": "no time left in the budget",
+            "seconds": 0.0,
+        }
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, **CHILD_ENV})
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, **CHILD_ENV},
+        )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"name": name, "status": "timeout", "seconds": round(time.monotonic() - t0, 1),
-                "reason": f"ran past its {timeout:.0f} s", "output": out[-3000:]}
+        return {
+            "name": name,
+            "status": "timeout",
+            "seconds": round(time.monotonic() - t0, 1),
+            "reason": f"ran past its {timeout:.0f} s",
+            "output": out[-3000:],
+        }
     status = "ok" if proc.returncode == 0 else "failed"
-    return {"name": name, "status": status, "seconds": round(time.monotonic() - t0, 1),
-            "returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-3000:],
-            "stdout": proc.stdout}
+    return {
+        "name": name,
+        "status": status,
+        "seconds": round(time.monotonic() - t0, 1),
+        "returncode": proc.returncode,
+        "output": (proc.stdout + proc.stderr)[-3000:],
+        "stdout": proc.stdout,
+    }
 
 
 def pytest_counts(output: str) -> dict[str, int]:
@@ -81,8 +103,15 @@ def find_ptb(data_dir: str) -> Path | None:
     """The raw-data folder holding ptb/ptb.char.train.txt: --data-dir when given (only it),
     else $NLSTM_DATA_DIR, the checkout's shared/data (what a lent machine receives) or
     ../shared/data."""
-    places = [data_dir] if data_dir else [os.environ.get("NLSTM_DATA_DIR", ""), REPO / "shared" / "data",
-                                          REPO.parent / "shared" / "data"]
+    places = (
+        [data_dir]
+        if data_dir
+        else [
+            os.environ.get("NLSTM_DATA_DIR", ""),
+            REPO / "shared" / "data",
+            REPO.parent / "shared" / "data",
+        ]
+    )
     for d in places:
         if d and (Path(d) / "ptb" / "ptb.char.train.txt").is_file():
             return Path(d)
@@ -100,9 +129,19 @@ def smoke_main(device: str, run_dir: Path) -> None:
     result = {}
     weights = {}
     for graphs in (True, False):
-        cfg = TrainConfig(task="ptb", model={"hidden_size": 64, "depth": 2}, batch_size=8,
-                          seq_len=50, epochs=1, max_steps=40, checkpoint_every=0, seed=1,
-                          device=device, cuda_graphs=graphs, optimizer={"lr": 0.01})
+        cfg = TrainConfig(
+            task="ptb",
+            model={"hidden_size": 64, "depth": 2},
+            batch_size=8,
+            seq_len=50,
+            epochs=1,
+            max_steps=40,
+            checkpoint_every=0,
+            seed=1,
+            device=device,
+            cuda_graphs=graphs,
+            optimizer={"lr": 0.01},
+        )
         d = run_dir / f"graphs-{graphs}"
         t0 = time.monotonic()
         train(cfg, d, prepared=prepared, progress=False, log=lambda *_: None)
@@ -113,12 +152,17 @@ def smoke_main(device: str, run_dir: Path) -> None:
             "valid_bpc": evals[-1]["valid_bpc"],
         }
         weights[graphs] = load_checkpoint(d / LAST).model
-    diff = max((weights[True][k].float() - weights[False][k].float()).abs().max().item() for k in weights[True])
+    diff = max(
+        (weights[True][k].float() - weights[False][k].float()).abs().max().item()
+        for k in weights[True]
+    )
     result["max_weight_difference"] = diff
     # learned: well below the log2(vocab) bits of a uniform guess; the same weights either way
     uniform = math.log2(prepared.vocab_size)
     result["uniform_bpc"] = uniform
-    result["learned"] = all(r["valid_bpc"] < 0.8 * uniform for k, r in result.items() if k.startswith("graphs="))
+    result["learned"] = all(
+        r["valid_bpc"] < 0.8 * uniform for k, r in result.items() if k.startswith("graphs=")
+    )
     result["same_weights"] = diff < 1e-3
     print(json.dumps(result))
     if not (result["learned"] and result["same_weights"]):
@@ -126,10 +170,16 @@ def smoke_main(device: str, run_dir: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="all stages together (default 8 min)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (CI; with --device cpu)")
+    ap.add_argument(
+        "--budget-s", type=float, default=480.0, help="all stages together (default 8 min)"
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, a few steps (CI; with --device cpu)"
+    )
     ap.add_argument("--data-dir", default="", help="raw data folder with ptb/ (see find_ptb)")
     ap.add_argument("--smoke-stage", default="", help=argparse.SUPPRESS)  # stage 3's child process
     args = ap.parse_args()
@@ -151,16 +201,26 @@ def main() -> None:
 
     # 1. the CUDA tests (on the CPU they are all skipped: the stage checks they are collected)
     tests = ["tests/test_nlstm_graphs.py"] if args.smoke else ["tests"]
-    s = run_stage("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *tests],
-                  min(left() * 0.3, 150))
+    s = run_stage(
+        "tests",
+        [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *tests],
+        min(left() * 0.3, 150),
+    )
     s["counts"] = pytest_counts(s.get("output", ""))
-    if s["status"] == "failed" and s["counts"] and not s["counts"].get("failed") and not s["counts"].get("error"):
+    if (
+        s["status"] == "failed"
+        and s["counts"]
+        and not s["counts"].get("failed")
+        and not s["counts"].get("error")
+    ):
         s["status"] = "ok"  # pytest exits 5 when every test is deselected/skipped
     stages.append(s)
 
     # 2. training speed
     speed_cmd = [py, "bench/train_speed.py", "--device", args.device, "--no-loop"]
-    speed_cmd += ["--smoke", "--kinds", "nn.LSTM", "nlstm-fused"] if args.smoke else ["--repeats", "10"]
+    speed_cmd += (
+        ["--smoke", "--kinds", "nn.LSTM", "nlstm-fused"] if args.smoke else ["--repeats", "10"]
+    )
     s = run_stage("train_speed", speed_cmd, min(left() * 0.35, 120))
     if s["status"] == "ok":
         s["result"] = json.loads(s["stdout"].splitlines()[-1])[0]
@@ -168,8 +228,11 @@ def main() -> None:
 
     # 3. a training smoke on synthetic data, with and without CUDA graphs
     with tempfile.TemporaryDirectory() as tmp:
-        s = run_stage("smoke", [py, "bench/gpu_check.py", "--device", args.device, "--smoke-stage", tmp],
-                      min(left() * 0.4, 120))
+        s = run_stage(
+            "smoke",
+            [py, "bench/gpu_check.py", "--device", args.device, "--smoke-stage", tmp],
+            min(left() * 0.4, 120),
+        )
         if s["status"] in ("ok", "failed") and s["stdout"].strip():
             s["result"] = json.loads(s["stdout"].splitlines()[-1])
         stages.append(s)
@@ -177,9 +240,14 @@ def main() -> None:
         # 4. PTB steps for the rest of the budget
         stages.append(ptb_stage(args, left, stages[1].get("result"), Path(tmp)))
 
-    summary = {"device": args.device, "device_name": device_name, **versions,
-               "budget_s": args.budget_s, "seconds": round(time.monotonic() - start, 1),
-               "stages": [{k: v for k, v in st.items() if k not in ("output", "stdout")} for st in stages]}
+    summary = {
+        "device": args.device,
+        "device_name": device_name,
+        **versions,
+        "budget_s": args.budget_s,
+        "seconds": round(time.monotonic() - start, 1),
+        "stages": [{k: v for k, v in st.items() if k not in ("output", "stdout")} for st in stages],
+    }
     print(render(summary, stages))
     print(json.dumps(summary))
 
@@ -200,8 +268,12 @@ def ptb_stage(args, left, speed: dict | None, tmp: Path) -> dict:
     data = find_ptb(args.data_dir)
     if data is None:
         where = args.data_dir or "$NLSTM_DATA_DIR, shared/data or ../shared/data"
-        return {"name": "ptb", "status": "skipped", "seconds": 0.0,
-                "reason": f"no raw PTB files (ptb/ptb.char.train.txt) under {where}"}
+        return {
+            "name": "ptb",
+            "status": "skipped",
+            "seconds": 0.0,
+            "reason": f"no raw PTB files (ptb/ptb.char.train.txt) under {where}",
+        }
     # steps that fit: the rate stage 2 measured for the kind this run trains, the budget left
     # minus time for start-up, data preparation and the closing evaluation
     kinds = (speed or {}).get("kinds", {})
@@ -214,10 +286,24 @@ def ptb_stage(args, left, speed: dict | None, tmp: Path) -> dict:
     else:
         steps = 50
     run_dir = tmp / "ptb"
-    cmd = [sys.executable, "-m", "training.cli", "train", str(PTB_CONFIG), "--run-dir", str(run_dir),
-           "--max-steps", str(steps), "--progress", "off", f"device={args.device}",
-           f"cuda_graphs={'true' if args.device == 'cuda' else 'false'}", f"data_dir={data}",
-           "checkpoint_every=0", f"max_eval_items={3200 if args.smoke else 20000}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "train",
+        str(PTB_CONFIG),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(steps),
+        "--progress",
+        "off",
+        f"device={args.device}",
+        f"cuda_graphs={'true' if args.device == 'cuda' else 'false'}",
+        f"data_dir={data}",
+        "checkpoint_every=0",
+        f"max_eval_items={3200 if args.smoke else 20000}",
+    ]
     if args.smoke:
         cmd += ["max_train_items=20000"]
     s = run_stage("ptb", cmd, left() - 5)
@@ -234,38 +320,58 @@ def ptb_stage(args, left, speed: dict | None, tmp: Path) -> dict:
             # length in steps, without preparing the data here a second time
             if s["train_chars_per_s"] and last.get("epoch"):
                 s["batches_per_epoch"] = per_epoch = round(s["step"] / last["epoch"])
-                s["minutes_for_35_epochs"] = PTB_EPOCHS * per_epoch * 3200 / s["train_chars_per_s"] / 60
+                s["minutes_for_35_epochs"] = (
+                    PTB_EPOCHS * per_epoch * 3200 / s["train_chars_per_s"] / 60
+                )
     return s
 
 
 def render(summary: dict, stages: list[dict]) -> str:
     """The Markdown block to paste into the docs."""
-    title = (f"### gpu_check: {summary['device_name']} ({summary['device']}), torch {summary['torch']}, "
-             f"CUDA {summary['cuda'] or '-'}, "
-             f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget")
+    title = (
+        f"### gpu_check: {summary['device_name']} ({summary['device']}), torch {summary['torch']}, "
+        f"CUDA {summary['cuda'] or '-'}, "
+        f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget"
+    )
     out = [title, "", "| stage | status | seconds | result |", "|---|---|---|---|"]
     for s in stages:
         out.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {stage_result(s)} |")
     speed = stages[1].get("result")
     if speed:
-        head = (f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden "
-                f"{speed['hidden']}; GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):")
-        out += ["", head, "",
-                "| kind | chars/s | ratio vs nn.LSTM | GFLOP/s | of peak |", "|---|---|---|---|---|"]
+        head = (
+            f"Training speed (batch {speed['batch']}, sequence {speed['seq']}, hidden "
+            f"{speed['hidden']}; GEMM peak this run {speed['peak_gflops']:,.0f} GFLOP/s):"
+        )
+        out += [
+            "",
+            head,
+            "",
+            "| kind | chars/s | ratio vs nn.LSTM | GFLOP/s | of peak |",
+            "|---|---|---|---|---|",
+        ]
         for k, r in speed["kinds"].items():
-            out.append(f"| {k} | {r['wall_chars_per_s']:,.0f} | {r['wall_ratio']:.2f} | "
-                       f"{r['wall_gflops']:,.0f} | {r['wall_peak_fraction']:.0%} |")
-        best = max((r["wall_ratio"] for k, r in speed["kinds"].items() if k != "nn.LSTM"), default=None)
+            out.append(
+                f"| {k} | {r['wall_chars_per_s']:,.0f} | {r['wall_ratio']:.2f} | "
+                f"{r['wall_gflops']:,.0f} | {r['wall_peak_fraction']:.0%} |"
+            )
+        best = max(
+            (r["wall_ratio"] for k, r in speed["kinds"].items() if k != "nn.LSTM"), default=None
+        )
         if best is not None:
             verdict = "met" if best >= GOAL_RATIO else "not met"
-            out += ["", f"Goal: the NLSTM at >= {GOAL_RATIO} of nn.LSTM: best {best:.2f}, {verdict}."]
+            out += [
+                "",
+                f"Goal: the NLSTM at >= {GOAL_RATIO} of nn.LSTM: best {best:.2f}, {verdict}.",
+            ]
     ptb = stages[3]
     if ptb.get("minutes_for_35_epochs") is not None:
         m = ptb["minutes_for_35_epochs"]
-        line = (f"PTB: {ptb['step']} steps at {ptb['train_chars_per_s']:,.0f} chars/s, valid BPC "
-                f"{ptb['valid_bpc']:.3f}; 35 epochs ({ptb['batches_per_epoch']} steps each) would take "
-                f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: "
-                f"{'met' if m < GOAL_MINUTES else 'not met'}).")
+        line = (
+            f"PTB: {ptb['step']} steps at {ptb['train_chars_per_s']:,.0f} chars/s, valid BPC "
+            f"{ptb['valid_bpc']:.3f}; 35 epochs ({ptb['batches_per_epoch']} steps each) would take "
+            f"{m:.1f} min (goal: under {GOAL_MINUTES:.0f}: "
+            f"{'met' if m < GOAL_MINUTES else 'not met'})."
+        )
         out += ["", line]
     return "\n".join(out)
 
@@ -277,14 +383,20 @@ def stage_result(s: dict) -> str:
         return ", ".join(f"{n} {w}" for w, n in s.get("counts", {}).items()) or "no pytest summary"
     if s["name"] == "train_speed" and s.get("result"):
         k = s["result"]["kinds"]
-        return ", ".join(f"{name} {r['wall_ratio']:.2f}" for name, r in k.items() if name != "nn.LSTM")
+        return ", ".join(
+            f"{name} {r['wall_ratio']:.2f}" for name, r in k.items() if name != "nn.LSTM"
+        )
     if s["name"] == "smoke" and s.get("result"):
         r = s["result"]
-        return (f"learned: {r['learned']}, same weights with and without graphs: {r['same_weights']} "
-                f"(max difference {r['max_weight_difference']:.1e})")
+        return (
+            f"learned: {r['learned']}, same weights with and without graphs: {r['same_weights']} "
+            f"(max difference {r['max_weight_difference']:.1e})"
+        )
     if s["name"] == "ptb" and s.get("train_chars_per_s"):
-        return (f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC "
-                f"{s['valid_bpc']:.3f}")
+        return (
+            f"{s['step']} steps, {s['train_chars_per_s']:,.0f} chars/s, valid BPC "
+            f"{s['valid_bpc']:.3f}"
+        )
     return s.get("output", "")[-200:].replace("\n", " ").replace("|", "/")
 
 

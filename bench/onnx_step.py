@@ -71,7 +71,9 @@ def ort_worker(folder: str, batches: list[int], chars: int, repeats: int, thread
 
     rounds = 2
     out["score_step_loop_s"] = min(_median_us(step_loop, 1, warmup=0) for _ in range(rounds)) / 1e6
-    out["score_sequence_s"] = min(_median_us(sequence_graph, 1, warmup=1) for _ in range(rounds)) / 1e6
+    out["score_sequence_s"] = (
+        min(_median_us(sequence_graph, 1, warmup=1) for _ in range(rounds)) / 1e6
+    )
     out["torch_loaded"] = "torch" in sys.modules
     return out
 
@@ -95,16 +97,24 @@ def torch_side(model, batches: list[int], chars: int, repeats: int) -> dict:
                 _, s = model(ids[t : t + 1], s)
 
         rounds = 2
-        out["score_step_loop_s"] = min(_median_us(step_loop, 1, warmup=0) for _ in range(rounds)) / 1e6
-        out["score_fused_s"] = min(_median_us(lambda: model(ids), 1, warmup=1) for _ in range(rounds)) / 1e6
+        out["score_step_loop_s"] = (
+            min(_median_us(step_loop, 1, warmup=0) for _ in range(rounds)) / 1e6
+        )
+        out["score_fused_s"] = (
+            min(_median_us(lambda: model(ids), 1, warmup=1) for _ in range(rounds)) / 1e6
+        )
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny model and short runs (CI)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for torch and onnxruntime alike (default: torch's default count)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and onnxruntime alike (default: torch's default count)",
+    )
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     ap.add_argument("--ort-worker", metavar="FOLDER", help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", help=argparse.SUPPRESS)
@@ -140,12 +150,20 @@ def main(argv=None) -> int:
         text = "".join(chr(0x4E00 + i) for i in range(vocab - 1))
         tok = train_char_tokenizer([text])
         folder = Path(tmp) / "model"
-        meta = export_model(model, folder, task="bench", tokenizer=tok.model_proto, sequence="always")
-        worker_args = json.dumps({"batches": batches, "chars": chars, "repeats": repeats, "threads": threads})
+        meta = export_model(
+            model, folder, task="bench", tokenizer=tok.model_proto, sequence="always"
+        )
+        worker_args = json.dumps(
+            {"batches": batches, "chars": chars, "repeats": repeats, "threads": threads}
+        )
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         proc = subprocess.run(
             [sys.executable, __file__, "--ort-worker", str(folder), "--worker-args", worker_args],
-            capture_output=True, text=True, env=env, cwd=REPO, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            check=False,
         )
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
@@ -154,16 +172,22 @@ def main(argv=None) -> int:
     assert not ort["torch_loaded"], "the onnxruntime worker must not import torch"
     tt = torch_side(model, batches, chars, repeats)
 
-    print(f"model: NLSTM depth 2, {hidden} cells, vocabulary {vocab}: {params:,} parameters "
-          "(random weights)")
-    print(f"threads: {threads} for torch {torch.__version__} and onnxruntime "
-          "(CPU provider, own process)")
+    print(
+        f"model: NLSTM depth 2, {hidden} cells, vocabulary {vocab}: {params:,} parameters "
+        "(random weights)"
+    )
+    print(
+        f"threads: {threads} for torch {torch.__version__} and onnxruntime "
+        "(CPU provider, own process)"
+    )
     print(f"\none step (median of {repeats})   onnxruntime      torch eager   torch / onnxruntime")
     for b in batches:
         o, t = ort["step_us"][str(b)], tt["step_us"][str(b)]
         print(f"  batch {b:<3}              {o:>10.1f} us   {t:>10.1f} us   {t / o:>6.2f}x")
     base = ort["score_step_loop_s"]
-    print(f"\nscore {chars:,} characters, batch 1     total     per char   vs onnxruntime step loop")
+    print(
+        f"\nscore {chars:,} characters, batch 1     total     per char   vs onnxruntime step loop"
+    )
     rows = [
         ("onnxruntime step graph, per char", base),
         ("onnxruntime sequence graph (Scan)", ort["score_sequence_s"]),
@@ -173,8 +197,10 @@ def main(argv=None) -> int:
     for name, s in rows:
         print(f"  {name:<34} {s:>7.3f} s {s / chars * 1e6:>8.1f} us   {base / s:>6.2f}x")
     verdict = "faster" if ort["score_sequence_s"] < base else "not faster"
-    print(f"\nsequence graph: {base / ort['score_sequence_s']:.2f}x the step loop ({verdict}); "
-          f"export-time measurement: {meta.sequence_timing.get('speedup')}x")
+    print(
+        f"\nsequence graph: {base / ort['score_sequence_s']:.2f}x the step loop ({verdict}); "
+        f"export-time measurement: {meta.sequence_timing.get('speedup')}x"
+    )
     if args.json:
         print(json.dumps({"params": params, "threads": threads, "onnxruntime": ort, "torch": tt}))
     return 0

@@ -46,13 +46,24 @@ REPO = BENCH.parent
 # characters/s ratio at 64 streams, and the cost on the full test splits.
 STEP_GOALS = {"1": 2.5, "64": 1.8}
 SERVE_GOAL = 1.7
-COST_GOALS = {"ptb": ("test_bpc", "+", 0.005), "mnist": ("test_acc", "-", 0.002), "poems": ("test_ppl", "x", 1.01)}
+COST_GOALS = {
+    "ptb": ("test_bpc", "+", 0.005),
+    "mnist": ("test_acc", "-", 0.002),
+    "poems": ("test_ppl", "x", 1.01),
+}
 
 
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in out.splitlines()
+                if line.startswith("Model name")
+            ),
+            "?",
+        )
     except OSError:
         name = "?"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -66,8 +77,10 @@ def step_rates(f32: Path, int8: Path, batches: list[int], rounds: int, seconds: 
 
     out: dict = {"cpu_us": {}, "wall_us": {}, "wall_ratios": {}}
     models = {
-        "cpu": {k: load_model(p, providers="cpu", intra_op_threads=1, inter_op_threads=1)
-                for k, p in (("float32", f32), ("int8", int8))},
+        "cpu": {
+            k: load_model(p, providers="cpu", intra_op_threads=1, inter_op_threads=1)
+            for k, p in (("float32", f32), ("int8", int8))
+        },
         "wall": {k: load_model(p, providers="cpu") for k, p in (("float32", f32), ("int8", int8))},
     }
     rng = np.random.default_rng(0)
@@ -116,14 +129,20 @@ def served_rates(f32: Path, int8: Path, streams: int, rounds: int, seconds: floa
         per: dict[str, list[float]] = {f32.name: [], int8.name: []}
         with Server(root, "--max-batch", str(streams), "--max-sessions", "4096") as server:
             for name in [f32.name, int8.name] * rounds + [f32.name]:
-                res = asyncio.run(load(server.port, name, streams, seconds, warmup=min(0.5, seconds / 4)))
+                res = asyncio.run(
+                    load(server.port, name, streams, seconds, warmup=min(0.5, seconds / 4))
+                )
                 per[name].append(res["chars_per_s"])
                 time.sleep(0.2)  # the server drops the cancelled streams
             server.stop()
     f, q = per[f32.name], per[int8.name]
     ratios = [q[i] / ((f[i] + f[i + 1]) / 2) for i in range(len(q))]
-    return {"chars_per_s": {"float32": statistics.median(f), "int8": statistics.median(q)},
-            "windows": per, "ratios": ratios, "ratio": statistics.median(ratios)}
+    return {
+        "chars_per_s": {"float32": statistics.median(f), "int8": statistics.median(q)},
+        "windows": per,
+        "ratios": ratios,
+        "ratio": statistics.median(ratios),
+    }
 
 
 # --------------------------------------------------------------------------------------- cost
@@ -136,7 +155,9 @@ def test_costs(f32: Path, int8: Path, data_dir: Path | None, cache_dir: Path | N
     data = EvalData.for_task(meta, data_dir, cache_dir)
     out = {}
     for k, p in (("float32", f32), ("int8", int8)):
-        out[k] = evaluate(load_model(p, providers="cpu", intra_op_threads=1, inter_op_threads=1), data, "test")
+        out[k] = evaluate(
+            load_model(p, providers="cpu", intra_op_threads=1, inter_op_threads=1), data, "test"
+        )
     return out
 
 
@@ -148,8 +169,12 @@ def smoke_pair(root: Path) -> tuple[Path, Path]:
         "sys.stdin.read().splitlines())"
     )
     lines = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines() if line]
-    subprocess.run([sys.executable, "-c", code, str(root / "random-nlstm")], input="\n".join(lines), text=True,
-                   check=True)  # the lines: bench/_server.py's readme_lines
+    subprocess.run(
+        [sys.executable, "-c", code, str(root / "random-nlstm")],
+        input="\n".join(lines),
+        text=True,
+        check=True,
+    )  # the lines: bench/_server.py's readme_lines
     from serving.formats import TOKENIZER_FILE, Tokenizer
     from training.data.task import StreamSplit
     from training.quantize import EvalData, quantize_folder
@@ -157,18 +182,35 @@ def smoke_pair(root: Path) -> tuple[Path, Path]:
     f32 = root / "random-nlstm"
     tok = Tokenizer.from_file(f32 / TOKENIZER_FILE)
     ids = np.random.default_rng(0).integers(0, tok.vocab_size, size=3000).astype(np.uint8)
-    data = EvalData("stream", {s: StreamSplit(ids) for s in ("train", "valid", "test")}, 4, 20,
-                    tok.model_proto, "synthetic")
-    quantize_folder(f32, root / "random-nlstm-int8", data=data, method="dynamic-per-channel",
-                    screen_batches=2, timing_rounds=1, thresholds=None)
+    data = EvalData(
+        "stream",
+        {s: StreamSplit(ids) for s in ("train", "valid", "test")},
+        4,
+        20,
+        tok.model_proto,
+        "synthetic",
+    )
+    quantize_folder(
+        f32,
+        root / "random-nlstm-int8",
+        data=data,
+        method="dynamic-per-channel",
+        screen_batches=2,
+        timing_rounds=1,
+        thresholds=None,
+    )
     return f32, root / "random-nlstm-int8"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=REPO / "exported")
-    ap.add_argument("--pairs", nargs="+", default=["ptb-nlstm", "mnist-nlstm", "poems-nlstm"],
-                    help="float32 folders under --models; each is compared with FOLDER-int8")
+    ap.add_argument(
+        "--pairs",
+        nargs="+",
+        default=["ptb-nlstm", "mnist-nlstm", "poems-nlstm"],
+        help="float32 folders under --models; each is compared with FOLDER-int8",
+    )
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds per measurement")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per raw-rate window")
     ap.add_argument("--streams", type=int, default=64)
@@ -186,7 +228,13 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="nlstm-quant-bench-")
         f32, q = smoke_pair(Path(tmp.name))
         pairs = [(f32, q)]
-        args.rounds, args.seconds, args.streams, args.serve_seconds, args.serve_rounds = 2, 0.2, 4, 1.0, 1
+        args.rounds, args.seconds, args.streams, args.serve_seconds, args.serve_rounds = (
+            2,
+            0.2,
+            4,
+            1.0,
+            1,
+        )
         args.skip_cost = True
     else:
         pairs = [(args.models / n, args.models / f"{n}-int8") for n in args.pairs]
@@ -196,9 +244,15 @@ def main(argv=None) -> int:
         from serving.formats import ExportMeta
 
         qm = ExportMeta.from_folder(q).quantization
-        size = {k: sum(p.stat().st_size for p in folder.iterdir()) / 2**20 for k, folder in (("float32", f32), ("int8", q))}
-        print(f"\n{f32.name} ({size['float32']:.1f} MiB) vs {q.name} ({size['int8']:.1f} MiB, "
-              f"{qm['settings']['name']})", flush=True)
+        size = {
+            k: sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+            for k, folder in (("float32", f32), ("int8", q))
+        }
+        print(
+            f"\n{f32.name} ({size['float32']:.1f} MiB) vs {q.name} ({size['int8']:.1f} MiB, "
+            f"{qm['settings']['name']})",
+            flush=True,
+        )
         r: dict = {"sizes_mib": size, "settings": qm["settings"]}
         rates = step_rates(f32, q, [1, 64], args.rounds, args.seconds)
         r["step"] = rates
@@ -207,18 +261,32 @@ def main(argv=None) -> int:
             cpu_ratio = cpu["float32"] / cpu["int8"]
             wall_ratio = statistics.median(rates["wall_ratios"][b])
             goal = STEP_GOALS.get(b) if f32.name.startswith("ptb") else None
-            verdict = "" if goal is None else f"  goal {goal}x: {'met' if cpu_ratio >= goal else 'NOT met'} (cpu)"
-            print(f"  step batch {b:>2}: cpu (1 thread) {cpu['float32']:8.1f} -> {cpu['int8']:7.1f} "
-                  f"us = {cpu_ratio:.2f}x;  wall (default threads) {wall['float32']:8.1f} -> "
-                  f"{wall['int8']:7.1f} us = {wall_ratio:.2f}x (windows "
-                  f"{min(rates['wall_ratios'][b]):.2f}-{max(rates['wall_ratios'][b]):.2f}){verdict}", flush=True)
+            verdict = (
+                ""
+                if goal is None
+                else f"  goal {goal}x: {'met' if cpu_ratio >= goal else 'NOT met'} (cpu)"
+            )
+            print(
+                f"  step batch {b:>2}: cpu (1 thread) {cpu['float32']:8.1f} -> {cpu['int8']:7.1f} "
+                f"us = {cpu_ratio:.2f}x;  wall (default threads) {wall['float32']:8.1f} -> "
+                f"{wall['int8']:7.1f} us = {wall_ratio:.2f}x (windows "
+                f"{min(rates['wall_ratios'][b]):.2f}-{max(rates['wall_ratios'][b]):.2f}){verdict}",
+                flush=True,
+            )
         if not args.skip_serve and (f32.name.startswith("ptb") or args.smoke):
             s = served_rates(f32, q, args.streams, args.serve_rounds, args.serve_seconds)
             r["serve"] = s
-            verdict = "" if args.smoke else f"  goal {SERVE_GOAL}x: {'met' if s['ratio'] >= SERVE_GOAL else 'NOT met'}"
-            print(f"  served, {args.streams} streams: {s['chars_per_s']['float32']:,.0f} -> "
-                  f"{s['chars_per_s']['int8']:,.0f} chars/s = {s['ratio']:.2f}x (windows "
-                  f"{min(s['ratios']):.2f}-{max(s['ratios']):.2f}){verdict}", flush=True)
+            verdict = (
+                ""
+                if args.smoke
+                else f"  goal {SERVE_GOAL}x: {'met' if s['ratio'] >= SERVE_GOAL else 'NOT met'}"
+            )
+            print(
+                f"  served, {args.streams} streams: {s['chars_per_s']['float32']:,.0f} -> "
+                f"{s['chars_per_s']['int8']:,.0f} chars/s = {s['ratio']:.2f}x (windows "
+                f"{min(s['ratios']):.2f}-{max(s['ratios']):.2f}){verdict}",
+                flush=True,
+            )
         rec_f, rec_q = qm["reference_figures"], qm["figures"]
         task = ExportMeta.from_folder(f32).task
         key, how, goal = COST_GOALS.get(task, ("test_bpc", "+", None))
@@ -234,14 +302,22 @@ def main(argv=None) -> int:
                 delta, ok = f"{(b_ - a) * 100:+.3f} points", a - b_ <= goal
             else:
                 delta, ok = f"{(b_ / a - 1) * 100:+.3f}%", b_ / a <= goal
-            print(f"  full test split ({c['float32']['items']:,} "
-                  f"{'images' if metric == 'acc' else 'characters'}): {metric} {a:.5f} -> {b_:.5f} "
-                  f"({delta}; nll {c['float32']['nll']:.5f} -> {c['int8']['nll']:.5f})  goal: "
-                  f"{'met' if ok else 'NOT met'}", flush=True)
+            print(
+                f"  full test split ({c['float32']['items']:,} "
+                f"{'images' if metric == 'acc' else 'characters'}): {metric} {a:.5f} -> {b_:.5f} "
+                f"({delta}; nll {c['float32']['nll']:.5f} -> {c['int8']['nll']:.5f})  goal: "
+                f"{'met' if ok else 'NOT met'}",
+                flush=True,
+            )
         print(line, flush=True)
         report["pairs"][f32.name] = r
     if args.json:
-        print(json.dumps(report, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None))
+        print(
+            json.dumps(
+                report,
+                default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None,
+            )
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -37,7 +37,9 @@ def run(streams: int, chars: int, interval: float, boundaries: bool | None) -> f
 
     def step(inputs, states):
         if len(inputs) not in logits:
-            logits[len(inputs)] = np.random.default_rng(0).standard_normal((len(inputs), V)).astype(np.float32)
+            logits[len(inputs)] = (
+                np.random.default_rng(0).standard_normal((len(inputs), V)).astype(np.float32)
+            )
         return logits[len(inputs)], states
 
     async def main() -> float:
@@ -56,13 +58,28 @@ def run(streams: int, chars: int, interval: float, boundaries: bool | None) -> f
                     if rest[2] != sent[0]:
                         seqs[i].forget(sent[0])
                     sent[0] = rest[2]
+
             return emit
 
         extra = {} if boundaries is None else {"boundaries": boundaries}
         t0, steps0 = time.process_time(), sched.steps_run
         for i in range(streams):
-            seqs.append(GenerateSequence(np.zeros((S, H), np.float32), None, [1, 2, 3], Sampler(1.0, seed=i), chars,
-                                         [], False, texts, None, emitter(i), interval=interval, **extra))
+            seqs.append(
+                GenerateSequence(
+                    np.zeros((S, H), np.float32),
+                    None,
+                    [1, 2, 3],
+                    Sampler(1.0, seed=i),
+                    chars,
+                    [],
+                    False,
+                    texts,
+                    None,
+                    emitter(i),
+                    interval=interval,
+                    **extra,
+                )
+            )
             sched.add(seqs[-1])
         await asyncio.gather(*done)
         cpu, steps = time.process_time() - t0, sched.steps_run - steps0
@@ -73,11 +90,15 @@ def run(streams: int, chars: int, interval: float, boundaries: bool | None) -> f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 1])
     ap.add_argument("--chars", type=int, default=2000, help="characters per stream")
     ap.add_argument("--interval-ms", type=float, nargs="+", default=[0.0, 50.0])
-    ap.add_argument("--repeats", type=int, default=5, help="runs per configuration; the least CPU counts")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="runs per configuration; the least CPU counts"
+    )
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -86,12 +107,27 @@ def main() -> None:
     results = []
     for n in args.streams:
         for interval in args.interval_ms:
-            for boundaries in ((True, False) if has_option else (None,)):
-                us = min(run(n, args.chars, interval / 1000, boundaries) for _ in range(args.repeats))
-                label = {True: "with boundaries", False: "without", None: "(no boundaries in this code)"}[boundaries]
-                print(f"streams {n:3d} interval {interval:g} ms {label:28s} "
-                      f"{us:8.1f} us of CPU per step")
-                results.append({"streams": n, "interval_ms": interval, "boundaries": boundaries, "cpu_us_per_step": us})
+            for boundaries in (True, False) if has_option else (None,):
+                us = min(
+                    run(n, args.chars, interval / 1000, boundaries) for _ in range(args.repeats)
+                )
+                label = {
+                    True: "with boundaries",
+                    False: "without",
+                    None: "(no boundaries in this code)",
+                }[boundaries]
+                print(
+                    f"streams {n:3d} interval {interval:g} ms {label:28s} "
+                    f"{us:8.1f} us of CPU per step"
+                )
+                results.append(
+                    {
+                        "streams": n,
+                        "interval_ms": interval,
+                        "boundaries": boundaries,
+                        "cpu_us_per_step": us,
+                    }
+                )
     print(json.dumps({"chars": args.chars, "repeats": args.repeats, "results": results}))
 
 

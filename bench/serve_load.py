@@ -78,8 +78,13 @@ class RawRate:
     returns its mean step time in seconds."""
 
     def __init__(self, folder: Path, name: str, batch: int, threads: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RAW_RATE, str(folder), name, str(batch), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
 
     def measure(self, seconds: float) -> float:
         self.proc.stdin.write(f"{seconds}\n")
@@ -105,7 +110,9 @@ def _step_seconds(server: Server, model: str) -> float:
     return server.metric("nlstm_step_duration_seconds_sum", model=model)
 
 
-async def load(port: int, model: str, streams: int, seconds: float, warmup: float, sessions: bool = False) -> dict:
+async def load(
+    port: int, model: str, streams: int, seconds: float, warmup: float, sessions: bool = False
+) -> dict:
     """`streams` concurrent Generate streams (each restarted when it ends; with `sessions`, each
     on its own session, which every call continues) for warmup + seconds;
     counts the characters of the messages that arrive in the last `seconds` only, when every
@@ -127,9 +134,15 @@ async def load(port: int, model: str, streams: int, seconds: float, warmup: floa
             nonlocal chars
             on = {"model": model}
             if sessions:
-                on = {"session_id": (await stub.CreateSession(pb.CreateSessionRequest(model=model))).session_id}
+                on = {
+                    "session_id": (
+                        await stub.CreateSession(pb.CreateSessionRequest(model=model))
+                    ).session_id
+                }
             while time.perf_counter() < end:
-                req = pb.GenerateRequest(**on, prompt="the ", max_chars=4000, temperature=1.0, seed=i)
+                req = pb.GenerateRequest(
+                    **on, prompt="the ", max_chars=4000, temperature=1.0, seed=i
+                )
                 call = stub.Generate(req)
                 last = time.perf_counter()
                 async for r in call:
@@ -147,7 +160,15 @@ async def load(port: int, model: str, streams: int, seconds: float, warmup: floa
     return {"chars_per_s": chars / seconds, "chars": chars, "gaps": np.array(gaps)}
 
 
-def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float, rounds: int, sessions: bool = False):
+def serve_windows(
+    server: Server,
+    raw: RawRate,
+    name: str,
+    n: int,
+    window: float,
+    rounds: int,
+    sessions: bool = False,
+):
     """`rounds` windows of n streams on `server`, each between two raw-rate windows. Returns
     the server's figures over all its windows, the raw windows' step times, and each server
     window's ratio to the mean of the raw windows around it."""
@@ -157,7 +178,9 @@ def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float
     for _ in range(rounds):
         cpu0, client0, step0 = server.cpu_seconds(), _own_cpu(), _step_seconds(server, name)
         t0 = time.perf_counter()
-        res = asyncio.run(load(server.port, name, n, window, warmup=min(0.5, window / 4), sessions=sessions))
+        res = asyncio.run(
+            load(server.port, name, n, window, warmup=min(0.5, window / 4), sessions=sessions)
+        )
         wall += time.perf_counter() - t0
         server_cpu += server.cpu_seconds() - cpu0
         client_cpu += _own_cpu() - client0
@@ -168,32 +191,63 @@ def serve_windows(server: Server, raw: RawRate, name: str, n: int, window: float
         chars += res["chars"]
         gaps.append(res["gaps"])
     g = np.concatenate(gaps) if chars else np.zeros(1)
-    return {
-        "chars_per_s": chars / (rounds * window), "chars": chars,
-        "p50_ms": float(np.percentile(g, 50) * 1e3), "p99_ms": float(np.percentile(g, 99) * 1e3),
-        # where the machine's time went, per second of the server windows (warm-up and end
-        # included): the server's CPU (its step graph calls among it) and this client's
-        "server_cpu": server_cpu / wall, "client_cpu": client_cpu / wall, "step_graph_share": step_graph / wall,
-    }, raw_steps, ratios
+    return (
+        {
+            "chars_per_s": chars / (rounds * window),
+            "chars": chars,
+            "p50_ms": float(np.percentile(g, 50) * 1e3),
+            "p99_ms": float(np.percentile(g, 99) * 1e3),
+            # where the machine's time went, per second of the server windows (warm-up and end
+            # included): the server's CPU (its step graph calls among it) and this client's
+            "server_cpu": server_cpu / wall,
+            "client_cpu": client_cpu / wall,
+            "step_graph_share": step_graph / wall,
+        },
+        raw_steps,
+        ratios,
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=None, help="exported models folder (default: a random model)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models", type=Path, default=None, help="exported models folder (default: a random model)"
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--hidden", type=int, default=600)
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 1])
-    ap.add_argument("--seconds", type=float, default=20.0, help="server time per N and interval, in all rounds")
-    ap.add_argument("--rounds", type=int, default=5, help="server windows, each between two raw-rate windows")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    ap.add_argument("--interval-ms", type=float, nargs="+", default=[50.0],
-                    help="the server's --stream-interval-ms (its default: 50); several to compare in one run")
-    ap.add_argument("--max-messages-per-s", type=float, default=None,
-                    help="the server's --max-messages-per-s, the message budget of a model's streams "
-                         "(default: the server's, 400)")
-    ap.add_argument("--stores", nargs="+", default=["none"],
-                    help="none (streams without sessions), memory, redis (a redis-server started here), file "
-                         "(a temporary folder) or a store URL: each stream on its own session in that store")
+    ap.add_argument(
+        "--seconds", type=float, default=20.0, help="server time per N and interval, in all rounds"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="server windows, each between two raw-rate windows"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)"
+    )
+    ap.add_argument(
+        "--interval-ms",
+        type=float,
+        nargs="+",
+        default=[50.0],
+        help="the server's --stream-interval-ms (its default: 50); several to compare in one run",
+    )
+    ap.add_argument(
+        "--max-messages-per-s",
+        type=float,
+        default=None,
+        help="the server's --max-messages-per-s, the message budget of a model's streams "
+        "(default: the server's, 400)",
+    )
+    ap.add_argument(
+        "--stores",
+        nargs="+",
+        default=["none"],
+        help="none (streams without sessions), memory, redis (a redis-server started here), file "
+        "(a temporary folder) or a store URL: each stream on its own session in that store",
+    )
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -211,9 +265,15 @@ def main() -> None:
     if args.max_messages_per_s is None:
         budget, budget_flags = "the server's default", []
     else:
-        budget, budget_flags = f"{args.max_messages_per_s:g}/s", ["--max-messages-per-s", str(args.max_messages_per_s)]
-    print(f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message "
-          f"budget: {budget}; {args.rounds} rounds of {args.seconds / args.rounds:g} s", flush=True)
+        budget, budget_flags = (
+            f"{args.max_messages_per_s:g}/s",
+            ["--max-messages-per-s", str(args.max_messages_per_s)],
+        )
+    print(
+        f"model {name} from {folder}; onnxruntime threads: {args.threads or 'default'}; message "
+        f"budget: {budget}; {args.rounds} rounds of {args.seconds / args.rounds:g} s",
+        flush=True,
+    )
     window = args.seconds / args.rounds
     results = []
     with contextlib.ExitStack() as stack:
@@ -222,27 +282,61 @@ def main() -> None:
             if store == "redis":
                 urls[store] = stack.enter_context(redis_server())
             elif store == "file":
-                urls[store] = "file:" + stack.enter_context(tempfile.TemporaryDirectory(prefix="nlstm-sessions-"))
+                urls[store] = "file:" + stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="nlstm-sessions-")
+                )
             else:
                 urls[store] = store
         for n, interval, store in itertools.product(args.streams, args.interval_ms, args.stores):
-            results.append(run_one(folder, name, n, interval, store, urls[store], window, args, budget_flags))
-    print(json.dumps({"model": name, "threads": args.threads, "max_messages_per_s": args.max_messages_per_s,
-                      "results": results}))
+            results.append(
+                run_one(folder, name, n, interval, store, urls[store], window, args, budget_flags)
+            )
+    print(
+        json.dumps(
+            {
+                "model": name,
+                "threads": args.threads,
+                "max_messages_per_s": args.max_messages_per_s,
+                "results": results,
+            }
+        )
+    )
     if tmp is not None:
         tmp.cleanup()
 
 
-def run_one(folder: Path, name: str, n: int, interval: float, store: str, url: str, window: float, args,
-            budget_flags: list[str]) -> dict:
+def run_one(
+    folder: Path,
+    name: str,
+    n: int,
+    interval: float,
+    store: str,
+    url: str,
+    window: float,
+    args,
+    budget_flags: list[str],
+) -> dict:
     """One server (sessions in `url`; store `none`: no sessions) and n streams at one interval."""
     sessions = store != "none"
     store_flags = ["--session-store", url] if sessions else []
     raw = RawRate(folder, name, n, args.threads)
     try:
-        with Server(folder, "--max-batch", str(max(n, 1)), "--threads", str(args.threads), "--max-sessions",
-                    "4096", "--stream-interval-ms", str(interval), *budget_flags, *store_flags) as server:
-            res, raw_steps, ratios = serve_windows(server, raw, name, n, window, args.rounds, sessions)
+        with Server(
+            folder,
+            "--max-batch",
+            str(max(n, 1)),
+            "--threads",
+            str(args.threads),
+            "--max-sessions",
+            "4096",
+            "--stream-interval-ms",
+            str(interval),
+            *budget_flags,
+            *store_flags,
+        ) as server:
+            res, raw_steps, ratios = serve_windows(
+                server, raw, name, n, window, args.rounds, sessions
+            )
             server.stop()
             if server.errors():
                 raise RuntimeError("the server logged errors:\n" + "\n".join(server.errors()[-20:]))
@@ -252,17 +346,28 @@ def run_one(folder: Path, name: str, n: int, interval: float, store: str, url: s
     ratio = float(np.median(ratios))
     goal = GOALS.get(n)
     verdict = "" if goal is None else f"  goal {goal:.1f}: {'met' if ratio >= goal else 'NOT met'}"
-    print(f"streams {n:>3} interval {interval:g} ms sessions {store}: server "
-          f"{res['chars_per_s']:>9,.0f} chars/s  "
-          f"raw onnxruntime batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-"
-          f"{max(raw_steps) * 1e3:.2f} ms/step)  ratio {ratio:.2f} (windows "
-          f"{min(ratios):.2f}-{max(ratios):.2f})  "
-          f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
-          f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
-          f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
-          f"on {os.cpu_count()} CPUs", flush=True)
-    return {"streams": n, "interval_ms": interval, "store": store, "server": res, "ratio": ratio, "ratios": ratios,
-            "goal": goal, "raw": {"step_s": raw_step, "char_steps_per_s": n / raw_step, "window_step_s": raw_steps}}
+    print(
+        f"streams {n:>3} interval {interval:g} ms sessions {store}: server "
+        f"{res['chars_per_s']:>9,.0f} chars/s  "
+        f"raw onnxruntime batch-{n} {n / raw_step:>9,.0f} char-steps/s ({min(raw_steps) * 1e3:.2f}-"
+        f"{max(raw_steps) * 1e3:.2f} ms/step)  ratio {ratio:.2f} (windows "
+        f"{min(ratios):.2f}-{max(ratios):.2f})  "
+        f"between chars p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms{verdict}\n"
+        f"    per second of the run: server CPU {res['server_cpu']:.2f} s (in step graph calls "
+        f"{res['step_graph_share']:.2f} s of wall time), client CPU {res['client_cpu']:.2f} s, "
+        f"on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    return {
+        "streams": n,
+        "interval_ms": interval,
+        "store": store,
+        "server": res,
+        "ratio": ratio,
+        "ratios": ratios,
+        "goal": goal,
+        "raw": {"step_s": raw_step, "char_steps_per_s": n / raw_step, "window_step_s": raw_steps},
+    }
 
 
 if __name__ == "__main__":

@@ -69,14 +69,24 @@ class Stats:
         return result
 
 
-async def worker(i: int, stub, char: str, glimpse: str, texts: list[str], stats: Stats, end: float,
-                 timeout: float) -> None:
+async def worker(
+    i: int,
+    stub,
+    char: str,
+    glimpse: str,
+    texts: list[str],
+    stats: Stats,
+    end: float,
+    timeout: float,
+) -> None:
     rng = np.random.default_rng(i)
     model = glimpse if i % 4 == 3 else char
     sid = None
 
     async def create():
-        return (await stub.CreateSession(pb.CreateSessionRequest(model=model), timeout=timeout)).session_id
+        return (
+            await stub.CreateSession(pb.CreateSessionRequest(model=model), timeout=timeout)
+        ).session_id
 
     async def close():
         await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=timeout)
@@ -84,11 +94,17 @@ async def worker(i: int, stub, char: str, glimpse: str, texts: list[str], stats:
     async def generate():
         max_chars = int(rng.integers(20, 61))
         prompt = texts[rng.integers(len(texts))][:12] if rng.random() < 0.25 else ""
-        request = pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=max_chars,
-                                     temperature=float(rng.uniform(0, 1.5)))
+        request = pb.GenerateRequest(
+            session_id=sid,
+            prompt=prompt,
+            max_chars=max_chars,
+            temperature=float(rng.uniform(0, 1.5)),
+        )
         out = [r async for r in stub.Generate(request, timeout=timeout)]
-        assert out and out[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP_SEQUENCE), \
-            "a Generate stream ended without LENGTH or STOP_SEQUENCE"
+        assert out and out[-1].finish_reason in (
+            pb.FINISH_REASON_LENGTH,
+            pb.FINISH_REASON_STOP_SEQUENCE,
+        ), "a Generate stream ended without LENGTH or STOP_SEQUENCE"
         n = sum(len(r.text) for r in out)
         assert n <= max_chars, f"{n} characters for max_chars {max_chars}"
         stats.chars["generated"] += n
@@ -96,13 +112,24 @@ async def worker(i: int, stub, char: str, glimpse: str, texts: list[str], stats:
     async def score():
         text = texts[rng.integers(len(texts))]
         r = await stub.Score(pb.ScoreRequest(session_id=sid, text=text), timeout=timeout)
-        assert r.num_chars == len(text) and math.isfinite(r.total_bits), "a Score miscounted or is not finite"
+        assert r.num_chars == len(text) and math.isfinite(r.total_bits), (
+            "a Score miscounted or is not finite"
+        )
         stats.chars["scored"] += r.num_chars
 
     async def classify():
-        out = [r async for r in stub.ClassifyGlimpses(glimpse_requests(rng, session_id=sid), timeout=timeout)]
-        assert [r.step for r in out] == list(range(1, 21)), "a glimpse stream did not answer every glimpse"
-        assert all(abs(sum(r.probabilities) - 1) < 1e-3 for r in out), "probabilities do not sum to 1"
+        out = [
+            r
+            async for r in stub.ClassifyGlimpses(
+                glimpse_requests(rng, session_id=sid), timeout=timeout
+            )
+        ]
+        assert [r.step for r in out] == list(range(1, 21)), (
+            "a glimpse stream did not answer every glimpse"
+        )
+        assert all(abs(sum(r.probabilities) - 1) < 1e-3 for r in out), (
+            "probabilities do not sum to 1"
+        )
         stats.chars["glimpses"] += len(out)
 
     while time.perf_counter() < end:
@@ -124,7 +151,9 @@ async def worker(i: int, stub, char: str, glimpse: str, texts: list[str], stats:
         await stats.timed("CloseSession", close)
 
 
-async def sample_rss(server: Server, every: float, samples: list[tuple[float, float]], t0: float) -> None:
+async def sample_rss(
+    server: Server, every: float, samples: list[tuple[float, float]], t0: float
+) -> None:
     while True:
         samples.append((time.perf_counter() - t0, server.rss_mib()))
         await asyncio.sleep(every)
@@ -137,70 +166,123 @@ async def soak(server: Server, args: argparse.Namespace) -> dict:
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         char, glimpse = await pick_models(stub)
-        print(f"soak: {args.sessions} sessions for {args.seconds:g} s against {char} and {glimpse} "
-              f"(server pid {server.pid}, onnxruntime threads {args.threads}); {os.cpu_count()} "
-              f"CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"soak: {args.sessions} sessions for {args.seconds:g} s against {char} and {glimpse} "
+            f"(server pid {server.pid}, onnxruntime threads {args.threads}); {os.cpu_count()} "
+            f"CPUs, load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         t0, cpu0, client_cpu0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
         sampler = asyncio.create_task(sample_rss(server, args.sample_every, samples, t0))
-        await asyncio.gather(*(worker(i, stub, char, glimpse, texts, stats, t0 + args.seconds, args.timeout)
-                               for i in range(args.sessions)))
+        await asyncio.gather(
+            *(
+                worker(i, stub, char, glimpse, texts, stats, t0 + args.seconds, args.timeout)
+                for i in range(args.sessions)
+            )
+        )
         elapsed = time.perf_counter() - t0
-        cpu = {"server_s": round(server.cpu_seconds() - cpu0, 1),
-               "client_s": round(time.process_time() - client_cpu0, 1),
-               "load_average_at_end": round(os.getloadavg()[0], 2)}
+        cpu = {
+            "server_s": round(server.cpu_seconds() - cpu0, 1),
+            "client_s": round(time.process_time() - client_cpu0, 1),
+            "load_average_at_end": round(os.getloadavg()[0], 2),
+        }
         sampler.cancel()
         samples.append((elapsed, server.rss_mib()))
-    server_codes = {f"{lab['method']} {lab['code']}": int(v) for lab, v in server.samples("nlstm_requests_total")}
-    batches = {m: round(server.metric("nlstm_batch_size_sum", model=m)
-                        / max(1.0, server.metric("nlstm_batch_size_count", model=m)), 1) for m in (char, glimpse)}
+    server_codes = {
+        f"{lab['method']} {lab['code']}": int(v)
+        for lab, v in server.samples("nlstm_requests_total")
+    }
+    batches = {
+        m: round(
+            server.metric("nlstm_batch_size_sum", model=m)
+            / max(1.0, server.metric("nlstm_batch_size_count", model=m)),
+            1,
+        )
+        for m in (char, glimpse)
+    }
     active = server.metric("nlstm_active_sessions")
     code, stop_s = server.stop()
     warm = next((s for s in samples if s[0] >= args.warmup), samples[-1])
     after = [s for s in samples if s[0] >= warm[0]]
-    slope = np.polyfit([s[0] for s in after], [s[1] for s in after], 1)[0] * 60 if len(after) > 2 else 0.0
+    slope = (
+        np.polyfit([s[0] for s in after], [s[1] for s in after], 1)[0] * 60
+        if len(after) > 2
+        else 0.0
+    )
     rpcs = {}
     for rpc in RPCS:
         ms = np.array(stats.seconds[rpc] or [math.nan]) * 1e3
         errors = sum(n for k, n in stats.errors.items() if k.startswith(f"{rpc} "))
-        rpcs[rpc] = {"calls": len(stats.seconds[rpc]) + errors, "errors": errors,
-                     **{f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 99)},
-                     "max_ms": round(float(ms.max()), 2), "per_s": round(len(stats.seconds[rpc]) / elapsed, 1)}
+        rpcs[rpc] = {
+            "calls": len(stats.seconds[rpc]) + errors,
+            "errors": errors,
+            **{f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 99)},
+            "max_ms": round(float(ms.max()), 2),
+            "per_s": round(len(stats.seconds[rpc]) / elapsed, 1),
+        }
     return {
-        "sessions": args.sessions, "seconds": round(elapsed, 1), "models": [char, glimpse], "rpcs": rpcs,
-        "cpu": cpu, "errors": dict(stats.errors),
+        "sessions": args.sessions,
+        "seconds": round(elapsed, 1),
+        "models": [char, glimpse],
+        "rpcs": rpcs,
+        "cpu": cpu,
+        "errors": dict(stats.errors),
         "throughput_per_s": {k: round(v / elapsed, 1) for k, v in stats.chars.items()},
-        "rss_mib": {"first": round(samples[0][1], 1), "warm": round(warm[1], 1), "warm_at_s": round(warm[0], 1),
-                    "end": round(samples[-1][1], 1), "max_after_warm": round(max(s[1] for s in after), 1),
-                    "growth": round(samples[-1][1] - warm[1], 1), "slope_mib_per_min": round(float(slope), 3)},
+        "rss_mib": {
+            "first": round(samples[0][1], 1),
+            "warm": round(warm[1], 1),
+            "warm_at_s": round(warm[0], 1),
+            "end": round(samples[-1][1], 1),
+            "max_after_warm": round(max(s[1] for s in after), 1),
+            "growth": round(samples[-1][1] - warm[1], 1),
+            "slope_mib_per_min": round(float(slope), 3),
+        },
         "rss_samples": [(round(t, 1), round(r, 1)) for t, r in samples],
-        "server": {"non_ok": {k: v for k, v in server_codes.items() if v and not k.endswith(" OK")},
-                   "ok": sum(v for k, v in server_codes.items() if k.endswith(" OK")), "mean_batch": batches,
-                   "active_sessions_at_end": active, "exit_code": code, "stop_s": round(stop_s, 2),
-                   "log_errors": server.errors()[:5]},
+        "server": {
+            "non_ok": {k: v for k, v in server_codes.items() if v and not k.endswith(" OK")},
+            "ok": sum(v for k, v in server_codes.items() if k.endswith(" OK")),
+            "mean_batch": batches,
+            "active_sessions_at_end": active,
+            "exit_code": code,
+            "stop_s": round(stop_s, 2),
+            "log_errors": server.errors()[:5],
+        },
     }
 
 
 def report(r: dict, max_growth: float) -> list[str]:
     """Print the summary; return the reasons to fail."""
-    print(f"{'rpc':<17}{'calls':>9}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'per s':>8}")
+    print(
+        f"{'rpc':<17}{'calls':>9}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'per s':>8}"
+    )
     for rpc, s in r["rpcs"].items():
-        print(f"{rpc:<17}{s['calls']:>9}{s['errors']:>8}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
-              f"{s['max_ms']:>9.1f}{s['per_s']:>8.1f}")
+        print(
+            f"{rpc:<17}{s['calls']:>9}{s['errors']:>8}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
+            f"{s['max_ms']:>9.1f}{s['per_s']:>8.1f}"
+        )
     t = r["throughput_per_s"]
-    print(f"throughput: {t.get('generated', 0):,.0f} chars generated/s, {t.get('scored', 0):,.0f} "
-          f"chars scored/s, {t.get('glimpses', 0):,.0f} glimpses/s; server mean batch "
-          f"{r['server']['mean_batch']}")
+    print(
+        f"throughput: {t.get('generated', 0):,.0f} chars generated/s, {t.get('scored', 0):,.0f} "
+        f"chars scored/s, {t.get('glimpses', 0):,.0f} glimpses/s; server mean batch "
+        f"{r['server']['mean_batch']}"
+    )
     c = r["cpu"]
-    print(f"CPU time: server {c['server_s']} s, this client {c['client_s']} s in {r['seconds']} s on "
-          f"{os.cpu_count()} CPUs (load average {c['load_average_at_end']} at the end)")
+    print(
+        f"CPU time: server {c['server_s']} s, this client {c['client_s']} s in {r['seconds']} s on "
+        f"{os.cpu_count()} CPUs (load average {c['load_average_at_end']} at the end)"
+    )
     m = r["rss_mib"]
-    print(f"server RSS: {m['first']} MiB at start, {m['warm']} MiB after warm-up ({m['warm_at_s']} "
-          f"s), {m['end']} MiB at the end ({r['seconds']} s): growth {m['growth']:+} MiB (limit "
-          f"{max_growth:g}), max {m['max_after_warm']}, trend {m['slope_mib_per_min']:+} MiB/min")
+    print(
+        f"server RSS: {m['first']} MiB at start, {m['warm']} MiB after warm-up ({m['warm_at_s']} "
+        f"s), {m['end']} MiB at the end ({r['seconds']} s): growth {m['growth']:+} MiB (limit "
+        f"{max_growth:g}), max {m['max_after_warm']}, trend {m['slope_mib_per_min']:+} MiB/min"
+    )
     s = r["server"]
-    print(f"errors: {r['errors'] or 'none'}; server: {s['ok']} OK, non-OK {s['non_ok'] or 'none'}, "
-          f"{s['active_sessions_at_end']:g} sessions left, SIGTERM exit {s['exit_code']} in "
-          f"{s['stop_s']} s, log errors {len(s['log_errors'])}")
+    print(
+        f"errors: {r['errors'] or 'none'}; server: {s['ok']} OK, non-OK {s['non_ok'] or 'none'}, "
+        f"{s['active_sessions_at_end']:g} sessions left, SIGTERM exit {s['exit_code']} in "
+        f"{s['stop_s']} s, log errors {len(s['log_errors'])}"
+    )
     failures = []
     if r["errors"] or s["non_ok"]:
         failures.append("unexpected errors")
@@ -213,29 +295,65 @@ def report(r: dict, max_growth: float) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     which = ap.add_mutually_exclusive_group()
-    which.add_argument("--models", type=Path, default=None,
-                       help="exported models folder with a character model and a glimpse classifier "
-                            "(default: the repository's exported/)")
-    which.add_argument("--tiny", action="store_true",
-                       help="a random character model (16 cells) and the bundled mnist-nlstm, "
-                            "in a temporary folder")
+    which.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="exported models folder with a character model and a glimpse classifier "
+        "(default: the repository's exported/)",
+    )
+    which.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a random character model (16 cells) and the bundled mnist-nlstm, "
+        "in a temporary folder",
+    )
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--sessions", type=int, default=256)
-    ap.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS baseline is taken")
+    ap.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds before the RSS baseline is taken"
+    )
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
-    ap.add_argument("--max-rss-growth", type=float, default=16.0, help="MiB of RSS growth after the warm-up that fail")
+    ap.add_argument(
+        "--max-rss-growth",
+        type=float,
+        default=16.0,
+        help="MiB of RSS growth after the warm-up that fail",
+    )
     ap.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
-    ap.add_argument("--threads", type=int, default=1, help="the server's onnxruntime intra-op threads")
-    ap.add_argument("--smoke", action="store_true", help="8 sessions for 5 s on the tiny models unless --models (CI)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="the server's onnxruntime intra-op threads"
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="8 sessions for 5 s on the tiny models unless --models (CI)",
+    )
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.sessions, args.warmup, args.sample_every, args.max_rss_growth = 5.0, 8, 2.0, 0.5, 64.0
+        args.seconds, args.sessions, args.warmup, args.sample_every, args.max_rss_growth = (
+            5.0,
+            8,
+            2.0,
+            0.5,
+            64.0,
+        )
         args.tiny = args.models is None
     models = None if args.tiny else (args.models or REPO / "exported")
-    with models_folder(models) as folder, Server(folder, "--threads", str(args.threads),
-                                                 "--max-sessions", str(max(1024, 2 * args.sessions))) as server:
+    with (
+        models_folder(models) as folder,
+        Server(
+            folder,
+            "--threads",
+            str(args.threads),
+            "--max-sessions",
+            str(max(1024, 2 * args.sessions)),
+        ) as server,
+    ):
         result = asyncio.run(soak(server, args))
     failures = report(result, args.max_rss_growth)
     print(json.dumps({"soak": result, "passed": not failures}))

@@ -49,7 +49,9 @@ def measure(url: str, n: int, sessions: int = 64) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ops", type=int, default=2000, help="operations of each kind")
     ap.add_argument("--stores", nargs="+", default=["redis", "file"], choices=["redis", "file"])
     ap.add_argument("--smoke", action="store_true")
@@ -62,10 +64,17 @@ def main() -> None:
             if store == "redis":
                 url = stack.enter_context(redis_server())
             else:
-                url = "file:" + stack.enter_context(tempfile.TemporaryDirectory(prefix="nlstm-sessions-"))
+                url = "file:" + stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="nlstm-sessions-")
+                )
             results[store] = r = measure(url, args.ops)
-            print(f"{store}: " + ", ".join(f"{op} {v['wall_us']:.0f} us ({v['cpu_us']:.0f} us CPU)"
-                                            for op, v in r.items()), flush=True)
+            print(
+                f"{store}: "
+                + ", ".join(
+                    f"{op} {v['wall_us']:.0f} us ({v['cpu_us']:.0f} us CPU)" for op, v in r.items()
+                ),
+                flush=True,
+            )
     print(json.dumps({"ops": args.ops, "results": results}))
 
 

@@ -151,9 +151,15 @@ def run(device, batch, seq, hidden, vocab, repeats, kinds, smoke=False) -> dict:
     chars = batch * seq
     result = {
         "device": device.type,
-        "batch": batch, "seq": seq, "hidden": hidden, "vocab": vocab,
-        "threads": torch.get_num_threads(), "repeats": repeats,
-        "peak_gflops": peak, "peak_by_kernel": peak_by_kernel, "kinds": {},
+        "batch": batch,
+        "seq": seq,
+        "hidden": hidden,
+        "vocab": vocab,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "peak_gflops": peak,
+        "peak_by_kernel": peak_by_kernel,
+        "kinds": {},
     }
     clocks = ["wall", "cpu"] if device.type == "cpu" else ["wall"]
     for k in kinds:
@@ -169,36 +175,52 @@ def run(device, batch, seq, hidden, vocab, repeats, kinds, smoke=False) -> dict:
     base = result["kinds"].get("nn.LSTM")
     for r in result["kinds"].values():
         for clock in clocks:
-            r[f"{clock}_ratio"] = r[f"{clock}_chars_per_s"] / base[f"{clock}_chars_per_s"] if base else None
+            r[f"{clock}_ratio"] = (
+                r[f"{clock}_chars_per_s"] / base[f"{clock}_chars_per_s"] if base else None
+            )
 
-    print(f"\n{device.type}: batch {batch}, sequence {seq}, hidden {hidden}, vocab {vocab}, "
-          f"{result['threads']} threads, median of {repeats} interleaved steps")
-    print("large-GEMM peak this run: " + ", ".join(f"{p} {v:,.0f}" for p, v in peak_by_kernel.items())
-          + f" GFLOP/s{' (by CPU time)' if device.type == 'cpu' else ''}")
+    print(
+        f"\n{device.type}: batch {batch}, sequence {seq}, hidden {hidden}, vocab {vocab}, "
+        f"{result['threads']} threads, median of {repeats} interleaved steps"
+    )
+    print(
+        "large-GEMM peak this run: "
+        + ", ".join(f"{p} {v:,.0f}" for p, v in peak_by_kernel.items())
+        + f" GFLOP/s{' (by CPU time)' if device.type == 'cpu' else ''}"
+    )
     for clock in clocks:
         label = "wall time" if clock == "wall" else "CPU time of this process"
         print(f"  by {label}:")
         for k in kinds:
             r = result["kinds"][k]
             ratio = r[f"{clock}_ratio"]
-            print(f"    {k:<13} {r[f'{clock}_chars_per_s']:>9,.0f} chars/s   "
-                  f"ratio vs nn.LSTM {'-' if ratio is None else f'{ratio:.2f}'}   "
-                  f"{r['gflop_per_step']:.1f} GFLOP/step at {r[f'{clock}_gflops']:,.0f} GFLOP/s = "
-                  f"{r[f'{clock}_peak_fraction']:.0%} of peak")
+            print(
+                f"    {k:<13} {r[f'{clock}_chars_per_s']:>9,.0f} chars/s   "
+                f"ratio vs nn.LSTM {'-' if ratio is None else f'{ratio:.2f}'}   "
+                f"{r['gflop_per_step']:.1f} GFLOP/step at {r[f'{clock}_gflops']:,.0f} GFLOP/s = "
+                f"{r[f'{clock}_peak_fraction']:.0%} of peak"
+            )
     return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=600)
     ap.add_argument("--vocab", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
-                    help="what to train (default: nn.LSTM, nlstm-fused, nlstm-loop; "
-                         "on CUDA also nlstm-graphs); nn.LSTM is the ratios' reference")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=None,
+        help="what to train (default: nn.LSTM, nlstm-fused, nlstm-loop; "
+        "on CUDA also nlstm-graphs); nn.LSTM is the ratios' reference",
+    )
     ap.add_argument("--no-loop", action="store_true", help="skip the slow naive cell loop")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (CI)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -225,8 +247,18 @@ def main() -> None:
             if args.kinds:
                 ap.error(f"{wrong} runs only on {'CUDA' if wrong == 'nlstm-graphs' else 'the CPU'}")
             kinds.remove(wrong)
-        results.append(run(device, args.batch, args.seq, args.hidden, args.vocab, args.repeats,
-                           kinds, smoke=args.smoke))
+        results.append(
+            run(
+                device,
+                args.batch,
+                args.seq,
+                args.hidden,
+                args.vocab,
+                args.repeats,
+                kinds,
+                smoke=args.smoke,
+            )
+        )
     print(json.dumps(results))
 
 

@@ -91,10 +91,14 @@ class ApiKeys:
             key = line.strip()
             if not key or key.startswith("#"):
                 continue
-            if not (MIN_KEY_CHARS <= len(key) <= MAX_KEY_CHARS and all(33 <= ord(c) <= 126 for c in key)):
+            if not (
+                MIN_KEY_CHARS <= len(key) <= MAX_KEY_CHARS and all(33 <= ord(c) <= 126 for c in key)
+            ):
                 # the line's number, never its content: it may be a key
-                raise ValueError(f"API keys file {path}, line {n}: a key is {MIN_KEY_CHARS} to {MAX_KEY_CHARS} "
-                                 "visible ASCII characters without spaces")
+                raise ValueError(
+                    f"API keys file {path}, line {n}: a key is {MIN_KEY_CHARS} to {MAX_KEY_CHARS} "
+                    "visible ASCII characters without spaces"
+                )
             keys.append(key)
         if not keys:
             raise ValueError(f"API keys file {path} holds no keys (one a line; # starts a comment)")
@@ -104,11 +108,21 @@ class ApiKeys:
         """(the Caller.client of a call's metadata or None, why not)."""
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
-            return None, "this server needs an API key: send the metadata 'authorization: Bearer KEY'"
+            return (
+                None,
+                "this server needs an API key: send the metadata 'authorization: Bearer KEY'",
+            )
         scheme, _, key = str(values[0]).partition(" ")
-        fp = self._digests.get(hashlib.sha256(key.strip().encode()).digest()) if scheme.lower() == "bearer" else None
+        fp = (
+            self._digests.get(hashlib.sha256(key.strip().encode()).digest())
+            if scheme.lower() == "bearer"
+            else None
+        )
         if fp is None:
-            return None, "the API key is not valid on this server (metadata 'authorization: Bearer KEY')"
+            return (
+                None,
+                "the API key is not valid on this server (metadata 'authorization: Bearer KEY')",
+            )
         return f"key:{fp}", ""
 
 
@@ -125,8 +139,10 @@ def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 def _admitting(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
     """`handler` of the same kind, running `await admit(context)` first."""
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
@@ -134,7 +150,11 @@ def _admitting(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
             await admit(context)
             return await inner(request, context)
 
-        kind = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        kind = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
         return kind(unary, **kwargs)
     inner = handler.unary_stream or handler.stream_stream
 
@@ -143,7 +163,11 @@ def _admitting(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
         async for response in inner(request, context):
             yield response
 
-    kind = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    kind = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
     return kind(stream, **kwargs)
 
 
@@ -166,7 +190,9 @@ class Gate(grpc.aio.ServerInterceptor):
         rate = self.rate
 
         async def admit(context) -> None:
-            caller = Caller(client or f"peer:{peer_host(context.peer())}", private=client is not None)
+            caller = Caller(
+                client or f"peer:{peer_host(context.peer())}", private=client is not None
+            )
             if rate is not None and (wait := rate.allow(caller.client)):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, rate_refusal(rate, wait))
             run_as(caller)
@@ -176,8 +202,10 @@ class Gate(grpc.aio.ServerInterceptor):
 
 def rate_refusal(rate: RateLimiter, wait: float) -> str:
     """Why a call over the per-client rate is refused (gRPC and serving.http say the same)."""
-    return (f"this client started more than {rate.rate:g} calls per second, the server's per-client "
-            f"rate limit (bursts of {rate.burst:g}); retry in {wait:.2f} s")
+    return (
+        f"this client started more than {rate.rate:g} calls per second, the server's per-client "
+        f"rate limit (bursts of {rate.burst:g}); retry in {wait:.2f} s"
+    )
 
 
 def run_as(caller: Caller) -> None:
@@ -194,18 +222,24 @@ def _read_pem(path: str | Path, what: str) -> bytes:
     return data
 
 
-def server_credentials(cert_file: str | Path, key_file: str | Path,
-                       client_ca_file: str | Path | None = None) -> grpc.ServerCredentials:
+def server_credentials(
+    cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None
+) -> grpc.ServerCredentials:
     """TLS with this certificate chain and private key; with client_ca_file, mutual TLS: every
     client must present a certificate signed by that CA."""
     cert = _read_pem(cert_file, "TLS certificate")
     key = _read_pem(key_file, "TLS private key")
     ca = _read_pem(client_ca_file, "TLS client CA") if client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
-def channel_credentials(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
-                        key_file: str | Path | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials:
     """TLS to a server whose certificate `ca_file` signed (None: the system's roots); with a
     client certificate and key for servers that ask for one (mutual TLS)."""
     if (cert_file is None) != (key_file is None):

@@ -30,21 +30,44 @@ if TYPE_CHECKING:
 Keep = tuple[np.ndarray, np.ndarray | None, int]
 
 
-def generate_sequence(p: GenerateParams, tok, texts: list[str], state: np.ndarray, logits: np.ndarray | None,
-                      feed: list[int], emit: Callable, *, interval: float = 0.0,
-                      boundaries: bool = True) -> GenerateSequence:
+def generate_sequence(
+    p: GenerateParams,
+    tok,
+    texts: list[str],
+    state: np.ndarray,
+    logits: np.ndarray | None,
+    feed: list[int],
+    emit: Callable,
+    *,
+    interval: float = 0.0,
+    boundaries: bool = True,
+) -> GenerateSequence:
     """The scheduler's sequence for Generate request `p` on a model with tokenizer `tok` and
     id texts `texts` (id_texts(tok)): from (state, logits), `feed` first (the start symbol if
     fresh, then the prompt's ids), characters to emit(text, bits, finish_reason, made)."""
     sampler = Sampler(p.temperature, p.top_k, p.top_p, p.seed, banned_ids(tok))
-    return GenerateSequence(state, logits, feed, sampler, p.max_chars, list(p.stop), p.logprobs, texts, tok.eos_id,
-                            emit, interval=interval, boundaries=boundaries)
+    return GenerateSequence(
+        state,
+        logits,
+        feed,
+        sampler,
+        p.max_chars,
+        list(p.stop),
+        p.logprobs,
+        texts,
+        tok.eos_id,
+        emit,
+        interval=interval,
+        boundaries=boundaries,
+    )
 
 
 def id_texts(tok) -> list[str]:
     """Each id's text, decoded once (generation emits one id per character); markers and the
     unknown piece are empty."""
-    special = {i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0}
+    special = {
+        i for i in (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0
+    }
     return [tok.decode([i]) if i not in special else "" for i in range(tok.vocab_size)]
 
 

@@ -48,96 +48,226 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ),
     )
     a = p.add_argument
-    a("--models", type=Path, default=env_default("MODELS", _default_models_dir(), Path),
-      help="folder of exported models, one per sub-folder; a model's name is its folder's "
-           "[NLSTM_MODELS] (default: the bundled exported/)")
-    a("--host", default=env_default("HOST", "[::]"), help="address to bind [NLSTM_HOST] (default: all)")
-    a("--port", type=int, default=env_default("PORT", 50051, int),
-      help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)")
-    a("--http-port", type=int, default=env_default("HTTP_PORT", None, int),
-      help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on "
-           "this port, bound to --host; off unless set [NLSTM_HTTP_PORT]")
-    a("--metrics-port", type=int, default=env_default("METRICS_PORT", 9090, int),
-      help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)")
-    a("--metrics-host", default=env_default("METRICS_HOST", None),
-      help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] "
-           "(default: --host)")
-    a("--max-sessions", type=int, default=env_default("MAX_SESSIONS", 1024, int),
-      help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: "
-           "1024)")
-    a("--max-sessions-per-client", type=int, default=env_default("MAX_SESSIONS_PER_CLIENT", 0, int),
-      help="sessions one client (its API key, or its address without --api-keys-file) may hold; "
-           "0: no bound [NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)")
-    a("--max-client-requests-per-s", type=float, default=env_default("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
-      help="calls per second one client may start, in bursts of twice that; more get "
-           "RESOURCE_EXHAUSTED; 0: no limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)")
-    a("--idle-timeout", type=float, default=env_default("IDLE_TIMEOUT", 600.0, float),
-      help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] "
-           "(default: 600)")
-    a("--max-batch", type=int, default=env_default("MAX_BATCH", 64, int),
-      help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)")
-    a("--max-wait-ms", type=float, default=env_default("MAX_WAIT_MS", 2.0, float),
-      help="how long the oldest waiting step waits to fill a batch, 0 to 1000 "
-           "[NLSTM_MAX_WAIT_MS] (default: 2)")
-    a("--stream-interval-ms", type=float, default=env_default("STREAM_INTERVAL_MS", 50.0, float),
-      help="Generate: the least time between two messages of a stream, each carrying every "
-           "character made meanwhile (the first is sent at once); 0 sends each as it is made, within "
-           "--max-messages-per-s [NLSTM_STREAM_INTERVAL_MS] (default: 50)")
-    a("--max-messages-per-s", type=float, default=env_default("MAX_MESSAGES_PER_S", 400.0, float),
-      help="Generate: the most messages per second all of one model's streams send together; "
-           "with N streams each stream's messages are at least N / this seconds apart (at most 10 s) "
-           "when that is longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at "
-           "64); 0 turns the budget off [NLSTM_MAX_MESSAGES_PER_S] (default: 400)")
-    a("--max-chars", type=int, default=env_default("MAX_CHARS", 4096, int),
-      help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)")
-    a("--max-text", type=int, default=env_default("MAX_TEXT", 100_000, int),
-      help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)")
-    a("--max-stop-chars", type=int, default=env_default("MAX_STOP_CHARS", 256, int),
-      help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)")
-    a("--max-glimpses", type=int, default=env_default("MAX_GLIMPSES", 4096, int),
-      help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)")
-    a("--max-request-bytes", type=int, default=env_default("MAX_REQUEST_BYTES", 0, int),
-      help="largest request message in bytes after decompression; 0 sizes it from --max-text and "
-           "the stop limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)")
-    a("--max-inflight-bytes", type=int, default=env_default("MAX_INFLIGHT_BYTES", 64 << 20, int),
-      help="bytes of request messages all running calls together may hold; more get "
-           "RESOURCE_EXHAUSTED [NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)")
-    a("--max-concurrent-calls", type=int, default=env_default("MAX_CONCURRENT_CALLS", 4096, int),
-      help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
-           "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)")
-    a("--tls-cert", type=Path, default=env_default("TLS_CERT", None, Path),
-      help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]")
-    a("--tls-key", type=Path, default=env_default("TLS_KEY", None, Path), help="PEM private key of --tls-cert [NLSTM_TLS_KEY]")
-    a("--tls-client-ca", type=Path, default=env_default("TLS_CLIENT_CA", None, Path),
-      help="PEM CA: mutual TLS, every client must present a certificate it signed "
-           "[NLSTM_TLS_CLIENT_CA]")
-    a("--api-keys-file", type=Path, default=env_default("API_KEYS_FILE", None, Path),
-      help="file of API keys, one a line: every call but health checks must send 'authorization: "
-           "Bearer KEY', and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]")
-    a("--prefix-cache-mb", type=int, default=env_default("PREFIX_CACHE_MB", 64, int),
-      help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its "
-           "prefill (docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)")
-    a("--grace", type=float, default=env_default("GRACE", 10.0, float),
-      help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)")
-    a("--threads", type=int, default=env_default("THREADS", 0, int),
-      help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]")
-    a("--providers", default=env_default("PROVIDERS", "auto"),
-      help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda "
-           "[NLSTM_PROVIDERS]")
-    a("--snapshot-key-file", type=Path, default=env_default("SNAPSHOT_KEY_FILE", None, Path),
-      help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding "
-           "whitespace is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and "
-           "RestoreSession refuses snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: "
-           "none, snapshots are checksummed only)")
-    a("--session-store", default=env_default("SESSION_STORE", "memory"),
-      help="where sessions live: memory (this process), file:DIR (survives a restart on the same "
-           "DIR) or redis://HOST:PORT/DB (shared by replicas: any replica serves any session) "
-           "[NLSTM_SESSION_STORE] (default: memory)")
-    a("--session-checkpoint-s", type=float, default=env_default("SESSION_CHECKPOINT_S", 2.0, float),
-      help="file or Redis store: how often a running call writes its session and renews its "
-           "lease (a dead replica's sessions are free again after 3 of these, at least 2 s) "
-           "[NLSTM_SESSION_CHECKPOINT_S] (default: 2)")
-    a("--log-level", default=env_default("LOG_LEVEL", "INFO"), help="logging level [NLSTM_LOG_LEVEL]")
+    a(
+        "--models",
+        type=Path,
+        default=env_default("MODELS", _default_models_dir(), Path),
+        help="folder of exported models, one per sub-folder; a model's name is its folder's "
+        "[NLSTM_MODELS] (default: the bundled exported/)",
+    )
+    a(
+        "--host",
+        default=env_default("HOST", "[::]"),
+        help="address to bind [NLSTM_HOST] (default: all)",
+    )
+    a(
+        "--port",
+        type=int,
+        default=env_default("PORT", 50051, int),
+        help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)",
+    )
+    a(
+        "--http-port",
+        type=int,
+        default=env_default("HTTP_PORT", None, int),
+        help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on "
+        "this port, bound to --host; off unless set [NLSTM_HTTP_PORT]",
+    )
+    a(
+        "--metrics-port",
+        type=int,
+        default=env_default("METRICS_PORT", 9090, int),
+        help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)",
+    )
+    a(
+        "--metrics-host",
+        default=env_default("METRICS_HOST", None),
+        help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] "
+        "(default: --host)",
+    )
+    a(
+        "--max-sessions",
+        type=int,
+        default=env_default("MAX_SESSIONS", 1024, int),
+        help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: "
+        "1024)",
+    )
+    a(
+        "--max-sessions-per-client",
+        type=int,
+        default=env_default("MAX_SESSIONS_PER_CLIENT", 0, int),
+        help="sessions one client (its API key, or its address without --api-keys-file) may hold; "
+        "0: no bound [NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)",
+    )
+    a(
+        "--max-client-requests-per-s",
+        type=float,
+        default=env_default("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
+        help="calls per second one client may start, in bursts of twice that; more get "
+        "RESOURCE_EXHAUSTED; 0: no limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)",
+    )
+    a(
+        "--idle-timeout",
+        type=float,
+        default=env_default("IDLE_TIMEOUT", 600.0, float),
+        help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] "
+        "(default: 600)",
+    )
+    a(
+        "--max-batch",
+        type=int,
+        default=env_default("MAX_BATCH", 64, int),
+        help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)",
+    )
+    a(
+        "--max-wait-ms",
+        type=float,
+        default=env_default("MAX_WAIT_MS", 2.0, float),
+        help="how long the oldest waiting step waits to fill a batch, 0 to 1000 "
+        "[NLSTM_MAX_WAIT_MS] (default: 2)",
+    )
+    a(
+        "--stream-interval-ms",
+        type=float,
+        default=env_default("STREAM_INTERVAL_MS", 50.0, float),
+        help="Generate: the least time between two messages of a stream, each carrying every "
+        "character made meanwhile (the first is sent at once); 0 sends each as it is made, within "
+        "--max-messages-per-s [NLSTM_STREAM_INTERVAL_MS] (default: 50)",
+    )
+    a(
+        "--max-messages-per-s",
+        type=float,
+        default=env_default("MAX_MESSAGES_PER_S", 400.0, float),
+        help="Generate: the most messages per second all of one model's streams send together; "
+        "with N streams each stream's messages are at least N / this seconds apart (at most 10 s) "
+        "when that is longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at "
+        "64); 0 turns the budget off [NLSTM_MAX_MESSAGES_PER_S] (default: 400)",
+    )
+    a(
+        "--max-chars",
+        type=int,
+        default=env_default("MAX_CHARS", 4096, int),
+        help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)",
+    )
+    a(
+        "--max-text",
+        type=int,
+        default=env_default("MAX_TEXT", 100_000, int),
+        help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)",
+    )
+    a(
+        "--max-stop-chars",
+        type=int,
+        default=env_default("MAX_STOP_CHARS", 256, int),
+        help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)",
+    )
+    a(
+        "--max-glimpses",
+        type=int,
+        default=env_default("MAX_GLIMPSES", 4096, int),
+        help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)",
+    )
+    a(
+        "--max-request-bytes",
+        type=int,
+        default=env_default("MAX_REQUEST_BYTES", 0, int),
+        help="largest request message in bytes after decompression; 0 sizes it from --max-text and "
+        "the stop limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)",
+    )
+    a(
+        "--max-inflight-bytes",
+        type=int,
+        default=env_default("MAX_INFLIGHT_BYTES", 64 << 20, int),
+        help="bytes of request messages all running calls together may hold; more get "
+        "RESOURCE_EXHAUSTED [NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)",
+    )
+    a(
+        "--max-concurrent-calls",
+        type=int,
+        default=env_default("MAX_CONCURRENT_CALLS", 4096, int),
+        help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
+        "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)",
+    )
+    a(
+        "--tls-cert",
+        type=Path,
+        default=env_default("TLS_CERT", None, Path),
+        help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]",
+    )
+    a(
+        "--tls-key",
+        type=Path,
+        default=env_default("TLS_KEY", None, Path),
+        help="PEM private key of --tls-cert [NLSTM_TLS_KEY]",
+    )
+    a(
+        "--tls-client-ca",
+        type=Path,
+        default=env_default("TLS_CLIENT_CA", None, Path),
+        help="PEM CA: mutual TLS, every client must present a certificate it signed "
+        "[NLSTM_TLS_CLIENT_CA]",
+    )
+    a(
+        "--api-keys-file",
+        type=Path,
+        default=env_default("API_KEYS_FILE", None, Path),
+        help="file of API keys, one a line: every call but health checks must send 'authorization: "
+        "Bearer KEY', and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]",
+    )
+    a(
+        "--prefix-cache-mb",
+        type=int,
+        default=env_default("PREFIX_CACHE_MB", 64, int),
+        help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its "
+        "prefill (docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)",
+    )
+    a(
+        "--grace",
+        type=float,
+        default=env_default("GRACE", 10.0, float),
+        help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)",
+    )
+    a(
+        "--threads",
+        type=int,
+        default=env_default("THREADS", 0, int),
+        help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]",
+    )
+    a(
+        "--providers",
+        default=env_default("PROVIDERS", "auto"),
+        help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda "
+        "[NLSTM_PROVIDERS]",
+    )
+    a(
+        "--snapshot-key-file",
+        type=Path,
+        default=env_default("SNAPSHOT_KEY_FILE", None, Path),
+        help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding "
+        "whitespace is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and "
+        "RestoreSession refuses snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: "
+        "none, snapshots are checksummed only)",
+    )
+    a(
+        "--session-store",
+        default=env_default("SESSION_STORE", "memory"),
+        help="where sessions live: memory (this process), file:DIR (survives a restart on the same "
+        "DIR) or redis://HOST:PORT/DB (shared by replicas: any replica serves any session) "
+        "[NLSTM_SESSION_STORE] (default: memory)",
+    )
+    a(
+        "--session-checkpoint-s",
+        type=float,
+        default=env_default("SESSION_CHECKPOINT_S", 2.0, float),
+        help="file or Redis store: how often a running call writes its session and renews its "
+        "lease (a dead replica's sessions are free again after 3 of these, at least 2 s) "
+        "[NLSTM_SESSION_CHECKPOINT_S] (default: 2)",
+    )
+    a(
+        "--log-level",
+        default=env_default("LOG_LEVEL", "INFO"),
+        help="logging level [NLSTM_LOG_LEVEL]",
+    )
     p.set_defaults(handler=_run_serve)
 
 
@@ -151,31 +281,62 @@ def _run_serve(args: argparse.Namespace) -> int:
     from serving.server import serve
     from serving.settings import check_serve_settings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     check_serve_settings(vars(args))  # every numeric flag in its range, or one clear error
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-    tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    tls = (
+        server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        if args.tls_cert
+        else None
+    )
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else None
-    limits = Limits(max_chars=args.max_chars, max_text=args.max_text, max_sessions=args.max_sessions,
-                    idle_timeout=args.idle_timeout, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-                    stream_interval=args.stream_interval_ms / 1000, max_messages_per_s=args.max_messages_per_s,
-                    max_stop_chars=args.max_stop_chars, max_glimpses=args.max_glimpses,
-                    max_sessions_per_client=args.max_sessions_per_client, prefix_cache_mb=args.prefix_cache_mb,
-                    checkpoint_interval=args.session_checkpoint_s)
-    server_limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_inflight_bytes=args.max_inflight_bytes,
-                                 max_concurrent_calls=args.max_concurrent_calls,
-                                 max_client_requests_per_s=args.max_client_requests_per_s)
+    limits = Limits(
+        max_chars=args.max_chars,
+        max_text=args.max_text,
+        max_sessions=args.max_sessions,
+        idle_timeout=args.idle_timeout,
+        max_batch=args.max_batch,
+        max_wait=args.max_wait_ms / 1000,
+        stream_interval=args.stream_interval_ms / 1000,
+        max_messages_per_s=args.max_messages_per_s,
+        max_stop_chars=args.max_stop_chars,
+        max_glimpses=args.max_glimpses,
+        max_sessions_per_client=args.max_sessions_per_client,
+        prefix_cache_mb=args.prefix_cache_mb,
+        checkpoint_interval=args.session_checkpoint_s,
+    )
+    server_limits = ServerLimits(
+        max_request_bytes=args.max_request_bytes,
+        max_inflight_bytes=args.max_inflight_bytes,
+        max_concurrent_calls=args.max_concurrent_calls,
+        max_client_requests_per_s=args.max_client_requests_per_s,
+    )
     runtime = {"providers": args.providers, "intra_op_threads": args.threads or None}
     snapshot_key = _read_snapshot_key(args.snapshot_key_file) if args.snapshot_key_file else None
-    asyncio.run(serve(args.models, port=args.port, host=args.host,
-                      metrics_port=None if args.metrics_port < 0 else args.metrics_port, metrics_host=args.metrics_host,
-                      limits=limits, grace=args.grace, runtime_options=runtime, server_limits=server_limits,
-                      api_keys=keys, tls=tls, snapshot_key=snapshot_key, session_store=args.session_store,
-                      http_port=args.http_port,
-                      http_ssl=http_ssl(args) if args.http_port is not None else None))
+    asyncio.run(
+        serve(
+            args.models,
+            port=args.port,
+            host=args.host,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            metrics_host=args.metrics_host,
+            limits=limits,
+            grace=args.grace,
+            runtime_options=runtime,
+            server_limits=server_limits,
+            api_keys=keys,
+            tls=tls,
+            snapshot_key=snapshot_key,
+            session_store=args.session_store,
+            http_port=args.http_port,
+            http_ssl=http_ssl(args) if args.http_port is not None else None,
+        )
+    )
     return 0
 
 
@@ -194,114 +355,191 @@ def _read_snapshot_key(path: Path) -> bytes:
     except OSError as exc:
         raise OSError(f"--snapshot-key-file: cannot read {path}: {exc.strerror}") from None
     if len(key) < 16:
-        raise ValueError(f"--snapshot-key-file: {path} holds {len(key)} bytes; a snapshot key needs at least 16 "
-                         f"(e.g. `openssl rand -hex 32 > {path}`)")
+        raise ValueError(
+            f"--snapshot-key-file: {path} holds {len(key)} bytes; a snapshot key needs at least 16 "
+            f"(e.g. `openssl rand -hex 32 > {path}`)"
+        )
     return key
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="",
-                   help="model name: a folder under the server's --models (bundled: ptb-nlstm, poems-nlstm, "
-                        "mnist-nlstm); needed without --session")
-    p.add_argument("--session", default="", help="continue an existing session's state (default: none, "
-                                                 "a fresh state)")
+    p.add_argument(
+        "--model",
+        default="",
+        help="model name: a folder under the server's --models (bundled: ptb-nlstm, poems-nlstm, "
+        "mnist-nlstm); needed without --session",
+    )
+    p.add_argument(
+        "--session",
+        default="",
+        help="continue an existing session's state (default: none, a fresh state)",
+    )
     _add_connection_flags(p)
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=env_default("TARGET", "localhost:50051"),
-                   help="server address host:port [NLSTM_TARGET] (default: localhost:50051)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
-    p.add_argument("--api-key", default=env_default("API_KEY", None),
-                   help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' "
-                        "[NLSTM_API_KEY]")
-    p.add_argument("--tls-ca", type=Path, default=env_default("TLS_CA", None, Path),
-                   help="connect over TLS, trusting the server certificate this PEM CA signed [NLSTM_TLS_CA]")
-    p.add_argument("--tls-client-cert", type=Path, default=env_default("TLS_CLIENT_CERT", None, Path),
-                   help="PEM certificate for a server with mutual TLS (with --tls-client-key, needs --tls-ca) "
-                        "[NLSTM_TLS_CLIENT_CERT]")
-    p.add_argument("--tls-client-key", type=Path, default=env_default("TLS_CLIENT_KEY", None, Path),
-                   help="PEM private key of --tls-client-cert [NLSTM_TLS_CLIENT_KEY]")
+    p.add_argument(
+        "--target",
+        default=env_default("TARGET", "localhost:50051"),
+        help="server address host:port [NLSTM_TARGET] (default: localhost:50051)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="deadline in seconds (default: none)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=env_default("API_KEY", None),
+        help="API key of a server with --api-keys-file, sent as 'authorization: Bearer KEY' "
+        "[NLSTM_API_KEY]",
+    )
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env_default("TLS_CA", None, Path),
+        help="connect over TLS, trusting the server certificate this PEM CA signed [NLSTM_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-client-cert",
+        type=Path,
+        default=env_default("TLS_CLIENT_CERT", None, Path),
+        help="PEM certificate for a server with mutual TLS (with --tls-client-key, needs --tls-ca) "
+        "[NLSTM_TLS_CLIENT_CERT]",
+    )
+    p.add_argument(
+        "--tls-client-key",
+        type=Path,
+        default=env_default("TLS_CLIENT_KEY", None, Path),
+        help="PEM private key of --tls-client-cert [NLSTM_TLS_CLIENT_KEY]",
+    )
 
 
 def _add_backend_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("server", "onnx"), default="server",
-                   help="server: a running nlstm serve (--target); onnx: the exported folder "
-                        "--models/--model, run here on onnxruntime (no server, no torch) (default: server)")
-    p.add_argument("--models", type=Path, default=env_default("MODELS", _default_models_dir(), Path),
-                   help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled "
-                        "exported/)")
-    p.add_argument("--providers", default=env_default("PROVIDERS", "auto"), choices=("auto", "cpu", "cuda"),
-                   help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose (default: 0)")
+    p.add_argument(
+        "--backend",
+        choices=("server", "onnx"),
+        default="server",
+        help="server: a running nlstm serve (--target); onnx: the exported folder "
+        "--models/--model, run here on onnxruntime (no server, no torch) (default: server)",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=env_default("MODELS", _default_models_dir(), Path),
+        help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled "
+        "exported/)",
+    )
+    p.add_argument(
+        "--providers",
+        default=env_default("PROVIDERS", "auto"),
+        choices=("auto", "cpu", "cuda"),
+        help="--backend onnx: onnxruntime providers [NLSTM_PROVIDERS] (default: auto)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="--backend onnx: onnxruntime intra-op threads; 0 lets onnxruntime choose (default: 0)",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="sample text from a running server (or a local exported model), streamed as it "
-                         "arrives",
+        "generate",
+        help="sample text from a running server (or a local exported model), streamed as it "
+        "arrives",
         description="Sample text from a character model and print it as it arrives: after the "
-                    "start symbol and --prompt, up to --max-chars characters, stopping early at the model's "
-                    "end marker or a --stop text. --backend server (the default) asks a running `nlstm serve` "
-                    "(--target); --backend onnx runs the exported folder --models/--model here on onnxruntime "
-                    "(no server, no torch), with the same sampling, so the same --seed gives the same text.",
+        "start symbol and --prompt, up to --max-chars characters, stopping early at the model's "
+        "end marker or a --stop text. --backend server (the default) asks a running `nlstm serve` "
+        "(--target); --backend onnx runs the exported folder --models/--model here on onnxruntime "
+        "(no server, no torch), with the same sampling, so the same --seed gives the same text.",
     )
     _add_client_flags(p)
     p.add_argument("--prompt", default="", help="text fed to the model first (default: none)")
-    p.add_argument("--max-chars", type=int, default=200, help="most characters to generate (default: 200)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="divides the logits before sampling; 0 = greedy (default: 1)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest only; 0 = off (default: 0)")
-    p.add_argument("--top-p", type=float, default=0.0,
-                   help="sample among the likeliest characters holding probability P; 0 or 1 = off (default: "
-                        "0)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="random seed: the same seed and request give the same text (default: a random one)")
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop after this text (repeatable, at most 4; default: none)")
+    p.add_argument(
+        "--max-chars", type=int, default=200, help="most characters to generate (default: 200)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divides the logits before sampling; 0 = greedy (default: 1)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the K likeliest only; 0 = off (default: 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.0,
+        help="sample among the likeliest characters holding probability P; 0 or 1 = off (default: "
+        "0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed: the same seed and request give the same text (default: a random one)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop after this text (repeatable, at most 4; default: none)",
+    )
     _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("generate", a))
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "score", help="bits per character of a text file under a served (or a local exported) model",
+        "score",
+        help="bits per character of a text file under a served (or a local exported) model",
         description="Bits per character of a text file, every character scored from a fresh state "
-                    "(or from --session's). --backend server asks a running server's Score; "
-                    "--backend onnx runs the exported folder --models/--model here on onnxruntime "
-                    "(no server, no torch) and prints the same figures.",
+        "(or from --session's). --backend server asks a running server's Score; "
+        "--backend onnx runs the exported folder --models/--model here on onnxruntime "
+        "(no server, no torch) and prints the same figures.",
     )
     p.add_argument("file", help="UTF-8 text file, or - for standard input")
     _add_client_flags(p)
-    p.add_argument("--per-char", action="store_true", help="print each character's bits too (default: off)")
+    p.add_argument(
+        "--per-char", action="store_true", help="print each character's bits too (default: off)"
+    )
     _add_backend_flags(p)
     p.set_defaults(handler=lambda a: _client("score", a))
 
 
 def _add_classify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "classify", help="stream an MNIST image's 20 glimpses to a served classifier",
+        "classify",
+        help="stream an MNIST image's 20 glimpses to a served classifier",
         description="Cut MNIST test image --index into the paper's 20 glimpses of 7x7 pixels, "
-                    "stream them to a running server's ClassifyGlimpses (--target) and print the predicted "
-                    "class after each glimpse, then the true label. The test images come from `nlstm data "
-                    "download mnist`.",
+        "stream them to a running server's ClassifyGlimpses (--target) and print the predicted "
+        "class after each glimpse, then the true label. The test images come from `nlstm data "
+        "download mnist`.",
     )
     _add_client_flags(p)
     p.add_argument("--index", type=int, default=0, help="which test image, 0 to 9999 (default: 0)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts "
-                        "it (default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with mnist/t10k-images-idx3-ubyte.gz, where `nlstm data download mnist` puts "
+        "it (default: the same as nlstm data's: $NLSTM_DATA_DIR, else ~/.cache/nlstm/raw)",
+    )
     p.set_defaults(handler=lambda a: _client("classify", a))
 
 
 def _add_session(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "session", help="create, show, close, snapshot, restore or fork a session on a running server",
+        "session",
+        help="create, show, close, snapshot, restore or fork a session on a running server",
         description="Sessions hold a sequence's state on the server between calls (use the id with "
-                    "generate/score --session). create, restore and fork print the new session's id alone; "
-                    "snapshot writes the state to a file that restore turns into a new session, on this "
-                    "server or any other running the same export of the model.",
+        "generate/score --session). create, restore and fork print the new session's id alone; "
+        "snapshot writes the state to a file that restore turns into a new session, on this "
+        "server or any other running the same export of the model.",
     )
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -311,14 +549,19 @@ def _add_session(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(handler=_run_session)
         return q
 
-    action("create", "a new session on --model").add_argument("--model", required=True, help="model name")
+    action("create", "a new session on --model").add_argument(
+        "--model", required=True, help="model name"
+    )
     action("show", "a session's model, position, idle timeout").add_argument("session_id")
     action("close", "free a session").add_argument("session_id")
     q = action("snapshot", "write a session's state to a file")
     q.add_argument("session_id")
-    q.add_argument("--out", required=True, help="file to write (atomically), or - for standard output")
+    q.add_argument(
+        "--out", required=True, help="file to write (atomically), or - for standard output"
+    )
     action("restore", "a new session from a snapshot file").add_argument(
-        "file", help="a file written by `nlstm session snapshot`, or - for standard input")
+        "file", help="a file written by `nlstm session snapshot`, or - for standard input"
+    )
     action("fork", "a new session with a copy of a session's state").add_argument("session_id")
 
 
@@ -328,7 +571,9 @@ def _connect(args: argparse.Namespace, local: bool = False):
     from serving.commands import connect
 
     if (args.tls_client_cert or args.tls_client_key) and not args.tls_ca:
-        raise ValueError("--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)")
+        raise ValueError(
+            "--tls-client-cert and --tls-client-key need --tls-ca (mutual TLS is TLS first)"
+        )
     tls = TLS(args.tls_ca, args.tls_client_cert, args.tls_client_key) if args.tls_ca else None
     return connect(args.target, api_key=args.api_key, tls=tls, timeout=args.timeout, local=local)
 
@@ -368,23 +613,53 @@ def _client(command: str, args: argparse.Namespace) -> int:
     if command in ("generate", "score") and args.backend == "onnx" and args.session:
         raise ValueError("--session needs --backend server: sessions live in a server")
     if command == "generate" and args.backend == "onnx":
-        commands.generate_local(str(args.models), args.model, args.prompt, args.max_chars, args.temperature,
-                                args.top_k, args.top_p, args.seed, args.stop, providers=args.providers,
-                                threads=args.threads or None)
+        commands.generate_local(
+            str(args.models),
+            args.model,
+            args.prompt,
+            args.max_chars,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            args.stop,
+            providers=args.providers,
+            threads=args.threads or None,
+        )
     elif command == "score" and args.backend == "onnx":
-        commands.score_local(str(args.models), args.model, args.file, args.per_char, args.providers,
-                             args.threads or None)
+        commands.score_local(
+            str(args.models),
+            args.model,
+            args.file,
+            args.per_char,
+            args.providers,
+            args.threads or None,
+        )
     else:
         from serving.client import ServerError
 
         if command == "classify":  # the image first: a missing file is reported without a server
-            from serving.formats import default_data_dir  # where `nlstm data download mnist` puts it
+            from serving.formats import (
+                default_data_dir,
+            )  # where `nlstm data download mnist` puts it
 
-            image, label = commands.read_mnist_image(str(args.data_dir or default_data_dir()), args.index)
+            image, label = commands.read_mnist_image(
+                str(args.data_dir or default_data_dir()), args.index
+            )
         with _connect(args, local=command != "classify") as client, _server_errors(ServerError):
             if command == "generate":
-                commands.generate(client, args.model, args.prompt, args.max_chars, args.temperature, args.top_k,
-                                  args.top_p, args.seed, args.stop, args.session)
+                commands.generate(
+                    client,
+                    args.model,
+                    args.prompt,
+                    args.max_chars,
+                    args.temperature,
+                    args.top_k,
+                    args.top_p,
+                    args.seed,
+                    args.stop,
+                    args.session,
+                )
             elif command == "score":
                 commands.score(client, args.model, args.file, args.per_char, args.session)
             else:
@@ -403,7 +678,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nlstm", description="Serve exported models and call them.")
+    parser = argparse.ArgumentParser(
+        prog="nlstm", description="Serve exported models and call them."
+    )
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 

@@ -33,9 +33,22 @@ import grpc
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.client_types import (  # the results and settings are part of this module's interface
-    FINISH, TLS, Glimpse, ModelInfo, ScoreResult, ServerError, SessionInfo, Snapshot, generate_request,
-    glimpse_of, glimpse_requests, model_info_of, score_of, session_info_of,
+    FINISH,
+    TLS,
+    Glimpse,
+    ModelInfo,
+    ScoreResult,
+    ServerError,
+    SessionInfo,
+    Snapshot,
+    generate_request,
+    glimpse_of,
+    glimpse_requests,
+    model_info_of,
+    score_of,
+    session_info_of,
 )
+
 
 class _Received:
     """What a Generate call has received so far: the state Generation and AsyncGeneration
@@ -92,8 +105,14 @@ class Client:
     """A blocking client of one server (see the module docstring). Thread-safe; close() it,
     or use it as a context manager."""
 
-    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None,
-                 tls: bool | TLS | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool | TLS | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.target, self.timeout = target, timeout
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._channel = _channel(grpc, target, tls)
@@ -115,8 +134,11 @@ class Client:
         when something accepts the connection but does not answer."""
         settled = threading.Event()
         seen: list[grpc.ChannelConnectivity] = []
-        ends = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                grpc.ChannelConnectivity.SHUTDOWN)
+        ends = (
+            grpc.ChannelConnectivity.READY,
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        )
 
         def watch(state: grpc.ChannelConnectivity) -> None:
             if state in ends:
@@ -140,7 +162,9 @@ class Client:
 
     def _call(self, method: str, request, timeout: float | None = None):
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            return getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self.metadata
+            )
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
@@ -148,55 +172,107 @@ class Client:
     def models(self) -> list[ModelInfo]:
         return [model_info_of(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
 
-    def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> Generation:
+    def generate(
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: bool = False,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> Generation:
         """Sample up to max_chars characters after `prompt` (temperature 0: greedy; top_k, top_p
         0: off); iterate the result for the pieces as they arrive."""
-        request = generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
-                                    session_id)
-        return Generation(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
+        request = generate_request(
+            model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs, session_id
+        )
+        return Generation(
+            self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        )
 
-    def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
-              timeout: float | None = None) -> ScoreResult:
+    def score(
+        self,
+        model: str,
+        text: str,
+        *,
+        per_char: bool = False,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> ScoreResult:
         """Bits per character of `text` (each character's too with per_char)."""
-        return score_of(self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
-                                                          per_char=per_char), timeout))
+        return score_of(
+            self._call(
+                "Score",
+                pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
+                timeout,
+            )
+        )
 
-    def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
-                        timeout: float | None = None) -> Iterator[Glimpse]:
+    def classify_stream(
+        self,
+        model: str,
+        image=None,
+        *,
+        glimpses=None,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[Glimpse]:
         """The classifier's answer after each glimpse, as it comes (see classify)."""
         requests = glimpse_requests(model, image, glimpses, session_id)
         try:
-            for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
-                                                 metadata=self.metadata):
+            for r in self._stub.ClassifyGlimpses(
+                iter(requests), timeout=timeout or self.timeout, metadata=self.metadata
+            ):
                 yield glimpse_of(r)
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
-    def classify(self, model: str, image=None, *, glimpses=None, session_id: str = "",
-                 timeout: float | None = None) -> list[Glimpse]:
+    def classify(
+        self,
+        model: str,
+        image=None,
+        *,
+        glimpses=None,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> list[Glimpse]:
         """Every glimpse's answer for an image (28, 28: uint8 0..255 or floats in [0, 1], read
         as its 20 glimpses) or for glimpses (rows of 49 floats); the last is the prediction."""
-        return list(self.classify_stream(model, image, glimpses=glimpses, session_id=session_id, timeout=timeout))
+        return list(
+            self.classify_stream(
+                model, image, glimpses=glimpses, session_id=session_id, timeout=timeout
+            )
+        )
 
     # -------------------------------------------------------------- sessions
     def session(self, model: str) -> Session:
         """A new session on `model` (closed by `with ... as s:` at the block's end)."""
-        return Session(self, session_info_of(self._call("CreateSession", pb.CreateSessionRequest(model=model))))
+        return Session(
+            self, session_info_of(self._call("CreateSession", pb.CreateSessionRequest(model=model)))
+        )
 
     def attach(self, session_id: str) -> Session:
         """An existing session, by id."""
         return Session(self, self.session_info(session_id))
 
     def session_info(self, session_id: str) -> SessionInfo:
-        return session_info_of(self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+        return session_info_of(
+            self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+        )
 
     def restore(self, snapshot: Snapshot | bytes) -> Session:
         """A new session holding a snapshot's state (from this server or another running the
         same export of the model)."""
         data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
-        return Session(self, session_info_of(self._call("RestoreSession", pb.RestoreSessionRequest(data=data))))
+        return Session(
+            self, session_info_of(self._call("RestoreSession", pb.RestoreSessionRequest(data=data)))
+        )
 
 
 class Session:
@@ -236,8 +312,12 @@ class Session:
 
     def fork(self) -> Session:
         """A new session with a copy of this one's state."""
-        return Session(self.client, session_info_of(self.client._call("ForkSession",
-                                                                    pb.ForkSessionRequest(session_id=self.id))))
+        return Session(
+            self.client,
+            session_info_of(
+                self.client._call("ForkSession", pb.ForkSessionRequest(session_id=self.id))
+            ),
+        )
 
     def snapshot(self) -> Snapshot:
         s = self.client._call("SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id))
@@ -280,8 +360,14 @@ class AsyncClient:
     """Client for asyncio code: the same calls as coroutines (see the module docstring). Make
     it inside a running event loop; `await close()` it or use `async with`."""
 
-    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None,
-                 tls: bool | TLS | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool | TLS | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.target, self.timeout = target, timeout
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._channel = _channel(grpc.aio, target, tls)
@@ -298,40 +384,90 @@ class AsyncClient:
 
     async def _call(self, method: str, request, timeout: float | None = None):
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                                     metadata=self.metadata)
+            return await getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self.metadata
+            )
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
     async def models(self) -> list[ModelInfo]:
-        return [model_info_of(m) for m in (await self._call("ListModels", pb.ListModelsRequest())).models]
+        return [
+            model_info_of(m)
+            for m in (await self._call("ListModels", pb.ListModelsRequest())).models
+        ]
 
-    def generate(self, model: str, prompt: str = "", *, max_chars: int = 200, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, session_id: str = "", timeout: float | None = None) -> AsyncGeneration:
-        request = generate_request(model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs,
-                                    session_id)
-        return AsyncGeneration(self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
+    def generate(
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        logprobs: bool = False,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncGeneration:
+        request = generate_request(
+            model, prompt, max_chars, temperature, top_k, top_p, seed, stop, logprobs, session_id
+        )
+        return AsyncGeneration(
+            self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        )
 
-    async def score(self, model: str, text: str, *, per_char: bool = False, session_id: str = "",
-                    timeout: float | None = None) -> ScoreResult:
-        return score_of(await self._call("Score", pb.ScoreRequest(model=model, session_id=session_id, text=text,
-                                                                per_char=per_char), timeout))
+    async def score(
+        self,
+        model: str,
+        text: str,
+        *,
+        per_char: bool = False,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        return score_of(
+            await self._call(
+                "Score",
+                pb.ScoreRequest(model=model, session_id=session_id, text=text, per_char=per_char),
+                timeout,
+            )
+        )
 
-    async def classify_stream(self, model: str, image=None, *, glimpses=None, session_id: str = "",
-                              timeout: float | None = None) -> AsyncIterator[Glimpse]:
+    async def classify_stream(
+        self,
+        model: str,
+        image=None,
+        *,
+        glimpses=None,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[Glimpse]:
         requests = glimpse_requests(model, image, glimpses, session_id)
         try:
-            async for r in self._stub.ClassifyGlimpses(iter(requests), timeout=timeout or self.timeout,
-                                                       metadata=self.metadata):
+            async for r in self._stub.ClassifyGlimpses(
+                iter(requests), timeout=timeout or self.timeout, metadata=self.metadata
+            ):
                 yield glimpse_of(r)
         except grpc.RpcError as exc:
             raise ServerError.of(exc) from None
 
-    async def classify(self, model: str, image=None, *, glimpses=None, session_id: str = "",
-                       timeout: float | None = None) -> list[Glimpse]:
-        return [g async for g in self.classify_stream(model, image, glimpses=glimpses, session_id=session_id,
-                                                      timeout=timeout)]
+    async def classify(
+        self,
+        model: str,
+        image=None,
+        *,
+        glimpses=None,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> list[Glimpse]:
+        return [
+            g
+            async for g in self.classify_stream(
+                model, image, glimpses=glimpses, session_id=session_id, timeout=timeout
+            )
+        ]
 
     def session(self, model: str) -> _Opening:
         """`s = await client.session(model)`, or `async with client.session(model) as s:`
@@ -339,15 +475,21 @@ class AsyncClient:
         return _Opening(self, model)
 
     async def session_info(self, session_id: str) -> SessionInfo:
-        return session_info_of(await self._call("GetSession", pb.GetSessionRequest(session_id=session_id)))
+        return session_info_of(
+            await self._call("GetSession", pb.GetSessionRequest(session_id=session_id))
+        )
 
     async def attach(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self.session_info(session_id))
 
     async def restore(self, snapshot: Snapshot | bytes) -> AsyncSession:
         data = snapshot.data if isinstance(snapshot, Snapshot) else snapshot
-        return AsyncSession(self, session_info_of(await self._call("RestoreSession",
-                                                                 pb.RestoreSessionRequest(data=data))))
+        return AsyncSession(
+            self,
+            session_info_of(
+                await self._call("RestoreSession", pb.RestoreSessionRequest(data=data))
+            ),
+        )
 
 
 class _Opening:
@@ -405,7 +547,9 @@ class AsyncSession:
         return AsyncSession(self.client, session_info_of(info))
 
     async def snapshot(self) -> Snapshot:
-        s = await self.client._call("SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id))
+        s = await self.client._call(
+            "SnapshotSession", pb.SnapshotSessionRequest(session_id=self.id)
+        )
         return Snapshot(s.data, s.model, s.position)
 
     async def close(self) -> None:
@@ -424,4 +568,3 @@ def _channel(module, target: str, tls: bool | TLS | None):
 
     t = tls if isinstance(tls, TLS) else TLS()
     return module.secure_channel(target, channel_credentials(t.ca, t.cert, t.key))
-

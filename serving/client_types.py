@@ -13,10 +13,15 @@ import grpc
 import numpy as np
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
+from serving.files import atomic_write_bytes
 from serving.formats import image_to_glimpses
 
-FINISH = {pb.FINISH_REASON_UNSPECIFIED: "", pb.FINISH_REASON_LENGTH: "length",
-          pb.FINISH_REASON_STOP_SEQUENCE: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
+FINISH = {
+    pb.FINISH_REASON_UNSPECIFIED: "",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+}
 
 
 # ------------------------------------------------------------------------------ results
@@ -76,10 +81,7 @@ class Snapshot:
 
     def save(self, path: str | Path) -> None:
         """Write the data to `path` atomically (a reader never sees half a snapshot)."""
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(self.data)
-        tmp.replace(out)
+        atomic_write_bytes(path, self.data)
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,17 @@ class Glimpse:
 
 
 def model_info_of(m: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(m.name, m.task, m.kind, m.vocab_size, m.num_classes, dict(m.metrics), m.depth,
-                     m.num_layers, m.hidden_size)
+    return ModelInfo(
+        m.name,
+        m.task,
+        m.kind,
+        m.vocab_size,
+        m.num_classes,
+        dict(m.metrics),
+        m.depth,
+        m.num_layers,
+        m.hidden_size,
+    )
 
 
 def session_info_of(s: pb.Session) -> SessionInfo:
@@ -111,19 +122,44 @@ def session_info_of(s: pb.Session) -> SessionInfo:
 
 
 def score_of(r: pb.ScoreResponse) -> ScoreResult:
-    return ScoreResult(r.bits_per_char, r.total_bits, r.num_chars, r.unknown_chars, r.position,
-                       list(r.bits), list(r.boundaries))
+    return ScoreResult(
+        r.bits_per_char,
+        r.total_bits,
+        r.num_chars,
+        r.unknown_chars,
+        r.position,
+        list(r.bits),
+        list(r.boundaries),
+    )
 
 
 def glimpse_of(r: pb.GlimpseResponse) -> Glimpse:
     return Glimpse(r.step, list(r.probabilities), r.predicted_class, r.position)
 
 
-def generate_request(model: str, prompt: str, max_chars: int, temperature: float, top_k: int, top_p: float,
-                      seed: int | None, stop: Iterable[str], logprobs: bool, session_id: str) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(model=model, session_id=session_id, prompt=prompt, max_chars=max_chars,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop),
-                                 logprobs=logprobs)
+def generate_request(
+    model: str,
+    prompt: str,
+    max_chars: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop: Iterable[str],
+    logprobs: bool,
+    session_id: str,
+) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        model=model,
+        session_id=session_id,
+        prompt=prompt,
+        max_chars=max_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=list(stop),
+        logprobs=logprobs,
+    )
     if seed is not None:
         request.seed = seed
     return request
@@ -134,8 +170,20 @@ def glimpse_requests(model: str, image, glimpses, session_id: str) -> list[pb.Gl
     as given (rows of 49 floats in [0, 1])."""
     if (image is None) == (glimpses is None):
         raise ValueError("classify takes an image or glimpses, not both or neither")
-    rows = image_to_glimpses(np.asarray(image)) if image is not None else np.asarray(glimpses, dtype=np.float32)
+    rows = (
+        image_to_glimpses(np.asarray(image))
+        if image is not None
+        else np.asarray(glimpses, dtype=np.float32)
+    )
     if rows.ndim != 2 or not len(rows):
-        raise ValueError(f"glimpses must be a non-empty list of rows of 49 floats, got shape {rows.shape}")
-    return [pb.GlimpseRequest(model=model if i == 0 else "", session_id=session_id if i == 0 else "",
-                              pixels=g.tolist()) for i, g in enumerate(rows)]
+        raise ValueError(
+            f"glimpses must be a non-empty list of rows of 49 floats, got shape {rows.shape}"
+        )
+    return [
+        pb.GlimpseRequest(
+            model=model if i == 0 else "",
+            session_id=session_id if i == 0 else "",
+            pixels=g.tolist(),
+        )
+        for i, g in enumerate(rows)
+    ]

@@ -59,7 +59,9 @@ def generate(out_root: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--check", action="store_true", help="compare instead of writing")
     args = ap.parse_args(argv)
     if not args.check:
@@ -74,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             if not committed.exists() or not filecmp.cmp(f, committed, shallow=False):
                 stale.append(str(committed.relative_to(REPO)))
         if stale:
-            print("generated code differs from protos/; run `python -m serving.codegen`:", *stale, sep="\n  ")
+            print(
+                "generated code differs from protos/; run `python -m serving.codegen`:",
+                *stale,
+                sep="\n  ",
+            )
             return 1
     print("generated code matches protos/")
     return 0

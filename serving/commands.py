@@ -19,13 +19,21 @@ import numpy as np
 from serving.client import Client, Glimpse, ScoreResult, SessionInfo, Snapshot
 
 # What a command says when no server answers; generate and score add the local backend.
-NO_SERVER_HINT = ("start one with `nlstm serve` (it serves the bundled models on port 50051) "
-                  "or pass --target HOST:PORT")
+NO_SERVER_HINT = (
+    "start one with `nlstm serve` (it serves the bundled models on port 50051) "
+    "or pass --target HOST:PORT"
+)
 LOCAL_HINT = "; or run without a server: --backend onnx"
 
 
-def connect(target: str, *, api_key: str | None = None, tls=None, timeout: float | None = None,
-            local: bool = False) -> Client:
+def connect(
+    target: str,
+    *,
+    api_key: str | None = None,
+    tls=None,
+    timeout: float | None = None,
+    local: bool = False,
+) -> Client:
     """A Client whose server answered within `timeout` (10 s by default), else OSError saying
     how to start one (and, with `local`, that the command also runs without one)."""
     client = Client(target, api_key=api_key, tls=tls, timeout=timeout)
@@ -37,11 +45,31 @@ def connect(target: str, *, api_key: str | None = None, tls=None, timeout: float
     return client
 
 
-def generate(client: Client, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-             top_p: float, seed: int | None, stop: list[str], session_id: str, out=None) -> str:
+def generate(
+    client: Client,
+    model: str,
+    prompt: str,
+    max_chars: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop: list[str],
+    session_id: str,
+    out=None,
+) -> str:
     out = out or sys.stdout  # read now: a default bound at import would outlive a replaced stdout
-    gen = client.generate(model, prompt, max_chars=max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop=stop, session_id=session_id)
+    gen = client.generate(
+        model,
+        prompt,
+        max_chars=max_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        session_id=session_id,
+    )
     for piece in gen:
         out.write(piece)
         out.flush()
@@ -49,9 +77,20 @@ def generate(client: Client, model: str, prompt: str, max_chars: int, temperatur
     return gen.text
 
 
-def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, temperature: float, top_k: int,
-                   top_p: float, seed: int | None, stop: list[str], out=None, providers: str = "auto",
-                   threads: int | None = None) -> str:
+def generate_local(
+    models_dir: str,
+    model: str,
+    prompt: str,
+    max_chars: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop: list[str],
+    out=None,
+    providers: str = "auto",
+    threads: int | None = None,
+) -> str:
     """`nlstm generate --backend onnx`: sample from the exported folder models_dir/model here on
     onnxruntime, no server. The same sequence logic as the server's Generate (start symbol,
     prompt, stop strings, end marker) and the same sampling arithmetic (serving.sampling.draw,
@@ -65,7 +104,10 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
     m = _local_model(models_dir, model, providers, threads)
     if max_chars < 1:
         raise ValueError(f"--max-chars must be >= 1, got {max_chars}")
-    max_stop, max_stop_chars = Limits().max_stop, Limits().max_stop_chars  # the server's default bounds
+    max_stop, max_stop_chars = (
+        Limits().max_stop,
+        Limits().max_stop_chars,
+    )  # the server's default bounds
     if len(stop) > max_stop or any(not s for s in stop):
         raise ValueError(f"--stop takes at most {max_stop} non-empty strings")
     if any(len(s) > max_stop_chars for s in stop):
@@ -81,9 +123,13 @@ def generate_local(models_dir: str, model: str, prompt: str, max_chars: int, tem
 
     # the request a server's Generate without a session would get: the same sequence, sampler and
     # seed
-    params = GenerateParams(model, "", prompt, max_chars, temperature, top_k, top_p, seed, tuple(stop))
+    params = GenerateParams(
+        model, "", prompt, max_chars, temperature, top_k, top_p, seed, tuple(stop)
+    )
     feed = [start_id(tok)] + [int(i) for i in tok.encode(prompt).ids]
-    seq = generate_sequence(params, tok, id_texts(tok), m.initial_state(1)[0], None, feed, emit, boundaries=False)
+    seq = generate_sequence(
+        params, tok, id_texts(tok), m.initial_state(1)[0], None, feed, emit, boundaries=False
+    )
     while not seq.finished:
         post: list = []
         if seq.wants_sample:
@@ -103,10 +149,14 @@ def _local_model(models_dir: str, model: str, providers: str, threads: int | Non
         raise ValueError("--model is required (a folder name under --models)")
     folder = Path(models_dir) / model
     if not (folder / "meta.json").is_file():
-        raise ValueError(f"no exported model {model!r} under {models_dir} (a folder with a meta.json)")
+        raise ValueError(
+            f"no exported model {model!r} under {models_dir} (a folder with a meta.json)"
+        )
     m = load_model(folder, providers=providers, intra_op_threads=threads)
     if m.kind != "char":
-        raise ValueError(f"model {model!r} is a {m.kind} model; this command runs on character models")
+        raise ValueError(
+            f"model {model!r} is a {m.kind} model; this command runs on character models"
+        )
     return m
 
 
@@ -114,28 +164,47 @@ def read_text(path: str) -> str:
     return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
 
 
-def print_score(text: str, num_chars: int, total_bits: float, bits_per_char: float, unknown_chars: int,
-                bits, per_char: bool) -> None:
-    print(f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
-          + (f", {unknown_chars} unknown" if unknown_chars else ""))
+def print_score(
+    text: str,
+    num_chars: int,
+    total_bits: float,
+    bits_per_char: float,
+    unknown_chars: int,
+    bits,
+    per_char: bool,
+) -> None:
+    print(
+        f"{num_chars} characters, {total_bits:.1f} bits, {bits_per_char:.4f} bits/char"
+        + (f", {unknown_chars} unknown" if unknown_chars else "")
+    )
     if per_char:
         for ch, b in zip(text, bits, strict=True):  # one figure per character
             print(f"{ch!r}\t{b:.3f}")
 
 
-def score_local(models_dir: str, model: str, path: str, per_char: bool, providers: str = "auto",
-                threads: int | None = None):
+def score_local(
+    models_dir: str,
+    model: str,
+    path: str,
+    per_char: bool,
+    providers: str = "auto",
+    threads: int | None = None,
+):
     """`nlstm score --backend onnx`: the exported folder models_dir/model run here on
     onnxruntime, no server; the same figures as the server's Score without a session."""
     text = read_text(path)
     if not text:
         raise ValueError("the text to score is empty")
     r = _local_model(models_dir, model, providers, threads).score(text)
-    print_score(text, r.chars, r.nats / math.log(2), r.bits_per_char, r.unknown_chars, r.bits, per_char)
+    print_score(
+        text, r.chars, r.nats / math.log(2), r.bits_per_char, r.unknown_chars, r.bits, per_char
+    )
     return r
 
 
-def score(client: Client, model: str, path: str, per_char: bool, session_id: str = "") -> ScoreResult:
+def score(
+    client: Client, model: str, path: str, per_char: bool, session_id: str = ""
+) -> ScoreResult:
     text = read_text(path)
     r = client.score(model, text, per_char=per_char, session_id=session_id)
     print_score(text, r.num_chars, r.total_bits, r.bits_per_char, r.unknown_chars, r.bits, per_char)
@@ -162,7 +231,9 @@ def read_mnist_image(data_dir: str, index: int, split: str = "t10k") -> tuple[np
     return images[index], int(labels[index])
 
 
-def classify(client: Client, model: str, image: np.ndarray, label: int | None = None) -> list[Glimpse]:
+def classify(
+    client: Client, model: str, image: np.ndarray, label: int | None = None
+) -> list[Glimpse]:
     out = []
     for g in client.classify_stream(model, image):
         out.append(g)
@@ -182,8 +253,10 @@ def session_create(client: Client, model: str) -> SessionInfo:
 
 def session_show(client: Client, session_id: str) -> SessionInfo:
     s = client.session_info(session_id)
-    print(f"session: {s.session_id}\nmodel: {s.model}\nposition: {s.position}\n"
-          f"idle timeout: {s.idle_timeout_seconds} s\nin use: {'yes' if s.in_use else 'no'}")
+    print(
+        f"session: {s.session_id}\nmodel: {s.model}\nposition: {s.position}\n"
+        f"idle timeout: {s.idle_timeout_seconds} s\nin use: {'yes' if s.in_use else 'no'}"
+    )
     return s
 
 

@@ -115,19 +115,22 @@ def decode_record(data: bytes, key: bytes | None = None) -> tuple[str, bytes]:
     _, version, n = _RECORD.unpack_from(data)
     if version != RECORD_VERSION:
         raise snapshot.SnapshotInvalid(
-            f"session record version {version} is not readable here; this server reads {RECORD_VERSION}")
+            f"session record version {version} is not readable here; this server reads {RECORD_VERSION}"
+        )
     body, digest = data[:-32], data[-32:]
     if not hmac.compare_digest(digest, _digest(body, key)):
         raise snapshot.SnapshotInvalid(
             "session record does not verify (its digest"
-            + (", an HMAC under the snapshot key," if key else "") + " does not match): changed or truncated")
+            + (", an HMAC under the snapshot key," if key else "")
+            + " does not match): changed or truncated"
+        )
     if _RECORD.size + n > len(body):
         raise snapshot.SnapshotInvalid(f"session record owner length {n} runs past the data")
     try:
-        owner = body[_RECORD.size:_RECORD.size + n].decode()
+        owner = body[_RECORD.size : _RECORD.size + n].decode()
     except UnicodeDecodeError:
         raise snapshot.SnapshotInvalid("session record owner is not UTF-8") from None
-    return owner, body[_RECORD.size + n:]
+    return owner, body[_RECORD.size + n :]
 
 
 def record_owner(data: bytes) -> str:
@@ -136,7 +139,7 @@ def record_owner(data: bytes) -> str:
     if not data.startswith(RECORD_MAGIC) or len(data) < _RECORD.size:
         return ""
     n = _RECORD.unpack_from(data)[2]
-    return data[_RECORD.size:_RECORD.size + n].decode(errors="replace")
+    return data[_RECORD.size : _RECORD.size + n].decode(errors="replace")
 
 
 def _digest(body: bytes, key: bytes | None) -> bytes:
@@ -148,13 +151,25 @@ class DurableSessions:
     (name -> serving.snapshot.model_identity). `caller` and `max_per_client` as for
     serving.sessions.SessionStore."""
 
-    def __init__(self, backend: Backend, model_ids: dict[str, str], *, max_sessions: int = 1024,
-                 idle_timeout: float = 600.0, lease_ttl: float = 6.0, key: bytes | None = None,
-                 on_evict=None, max_per_client: int = 0, caller=_anonymous) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        model_ids: dict[str, str],
+        *,
+        max_sessions: int = 1024,
+        idle_timeout: float = 600.0,
+        lease_ttl: float = 6.0,
+        key: bytes | None = None,
+        on_evict=None,
+        max_per_client: int = 0,
+        caller=_anonymous,
+    ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if idle_timeout <= 0 or lease_ttl <= 0:
-            raise ValueError(f"idle_timeout and lease_ttl must be > 0 seconds, got {idle_timeout}, {lease_ttl}")
+            raise ValueError(
+                f"idle_timeout and lease_ttl must be > 0 seconds, got {idle_timeout}, {lease_ttl}"
+            )
         self.backend = backend
         self.model_ids = model_ids
         self.max_sessions = max_sessions
@@ -175,7 +190,9 @@ class DurableSessions:
         if state is None:
             state, logits, position = s.state, s.logits, s.position
         snap = snapshot.encode(
-            snapshot.SessionState(s.model, self.model_ids[s.model], position, state, logits), self.key)
+            snapshot.SessionState(s.model, self.model_ids[s.model], position, state, logits),
+            self.key,
+        )
         return encode_record(s.owner, snap, self.key)
 
     def _decode(self, session_id: str, data: bytes, lease: str) -> StoredSession:
@@ -183,7 +200,9 @@ class DurableSessions:
             owner, snap = decode_record(data, self.key)
             s = snapshot.decode(snap, self.key)
         except snapshot.SnapshotInvalid as exc:
-            raise SessionCorrupt(f"session {session_id} in {self.backend.url} cannot be read: {exc}") from None
+            raise SessionCorrupt(
+                f"session {session_id} in {self.backend.url} cannot be read: {exc}"
+            ) from None
         if s.model not in self.model_ids:
             raise SessionMismatch(
                 f"session {session_id} runs model {s.model!r}, which this server does not serve "
@@ -196,8 +215,16 @@ class DurableSessions:
                 f"session {session_id}: {exc} (during a rolling update, call a replica still serving "
                 "the export that made it)"
             ) from None
-        return StoredSession(session_id, s.model, s.state, s.logits, s.position, in_use=bool(lease), owner=owner,
-                             lease=lease)
+        return StoredSession(
+            session_id,
+            s.model,
+            s.state,
+            s.logits,
+            s.position,
+            in_use=bool(lease),
+            owner=owner,
+            lease=lease,
+        )
 
     def _not_found(self, session_id: str) -> SessionNotFound:
         # the same for an id that never existed and for another key's session
@@ -220,8 +247,9 @@ class DurableSessions:
             pass
         return self._last_count
 
-    def create(self, model: str, state: np.ndarray, logits: np.ndarray | None = None,
-               position: int = 0) -> StoredSession:
+    def create(
+        self, model: str, state: np.ndarray, logits: np.ndarray | None = None, position: int = 0
+    ) -> StoredSession:
         if self.backend.count() >= self.max_sessions:
             raise TooManySessions(
                 f"the session store holds its maximum of {self.max_sessions} sessions; close unused "
@@ -229,10 +257,16 @@ class DurableSessions:
             )
         owner = self._caller().client
         session = StoredSession(
-            new_session_id(), model, np.asarray(state, np.float32).copy(),
-            None if logits is None else np.asarray(logits, np.float32).copy(), position, owner=owner)
-        if not self.backend.put(session.session_id, self._encode(session), self.idle_timeout, owner,
-                                self.max_per_client):
+            new_session_id(),
+            model,
+            np.asarray(state, np.float32).copy(),
+            None if logits is None else np.asarray(logits, np.float32).copy(),
+            position,
+            owner=owner,
+        )
+        if not self.backend.put(
+            session.session_id, self._encode(session), self.idle_timeout, owner, self.max_per_client
+        ):
             raise TooManySessions(
                 f"this client holds {self.max_per_client} sessions: the server's per-client session limit is "
                 f"{self.max_per_client} (over every replica sharing the session store); close unused sessions "
@@ -293,15 +327,18 @@ class DurableSessions:
         self._commit(session, self._encode(session), None)
         session.in_use = False
 
-    def checkpoint(self, session: StoredSession, keep: tuple[np.ndarray, np.ndarray | None, int] | None) -> None:
+    def checkpoint(
+        self, session: StoredSession, keep: tuple[np.ndarray, np.ndarray | None, int] | None
+    ) -> None:
         """During a call: write `keep` (state, logits, position: what the session would hold if
         the call ended now) and renew the lease; None renews without writing."""
         data = None if keep is None else self._encode(session, *keep)
         self._commit(session, data, self.lease_ttl)
 
     def _commit(self, session: StoredSession, data: bytes | None, lease_ttl: float | None) -> None:
-        result = self.backend.commit(session.session_id, session.lease, data, self.idle_timeout, lease_ttl,
-                                     session.owner)
+        result = self.backend.commit(
+            session.session_id, session.lease, data, self.idle_timeout, lease_ttl, session.owner
+        )
         if result == LEASE_LOST:
             raise SessionLost(
                 f"session {session.session_id} was taken over by another call: this server did not renew "
@@ -309,12 +346,19 @@ class DurableSessions:
                 "tells where the session is"
             )
         if result == GONE:  # closed (CloseSession) or expired while the call ran: nothing to keep
-            log.info("session %s was closed while a call ran on it; its result was dropped", session.session_id)
+            log.info(
+                "session %s was closed while a call ran on it; its result was dropped",
+                session.session_id,
+            )
 
     def delete(self, session_id: str) -> None:
         # read first: the owner's count loses the session, and another key's is not found
         data = self.backend.get(session_id)
-        if data is None or self._hidden(owner := record_owner(data)) or not self.backend.delete(session_id, owner):
+        if (
+            data is None
+            or self._hidden(owner := record_owner(data))
+            or not self.backend.delete(session_id, owner)
+        ):
             raise self._not_found(session_id)
 
     def expire(self) -> int:

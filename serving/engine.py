@@ -101,7 +101,9 @@ class ServedModel(Protocol):
     # Must not write into its inputs: the scheduler feeds a step's outputs back as the next
     # step's inputs, and sessions keep rows of them. check=False: skip the model's own input
     # checks (the scheduler builds the inputs itself).
-    def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
+    def step(
+        self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 MAX_STREAM_INTERVAL = MAX_SPACING  # the longest --stream-interval-ms allowed
@@ -117,9 +119,14 @@ MAX_RESTORE_POSITION = (1 << 63) - 1
 
 
 class Engine:
-    def __init__(self, models: dict[str, ServedModel], limits: Limits | None = None,
-                 metrics: Metrics | None = None, snapshot_key: bytes | None = None,
-                 session_store: str | Backend | None = "memory") -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        limits: Limits | None = None,
+        metrics: Metrics | None = None,
+        snapshot_key: bytes | None = None,
+        session_store: str | Backend | None = "memory",
+    ) -> None:
         self.models = models
         self.limits = limits or Limits()
         if snapshot_key is not None and len(snapshot_key) < 16:
@@ -127,17 +134,25 @@ class Engine:
         self.snapshot_key = snapshot_key  # signs snapshots and is required of restored ones
         self._model_ids: dict[str, str] = {}
         if not 0 <= self.limits.stream_interval <= MAX_STREAM_INTERVAL:  # NaN fails too
-            raise ValueError(f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
-                             f"got {self.limits.stream_interval}")
+            raise ValueError(
+                f"stream_interval must be in [0, {MAX_STREAM_INTERVAL:g}] seconds, "
+                f"got {self.limits.stream_interval}"
+            )
         if not 0 <= self.limits.max_messages_per_s < math.inf:
-            raise ValueError("max_messages_per_s must be a finite number >= 0 (0: no budget), "
-                             f"got {self.limits.max_messages_per_s}")
+            raise ValueError(
+                "max_messages_per_s must be a finite number >= 0 (0: no budget), "
+                f"got {self.limits.max_messages_per_s}"
+            )
         if not 0 <= self.limits.prefix_cache_mb <= MAX_PREFIX_CACHE_MB:
-            raise ValueError(f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
-                             f"got {self.limits.prefix_cache_mb}")
+            raise ValueError(
+                f"prefix_cache_mb must be in [0, {MAX_PREFIX_CACHE_MB}] MiB (0: no cache), "
+                f"got {self.limits.prefix_cache_mb}"
+            )
         if not 0.05 <= self.limits.checkpoint_interval <= 600:  # NaN fails too
-            raise ValueError("checkpoint_interval must be in [0.05, 600] seconds, got "
-                             f"{self.limits.checkpoint_interval}")
+            raise ValueError(
+                "checkpoint_interval must be in [0.05, 600] seconds, got "
+                f"{self.limits.checkpoint_interval}"
+            )
         self.metrics = metrics or Metrics()
         cache_bytes = int(self.limits.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(cache_bytes, metrics=self.metrics) if cache_bytes else None
@@ -145,16 +160,26 @@ class Engine:
         self.store: SessionStore | DurableSessions
         self._durable: DurableSessions | None = None  # self.store when it is a shared store
         if backend is None:
-            self.store = SessionStore(self.limits.max_sessions, self.limits.idle_timeout,
-                                      on_evict=self.metrics.evictions.inc,
-                                      max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
+            self.store = SessionStore(
+                self.limits.max_sessions,
+                self.limits.idle_timeout,
+                on_evict=self.metrics.evictions.inc,
+                max_per_client=self.limits.max_sessions_per_client,
+                caller=current_caller,
+            )
             self._io: ThreadPoolExecutor | None = None
         else:
             self.store = self._durable = DurableSessions(
-                backend, {n: self.model_id(n) for n in models}, max_sessions=self.limits.max_sessions,
-                idle_timeout=self.limits.idle_timeout, lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
-                key=snapshot_key, on_evict=self.metrics.evictions.inc,
-                max_per_client=self.limits.max_sessions_per_client, caller=current_caller)
+                backend,
+                {n: self.model_id(n) for n in models},
+                max_sessions=self.limits.max_sessions,
+                idle_timeout=self.limits.idle_timeout,
+                lease_ttl=max(3 * self.limits.checkpoint_interval, LEASE_MIN),
+                key=snapshot_key,
+                on_evict=self.metrics.evictions.inc,
+                max_per_client=self.limits.max_sessions_per_client,
+                caller=current_caller,
+            )
             # one thread: the store's reads and writes run in the order they were asked for (a
             # call's last write after its checkpoints), off the event loop
             self._io = ThreadPoolExecutor(1, thread_name_prefix="session-store")
@@ -174,8 +199,12 @@ class Engine:
             self.schedulers[name] = Scheduler(
                 # the scheduler builds well-formed inputs (ids from the tokenizer and the sampler,
                 # glimpses checked on arrival) and states (the runtime's own outputs)
-                functools.partial(model.step, check=False), max_batch=self.limits.max_batch, max_wait=self.limits.max_wait, name=name,
-                post=loop.call_soon_threadsafe, on_batch=self._on_batch(name),
+                functools.partial(model.step, check=False),
+                max_batch=self.limits.max_batch,
+                max_wait=self.limits.max_wait,
+                name=name,
+                post=loop.call_soon_threadsafe,
+                on_batch=self._on_batch(name),
                 message_rate=self.limits.max_messages_per_s,
             )
             # read at each scrape, so that they never go stale when the scheduler idles
@@ -189,17 +218,23 @@ class Engine:
             self._checkpoints = asyncio.ensure_future(self._checkpoint_forever())
             try:
                 self._durable.backend.ping()
-            except StoreUnavailable as exc:  # serve anyway: stateless calls work, sessions once it is back
+            except (
+                StoreUnavailable
+            ) as exc:  # serve anyway: stateless calls work, sessions once it is back
                 log.warning("%s; calls on sessions get UNAVAILABLE until it answers", exc)
             else:
                 log.info("sessions in %s", self._durable.backend.url)
 
     def _on_batch(self, name: str):
-        batch, seconds = self.metrics.batch_size.labels(name), self.metrics.step_seconds.labels(name)
+        batch, seconds = (
+            self.metrics.batch_size.labels(name),
+            self.metrics.step_seconds.labels(name),
+        )
 
         def record(size: int, elapsed: float) -> None:  # runs on the scheduler thread
             batch.observe(size)
             seconds.observe(elapsed)
+
         return record
 
     def end_generation(self) -> None:
@@ -240,8 +275,10 @@ class Engine:
         try:
             return await asyncio.shield(job)
         except StoreUnavailable as exc:
-            raise Unavailable(f"{exc}; calls that need a session fail until it answers again, "
-                              "calls without one still work") from None
+            raise Unavailable(
+                f"{exc}; calls that need a session fail until it answers again, "
+                "calls without one still work"
+            ) from None
         except SessionLost as exc:
             raise Aborted(str(exc)) from None
         except SessionMismatch as exc:
@@ -256,12 +293,18 @@ class Engine:
             calls = list(self._calls.values())
             results = await asyncio.gather(*map(self._checkpoint, calls), return_exceptions=True)
             for call, result in zip(calls, results, strict=True):
-                if isinstance(result, Aborted):  # its lease went to another call: stop, keep nothing
+                if isinstance(
+                    result, Aborted
+                ):  # its lease went to another call: stop, keep nothing
                     log.warning("%s", result)
                     call.seq.cancelled = True
                     self.schedulers[call.name].poke()
-                elif isinstance(result, Exception):  # the store is away: the call's last write tells
-                    log.warning("checkpoint of session %s failed: %s", call.session.session_id, result)
+                elif isinstance(
+                    result, Exception
+                ):  # the store is away: the call's last write tells
+                    log.warning(
+                        "checkpoint of session %s failed: %s", call.session.session_id, result
+                    )
 
     async def _checkpoint(self, call: Call) -> None:
         # still running? (it may have ended since the list was taken: then its last write is
@@ -282,7 +325,9 @@ class Engine:
     # ---------------------------------------------------------------- models
     def model(self, name: str) -> ServedModel:
         if not name:
-            raise InvalidArgument("model is required (a name from ListModels) unless session_id is set")
+            raise InvalidArgument(
+                "model is required (a name from ListModels) unless session_id is set"
+            )
         try:
             return self.models[name]
         except KeyError:
@@ -327,8 +372,13 @@ class Engine:
         """The session's snapshot bytes (signed with the server's key, if any)."""
         session = await self._hold(session_id)
         try:
-            state = snapshot.SessionState(session.model, self.model_id(session.model), session.position,
-                                          session.state, session.logits)
+            state = snapshot.SessionState(
+                session.model,
+                self.model_id(session.model),
+                session.position,
+                session.state,
+                session.logits,
+            )
             return snapshot.encode(state, self.snapshot_key), session
         finally:
             await self._store(self.store.release, session)
@@ -346,15 +396,18 @@ class Engine:
                     f"(it runs {sorted(self.models)})"
                 )
             model = self.models[s.model]
-            snapshot.check_model(s, s.model, self.model_id(s.model), model.meta.state_shape,
-                                 model.meta.output_size)
+            snapshot.check_model(
+                s, s.model, self.model_id(s.model), model.meta.state_shape, model.meta.output_size
+            )
         except snapshot.SnapshotMismatch as exc:
             raise FailedPrecondition(str(exc)) from None
         except snapshot.SnapshotInvalid as exc:
             raise InvalidArgument(str(exc)) from None
         if s.position > MAX_RESTORE_POSITION:
-            raise InvalidArgument(f"snapshot position {s.position} is past {MAX_RESTORE_POSITION}, the largest "
-                                  "a restored session may start at (positions are uint64): the snapshot is forged")
+            raise InvalidArgument(
+                f"snapshot position {s.position} is past {MAX_RESTORE_POSITION}, the largest "
+                "a restored session may start at (positions are uint64): the snapshot is forged"
+            )
         try:
             return await self._store(self.store.create, s.model, s.state, s.logits, s.position)
         except TooManySessions as exc:
@@ -362,13 +415,17 @@ class Engine:
 
     def _snapshot_max_bytes(self) -> int:
         """The largest snapshot one of this server's models makes, with room for the header."""
-        return max(snapshot.max_size(m.meta.state_shape, m.meta.output_size) for m in self.models.values())
+        return max(
+            snapshot.max_size(m.meta.state_shape, m.meta.output_size) for m in self.models.values()
+        )
 
     async def fork_session(self, session_id: str) -> Session:
         """A new session with a copy of the session's state and position."""
         session = await self._hold(session_id)
         try:
-            return await self._store(self.store.create, session.model, session.state, session.logits, session.position)
+            return await self._store(
+                self.store.create, session.model, session.state, session.logits, session.position
+            )
         except TooManySessions as exc:
             raise ResourceExhausted(str(exc)) from None
         finally:
@@ -422,8 +479,9 @@ class Engine:
         if session is not None and self._io is not None:
             self._calls[id(session)] = Call(name, session, seq, keep)
 
-    async def _finish(self, name: str, session: Session | None, seq: Sequence,
-                      keep: Keep | None) -> None:
+    async def _finish(
+        self, name: str, session: Session | None, seq: Sequence, keep: Keep | None
+    ) -> None:
         """End a call: stop its sequence if it still runs, store `keep` (state, logits,
         position) in the session (None: leave it unchanged), release the session."""
         if not seq.finished:
@@ -441,7 +499,9 @@ class Engine:
 
     # -------------------------------------------------------------- text
     async def score(self, params: ScoreParams):
-        name, model, session, state, logits = await self._open(params.model, params.session_id, "char", "Score")
+        name, model, session, state, logits = await self._open(
+            params.model, params.session_id, "char", "Score"
+        )
         tok = model.tokenizer
         assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         loop = asyncio.get_running_loop()
@@ -477,7 +537,9 @@ class Engine:
             "position": position,
         }
 
-    async def generate(self, p: GenerateParams) -> AsyncGenerator[tuple[str, list[float], str, int]]:
+    async def generate(
+        self, p: GenerateParams
+    ) -> AsyncGenerator[tuple[str, list[float], str, int]]:
         """Yields (text, bits, finish_reason, position): the characters generated since the last
         yield (several when the reader is slower than generation), finish_reason "" until the
         last ("LENGTH", "STOP_SEQUENCE", or "CANCELLED" when the server stopped it), and the
@@ -486,7 +548,9 @@ class Engine:
         The caller asks for the next item only once it has sent the last one: that is how this
         generator knows which messages went out. When it is closed, the session keeps the prompt
         and the characters of the messages sent (their boundary states, kept by the sequence)."""
-        name, model, session, state, logits = await self._open(p.model, p.session_id, "char", "Generate")
+        name, model, session, state, logits = await self._open(
+            p.model, p.session_id, "char", "Generate"
+        )
         tok = model.tokenizer
         assert tok is not None  # _open checked the kind, and every char model has a tokenizer
         box = Mailbox()
@@ -501,13 +565,26 @@ class Engine:
         prompt_ids = [int(i) for i in tok.encode(p.prompt).ids]
         feed = ([start_id(tok)] if logits is None else []) + prompt_ids
         recorder = None
-        if self.prefix_cache is not None and logits is None and np.array_equal(state, model.initial_state(1)[0]):
+        if (
+            self.prefix_cache is not None
+            and logits is None
+            and np.array_equal(state, model.initial_state(1)[0])
+        ):
             # from the initial state: start after the longest cached prefix of the feed
             state, logits, feed, recorder = self.prefix_cache.start(name, feed, state)
         base = session.position if session is not None else 0
         sent = 0  # symbols generated up to the end of the last message sent
-        seq = generate_sequence(p, tok, self.texts[name], state, logits, feed, put,
-                                interval=self.limits.stream_interval, boundaries=session is not None)
+        seq = generate_sequence(
+            p,
+            tok,
+            self.texts[name],
+            state,
+            logits,
+            feed,
+            put,
+            interval=self.limits.stream_interval,
+            boundaries=session is not None,
+        )
         seq.recorder = recorder
         counter = self.metrics.chars_generated.labels(name)
         t0, first = time.perf_counter(), True
@@ -515,6 +592,7 @@ class Engine:
         def keep():  # what the session holds if the call ends now (`sent` as it is then)
             mark = seq.mark(sent)
             return None if mark is None else (*mark, base + len(prompt_ids) + sent)
+
         self._track(name, session, seq, keep)
         try:
             self.schedulers[name].add(seq)
@@ -547,7 +625,9 @@ class Engine:
     async def glimpse_stream(self, first: GlimpseParams) -> GlimpseStream:
         """A ClassifyGlimpses stream on the model or session its first message names (the
         caller then pushes that message's glimpse too)."""
-        name, _, session, state, _ = await self._open(first.model, first.session_id, "glimpse", "ClassifyGlimpses")
+        name, _, session, state, _ = await self._open(
+            first.model, first.session_id, "glimpse", "ClassifyGlimpses"
+        )
         seq = GlimpseSequence(state)
         self.schedulers[name].add(seq)
         stream = GlimpseStream(self, name, session, seq)
@@ -564,6 +644,15 @@ def _retrieved(job: asyncio.Future) -> None:
 # The errors and Limits are defined in serving/errors.py and serving/limits.py; the engine is
 # where callers have always found them.
 __all__ = [
-    "Aborted", "DataLoss", "Engine", "FailedPrecondition", "GlimpseStream", "InvalidArgument", "Limits",
-    "NotFound", "ResourceExhausted", "ServingError", "Unavailable",
+    "Aborted",
+    "DataLoss",
+    "Engine",
+    "FailedPrecondition",
+    "GlimpseStream",
+    "InvalidArgument",
+    "Limits",
+    "NotFound",
+    "ResourceExhausted",
+    "ServingError",
+    "Unavailable",
 ]

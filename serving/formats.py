@@ -344,7 +344,9 @@ class ExportMeta:
             bad(f"files must list {STEP_GRAPH!r} with its sha256, got {self.files!r}")
         for name, digest in self.files.items():
             if "/" in name or "\\" in name or name in ("", ".", "..", META_FILE):
-                bad(f"files may only name plain files of the folder (not {META_FILE}), got {name!r}")
+                bad(
+                    f"files may only name plain files of the folder (not {META_FILE}), got {name!r}"
+                )
             if not (isinstance(digest, str) and len(digest) == 64):
                 bad(f"files[{name!r}] must be a sha256 hex digest, got {digest!r}")
         if self.sequence_graph != (SEQUENCE_GRAPH in self.files):
@@ -369,7 +371,7 @@ class ExportMeta:
             raise ExportFormatError(f"meta.json is not valid JSON: {exc}") from None
         if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
             raise ExportFormatError(
-                f"meta.json is not an nlstm export's (expected \"format\": {EXPORT_FORMAT!r})"
+                f'meta.json is not an nlstm export\'s (expected "format": {EXPORT_FORMAT!r})'
             )
         # The version first: a newer writer may have changed every other field.
         version = d.get("format_version")
@@ -384,8 +386,12 @@ class ExportMeta:
             known -= {"precision", "quantization"}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ExportFormatError(f"meta.json has unknown keys {unknown}; allowed: {sorted(known)}")
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+            raise ExportFormatError(
+                f"meta.json has unknown keys {unknown}; allowed: {sorted(known)}"
+            )
+        required = {
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        }
         missing = sorted(required - set(d))
         if missing:
             raise ExportFormatError(f"meta.json lacks the keys {missing}")

@@ -49,8 +49,21 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.auth import Caller, rate_refusal, run_as
 from serving.errors import ServingError
 from serving.http_json import (
-    FINISH, GENERATE_NAMES, HTTP_STATUS, HttpError, check_fields, from_serving, generate_request,
-    glimpse_json, glimpse_requests, json_object, model_json, parse_message, score_json, session_json, sse,
+    FINISH,
+    GENERATE_NAMES,
+    HTTP_STATUS,
+    HttpError,
+    check_fields,
+    from_serving,
+    generate_request,
+    glimpse_json,
+    glimpse_requests,
+    json_object,
+    model_json,
+    parse_message,
+    score_json,
+    session_json,
+    sse,
 )
 from serving.limits import OverBudget
 
@@ -68,8 +81,18 @@ def error_response(status: int, message: str) -> web.Response:
 class HttpFront:
     """The HTTP server: `await start(host, port)`, `await stop(grace)`."""
 
-    def __init__(self, servicer, health, metrics, *, keys=None, rate=None, budget=None,
-                 max_body: int = 1 << 20, max_concurrent: int = 4096) -> None:
+    def __init__(
+        self,
+        servicer,
+        health,
+        metrics,
+        *,
+        keys=None,
+        rate=None,
+        budget=None,
+        max_body: int = 1 << 20,
+        max_concurrent: int = 4096,
+    ) -> None:
         self.servicer, self.health, self.metrics = servicer, health, metrics
         self.keys, self.rate, self.budget = keys, rate, budget
         self.max_body, self.max_concurrent = max_body, max_concurrent
@@ -94,12 +117,18 @@ class HttpFront:
         r.add_post("/v2/models/{name}/generate_stream", self.call("Generate", self.generate_stream))
         r.add_post("/v2/models/{name}/score", self.call("Score", self.score))
         r.add_post("/v2/models/{name}/classify", self.call("ClassifyGlimpses", self.classify))
-        r.add_post("/v2/models/{name}/classify_stream", self.call("ClassifyGlimpses", self.classify_stream))
+        r.add_post(
+            "/v2/models/{name}/classify_stream", self.call("ClassifyGlimpses", self.classify_stream)
+        )
         r.add_post("/v2/models/{name}/sessions", self.call("CreateSession", self.create_session))
         r.add_post("/v2/sessions/restore", self.call("RestoreSession", self.restore_session))
         r.add_get("/v2/sessions/{sid}", self.call("GetSession", self.get_session, body=False))
-        r.add_delete("/v2/sessions/{sid}", self.call("CloseSession", self.close_session, body=False))
-        r.add_post("/v2/sessions/{sid}/snapshot", self.call("SnapshotSession", self.snapshot_session))
+        r.add_delete(
+            "/v2/sessions/{sid}", self.call("CloseSession", self.close_session, body=False)
+        )
+        r.add_post(
+            "/v2/sessions/{sid}/snapshot", self.call("SnapshotSession", self.snapshot_session)
+        )
         r.add_post("/v2/sessions/{sid}/fork", self.call("ForkSession", self.fork_session))
         return app
 
@@ -108,7 +137,9 @@ class HttpFront:
         # Generate stops sampling, its session keeps what was sent)
         # shutdown_timeout: stop() has already given calls their grace; what still runs then
         # is cancelled, as gRPC's stop(grace) cancels its calls
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        self.runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]") or None, port, ssl_context=ssl_context)
         await site.start()
@@ -132,12 +163,18 @@ class HttpFront:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            message = (
+                exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            )
             if isinstance(exc, web.HTTPRequestEntityTooLarge):
-                message = (f"the request body is larger than this server's limit of {self.max_body} bytes "
-                           "(sized from --max-text and the stop-string limits, or --max-request-bytes)")
+                message = (
+                    f"the request body is larger than this server's limit of {self.max_body} bytes "
+                    "(sized from --max-text and the stop-string limits, or --max-request-bytes)"
+                )
             elif exc.status == 404:
-                message = f"no route {request.method} {request.path}; see docs/http.md for the routes"
+                message = (
+                    f"no route {request.method} {request.path}; see docs/http.md for the routes"
+                )
             elif exc.status == 405:
                 message = f"{request.method} is not allowed on {request.path}"
             return error_response(exc.status, message)
@@ -167,8 +204,12 @@ class HttpFront:
             self._idle.clear()
             try:
                 if self.inflight > self.max_concurrent:
-                    raise HttpError(429, f"the server is running its maximum of {self.max_concurrent} calls; "
-                                         "retry later", "RESOURCE_EXHAUSTED")
+                    raise HttpError(
+                        429,
+                        f"the server is running its maximum of {self.max_concurrent} calls; "
+                        "retry later",
+                        "RESOURCE_EXHAUSTED",
+                    )
                 self._admit(request)
                 data = None
                 if body:
@@ -210,8 +251,10 @@ class HttpFront:
 
     # ------------------------------------------------------------------ open routes
     async def playground(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(PLAYGROUND, headers={"Content-Type": "text/html; charset=utf-8",
-                                                     "Cache-Control": "no-cache"})
+        return web.FileResponse(
+            PLAYGROUND,
+            headers={"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"},
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -234,17 +277,26 @@ class HttpFront:
             v = version("nlstm")
         except PackageNotFoundError:
             v = ""
-        return web.json_response({"name": "nlstm", "version": v,
-                                  "extensions": ["generate", "score", "sessions", "classify"]})
+        return web.json_response(
+            {
+                "name": "nlstm",
+                "version": v,
+                "extensions": ["generate", "score", "sessions", "classify"],
+            }
+        )
 
     async def list_models(self, request, _body) -> web.Response:
-        return web.json_response({"models": [model_json(m) for m in (await self._models()).values()]})
+        return web.json_response(
+            {"models": [model_json(m) for m in (await self._models()).values()]}
+        )
 
     async def _model(self, request) -> pb.ModelInfo:
         name = request.match_info["name"]
         models = await self._models()
         if name not in models:
-            raise HttpError(404, f"no model {name!r}; this server runs {', '.join(sorted(models))}", "NOT_FOUND")
+            raise HttpError(
+                404, f"no model {name!r}; this server runs {', '.join(sorted(models))}", "NOT_FOUND"
+            )
         return models[name]
 
     async def model_metadata(self, request, _body) -> web.Response:
@@ -268,8 +320,13 @@ class HttpFront:
                     finish, position = r.finish_reason, r.position
         except ServingError as exc:
             raise from_serving(exc, GENERATE_NAMES) from None
-        out = {"model_name": name, "model_version": "", "text_output": "".join(text),
-               "finish_reason": FINISH[finish], "position": position}
+        out = {
+            "model_name": name,
+            "model_version": "",
+            "text_output": "".join(text),
+            "finish_reason": FINISH[finish],
+            "position": position,
+        }
         if req.logprobs:
             out["bits"] = bits
         return web.json_response(out)
@@ -328,9 +385,15 @@ class HttpFront:
             async for r in responses:
                 answers.append(glimpse_json(r))
         last = answers[-1]
-        return web.json_response({"model_name": name, "predicted_class": last["predicted_class"],
-                                  "probabilities": last["probabilities"], "position": last["position"],
-                                  "steps": answers})
+        return web.json_response(
+            {
+                "model_name": name,
+                "predicted_class": last["predicted_class"],
+                "probabilities": last["probabilities"],
+                "position": last["position"],
+                "steps": answers,
+            }
+        )
 
     async def classify_stream(self, request, body) -> web.StreamResponse:
         """Server-sent events, one `data: {"step", "probabilities", "predicted_class",
@@ -356,52 +419,78 @@ class HttpFront:
     # ------------------------------------------------------------------ sessions
     async def create_session(self, request, body) -> web.Response:
         check_fields(body, set(), "the body")
-        s = await self.servicer.CreateSession(pb.CreateSessionRequest(model=request.match_info["name"]), None)
+        s = await self.servicer.CreateSession(
+            pb.CreateSessionRequest(model=request.match_info["name"]), None
+        )
         return web.json_response(session_json(s))
 
     async def get_session(self, request, _body) -> web.Response:
-        s = await self.servicer.GetSession(pb.GetSessionRequest(session_id=request.match_info["sid"]), None)
+        s = await self.servicer.GetSession(
+            pb.GetSessionRequest(session_id=request.match_info["sid"]), None
+        )
         return web.json_response(session_json(s))
 
     async def close_session(self, request, _body) -> web.Response:
-        await self.servicer.CloseSession(pb.CloseSessionRequest(session_id=request.match_info["sid"]), None)
+        await self.servicer.CloseSession(
+            pb.CloseSessionRequest(session_id=request.match_info["sid"]), None
+        )
         return web.json_response({})
 
     async def snapshot_session(self, request, body) -> web.Response:
         check_fields(body, set(), "the body")
         snap = await self.servicer.SnapshotSession(
-            pb.SnapshotSessionRequest(session_id=request.match_info["sid"]), None)
-        return web.json_response({"data": base64.b64encode(snap.data).decode(), "model": snap.model,
-                                  "position": snap.position})
+            pb.SnapshotSessionRequest(session_id=request.match_info["sid"]), None
+        )
+        return web.json_response(
+            {
+                "data": base64.b64encode(snap.data).decode(),
+                "model": snap.model,
+                "position": snap.position,
+            }
+        )
 
     async def restore_session(self, request, body) -> web.Response:
         # "model" and "position" too, so that snapshot's answer can be sent back as it is
         # (the data holds both; these copies are not read)
         check_fields(body, {"data", "model", "position"}, "the body")
         if not isinstance(body.get("data"), str):
-            raise HttpError(400, 'restore takes {"data": "..."}: a snapshot\'s data, base64-encoded as '
-                                 "snapshot returns it")
+            raise HttpError(
+                400,
+                'restore takes {"data": "..."}: a snapshot\'s data, base64-encoded as '
+                "snapshot returns it",
+            )
         try:
             data = base64.b64decode(body["data"], validate=True)
         except ValueError:
-            raise HttpError(400, "data is not valid base64 (the standard alphabet, with padding)") from None
+            raise HttpError(
+                400, "data is not valid base64 (the standard alphabet, with padding)"
+            ) from None
         s = await self.servicer.RestoreSession(pb.RestoreSessionRequest(data=data), None)
         return web.json_response(session_json(s))
 
     async def fork_session(self, request, body) -> web.Response:
         check_fields(body, set(), "the body")
-        s = await self.servicer.ForkSession(pb.ForkSessionRequest(session_id=request.match_info["sid"]), None)
+        s = await self.servicer.ForkSession(
+            pb.ForkSessionRequest(session_id=request.match_info["sid"]), None
+        )
         return web.json_response(session_json(s))
 
 
 async def _event_stream(request: web.Request) -> web.StreamResponse:
-    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                         "X-Accel-Buffering": "no"})  # proxies: pass each event on
+    stream = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )  # proxies: pass each event on
     await stream.prepare(request)
     return stream
 
 
-def ssl_context(cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None) -> ssl.SSLContext:
+def ssl_context(
+    cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None
+) -> ssl.SSLContext:
     """HTTPS with the certificate and key gRPC's TLS uses (serving.auth.server_credentials);
     with client_ca_file, mutual TLS: every client must present a certificate it signed."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -39,9 +39,16 @@ FINISH = {  # FinishReason -> the generate extension's finish_reason
     pb.FINISH_REASON_CANCELLED: "cancelled",
 }
 # the generate extension's names -> GenerateRequest's fields
-GENERATE_PARAMETERS = {"max_tokens": "max_chars", "temperature": "temperature", "top_k": "top_k",
-                       "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
-                       "session_id": "session_id"}
+GENERATE_PARAMETERS = {
+    "max_tokens": "max_chars",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "logprobs": "logprobs",
+    "session_id": "session_id",
+}
 DEFAULT_MAX_TOKENS = 100  # when a generate body gives none (gRPC's max_chars has no default)
 GENERATE_NAMES = {"max_chars": "max_tokens", "prompt": "text_input"}  # in the engine's messages
 
@@ -64,26 +71,52 @@ def from_serving(exc: ServingError, names: dict[str, str] | None = None) -> Http
 
 # ------------------------------------------------------------------------------------ JSON
 def session_json(s: pb.Session) -> dict:
-    return {"session_id": s.session_id, "model": s.model, "position": s.position,
-            "idle_timeout_seconds": s.idle_timeout_seconds, "in_use": s.in_use}
+    return {
+        "session_id": s.session_id,
+        "model": s.model,
+        "position": s.position,
+        "idle_timeout_seconds": s.idle_timeout_seconds,
+        "in_use": s.in_use,
+    }
 
 
 def model_json(m: pb.ModelInfo) -> dict:
     """KServe's model metadata (name, versions, platform) and what ListModels says of it."""
-    return {"name": m.name, "versions": [], "platform": "onnxruntime", "task": m.task, "kind": m.kind,
-            "vocab_size": m.vocab_size, "num_classes": m.num_classes, "metrics": dict(m.metrics),
-            "depth": m.depth, "num_layers": m.num_layers, "hidden_size": m.hidden_size}
+    return {
+        "name": m.name,
+        "versions": [],
+        "platform": "onnxruntime",
+        "task": m.task,
+        "kind": m.kind,
+        "vocab_size": m.vocab_size,
+        "num_classes": m.num_classes,
+        "metrics": dict(m.metrics),
+        "depth": m.depth,
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+    }
 
 
 def score_json(name: str, r: pb.ScoreResponse) -> dict:
-    return {"model_name": name, "bits_per_char": r.bits_per_char, "total_bits": r.total_bits,
-            "num_chars": r.num_chars, "unknown_chars": r.unknown_chars, "position": r.position,
-            "bits": list(r.bits), "boundaries": list(r.boundaries)}
+    return {
+        "model_name": name,
+        "bits_per_char": r.bits_per_char,
+        "total_bits": r.total_bits,
+        "num_chars": r.num_chars,
+        "unknown_chars": r.unknown_chars,
+        "position": r.position,
+        "bits": list(r.bits),
+        "boundaries": list(r.boundaries),
+    }
 
 
 def glimpse_json(r: pb.GlimpseResponse) -> dict:
-    return {"step": r.step, "probabilities": list(r.probabilities), "predicted_class": r.predicted_class,
-            "position": r.position}
+    return {
+        "step": r.step,
+        "probabilities": list(r.probabilities),
+        "predicted_class": r.predicted_class,
+        "position": r.position,
+    }
 
 
 def parse_message(body: dict, message, what: str, names: dict[str, str] | None = None):
@@ -100,8 +133,11 @@ def parse_message(body: dict, message, what: str, names: dict[str, str] | None =
 def check_fields(body: dict, allowed: set[str], what: str) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise HttpError(400, f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                             f"allowed: {', '.join(sorted(allowed))}")
+        raise HttpError(
+            400,
+            f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}",
+        )
 
 
 def generate_request(name: str, body: dict) -> pb.GenerateRequest:
@@ -125,8 +161,11 @@ def glimpse_requests(name: str, body: dict) -> list[pb.GlimpseRequest]:
     of 28 floats in [0, 1]}, with an optional "session_id"."""
     check_fields(body, {"glimpses", "image", "session_id"}, "the body")
     if ("glimpses" in body) == ("image" in body):
-        raise HttpError(400, 'give either "glimpses" (a list of 49-float lists) or "image" (28 rows of 28 '
-                             "floats in [0, 1]), not both or neither")
+        raise HttpError(
+            400,
+            'give either "glimpses" (a list of 49-float lists) or "image" (28 rows of 28 '
+            "floats in [0, 1]), not both or neither",
+        )
     try:
         if "image" in body:
             glimpses = image_to_glimpses(np.asarray(body["image"], dtype=np.float32)).tolist()

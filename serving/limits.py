@@ -95,8 +95,10 @@ class OverBudget:
         self.size, self.used, self.limit = size, used, limit
 
     def message(self) -> str:
-        return (f"the server is holding {self.used} bytes of requests in flight and this one has "
-                f"{self.size}; its limit is {self.limit} bytes: retry later")
+        return (
+            f"the server is holding {self.used} bytes of requests in flight and this one has "
+            f"{self.size}; its limit is {self.limit} bytes: retry later"
+        )
 
 
 class Held:
@@ -171,7 +173,11 @@ class RateLimiter:
             return 0.0
 
     def _sweep(self, now: float) -> None:
-        full = [c for c, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]
+        full = [
+            c
+            for c, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate >= self.burst
+        ]
         for c in full:
             del self._buckets[c]
 

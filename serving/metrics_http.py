@@ -52,7 +52,9 @@ class MetricsServer:
         """Listen on `host` (gRPC's form, see listen_host) and `port` (0: a free one, the same on
         every address the host resolves to)."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(listen_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = await loop.getaddrinfo(
+            listen_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         sockets: list[socket.socket] = []
         error: OSError | None = None
         for family, type_, proto, _, address in infos:
@@ -64,7 +66,13 @@ class MetricsServer:
                 if family == socket.AF_INET6:  # "::" and "0.0.0.0" both come: each its own socket
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 # port 0: the first socket picks a free port, the others take the same one
-                sock.bind((address[0], port or (sockets[0].getsockname()[1] if sockets else 0), *address[2:]))
+                sock.bind(
+                    (
+                        address[0],
+                        port or (sockets[0].getsockname()[1] if sockets else 0),
+                        *address[2:],
+                    )
+                )
             except OSError as exc:  # e.g. ::1 where IPv6 is off: serve on the other addresses
                 sock.close()
                 error = error or exc
@@ -73,7 +81,9 @@ class MetricsServer:
         if not sockets:
             raise error or OSError(f"{host!r} resolves to no address to bind")
         for sock in sockets:
-            self._servers.append(await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES))
+            self._servers.append(
+                await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST_BYTES)
+            )
 
     async def close(self) -> None:
         """Stop listening and close the connections still open (a scrape in progress loses its
@@ -99,7 +109,12 @@ class MetricsServer:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            except (
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ConnectionError,
+            ):
                 return  # idle, cut short or too long: closed without an answer
             method, _, rest = head.partition(b" ")
             path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
@@ -108,11 +123,20 @@ class MetricsServer:
             elif path not in (b"/metrics", b"/"):
                 status, body, kind = b"404 Not Found", b"GET /metrics\n", b"text/plain"
             else:
-                body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
+                body = await asyncio.get_running_loop().run_in_executor(
+                    None, generate_latest, self.registry
+                )
                 status, kind = b"200 OK", CONTENT_TYPE_LATEST.encode()
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                         + (body if method != b"HEAD" else b""))
+            writer.write(
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: "
+                + kind
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + (body if method != b"HEAD" else b"")
+            )
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (TimeoutError, ConnectionError):
             pass

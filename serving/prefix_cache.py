@@ -89,7 +89,9 @@ class PrefixCache:
         self.max_bytes, self.every = max_bytes, every
         self._lock = threading.Lock()
         self._roots: dict[str, _Node] = {}
-        self._lru: OrderedDict[_Node, None] = OrderedDict()  # nodes with entries, least recent first
+        self._lru: OrderedDict[_Node, None] = (
+            OrderedDict()
+        )  # nodes with entries, least recent first
         self.bytes = 0  # everything held (see the module doc), all models
         self._model_bytes: dict[str, int] = {}
         self._model_entries: dict[str, int] = {}
@@ -106,8 +108,12 @@ class PrefixCache:
             self._roots[model] = _Node(np.empty(0, IDS), None, 0, model)
             self._model_bytes[model] = self._model_entries[model] = 0
         if self._metrics is not None:
-            self._metrics.prefix_cache_bytes.labels(model).set_function(lambda: self._model_bytes[model])
-            self._metrics.prefix_cache_entries.labels(model).set_function(lambda: self._model_entries[model])
+            self._metrics.prefix_cache_bytes.labels(model).set_function(
+                lambda: self._model_bytes[model]
+            )
+            self._metrics.prefix_cache_entries.labels(model).set_function(
+                lambda: self._model_entries[model]
+            )
 
     # ---------------------------------------------------------------------- the engine's side
     def start(self, model: str, feed: list[int], state: np.ndarray):
@@ -158,8 +164,15 @@ class PrefixCache:
             self._lru.move_to_end(best)
             return best, best.entry
 
-    def insert(self, model: str, ids: np.ndarray, n: int, state: np.ndarray, logits: np.ndarray,
-               cursor: _Node | None = None) -> _Node | None:
+    def insert(
+        self,
+        model: str,
+        ids: np.ndarray,
+        n: int,
+        state: np.ndarray,
+        logits: np.ndarray,
+        cursor: _Node | None = None,
+    ) -> _Node | None:
         """Keep (state, logits) as the entry after ids[:n] (copies, read-only); an existing
         entry there is kept and becomes the most recently used. `cursor`: a node on the path
         of ids at a depth <= n, from which to walk (the node an earlier insert of the same
@@ -257,8 +270,9 @@ class Recorder:
 
     __slots__ = ("cache", "model", "ids", "fed", "cursor")
 
-    def __init__(self, cache: PrefixCache, model: str, ids: np.ndarray, fed: int,
-                 cursor: _Node | None = None) -> None:
+    def __init__(
+        self, cache: PrefixCache, model: str, ids: np.ndarray, fed: int, cursor: _Node | None = None
+    ) -> None:
         self.cache, self.model, self.ids = cache, model, ids
         self.fed = fed  # symbols of ids in the sequence's state
         # a node on ids' path (the hit, then the last node inserted): the next walk starts there

@@ -43,17 +43,25 @@ class GenerateParams:
     @classmethod
     def from_pb(cls, request: pb.GenerateRequest, limits: Limits) -> GenerateParams:
         params = cls(
-            model=request.model, session_id=request.session_id, prompt=request.prompt,
-            max_chars=request.max_chars, temperature=request.temperature, top_k=request.top_k,
-            top_p=request.top_p, seed=request.seed if request.HasField("seed") else None,
-            stop=tuple(request.stop), logprobs=request.logprobs,
+            model=request.model,
+            session_id=request.session_id,
+            prompt=request.prompt,
+            max_chars=request.max_chars,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop),
+            logprobs=request.logprobs,
         )
         params.check(limits)
         return params
 
     def check(self, limits: Limits) -> None:
         if not 1 <= self.max_chars <= limits.max_chars:
-            raise InvalidArgument(f"max_chars must be in [1, {limits.max_chars}], got {self.max_chars}")
+            raise InvalidArgument(
+                f"max_chars must be in [1, {limits.max_chars}], got {self.max_chars}"
+            )
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
         except ValueError as exc:
@@ -87,8 +95,12 @@ class ScoreParams:
 
     @classmethod
     def from_pb(cls, request: pb.ScoreRequest, limits: Limits) -> ScoreParams:
-        params = cls(model=request.model, session_id=request.session_id, text=request.text,
-                     per_char=request.per_char)
+        params = cls(
+            model=request.model,
+            session_id=request.session_id,
+            text=request.text,
+            per_char=request.per_char,
+        )
         if not params.text:
             raise InvalidArgument("text must not be empty")
         if len(params.text) > limits.max_text:
@@ -114,7 +126,12 @@ class GlimpseParams:
         if x.shape != (GLIMPSE_SIZE,) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise InvalidArgument(
                 f"a glimpse is {GLIMPSE_SIZE} finite floats in [0, 1] (7x7, row-major); got "
-                f"{x.size} values" + ("" if x.size != GLIMPSE_SIZE or np.isfinite(x).all() else " with NaN or infinity")
+                f"{x.size} values"
+                + (
+                    ""
+                    if x.size != GLIMPSE_SIZE or np.isfinite(x).all()
+                    else " with NaN or infinity"
+                )
             )
         return cls(model=request.model, session_id=request.session_id, pixels=x)
 

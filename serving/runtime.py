@@ -106,11 +106,18 @@ def _provider_list(providers: str | Sequence) -> list:
     return list(providers)
 
 
-def _session_options(intra_op_threads: int | None, inter_op_threads: int | None) -> ort.SessionOptions:
+def _session_options(
+    intra_op_threads: int | None, inter_op_threads: int | None
+) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+    for name, value in (
+        ("intra_op_threads", intra_op_threads),
+        ("inter_op_threads", inter_op_threads),
+    ):
         if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an integer >= 0 (0: onnxruntime's choice), got {value!r}")
+            raise ValueError(
+                f"{name} must be an integer >= 0 (0: onnxruntime's choice), got {value!r}"
+            )
     if intra_op_threads is not None:
         opts.intra_op_num_threads = intra_op_threads
     if inter_op_threads is not None:
@@ -119,7 +126,9 @@ def _session_options(intra_op_threads: int | None, inter_op_threads: int | None)
     return opts
 
 
-def _create_session(path: Path, providers: str | Sequence, opts: ort.SessionOptions) -> ort.InferenceSession:
+def _create_session(
+    path: Path, providers: str | Sequence, opts: ort.SessionOptions
+) -> ort.InferenceSession:
     plist = _provider_list(providers)
     quiet = providers == "auto" and CUDA in plist
     with _quiet_provider_probe() if quiet else contextlib.nullcontext():
@@ -139,9 +148,14 @@ def _create_session(path: Path, providers: str | Sequence, opts: ort.SessionOpti
 class ExportedModel:
     """An exported folder loaded on onnxruntime. Construct with `load_model`."""
 
-    def __init__(self, folder: Path, meta: ExportMeta, tokenizer: Tokenizer | None,
-                 step_session: ort.InferenceSession,
-                 sequence_session: ort.InferenceSession | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        meta: ExportMeta,
+        tokenizer: Tokenizer | None,
+        step_session: ort.InferenceSession,
+        sequence_session: ort.InferenceSession | None,
+    ) -> None:
         self.folder = folder
         self.meta = meta
         self.tokenizer = tokenizer
@@ -225,8 +239,10 @@ class ExportedModel:
             x = x.astype(np.int64, copy=False)
         else:
             n = self.meta.input_size
-            if x.ndim != (3 if steps else 2) or x.shape[-1] != n or not (
-                np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+            if (
+                x.ndim != (3 if steps else 2)
+                or x.shape[-1] != n
+                or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer))
             ):
                 raise ValueError(
                     f"glimpses must be floats of shape ({lead}, {n}), got shape {x.shape} of "
@@ -343,14 +359,18 @@ class ExportedModel:
         if single:
             g = g[None]
         if g.ndim != 3:
-            raise ValueError(f"glimpses must be (T, {self.meta.input_size}) or (N, T, {self.meta.input_size}), "
-                             f"got {g.shape}")
+            raise ValueError(
+                f"glimpses must be (T, {self.meta.input_size}) or (N, T, {self.meta.input_size}), "
+                f"got {g.shape}"
+            )
         logits, _ = self.run(np.ascontiguousarray(g.transpose(1, 0, 2)))  # (T, N, 10)
         return logits[-1, 0] if single else logits[-1]
 
     def _require(self, kind: str, what: str) -> None:
         if self.kind != kind:
-            raise ValueError(f"{what}() is for {kind} models; this is a {self.kind} model ({self.meta.task})")
+            raise ValueError(
+                f"{what}() is for {kind} models; this is a {self.kind} model ({self.meta.task})"
+            )
 
 
 def load_model(

@@ -19,7 +19,9 @@ LOG2E = 1.0 / math.log(2.0)
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
@@ -40,8 +42,14 @@ def bits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                 banned: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        temperature: float,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        banned: tuple[int, ...] = (),
+    ):
         check_sampling(temperature, top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
@@ -74,7 +82,14 @@ class Sampler:
         if self.temperature == 0:
             return int(greedy(logits[None], self.banned)[0])
         if self.plain:  # the scheduler's batched formula, so a draw is the same alone or batched
-            return int(draw(logits[None], np.array([self.temperature]), np.array([self.next_uniform()]), self.banned)[0])
+            return int(
+                draw(
+                    logits[None],
+                    np.array([self.temperature]),
+                    np.array([self.next_uniform()]),
+                    self.banned,
+                )[0]
+            )
         z = logits.astype(np.float64) / self.temperature
         if self.banned:
             z[list(self.banned)] = -np.inf
@@ -93,10 +108,14 @@ class Sampler:
             p /= p.sum()
         # inverse CDF: one uniform draw (several times faster than Generator.choice)
         cdf = np.cumsum(p)
-        return int(min(np.searchsorted(cdf, self.next_uniform() * cdf[-1], side="right"), len(p) - 1))
+        return int(
+            min(np.searchsorted(cdf, self.next_uniform() * cdf[-1], side="right"), len(p) - 1)
+        )
 
 
-def draw(logits: np.ndarray, temperature: np.ndarray, u: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:
+def draw(
+    logits: np.ndarray, temperature: np.ndarray, u: np.ndarray, banned: tuple[int, ...] = ()
+) -> np.ndarray:
     """Temperature sampling of every row at once: logits (n, V), temperature (n,) > 0, u (n,)
     uniform draws in [0, 1) -> (n,) ids, row i's the inverse CDF of softmax(logits[i] /
     temperature[i]) at u[i], never one of `banned`. In float64, as Sampler's own rows."""

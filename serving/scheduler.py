@@ -81,19 +81,28 @@ class Streams:
         for s in batch:
             if type(s) is not GenerateSequence or s.feed or not s.wants_sample or s.finish_reason:
                 return False
-            if not (s.sampler.plain or s.sampler.temperature == 0):  # top-k and top-p: one row at a time
+            if not (
+                s.sampler.plain or s.sampler.temperature == 0
+            ):  # top-k and top-p: one row at a time
                 return False
             shared.add((id(s.texts), s.eos_id, s.sampler.banned))
         return len(shared) == 1
 
-    def __init__(self, seqs: abc.Sequence[GenerateSequence], states: np.ndarray, logits: np.ndarray,
-                 spacing: float = 0.0) -> None:
+    def __init__(
+        self,
+        seqs: abc.Sequence[GenerateSequence],
+        states: np.ndarray,
+        logits: np.ndarray,
+        spacing: float = 0.0,
+    ) -> None:
         self.seqs = seqs
         self.out = (states, logits)  # the last step's outputs: row i is seqs[i]'s position
         first = seqs[0]
         self.texts, self.eos_id, self.banned = first.texts, first.eos_id, first.sampler.banned
         self.remaining = np.array([s.remaining for s in seqs])
-        self.made = [s.max_chars - s.remaining for s in seqs]  # row i: symbols made before the block
+        self.made = [
+            s.max_chars - s.remaining for s in seqs
+        ]  # row i: symbols made before the block
         # a block ends at the step where the first stream reaches max_chars
         self.steps = min(self.BLOCK, int(self.remaining.min()))
         temperature = np.array([s.sampler.temperature for s in seqs])
@@ -106,11 +115,15 @@ class Streams:
         self.bits = np.empty((len(seqs), self.steps)) if any(s.logprobs for s in seqs) else None
         self.stops = [i for i, s in enumerate(seqs) if s.keep]
         self.due = np.array([s.due for s in seqs])
-        self.gap = np.maximum([s.interval for s in seqs], spacing)  # least time between a row's messages
+        self.gap = np.maximum(
+            [s.interval for s in seqs], spacing
+        )  # least time between a row's messages
         self.next_due = float(self.due.min())
         self.sent = [0] * len(seqs)  # row i: ids[i, :sent[i]] have gone to the sequence
         self.reasons: dict[int, str] = {}  # row -> finish reason
-        self.flushed: list[int] = []  # rows that sent a message this step (their boundary is its output)
+        self.flushed: list[
+            int
+        ] = []  # rows that sent a message this step (their boundary is its output)
         self.k = 0  # steps sampled
         self.ended = False  # a stream finished, or the block is full: release it
         for i, s in enumerate(seqs):
@@ -125,7 +138,9 @@ class Streams:
         else:
             ids = np.empty(len(self.seqs), dtype=np.int64)
             if len(self.plain):
-                ids[self.plain] = draw(logits[self.plain], self.temperature, self.u[self.plain, k], self.banned)
+                ids[self.plain] = draw(
+                    logits[self.plain], self.temperature, self.u[self.plain, k], self.banned
+                )
             ids[self.greedy] = greedy(logits[self.greedy], self.banned)
         self.ids[:, k] = ids
         if self.bits is not None:
@@ -169,7 +184,9 @@ class Streams:
             # every row (interval 0): a plain copy, twice as fast as gathering them
             every = len(rows) == len(seqs)
             if rows:
-                row_states, row_logits = (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
+                row_states, row_logits = (
+                    (states.copy(), logits.copy()) if every else (states[rows], logits[rows])
+                )
             for j, i in enumerate(rows):
                 s = seqs[i]
                 # rows: the streams keeping marks that sent a message (_flush set _capture)
@@ -184,7 +201,9 @@ class Streams:
         as a message with `reason` (None: keep them pending)."""
         s, start = self.seqs[i], self.sent[i]
         if start < self.k:
-            s.pending.append("".join(map(self.texts.__getitem__, self.ids[i, start : self.k].tolist())))
+            s.pending.append(
+                "".join(map(self.texts.__getitem__, self.ids[i, start : self.k].tolist()))
+            )
             if s.logprobs:
                 assert self.bits is not None  # kept when any row wants logprobs
                 s.pending_bits.extend(self.bits[i, start : self.k].tolist())
@@ -210,15 +229,25 @@ class Streams:
 
 
 class Scheduler:
-    def __init__(self, step: Callable, *, max_batch: int = 64, max_wait: float = 0.002, name: str = "",
-                 post: Callable[[Callable[[], object]], object], on_batch: Callable[[int, float], None] | None = None,
-                 message_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        step: Callable,
+        *,
+        max_batch: int = 64,
+        max_wait: float = 0.002,
+        name: str = "",
+        post: Callable[[Callable[[], object]], object],
+        on_batch: Callable[[int, float], None] | None = None,
+        message_rate: float = 0.0,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait}")
         if not message_rate >= 0:  # NaN fails too
-            raise ValueError(f"message_rate must be >= 0 messages per second (0: no budget), got {message_rate}")
+            raise ValueError(
+                f"message_rate must be >= 0 messages per second (0: no budget), got {message_rate}"
+            )
         self._step = step
         self.max_batch, self.max_wait = max_batch, max_wait
         # the Generate messages per second all streams together may send (0: no budget): with n
@@ -233,14 +262,18 @@ class Scheduler:
         self._outbox: deque[list] = deque()
         self._outbox_ready = threading.Event()
         self._outbox_closed = False
-        self._messenger = threading.Thread(target=self._deliver, name=f"messenger-{name}", daemon=True)
+        self._messenger = threading.Thread(
+            target=self._deliver, name=f"messenger-{name}", daemon=True
+        )
         self._messenger.start()
         self._on_batch = on_batch  # (batch size, seconds in the step graph)
         self._waiting = 0  # sequences ready for the last step that did not fit in its batch
         self._seqs: list[Sequence] = []
         self._cond = threading.Condition()
         self._stopped = False
-        self._changed = False  # a call was added, poked or cancelled since the scheduler last looked
+        self._changed = (
+            False  # a call was added, poked or cancelled since the scheduler last looked
+        )
         self.steps_run = 0
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
@@ -281,7 +314,9 @@ class Scheduler:
             self._stopped = True
             self._cond.notify()
         self._thread.join(10)
-        if self._thread.is_alive():  # a step longer than 10 s: the messenger stays for its callbacks
+        if (
+            self._thread.is_alive()
+        ):  # a step longer than 10 s: the messenger stays for its callbacks
             log.warning("scheduler %s did not stop within 10 s", self._thread.name)
             return
         self._outbox_closed = True
@@ -341,10 +376,21 @@ class Scheduler:
             # The steady state: the same sequences as the last step, in the same order. Their
             # positions are then the rows of that step's outputs, which are used as they are
             # instead of stacked again.
-            same = last if last is not None and (batch is last[0] or (
-                len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0])))) else None
+            same = (
+                last
+                if last is not None
+                and (
+                    batch is last[0]
+                    or (len(batch) == len(last[0]) and all(map(operator.is_, batch, last[0])))
+                )
+                else None
+            )
             try:
-                spacing = min(self._generating / self.message_rate, MAX_SPACING) if self.message_rate else 0.0
+                spacing = (
+                    min(self._generating / self.message_rate, MAX_SPACING)
+                    if self.message_rate
+                    else 0.0
+                )
                 if streams is None and same is not None and Streams.fits(batch):
                     streams = Streams(batch, same[1], same[2], spacing)
                     batch = streams.seqs
@@ -354,8 +400,15 @@ class Scheduler:
                 else:
                     # sample the next character of every generating sequence at once; it is fed
                     # in this same step
-                    sampling = [s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample]
-                    self._sample(sampling, post, same[2] if same is not None and len(sampling) == len(batch) else None, spacing)
+                    sampling = [
+                        s for s in batch if isinstance(s, GenerateSequence) and s.wants_sample
+                    ]
+                    self._sample(
+                        sampling,
+                        post,
+                        same[2] if same is not None and len(sampling) == len(batch) else None,
+                        spacing,
+                    )
                     inputs = np.stack([s.take_input() for s in batch])
                     states = same[1] if same is not None else np.stack([s.pos[0] for s in batch])
                 t0 = time.perf_counter()
@@ -383,8 +436,13 @@ class Scheduler:
             if post:
                 self._post_all(post)
 
-    def _sample(self, seqs: list[GenerateSequence], post: list, logits: np.ndarray | None = None,
-                spacing: float = 0.0) -> None:
+    def _sample(
+        self,
+        seqs: list[GenerateSequence],
+        post: list,
+        logits: np.ndarray | None = None,
+        spacing: float = 0.0,
+    ) -> None:
         """The next character of every generating sequence, vectorised over the batch where
         the sampling settings allow (greedy and plain temperature rows). `logits`: their
         predictions stacked already (the last step's output), else gathered here."""
@@ -427,20 +485,35 @@ class Scheduler:
             while self._outbox:
                 batches.append(self._outbox.popleft())
             if batches:
+
                 def run_all(batches=batches):
                     for callbacks in batches:
                         for cb in callbacks:
                             try:
                                 cb()
-                            except Exception:  # one call's failure must not keep the others' messages
+                            except (
+                                Exception
+                            ):  # one call's failure must not keep the others' messages
                                 log.exception("a scheduler callback failed")
+
                 try:
                     self._post(run_all)
                 except RuntimeError:  # the event loop is closed: there is nobody left to tell
-                    log.warning("the event loop closed before %d callbacks reached it", sum(map(len, batches)))
+                    log.warning(
+                        "the event loop closed before %d callbacks reached it",
+                        sum(map(len, batches)),
+                    )
             if self._outbox_closed and not self._outbox:
                 return
 
 
 # the sequences are defined in serving/sequences.py; the scheduler is where callers find them
-__all__ = ["MAX_SPACING", "GenerateSequence", "GlimpseSequence", "Scheduler", "ScoreSequence", "Sequence", "Streams"]
+__all__ = [
+    "MAX_SPACING",
+    "GenerateSequence",
+    "GlimpseSequence",
+    "Scheduler",
+    "ScoreSequence",
+    "Sequence",
+    "Streams",
+]

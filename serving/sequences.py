@@ -59,7 +59,9 @@ class ScoreSequence(Sequence):
     """Feeds the start symbol if fresh, then each character of the text, scoring each under
     the prediction made before it."""
 
-    def __init__(self, state, logits, start_id: int, ids: np.ndarray, z_slots: list[int], done: Callable) -> None:
+    def __init__(
+        self, state, logits, start_id: int, ids: np.ndarray, z_slots: list[int], done: Callable
+    ) -> None:
         super().__init__(state, logits)
         self.start_id = start_id if logits is None else None
         self.ids = ids
@@ -131,9 +133,21 @@ class GenerateSequence(Sequence):
     def pos(self, value: tuple[np.ndarray, np.ndarray | None]) -> None:
         self._pos = value
 
-    def __init__(self, state, logits, feed: list[int], sampler: Sampler, max_chars: int,
-                 stop: list[str], logprobs: bool, texts: list[str], eos_id: int | None, emit: Callable,
-                 interval: float = 0.0, boundaries: bool = True) -> None:
+    def __init__(
+        self,
+        state,
+        logits,
+        feed: list[int],
+        sampler: Sampler,
+        max_chars: int,
+        stop: list[str],
+        logprobs: bool,
+        texts: list[str],
+        eos_id: int | None,
+        emit: Callable,
+        interval: float = 0.0,
+        boundaries: bool = True,
+    ) -> None:
         super().__init__(state, logits)
         self.feed: deque[int] = deque(feed)
         self.sampler = sampler
@@ -183,8 +197,14 @@ class GenerateSequence(Sequence):
         else:
             self.wants_sample = True  # sampled at the start of the next step
 
-    def take_sample(self, token: int, bits: float | None, post: list, now: float | None = None,
-                    spacing: float = 0.0) -> None:
+    def take_sample(
+        self,
+        token: int,
+        bits: float | None,
+        post: list,
+        now: float | None = None,
+        spacing: float = 0.0,
+    ) -> None:
         """The scheduler sampled `token` for this sequence at time.monotonic() `now` (None: read
         the clock): emit it (now or with the next message) and feed it next. `spacing`: the
         least time between this stream's messages that the model's message budget allows (the
@@ -208,7 +228,7 @@ class GenerateSequence(Sequence):
 
     def stopped(self, text: str) -> bool:
         """`text` follows the generated text: does the text now end with a stop string?"""
-        self.tail = (self.tail + text)[-self.keep:]
+        self.tail = (self.tail + text)[-self.keep :]
         return any(self.tail.endswith(s) for s in self.stop)
 
     def _flush(self, reason: str, post: list, made: int | None) -> None:

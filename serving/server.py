@@ -89,11 +89,21 @@ def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
     return server_limits.max_request_bytes
 
 
-async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limits: Limits | None = None,
-                       metrics: Metrics | None = None, server_limits: ServerLimits | None = None,
-                       api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None,
-                       snapshot_key: bytes | None = None, session_store: str | Backend | None = "memory",
-                       http_port: int | None = None, http_ssl: ssl.SSLContext | None = None) -> Running:
+async def build_server(
+    models: dict,
+    *,
+    port: int = 0,
+    host: str = "[::]",
+    limits: Limits | None = None,
+    metrics: Metrics | None = None,
+    server_limits: ServerLimits | None = None,
+    api_keys: ApiKeys | None = None,
+    tls: grpc.ServerCredentials | None = None,
+    snapshot_key: bytes | None = None,
+    session_store: str | Backend | None = "memory",
+    http_port: int | None = None,
+    http_ssl: ssl.SSLContext | None = None,
+) -> Running:
     """Start the engine and a gRPC server on host:port (plaintext, or TLS with `tls`); with
     `api_keys`, every call but health checks needs one (serving.auth). `session_store`: where
     sessions live (serving.store.open_backend's URL, or a Backend). With `http_port`, the
@@ -104,10 +114,15 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     server_limits = server_limits or ServerLimits()
     max_request = receive_limit(limits, server_limits)
     if server_limits.max_inflight_bytes < max_request:
-        raise ValueError(f"max_inflight_bytes {server_limits.max_inflight_bytes} is below the receive limit "
-                         f"({max_request} bytes): the largest request allowed could never be served")
-    rate = (RateLimiter(server_limits.max_client_requests_per_s)
-            if server_limits.max_client_requests_per_s > 0 else None)
+        raise ValueError(
+            f"max_inflight_bytes {server_limits.max_inflight_bytes} is below the receive limit "
+            f"({max_request} bytes): the largest request allowed could never be served"
+        )
+    rate = (
+        RateLimiter(server_limits.max_client_requests_per_s)
+        if server_limits.max_client_requests_per_s > 0
+        else None
+    )
     engine = Engine(models, limits, metrics, snapshot_key=snapshot_key, session_store=session_store)
     engine.start()
     # outermost first: every call is counted, whatever ends it. The Gate names each call's
@@ -137,12 +152,20 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (
+            pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     address = f"{host}:{port}"
     try:
-        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+        bound = (
+            server.add_secure_port(address, tls)
+            if tls is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
         bound = 0
     if bound == 0:
@@ -158,8 +181,16 @@ async def build_server(models: dict, *, port: int = 0, host: str = "[::]", limit
     if http_port is not None:
         from serving.http import HttpFront
 
-        running.http = HttpFront(servicer, health_servicer, metrics, keys=api_keys, rate=rate, budget=budget,
-                                 max_body=max_request, max_concurrent=server_limits.max_concurrent_calls)
+        running.http = HttpFront(
+            servicer,
+            health_servicer,
+            metrics,
+            keys=api_keys,
+            rate=rate,
+            budget=budget,
+            max_body=max_request,
+            max_concurrent=server_limits.max_concurrent_calls,
+        )
         try:
             running.http_port = await running.http.start(host, http_port, http_ssl)
         except OSError:
@@ -200,12 +231,25 @@ async def shutdown(running: Running, grace: float) -> None:
     await running.engine.close()
 
 
-async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]", metrics_port: int | None = 9090,
-                metrics_host: str | None = None, limits: Limits | None = None, grace: float = 10.0,
-                runtime_options: dict | None = None, server_limits: ServerLimits | None = None,
-                api_keys: ApiKeys | None = None, tls: grpc.ServerCredentials | None = None, ready=None,
-                snapshot_key: bytes | None = None, session_store: str = "memory",
-                http_port: int | None = None, http_ssl: ssl.SSLContext | None = None) -> None:
+async def serve(
+    models_dir: str | Path,
+    *,
+    port: int = 50051,
+    host: str = "[::]",
+    metrics_port: int | None = 9090,
+    metrics_host: str | None = None,
+    limits: Limits | None = None,
+    grace: float = 10.0,
+    runtime_options: dict | None = None,
+    server_limits: ServerLimits | None = None,
+    api_keys: ApiKeys | None = None,
+    tls: grpc.ServerCredentials | None = None,
+    ready=None,
+    snapshot_key: bytes | None = None,
+    session_store: str = "memory",
+    http_port: int | None = None,
+    http_ssl: ssl.SSLContext | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT. `ready(running)` is called once the port is bound. The
     metrics endpoint listens on metrics_host (default: host); with http_port, the HTTP/JSON
     front and the playground page on host too."""
@@ -225,18 +269,43 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
                 "serve?); pass --metrics-port N, or -1 to turn metrics off"
             ) from None
         for address, bound_port in http.addresses():
-            log.info("metrics on http://%s:%d/metrics", f"[{address}]" if ":" in address else address, bound_port)
-    running = await build_server(models, port=port, host=host, limits=limits, metrics=metrics,
-                                 server_limits=server_limits, api_keys=api_keys, tls=tls,
-                                 snapshot_key=snapshot_key, session_store=store, http_port=http_port,
-                                 http_ssl=http_ssl)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                f"[{address}]" if ":" in address else address,
+                bound_port,
+            )
+    running = await build_server(
+        models,
+        port=port,
+        host=host,
+        limits=limits,
+        metrics=metrics,
+        server_limits=server_limits,
+        api_keys=api_keys,
+        tls=tls,
+        snapshot_key=snapshot_key,
+        session_store=store,
+        http_port=http_port,
+        http_ssl=http_ssl,
+    )
     if running.http is not None:
-        log.info("HTTP/JSON and the playground on %s://%s:%d/", "https" if http_ssl else "http",
-                 host, running.http_port)
+        log.info(
+            "HTTP/JSON and the playground on %s://%s:%d/",
+            "https" if http_ssl else "http",
+            host,
+            running.http_port,
+        )
     if api_keys is not None and tls is None:
-        log.warning("API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)")
-    log.info("serving %s on port %d%s%s", ", ".join(sorted(models)), running.port, " with TLS" if tls else "",
-             f", {len(api_keys)} API keys" if api_keys else "")
+        log.warning(
+            "API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)"
+        )
+    log.info(
+        "serving %s on port %d%s%s",
+        ", ".join(sorted(models)),
+        running.port,
+        " with TLS" if tls else "",
+        f", {len(api_keys)} API keys" if api_keys else "",
+    )
     if ready is not None:
         ready(running)
     stop = asyncio.Event()
@@ -248,7 +317,9 @@ async def serve(models_dir: str | Path, *, port: int = 50051, host: str = "[::]"
         period = max(1.0, min(30.0, running.engine.limits.idle_timeout / 4))
         while True:
             await asyncio.sleep(period)
-            await loop.run_in_executor(None, running.engine.expire_sessions)  # a file store sweeps a folder
+            await loop.run_in_executor(
+                None, running.engine.expire_sessions
+            )  # a file store sweeps a folder
 
     expiry = asyncio.create_task(expire_forever())
     await stop.wait()

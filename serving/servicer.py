@@ -42,22 +42,37 @@ def model_info(name: str, model) -> pb.ModelInfo:
     figures = _numbers(m.figures or {})
     q = m.quantization or {}
     return pb.ModelInfo(
-        name=name, task=m.task, kind=m.core,
+        name=name,
+        task=m.task,
+        kind=m.core,
         vocab_size=(m.vocab_size or 0) if m.kind == "char" else 0,
         num_classes=(m.num_classes or 0) if m.kind == "glimpse" else 0,
-        metrics=figures, depth=m.depth, num_layers=m.num_layers, hidden_size=m.hidden_size,
-        precision=m.precision, reference_metrics=_numbers(q.get("reference_figures", {})),
-        quantization=f"{m.precision} {q['settings']['name']} ({q['settings'].get('tool', '')})" if q else "",
+        metrics=figures,
+        depth=m.depth,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        precision=m.precision,
+        reference_metrics=_numbers(q.get("reference_figures", {})),
+        quantization=f"{m.precision} {q['settings']['name']} ({q['settings'].get('tool', '')})"
+        if q
+        else "",
     )
 
 
 def _numbers(d: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def session_info(engine: Engine, s, in_use: bool = False) -> pb.Session:
-    return pb.Session(session_id=s.session_id, model=s.model, position=s.position, in_use=in_use,
-                      idle_timeout_seconds=int(engine.limits.idle_timeout))
+    return pb.Session(
+        session_id=s.session_id,
+        model=s.model,
+        position=s.position,
+        in_use=in_use,
+        idle_timeout_seconds=int(engine.limits.idle_timeout),
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -94,7 +109,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         chars = self.engine.generate(GenerateParams.from_pb(request, self.engine.limits))
         async with contextlib.aclosing(chars):  # closing this stream ends the call's sequence now
             async for text, bits, finish, position in chars:
-                yield pb.GenerateResponse(text=text, bits=bits, finish_reason=FINISH[finish], position=position)
+                yield pb.GenerateResponse(
+                    text=text, bits=bits, finish_reason=FINISH[finish], position=position
+                )
 
     async def Score(self, request, context):
         r = await self.engine.score(ScoreParams.from_pb(request, self.engine.limits))
@@ -110,7 +127,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 else:
                     glimpse.follows(stream.name)
                 step, probs, cls, position = await stream.push(glimpse)
-                yield pb.GlimpseResponse(step=step, probabilities=probs, predicted_class=cls, position=position)
+                yield pb.GlimpseResponse(
+                    step=step, probabilities=probs, predicted_class=cls, position=position
+                )
                 stream.sent()  # resumed: the answer went out, the session keeps this glimpse
         finally:
             if stream is not None:
@@ -141,6 +160,7 @@ def _lenient(deserialize, budget: InflightBytes | None = None):
             return request
         held.request = request
         return held
+
     return parse
 
 
@@ -150,7 +170,9 @@ def _parsed(request):
     if isinstance(request, Held):
         return request.request
     if isinstance(request, Malformed):
-        raise InvalidArgument(f"malformed request ({request.error}); string fields must be valid UTF-8")
+        raise InvalidArgument(
+            f"malformed request ({request.error}); string fields must be valid UTF-8"
+        )
     if isinstance(request, OverBudget):
         raise ResourceExhausted(request.message())
     return request
@@ -194,7 +216,9 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 await context.abort(getattr(grpc.StatusCode, exc.code), _clip(str(exc)))
             log.exception("unexpected error in %s", method)
             finish("INTERNAL", start)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+            )
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -215,12 +239,17 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=_lenient(handler.request_deserializer, self.budget),
+                unary_unary,
+                request_deserializer=_lenient(handler.request_deserializer, self.budget),
                 response_serializer=handler.response_serializer,
             )
 
         streaming = handler.unary_stream or handler.stream_stream
-        kind = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
         parsed = _parsed if handler.unary_stream else _parsed_stream
 
         async def stream(request, context):
@@ -243,8 +272,11 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 await fail(context, exc, start)
             finish("OK", start)
 
-        return kind(stream, request_deserializer=_lenient(handler.request_deserializer, self.budget),
-                    response_serializer=handler.response_serializer)
+        return kind(
+            stream,
+            request_deserializer=_lenient(handler.request_deserializer, self.budget),
+            response_serializer=handler.response_serializer,
+        )
 
 
 # How long a request stream's end waits for a cancellation (see _settle): with no wait, 1 to 2

@@ -74,8 +74,15 @@ class Session:
 class SessionStore:
     """Thread-safe map of session id -> Session with idle expiry and a size bound."""
 
-    def __init__(self, max_sessions: int = 1024, idle_timeout: float = 600.0, clock=time.monotonic,
-                 on_evict=None, max_per_client: int = 0, caller=_anonymous):
+    def __init__(
+        self,
+        max_sessions: int = 1024,
+        idle_timeout: float = 600.0,
+        clock=time.monotonic,
+        on_evict=None,
+        max_per_client: int = 0,
+        caller=_anonymous,
+    ):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if idle_timeout <= 0:
@@ -99,8 +106,9 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def create(self, model: str, state: np.ndarray, logits: np.ndarray | None = None,
-               position: int = 0) -> Session:
+    def create(
+        self, model: str, state: np.ndarray, logits: np.ndarray | None = None, position: int = 0
+    ) -> Session:
         """A new session holding (copies of) `state` and `logits` (a restore or a fork: at
         `position`; a fresh session: the initial state, nothing fed)."""
         owner = self._caller().client
@@ -119,9 +127,15 @@ class SessionStore:
                     "or wait for them to expire"
                 )
             sid = new_session_id()
-            session = Session(sid, model, state.astype(np.float32, copy=True),
-                              None if logits is None else logits.astype(np.float32, copy=True),
-                              position, last_used=self._clock(), owner=owner)
+            session = Session(
+                sid,
+                model,
+                state.astype(np.float32, copy=True),
+                None if logits is None else logits.astype(np.float32, copy=True),
+                position,
+                last_used=self._clock(),
+                owner=owner,
+            )
             self._sessions[sid] = session
             self._per_client[owner] = self._per_client.get(owner, 0) + 1
             return session

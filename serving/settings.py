@@ -56,10 +56,14 @@ def _num(x: float) -> str:
 SERVE_RANGES: dict[str, Range] = {
     "port": Range(0, 65535, integer=True, note="0 picks a free port"),
     "http_port": Range(0, 65535, integer=True, note="0 picks a free port; unset: no HTTP"),
-    "metrics_port": Range(-1, 65535, integer=True, note="-1 turns the endpoint off, 0 picks a free port"),
+    "metrics_port": Range(
+        -1, 65535, integer=True, note="-1 turns the endpoint off, 0 picks a free port"
+    ),
     "max_sessions": Range(1, 1_000_000, integer=True),
     "max_sessions_per_client": Range(0, 1_000_000, integer=True, note="0: no per-client bound"),
-    "max_client_requests_per_s": Range(0, 1_000_000, unit="calls per second", note="0: no rate limit"),
+    "max_client_requests_per_s": Range(
+        0, 1_000_000, unit="calls per second", note="0: no rate limit"
+    ),
     # reported to clients as Session.idle_timeout_seconds (uint32, whole seconds): at least 1 s
     # so that it never reads 0, at most a year
     "idle_timeout": Range(1, 31_536_000, unit="seconds"),
@@ -73,8 +77,13 @@ SERVE_RANGES: dict[str, Range] = {
     "max_text": Range(1, 10_000_000, integer=True, unit="characters"),
     "max_stop_chars": Range(1, 4096, integer=True, unit="characters"),
     "max_glimpses": Range(1, 1_000_000, integer=True, unit="glimpses per stream"),
-    "max_request_bytes": Range(0, 256 * MIB, integer=True, unit="bytes",
-                               note="0: sized from --max-text and the stop-string limits"),
+    "max_request_bytes": Range(
+        0,
+        256 * MIB,
+        integer=True,
+        unit="bytes",
+        note="0: sized from --max-text and the stop-string limits",
+    ),
     "max_inflight_bytes": Range(MIB, 64 * 1024 * MIB, integer=True, unit="bytes"),
     "max_concurrent_calls": Range(1, 1_000_000, integer=True),
     "prefix_cache_mb": Range(0, 1 << 20, integer=True, unit="MiB", note="0 turns the cache off"),

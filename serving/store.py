@@ -84,8 +84,15 @@ class Backend:
         """(the session's bytes or None, whether a call holds its lease), for a look only."""
         raise NotImplementedError
 
-    def commit(self, sid: str, owner: str, data: bytes | None, ttl: float, lease_ttl: float | None,
-               client: str = "") -> int:
+    def commit(
+        self,
+        sid: str,
+        owner: str,
+        data: bytes | None,
+        ttl: float,
+        lease_ttl: float | None,
+        client: str = "",
+    ) -> int:
         """For the call holding the lease (`owner`), atomically: write `data` (None: keep the
         stored bytes) with a new expiry of `ttl` seconds, then renew the lease for `lease_ttl`
         seconds (None: give it back). SAVED; LEASE_LOST when `owner` no longer holds the lease;
@@ -129,7 +136,9 @@ def open_backend(url: str) -> Backend | None:
     if url.startswith("file:"):
         path = url.removeprefix("file:").removeprefix("//")  # file:/srv/s or file:///srv/s
         if not path:
-            raise ValueError("--session-store file:DIR needs a directory, e.g. file:/var/lib/nlstm/sessions")
+            raise ValueError(
+                "--session-store file:DIR needs a directory, e.g. file:/var/lib/nlstm/sessions"
+            )
         return FileBackend(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from serving.store_redis import RedisBackend  # the redis client only where it is used
@@ -168,7 +177,9 @@ class FileBackend(Backend):
             self._owners.mkdir(exist_ok=True)
             self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise ValueError(f"--session-store {self.url}: cannot use {self.root} ({exc.strerror})") from None
+            raise ValueError(
+                f"--session-store {self.url}: cannot use {self.root} ({exc.strerror})"
+            ) from None
         self._tlock = threading.Lock()
         # leftovers of writes a killed process did not finish: never read, safe to remove
         for tmp in self._sessions.glob("*.tmp-*"):

@@ -38,7 +38,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # KEYS[1] session, KEYS[2] its client's set; ARGV data, ttl ms, limit (0: none), session id.
 # Drop the ids whose sessions expired, count, and at the limit write nothing; else write the
 # session, add its id scored by its expiry, and keep the set at least as long.
-_CREATE = _NOW + """
+_CREATE = (
+    _NOW
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -46,17 +48,22 @@ redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[2])), ARGV
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return 1
 """
+)
 # KEYS[1] a client's set: how many of its sessions have not expired
-_HELD = _NOW + """
+_HELD = (
+    _NOW
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
+)
 # KEYS[1] lease, KEYS[2] session, KEYS[3] its client's set; ARGV owner, lease ms (0: release),
 # data ('' : keep the stored bytes), ttl ms, session id. Atomic on the server: nobody can take
 # the lease or close the session between the check and the write. (A record is never empty, so
 # '' is free to mean "no data".) The session's id in its client's set moves to the new expiry
 # (XX: an id the set holds; a session written before owners were recorded is in none).
-_COMMIT = """
+_COMMIT = (
+    """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then
     if redis.call('PEXPIRE', KEYS[2], ARGV[4]) == 0 then return -1 end
@@ -65,11 +72,14 @@ else
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-""" + _NOW + """
+"""
+    + _NOW
+    + """
 redis.call('ZADD', KEYS[3], 'XX', string.format('%.0f', now + tonumber(ARGV[4])), ARGV[5])
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 return 1
 """
+)
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -107,13 +117,19 @@ class RedisBackend(Backend):
         from redis.retry import Retry
 
         self.url = _masked(url)
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.BusyLoadingError)
+        self._errors = (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError,
+        )
         self._redis_error = redis.exceptions.RedisError
         try:
             self.r = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 1), retry_on_error=list(self._errors),
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=list(self._errors),
                 health_check_interval=30,
             )
         except ValueError as exc:
@@ -143,7 +159,9 @@ class RedisBackend(Backend):
             self._down = (time.monotonic() + self._backoff, str(exc))
             raise StoreUnavailable(f"the session store {self.url} is unreachable ({exc})") from None
         except self._redis_error as exc:  # e.g. OOM (maxmemory), READONLY (a replica)
-            raise StoreUnavailable(f"the session store {self.url} refused the request ({exc})") from None
+            raise StoreUnavailable(
+                f"the session store {self.url} refused the request ({exc})"
+            ) from None
 
     def get(self, sid):
         if not valid_id(sid):

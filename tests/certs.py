@@ -31,27 +31,43 @@ def make_certs(folder: Path) -> Certs:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def write(path: Path, key, cert) -> None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def ca(cn: str):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
         return key, cert
 
     def leaf(cn: str, ca_key, ca_cert, usage, sans=()):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
@@ -62,7 +78,16 @@ def make_certs(folder: Path) -> Certs:
     other_key, other_cert = ca("another CA")
     write(folder / "other-ca", other_key, other_cert)
     sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    write(folder / "server", *leaf("localhost", ca_key, ca_cert, ExtendedKeyUsageOID.SERVER_AUTH, sans))
+    write(
+        folder / "server",
+        *leaf("localhost", ca_key, ca_cert, ExtendedKeyUsageOID.SERVER_AUTH, sans),
+    )
     write(folder / "client", *leaf("a client", ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH))
-    return Certs(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
-                 folder / "client.key", folder / "other-ca.pem")
+    return Certs(
+        folder / "ca.pem",
+        folder / "server.pem",
+        folder / "server.key",
+        folder / "client.pem",
+        folder / "client.key",
+        folder / "other-ca.pem",
+    )

@@ -1,5 +1,5 @@
-"""Shared fixtures: where the real datasets are (they may be absent), torch's thread count, a real
-Redis, and the Docker engine and images of the `docker` tests."""
+"""Shared fixtures: where the real datasets are (they may be absent), torch's thread count (one:
+pytest_configure), a real Redis, and the Docker engine and images of the `docker` tests."""
 
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 # CI and the development machines keep the datasets in ../shared/data beside the checkout;
 # NLSTM_TEST_DATA overrides that. A fresh clone without them skips the tests that need them.
 SHARED_DATA = Path(os.environ.get("NLSTM_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    """One torch thread in the test process. The tests' models have 8-128 cells: their ops are
+    too small to share between threads, and an OpenMP thread that waits for a busy core made a
+    12-cell training run 10x slower on the loaded 2-core development machine (136 s against
+    13 s, measured when issue 17 was worked on). Subprocesses the tests start set their own."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the tests
+        return
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -35,14 +35,25 @@ def start_browser(width: int = 1180, height: int = 900):
 
     paths = browser_paths()
     if paths is None:
-        raise RuntimeError("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        raise RuntimeError(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must not look for downloads
     opts = webdriver.ChromeOptions()
     opts.binary_location = paths[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--hide-scrollbars", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+    ):
         opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read by console_errors
+    opts.set_capability(
+        "goog:loggingPrefs", {"browser": "ALL"}
+    )  # the console, read by console_errors
     return webdriver.Chrome(service=Service(paths[1]), options=opts)
 
 
@@ -65,7 +76,10 @@ def wait(predicate, timeout: float = 30.0, what: str = "the page"):
 
 def open_page(driver, base: str) -> None:
     driver.get(base + "/")
-    wait(lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="the model list")
+    wait(
+        lambda: driver.execute_script("return document.body.dataset.ready === '1'"),
+        what="the model list",
+    )
 
 
 def show(driver, view: str) -> None:
@@ -73,11 +87,17 @@ def show(driver, view: str) -> None:
 
 
 def set_value(driver, element_id: str, value) -> None:
-    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
-                          "e.dispatchEvent(new Event('change'));", element_id, str(value))
+    driver.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+        "e.dispatchEvent(new Event('change'));",
+        element_id,
+        str(value),
+    )
 
 
-def generate(driver, prompt: str, max_tokens: int, seed: int | None = 1, model: str | None = None) -> list[int]:
+def generate(
+    driver, prompt: str, max_tokens: int, seed: int | None = 1, model: str | None = None
+) -> list[int]:
     """Click Generate and poll the generated text's length until the stream finishes: the
     lengths seen on the way (a streamed generation shows some between 0 and the last)."""
     show(driver, "generate")
@@ -89,8 +109,10 @@ def generate(driver, prompt: str, max_tokens: int, seed: int | None = 1, model: 
     driver.find_element("id", "generate").click()
     seen = []
     # the last generated part: the one this click streams into
-    length = ("const g = document.querySelectorAll('#gen-output .generated'); return g.length ? "
-              "g[g.length - 1].textContent.length : 0")
+    length = (
+        "const g = document.querySelectorAll('#gen-output .generated'); return g.length ? "
+        "g[g.length - 1].textContent.length : 0"
+    )
     deadline = time.monotonic() + 120
     while "finished" not in driver.find_element("id", "gen-status").text:
         n = driver.execute_script(length)
@@ -115,7 +137,9 @@ def draw_digit(driver, strokes: list[list[tuple[int, int]]]) -> None:
     canvas = driver.find_element("id", "digit-canvas")
     for points in strokes:
         # offsets are from the element's centre in Selenium 4
-        chain = ActionChains(driver).move_to_element_with_offset(canvas, points[0][0] - 140, points[0][1] - 140)
+        chain = ActionChains(driver).move_to_element_with_offset(
+            canvas, points[0][0] - 140, points[0][1] - 140
+        )
         chain.click_and_hold()
         for (x0, y0), (x1, y1) in itertools.pairwise(points):
             chain.move_by_offset(x1 - x0, y1 - y0)
@@ -131,9 +155,16 @@ def classify(driver, model: str | None = None, timeout: float = 60) -> tuple[int
     if model:
         set_value(driver, "digit-model", model)
     driver.find_element("id", "classify").click()
-    wait(lambda: driver.execute_script("return document.getElementById('prediction').dataset.done === '1'"),
-         timeout, "the prediction")
-    return int(driver.find_element("id", "prediction").text), driver.find_element("id", "glimpse-step").text
+    wait(
+        lambda: driver.execute_script(
+            "return document.getElementById('prediction').dataset.done === '1'"
+        ),
+        timeout,
+        "the prediction",
+    )
+    return int(driver.find_element("id", "prediction").text), driver.find_element(
+        "id", "glimpse-step"
+    ).text
 
 
 def score(driver, text: str, model: str | None = None) -> str:
@@ -142,7 +173,9 @@ def score(driver, text: str, model: str | None = None) -> str:
         set_value(driver, "score-model", model)
     set_value(driver, "score-text", text)
     driver.find_element("id", "score").click()
-    return wait(lambda: driver.find_element("id", "bpc").text.strip(), what="the bits per character")
+    return wait(
+        lambda: driver.find_element("id", "bpc").text.strip(), what="the bits per character"
+    )
 
 
 def models_with_hmlstm(root: Path) -> Path:
@@ -161,8 +194,14 @@ def models_with_hmlstm(root: Path) -> Path:
             (root / name).symlink_to(BUNDLED / name, target_is_directory=True)
     torch.manual_seed(0)
     tok = train_char_tokenizer(TEXT, newline=True)
-    hm = build_model(ModelConfig(kind="char", core="hmlstm", hidden_size=8, num_layers=3, vocab_size=tok.vocab_size))
-    export_model(hm.eval(), root / "tiny-hmlstm", task="ptb", tokenizer=tok.model_proto, sequence="never")
+    hm = build_model(
+        ModelConfig(
+            kind="char", core="hmlstm", hidden_size=8, num_layers=3, vocab_size=tok.vocab_size
+        )
+    )
+    export_model(
+        hm.eval(), root / "tiny-hmlstm", task="ptb", tokenizer=tok.model_proto, sequence="never"
+    )
     return root
 
 
@@ -189,19 +228,31 @@ def screenshots(out: Path) -> list[Path]:
             generate(driver, " but analysts said ", 160, seed=8)
             driver.save_screenshot(str(out / "playground-generate.png"))
             written.append(out / "playground-generate.png")
-            score(driver, "the company said it expects to report a loss for the third quarter\n"
-                          "the stock rose N cents to $ N a share in new york stock exchange "
-                          "composite trading\n"
-                          "qxzv jjkw the the the", "ptb-nlstm")
+            score(
+                driver,
+                "the company said it expects to report a loss for the third quarter\n"
+                "the stock rose N cents to $ N a share in new york stock exchange "
+                "composite trading\n"
+                "qxzv jjkw the the the",
+                "ptb-nlstm",
+            )
             driver.save_screenshot(str(out / "playground-score.png"))
             written.append(out / "playground-score.png")
-            score(driver, "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night", "tiny-hmlstm")
+            score(
+                driver,
+                "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night",
+                "tiny-hmlstm",
+            )
             driver.save_screenshot(str(out / "playground-boundaries.png"))
             written.append(out / "playground-boundaries.png")
             draw_digit(driver, SEVEN)
             # stop mid-way through the replay, so that the picture shows a glimpse being read
             driver.find_element("id", "classify").click()
-            wait(lambda: "glimpse 9 of" in driver.find_element("id", "glimpse-step").text, 30, "glimpse 9")
+            wait(
+                lambda: "glimpse 9 of" in driver.find_element("id", "glimpse-step").text,
+                30,
+                "glimpse 9",
+            )
             driver.save_screenshot(str(out / "playground-digit.png"))
             written.append(out / "playground-digit.png")
             errors = console_errors(driver)

@@ -27,17 +27,36 @@ def bench_models(tmp_path_factory) -> Path:
 
 def run_bench(script: str, *args: str) -> dict:
     """Run bench/<script> and return the JSON object its last line prints."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_train_speed_smoke():
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_speed.py"), "--smoke", "--device", "cpu",
-         "--kinds", "nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_speed.py"),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--kinds",
+            "nn.LSTM",
+            "nlstm-fused",
+            "nlstm-mkl",
+            "nlstm-loop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=True,
     ).stdout
     lines = [line for line in out.splitlines() if "chars/s" in line]
     kinds = ["nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"]
@@ -50,7 +69,9 @@ def test_train_speed_smoke():
         for clock in ("wall", "cpu"):
             assert r[f"{clock}_chars_per_s"] > 0 and r[f"{clock}_ratio"] > 0
             # FLOPs per step over time against the peak measured in the same run
-            assert r[f"{clock}_peak_fraction"] == pytest.approx(r[f"{clock}_gflops"] / result["peak_gflops"])
+            assert r[f"{clock}_peak_fraction"] == pytest.approx(
+                r[f"{clock}_gflops"] / result["peak_gflops"]
+            )
         assert r["gflop_per_step"] > 0
     assert result["kinds"]["nn.LSTM"]["wall_ratio"] == 1.0
 
@@ -58,7 +79,11 @@ def test_train_speed_smoke():
 def test_hmlstm_copy_smoke():
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--smoke"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=True,
     ).stdout
     assert "layer 2:" in out and "saved" in out
 
@@ -77,18 +102,36 @@ def test_hmlstm_copy_reads_a_text_file_with_the_checkpoints_tokenizer(tmp_path):
     text = "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night\n"
     tok = train_char_tokenizer(text.splitlines(), newline=True)
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="char", core="hmlstm", hidden_size=8, num_layers=3,
-                      vocab_size=tok.vocab_size)
+    cfg = ModelConfig(
+        kind="char", core="hmlstm", hidden_size=8, num_layers=3, vocab_size=tok.vocab_size
+    )
     model = build_model(cfg)  # seed 0: every operation occurs over this text
-    save_checkpoint(Checkpoint(task="ptb", model_config=cfg, model=model.state_dict(),
-                               tokenizer=tok.model_proto), tmp_path / "best.pt")
+    save_checkpoint(
+        Checkpoint(
+            task="ptb", model_config=cfg, model=model.state_dict(), tokenizer=tok.model_proto
+        ),
+        tmp_path / "best.pt",
+    )
     full = text + "q€\n"  # two characters outside the vocabulary
     (tmp_path / "valid.txt").write_text(full, encoding="utf-8")
     T = len(full) // 2  # 37: under --smoke's 40 steps, the text sets the length
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--smoke", "--batch", "2",
-         "--checkpoint", str(tmp_path / "best.pt"), "--text-file", str(tmp_path / "valid.txt")],
-        capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+        [
+            sys.executable,
+            str(REPO / "bench" / "hmlstm_copy.py"),
+            "--smoke",
+            "--batch",
+            "2",
+            "--checkpoint",
+            str(tmp_path / "best.pt"),
+            "--text-file",
+            str(tmp_path / "valid.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -106,8 +149,14 @@ def test_hmlstm_copy_reads_a_text_file_with_the_checkpoints_tokenizer(tmp_path):
     assert all(sum(c) == 2 * T for c in printed) and "saved" in out
     assert all(sum(c[k] for c in printed) > 0 for k in range(3))  # UPDATE, COPY and FLUSH all occur
 
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--text-file", "x"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hmlstm_copy.py"), "--text-file", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 2 and "--text-file needs --checkpoint" in proc.stderr
 
 
@@ -121,38 +170,65 @@ def test_soak_smoke(bench_models):
 
 def test_faults_smoke(bench_models):
     result = run_bench("faults.py", "--smoke", "--models", str(bench_models))
-    assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [(n, True, []) for n in "abcde"]
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["faults"]] == [
+        (n, True, []) for n in "abcde"
+    ]
 
 
 def test_abuse_smoke(bench_models):
     result = run_bench("abuse.py", "--smoke", "--models", str(bench_models))
-    assert [(f["name"], f["passed"], f["failures"]) for f in result["abuse"]] == [(n, True, []) for n in "fghijk"]
+    assert [(f["name"], f["passed"], f["failures"]) for f in result["abuse"]] == [
+        (n, True, []) for n in "fghijk"
+    ]
 
 
 def test_fuzz_smoke(bench_models):
     result = run_bench("fuzz.py", "--smoke", "--models", str(bench_models))
     assert result["passed"] and set(result["fuzz"]) == {
-        "ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses",
-        "GetSession", "SnapshotSession", "RestoreSession", "ForkSession"}
+        "ListModels",
+        "CreateSession",
+        "CloseSession",
+        "Generate",
+        "Score",
+        "ClassifyGlimpses",
+        "GetSession",
+        "SnapshotSession",
+        "RestoreSession",
+        "ForkSession",
+    }
     for rpc, r in result["fuzz"].items():
-        assert r["sent"] == 10 and not r["internal"] and not r["broken"] and r["alive"] and r["good_after"], rpc
+        assert (
+            r["sent"] == 10
+            and not r["internal"]
+            and not r["broken"]
+            and r["alive"]
+            and r["good_after"]
+        ), rpc
         assert r["rss_mib"] > 0, rpc
     assert result["rss_growth_mib"] <= 64
 
 
 def test_serve_load_smoke_on_sessions():
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+        pytest.skip(
+            "redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)"
+        )
     result = run_bench("serve_load.py", "--smoke", "--stores", "memory", "redis")
     assert [(r["streams"], r["store"]) for r in result["results"]] == [
-        (4, "memory"), (4, "redis"), (1, "memory"), (1, "redis")]
+        (4, "memory"),
+        (4, "redis"),
+        (1, "memory"),
+        (1, "redis"),
+    ]
     for r in result["results"]:  # every stream on its own session, continued by each of its calls
         assert r["server"]["chars"] > 0 and min(r["ratios"]) > 0
 
 
 def test_store_ops_smoke():
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+        pytest.skip(
+            "redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)"
+        )
     result = run_bench("store_ops.py", "--smoke")
     assert set(result["results"]) == {"redis", "file"}
     for ops in result["results"].values():
@@ -167,7 +243,12 @@ def test_serve_load_smoke():
     for r in result["results"]:
         # two server windows, each between two raw windows (the raw process refuses to load torch)
         steps = r["raw"]["window_step_s"]
-        assert r["server"]["chars"] > 0 and len(steps) == 3 and min(steps) > 0 and len(r["ratios"]) == 2
+        assert (
+            r["server"]["chars"] > 0
+            and len(steps) == 3
+            and min(steps) > 0
+            and len(r["ratios"]) == 2
+        )
         assert r["raw"]["char_steps_per_s"] == pytest.approx(r["streams"] / np.mean(steps))
         assert r["ratio"] == pytest.approx(np.median(r["ratios"])) and min(r["ratios"]) > 0
         assert r["server"]["server_cpu"] > 0 and 0 <= r["server"]["step_graph_share"] <= 1.05
@@ -195,12 +276,20 @@ def test_scheduler_overhead_smoke():
 
 
 def test_quantized_smoke():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"], check=False,
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quantized.py"), "--smoke", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     (pair,) = result["pairs"].values()
     for b in ("1", "64"):
-        assert min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+        assert (
+            min(pair["step"]["cpu_us"][b].values()) > 0 and len(pair["step"]["wall_ratios"][b]) == 2
+        )
     assert pair["serve"]["chars_per_s"]["int8"] > 0 and len(pair["serve"]["ratios"]) == 1
     assert pair["sizes_mib"]["int8"] < pair["sizes_mib"]["float32"]

@@ -22,19 +22,27 @@ INT8 = {m: m.with_name(f"{m.name}-int8") for m in (MNIST, PTB, POEMS)}  # quanti
 BUNDLED_LIMIT = 30 * 2**20  # the budget for all bundled models together
 
 
-@pytest.mark.parametrize("folder, expect", [
-    (MNIST, ["glimpse", "nlstm", "75", "2", "False"]),
-    (PTB, ["char", "nlstm", "600", "2", "False"]),
-    (POEMS, ["char", "nlstm", "32", "2", "False"]),
-    (INT8[MNIST], ["glimpse", "nlstm", "75", "2", "False"]),
-    (INT8[PTB], ["char", "nlstm", "600", "2", "False"]),
-    (INT8[POEMS], ["char", "nlstm", "32", "2", "False"]),
-], ids=["mnist", "ptb", "poems", "mnist-int8", "ptb-int8", "poems-int8"])
+@pytest.mark.parametrize(
+    "folder, expect",
+    [
+        (MNIST, ["glimpse", "nlstm", "75", "2", "False"]),
+        (PTB, ["char", "nlstm", "600", "2", "False"]),
+        (POEMS, ["char", "nlstm", "32", "2", "False"]),
+        (INT8[MNIST], ["glimpse", "nlstm", "75", "2", "False"]),
+        (INT8[PTB], ["char", "nlstm", "600", "2", "False"]),
+        (INT8[POEMS], ["char", "nlstm", "32", "2", "False"]),
+    ],
+    ids=["mnist", "ptb", "poems", "mnist-int8", "ptb-int8", "poems-int8"],
+)
 def test_bundled_models_load_without_torch_and_match_their_hashes(folder, expect):
-    code = ("import sys; from serving.runtime import load_model; "
-            f"m = load_model({str(folder)!r}); print(m.meta.kind, m.meta.core, m.meta.hidden_size, "
-            "m.meta.depth, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    code = (
+        "import sys; from serving.runtime import load_model; "
+        f"m = load_model({str(folder)!r}); print(m.meta.kind, m.meta.core, m.meta.hidden_size, "
+        "m.meta.depth, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert out.stdout.split() == expect
 
 
@@ -74,6 +82,7 @@ def _exported_figure(folder: Path, task: str, shared_data, tmp_path) -> tuple[fl
     return ours, meta.figures[f"test_{'bpc' if task == 'ptb' else 'ppl'}"]
 
 
+@pytest.mark.long  # the whole PTB test set through the 4.5M-parameter model, twice: minutes
 @pytest.mark.parametrize("folder", [PTB, INT8[PTB]], ids=["float32", "int8"])
 def test_ptb_model_reaches_its_recorded_test_bpc(folder, shared_data, tmp_path):
     ours, recorded = _exported_figure(folder, "ptb", shared_data, tmp_path)

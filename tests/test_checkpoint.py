@@ -22,9 +22,17 @@ def _ckpt(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(kind="char", core="nlstm", hidden_size=8, depth=2, vocab_size=7)
     model = build_model(cfg)
-    return Checkpoint(task="ptb", model_config=cfg, model=model.state_dict(), tokenizer=b"\x00sp",
-                      train_config={"lr": 0.002}, step=5, epoch=1, metrics={"valid_bpc": 1.5},
-                      rng={"torch": torch.get_rng_state()})
+    return Checkpoint(
+        task="ptb",
+        model_config=cfg,
+        model=model.state_dict(),
+        tokenizer=b"\x00sp",
+        train_config={"lr": 0.002},
+        step=5,
+        epoch=1,
+        metrics={"valid_bpc": 1.5},
+        rng={"torch": torch.get_rng_state()},
+    )
 
 
 def test_round_trip(tmp_path):
@@ -92,8 +100,16 @@ def test_remove_stale_temporaries_takes_only_the_exact_pattern(tmp_path, monkeyp
     monkeypatch.undo()
     (left,) = [p.name for p in tmp_path.iterdir()]
     assert left.startswith(".last.pt.") and left.endswith(".tmp")
-    keep = [".last.pt.tmp", ".last.pt.abc.tmp", ".last.pt.abcdefgh.tmp.bak", "last.pt.abcdefgh.tmp",
-            ".other.pt.abcdefgh.tmp", ".last.pt.ABCDEFGH.tmp", "notes.tmp", "best.pt"]
+    keep = [
+        ".last.pt.tmp",
+        ".last.pt.abc.tmp",
+        ".last.pt.abcdefgh.tmp.bak",
+        "last.pt.abcdefgh.tmp",
+        ".other.pt.abcdefgh.tmp",
+        ".last.pt.ABCDEFGH.tmp",
+        "notes.tmp",
+        "best.pt",
+    ]
     for name in keep:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / ".best.pt.k_9zq0xy.tmp").mkdir()  # a folder is never deleted

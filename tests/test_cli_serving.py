@@ -48,8 +48,15 @@ def _nlstm_without(modules, args: list[str], **kw) -> subprocess.CompletedProces
         f"{set(modules)!r}))\n"
         "sys.exit(rc)\n"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, check=False,
-                          timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=120,
+        **kw,
+    )
 
 
 def _free_port() -> int:
@@ -69,9 +76,23 @@ def mnist_models(tmp_path_factory) -> Path:
 def _start_server(models: Path, *extra: str, blocked=()) -> tuple[subprocess.Popen, int]:
     """`nlstm serve` in its own process; returns it and the gRPC port it logged."""
     code = _blocker(blocked) + "from training.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--models", str(models), "--host", "localhost",
-                             *extra], stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--models",
+            str(models),
+            "--host",
+            "localhost",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     lines, deadline = [], time.time() + 60
     while time.time() < deadline:
         line = proc.stderr.readline()
@@ -109,52 +130,100 @@ def test_the_base_install_declares_no_training_dependency():
 def test_serving_commands_run_without_torch(tmp_path):
     """generate and score --backend onnx, data and serve work where the train extra's modules
     cannot be imported, and import none of them."""
-    out = _nlstm_without(TRAIN_EXTRA, ["generate", "--backend", "onnx", "--model", "ptb-nlstm", "--prompt", "the ",
-                                       "--max-chars", "20", "--seed", "1", "--providers", "cpu"])
+    out = _nlstm_without(
+        TRAIN_EXTRA,
+        [
+            "generate",
+            "--backend",
+            "onnx",
+            "--model",
+            "ptb-nlstm",
+            "--prompt",
+            "the ",
+            "--max-chars",
+            "20",
+            "--seed",
+            "1",
+            "--providers",
+            "cpu",
+        ],
+    )
     assert out.returncode == 0, out.stderr
     text, imported = out.stdout.splitlines()
     assert len(text) == 20 and imported == "imported: []"
     sample = tmp_path / "sample.txt"
     sample.write_text("the company said it expects\n", encoding="utf-8")
-    out = _nlstm_without(TRAIN_EXTRA, ["score", str(sample), "--backend", "onnx", "--model", "ptb-nlstm",
-                                       "--providers", "cpu"])
+    out = _nlstm_without(
+        TRAIN_EXTRA,
+        ["score", str(sample), "--backend", "onnx", "--model", "ptb-nlstm", "--providers", "cpu"],
+    )
     assert out.returncode == 0, out.stderr
-    assert re.fullmatch(r"28 characters, [\d.]+ bits, [\d.]+ bits/char\nimported: \[\]\n", out.stdout)
+    assert re.fullmatch(
+        r"28 characters, [\d.]+ bits, [\d.]+ bits/char\nimported: \[\]\n", out.stdout
+    )
     # nlstm data (downloads, tokenizers, caches) and every serving module import without them too
-    code = _blocker(TRAIN_EXTRA) + "import training.data, training.cli, serving.server, serving.client; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    code = (
+        _blocker(TRAIN_EXTRA)
+        + "import training.data, training.cli, serving.server, serving.client; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
     assert out.stdout == "ok\n", out.stderr
 
 
 def test_serve_runs_without_torch(mnist_models):
-    proc, port = _start_server(mnist_models, "--port", "0", "--metrics-port", "-1", blocked=TRAIN_EXTRA)
+    proc, port = _start_server(
+        mnist_models, "--port", "0", "--metrics-port", "-1", blocked=TRAIN_EXTRA
+    )
     try:
         with grpc.insecure_channel(f"localhost:{port}") as channel:
-            models = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+            models = (
+                pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+            )
             assert [m.name for m in models] == ["mnist-nlstm"]
     finally:
         assert _stop(proc) == 0
 
 
-@pytest.mark.parametrize("args, missing", [
-    (["train", "configs/smoke.toml", "--run-dir", "never"], "torch"),
-    (["export", "x.pt", "--out", "never"], "torch, onnx, onnxscript"),
-    (["params"], "torch"),
-    (["plot", "never"], "torch, matplotlib"),
-])
+@pytest.mark.parametrize(
+    "args, missing",
+    [
+        (["train", "configs/smoke.toml", "--run-dir", "never"], "torch"),
+        (["export", "x.pt", "--out", "never"], "torch, onnx, onnxscript"),
+        (["params"], "torch"),
+        (["plot", "never"], "torch, matplotlib"),
+    ],
+)
 def test_training_commands_name_the_extra_to_install(args, missing):
     out = _nlstm_without(TRAIN_EXTRA, args)
     assert out.returncode == 2
     err = out.stderr.strip()
-    assert err.startswith(f"nlstm {args[0]}: error: this command needs {missing}, which the base install")
+    assert err.startswith(
+        f"nlstm {args[0]}: error: this command needs {missing}, which the base install"
+    )
     assert "pip install 'nlstm[train]'" in err and "https://download.pytorch.org/whl/cpu" in err
     assert "Traceback" not in err and not Path(REPO / "never").exists()
 
 
 def test_codegen_without_grpcio_tools_says_what_to_install():
-    code = _blocker(["grpc_tools"]) + "import runpy; runpy.run_module('serving.codegen', run_name='__main__')\n"
-    out = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, cwd=REPO, check=False,
-                         timeout=60)
+    code = (
+        _blocker(["grpc_tools"])
+        + "import runpy; runpy.run_module('serving.codegen', run_name='__main__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "--check"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "pip install grpcio-tools==1.85.1" in out.stderr and "the dev extra" in out.stderr
 
@@ -165,39 +234,84 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
     and calls reach either); so does a taken metrics port. The first server keeps serving."""
     first, port = _start_server(mnist_models, "--port", "0", "--metrics-port", "-1")
     try:
-        second = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--models", str(mnist_models),
-                                 "--host", "localhost", "--port", str(port), "--metrics-port", "-1"],
-                                capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "serve",
+                "--models",
+                str(mnist_models),
+                "--host",
+                "localhost",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "-1",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
         assert second.returncode == 2
         err = second.stderr.strip().splitlines()[-1]
-        assert err.startswith(f"nlstm serve: error: cannot listen on port {port} (localhost): the port is "
-                              "already in use (another nlstm serve?)"), second.stderr
+        assert err.startswith(
+            f"nlstm serve: error: cannot listen on port {port} (localhost): the port is "
+            "already in use (another nlstm serve?)"
+        ), second.stderr
         assert "--port N (0 picks a free port)" in err
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             stub = pb_grpc.InferenceStub(channel)
             for _ in range(4):  # every call reaches the first server
-                assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].name == "mnist-nlstm"
+                assert (
+                    stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].name
+                    == "mnist-nlstm"
+                )
     finally:
         assert _stop(first) == 0
     with socket.socket() as taken:
         taken.bind(("", 0))
         taken.listen()
         metrics_port = taken.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--models", str(mnist_models),
-                              "--host", "localhost", "--port", "0", "--metrics-port", str(metrics_port)],
-                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "serve",
+                "--models",
+                str(mnist_models),
+                "--host",
+                "localhost",
+                "--port",
+                "0",
+                "--metrics-port",
+                str(metrics_port),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         f"nlstm serve: error: cannot serve metrics on port {metrics_port}: Address already in use "
-        "(another nlstm serve?); pass --metrics-port N, or -1 to turn metrics off")
+        "(another nlstm serve?); pass --metrics-port N, or -1 to turn metrics off"
+    )
 
 
 # -------------------------------------------------------------------------------- the clients
-@pytest.mark.parametrize("command", [
-    ["generate", "--model", "ptb-nlstm"],
-    ["score", "README.md", "--model", "ptb-nlstm"],
-    ["classify", "--model", "mnist-nlstm", "--data-dir", str(REPO / "tests")],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--model", "ptb-nlstm"],
+        ["score", "README.md", "--model", "ptb-nlstm"],
+        ["classify", "--model", "mnist-nlstm", "--data-dir", str(REPO / "tests")],
+    ],
+)
 def test_no_server_fails_at_once_and_says_how_to_start_one(command, capsys, tmp_path):
     if command[0] == "classify":  # a readable image, so that the client gets as far as connecting
         import gzip
@@ -215,30 +329,53 @@ def test_no_server_fails_at_once_and_says_how_to_start_one(command, capsys, tmp_
     took = time.monotonic() - started
     err = capsys.readouterr().err.strip()
     assert took < 5, took  # not the 10 s connection deadline
-    assert err.startswith(f"nlstm {command[0]}: error: no nlstm server answers at {target} (the connection "
-                          "failed: nothing listens there): start one with `nlstm serve`")
+    assert err.startswith(
+        f"nlstm {command[0]}: error: no nlstm server answers at {target} (the connection "
+        "failed: nothing listens there): start one with `nlstm serve`"
+    )
     assert ("--backend onnx" in err) == (command[0] != "classify")
 
 
 def test_classify_without_the_data_names_the_download_command(tmp_path, capsys, monkeypatch):
     assert main(["classify", "--model", "mnist-nlstm", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"nlstm classify: error: no MNIST file {tmp_path / 't10k-images-idx3-ubyte.gz'}: "
-                   f"`nlstm data download mnist --data-dir {tmp_path}` fetches it, or pass --data-dir DIR "
-                   "where DIR/mnist/ holds the MNIST .gz files")
+    assert err == (
+        f"nlstm classify: error: no MNIST file {tmp_path / 't10k-images-idx3-ubyte.gz'}: "
+        f"`nlstm data download mnist --data-dir {tmp_path}` fetches it, or pass --data-dir DIR "
+        "where DIR/mnist/ holds the MNIST .gz files"
+    )
     # without --data-dir: where `nlstm data download mnist` puts the files
     monkeypatch.setenv("NLSTM_DATA_DIR", str(tmp_path / "raw"))
     assert main(["classify", "--model", "mnist-nlstm"]) == 2
     assert f"nlstm data download mnist --data-dir {tmp_path / 'raw'}`" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command, wanted", [
-    ("generate", ["Sample text from a character model", "(default: 200)", "(default: 1)", "(default: server)",
-                  "(default: a random one)"]),
-    ("classify", ["20 glimpses of 7x7 pixels", "(default: 0)", "nlstm data download mnist",
-                  "(default: localhost:50051)", "(default: the same as nlstm data's"]),
-    ("score", ["Bits per character of a text file", "(default: off)", "(default: server)"]),
-])
+@pytest.mark.parametrize(
+    "command, wanted",
+    [
+        (
+            "generate",
+            [
+                "Sample text from a character model",
+                "(default: 200)",
+                "(default: 1)",
+                "(default: server)",
+                "(default: a random one)",
+            ],
+        ),
+        (
+            "classify",
+            [
+                "20 glimpses of 7x7 pixels",
+                "(default: 0)",
+                "nlstm data download mnist",
+                "(default: localhost:50051)",
+                "(default: the same as nlstm data's",
+            ],
+        ),
+        ("score", ["Bits per character of a text file", "(default: off)", "(default: server)"]),
+    ],
+)
 def test_client_help_has_a_description_and_defaults(command, wanted, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])

@@ -38,8 +38,16 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=300, max_text=2000, max_sessions=16, stream_interval=0.0,
-                                        max_messages_per_s=0.0))
+    s = ServerThread(
+        models_dir,
+        Limits(
+            max_chars=300,
+            max_text=2000,
+            max_sessions=16,
+            stream_interval=0.0,
+            max_messages_per_s=0.0,
+        ),
+    )
     yield s
     s.close()
 
@@ -63,18 +71,31 @@ IMAGE = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
 
 def test_models_generate_score_classify(server, client):
     models = client.models()
-    assert [m.name for m in models] == [CHAR_MODEL, GLIMPSE_MODEL] and isinstance(models[0], ModelInfo)
+    assert [m.name for m in models] == [CHAR_MODEL, GLIMPSE_MODEL] and isinstance(
+        models[0], ModelInfo
+    )
     assert models[0].vocab_size > 0 and models[1].num_classes == 10
     # 300 characters: a message each at stream_interval 0, unless the reader lags behind all of them
     gen = client.generate(CHAR_MODEL, "the ", max_chars=300, seed=4, temperature=0.8, logprobs=True)
     pieces = list(gen)
-    raw, position = raw_generate(server, model=CHAR_MODEL, prompt="the ", max_chars=300, seed=4, temperature=0.8)
+    raw, position = raw_generate(
+        server, model=CHAR_MODEL, prompt="the ", max_chars=300, seed=4, temperature=0.8
+    )
     # the pieces as they arrive (a message per character, or several when the reader lags)
     assert "".join(pieces) == "".join(raw) and len(pieces) > 1
-    assert (gen.text, gen.position, gen.finish_reason, len(gen.bits)) == ("".join(raw), position, "length", 300)
+    assert (gen.text, gen.position, gen.finish_reason, len(gen.bits)) == (
+        "".join(raw),
+        position,
+        "length",
+        300,
+    )
     r = client.score(CHAR_MODEL, "the cat", per_char=True)
     raw_score = server.stub.Score(pb.ScoreRequest(model=CHAR_MODEL, text="the cat", per_char=True))
-    assert isinstance(r, ScoreResult) and r.bits_per_char == raw_score.bits_per_char and r.num_chars == 7
+    assert (
+        isinstance(r, ScoreResult)
+        and r.bits_per_char == raw_score.bits_per_char
+        and r.num_chars == 7
+    )
     assert r.bits == list(raw_score.bits) and r.position == 7
     answers = client.classify(GLIMPSE_MODEL, IMAGE)
     assert len(answers) == 20 and isinstance(answers[0], Glimpse) and answers[-1].step == 20
@@ -143,14 +164,17 @@ def test_async_client(server):
             assert [m.name for m in await client.models()] == [CHAR_MODEL, GLIMPSE_MODEL]
             gen = client.generate(CHAR_MODEL, "the ", max_chars=40, seed=4)
             pieces = [p async for p in gen]
-            raw = raw_generate(server, model=CHAR_MODEL, prompt="the ", max_chars=40, seed=4, temperature=1.0)[0]
+            raw = raw_generate(
+                server, model=CHAR_MODEL, prompt="the ", max_chars=40, seed=4, temperature=1.0
+            )[0]
             assert "".join(pieces) == "".join(raw)
             assert gen.finish_reason == "length"
             r = await client.score(CHAR_MODEL, "the cat")
             assert r.num_chars == 7
             answers = await client.classify(GLIMPSE_MODEL, IMAGE)
-            assert [a.probabilities for a in answers] == [a.probabilities for a in Client(server.target)
-                                                          .classify(GLIMPSE_MODEL, IMAGE)]
+            assert [a.probabilities for a in answers] == [
+                a.probabilities for a in Client(server.target).classify(GLIMPSE_MODEL, IMAGE)
+            ]
             async with client.session(CHAR_MODEL) as s:
                 await s.score("the cat")
                 fork = await s.fork()
@@ -184,8 +208,12 @@ def test_api_key_and_tls(models_dir, tmp_path):
     from serving.auth import server_credentials
 
     certs = make_certs(tmp_path)
-    s = ServerThread(models_dir, Limits(), api_keys=ApiKeys([KEY]),
-                     tls=server_credentials(certs.server_cert, certs.server_key))
+    s = ServerThread(
+        models_dir,
+        Limits(),
+        api_keys=ApiKeys([KEY]),
+        tls=server_credentials(certs.server_cert, certs.server_key),
+    )
     try:
         with Client(s.target, api_key=KEY, tls=TLS(ca=certs.ca)) as c:
             assert c.score(CHAR_MODEL, "the").num_chars == 3
@@ -195,7 +223,10 @@ def test_api_key_and_tls(models_dir, tmp_path):
             c.models()
         assert e.value.code == "UNAUTHENTICATED"
         # plaintext to a TLS server: no answer
-        with Client(s.target, api_key=KEY) as c, pytest.raises(OSError, match="no nlstm server answers"):
+        with (
+            Client(s.target, api_key=KEY) as c,
+            pytest.raises(OSError, match="no nlstm server answers"),
+        ):
             c.wait_ready(1)
     finally:
         s.close()

@@ -184,7 +184,17 @@ def test_a_failed_prepare_creates_no_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dl.urllib.request, "urlopen", offline)
     shared = tmp_path / "data" / "ptb"
     shared.mkdir(parents=True)
-    rc = main(["data", "prepare", "ptb", "--data-dir", str(shared), "--cache-dir", str(tmp_path / "cache")])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "ptb",
+            "--data-dir",
+            str(shared),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 2 and "cannot download" in capsys.readouterr().err
     assert list(shared.iterdir()) == [] and not (tmp_path / "cache").exists()
     with pytest.raises(DownloadError):  # every folder it created is removed, the deepest first

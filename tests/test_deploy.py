@@ -115,11 +115,15 @@ def stages() -> dict[str, Stage]:
 
 
 def test_hadolint_passes():
-    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    exe = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     if exe is None:
         pytest.skip("hadolint is not installed (the dev extra installs it on Linux x86_64)")
     for dockerfile in DOCKERFILES:
-        out = subprocess.run([exe, str(REPO / dockerfile)], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [exe, str(REPO / dockerfile)], capture_output=True, text=True, check=False
+        )
         assert out.returncode == 0, dockerfile + ": " + out.stdout + out.stderr
 
 
@@ -130,14 +134,22 @@ def test_dockerfile_contract(stages):
     assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE)
     # one base for the serving stages: python:X-slim, or NVIDIA's CUDA image for VARIANT=gpu
     assert re.search(r"^ARG BASE_IMAGE=python:\$\{PYTHON_VERSION\}-slim$", text, re.MULTILINE)
-    assert stages["runtime"].base == "${BASE_IMAGE}" and stages["venv"].base == serve.base == "runtime"
+    assert (
+        stages["runtime"].base == "${BASE_IMAGE}" and stages["venv"].base == serve.base == "runtime"
+    )
     (guard,) = stages["runtime"].all("RUN")
-    assert "libcudnn.so.9" in guard and "VARIANT must be cpu or gpu" in guard and "--create-home" in guard
+    assert (
+        "libcudnn.so.9" in guard
+        and "VARIANT must be cpu or gpu" in guard
+        and "--create-home" in guard
+    )
     (install,) = stages["venv"].all("RUN")
     # the base install, which is torch-free: the wheel without an extra, the GPU runtime swapped in
     assert re.search(r"/tmp/wheels/\*\.whl(\s|$)", install) and "[train]" not in install
     assert "pip uninstall -y onnxruntime" in install and "onnxruntime-gpu" in install
-    assert any("serving.codegen" in r for r in stages["build"].all("RUN")), "gRPC code is generated in the build"
+    assert any("serving.codegen" in r for r in stages["build"].all("RUN")), (
+        "gRPC code is generated in the build"
+    )
     # no torch anywhere in what the serving image installs
     assert "torch" not in re.sub(r"#.*", "", text)
     requirements = (DEPLOY / "requirements-serve.txt").read_text()
@@ -158,7 +170,9 @@ def test_dockerfile_contract(stages):
 def _ancestors(stages: dict[str, Stage], name: str) -> set[str]:
     """The stages `name` is built from: its FROM and every COPY --from, transitively."""
     stage = stages[name]
-    parents = {stage.base} | {c.split()[0].removeprefix("--from=") for c in stage.all("COPY") if c.startswith("--from=")}
+    parents = {stage.base} | {
+        c.split()[0].removeprefix("--from=") for c in stage.all("COPY") if c.startswith("--from=")
+    }
     out = {name}
     for parent in parents & set(stages):
         out |= _ancestors(stages, parent)
@@ -175,7 +189,9 @@ def test_the_classic_builder_builds_nothing_the_serving_image_does_not_need(stag
 def test_no_dockerfile_needs_a_registry_for_its_frontend():
     for dockerfile in DOCKERFILES:
         first = (REPO / dockerfile).read_text().splitlines()[0]
-        assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), f"{dockerfile}: BuildKit would pull {first}"
+        assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), (
+            f"{dockerfile}: BuildKit would pull {first}"
+        )
 
 
 def test_train_dockerfile_contract(stages):
@@ -188,7 +204,9 @@ def test_train_dockerfile_contract(stages):
     final = train["train"]
     assert final.exec_form("ENTRYPOINT") == ["nlstm"]
     (user,) = final.all("USER")
-    assert user == stages["serve"].all("USER")[0] and any("--create-home --uid 10001" in r for r in final.all("RUN"))
+    assert user == stages["serve"].all("USER")[0] and any(
+        "--create-home --uid 10001" in r for r in final.all("RUN")
+    )
     assert final.all("COPY")[0] == "--from=venv /opt/venv /opt/venv"
 
 
@@ -203,15 +221,20 @@ def _ignored(path: str, patterns: list[str]) -> bool:
         if pattern.startswith("**/"):
             hit = any(fnmatch.fnmatch(p.split("/")[-1], pattern[3:]) for p in prefixes)
         else:
-            hit = any(fnmatch.fnmatch(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes)
+            hit = any(
+                fnmatch.fnmatch(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes
+            )
         if hit:
             ignored = not negate
     return ignored
 
 
 def test_dockerignore_lets_in_what_the_dockerfiles_copy_and_nothing_else():
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     sources = set()
     for dockerfile in DOCKERFILES:
         for stage in parse_dockerfile(REPO / dockerfile):
@@ -219,11 +242,27 @@ def test_dockerignore_lets_in_what_the_dockerfiles_copy_and_nothing_else():
                 if not args.startswith("--from="):
                     sources |= {s.rstrip("/") for s in args.split()[:-1]}
     for src in sorted(sources):
-        files = [src] if (REPO / src).is_file() else [str(p.relative_to(REPO)) for p in (REPO / src).rglob("*.*")
-                                                      if "__pycache__" not in p.parts]
-        assert files and not any(_ignored(f, patterns) for f in files), f"{src} is COPYed but .dockerignore keeps it out"
-    for outside in (".git/HEAD", ".venv/bin/python", "runs/x/best.pt", "tests/test_deploy.py", "docs/deploy.md",
-                    "serving/__pycache__/server.cpython-311.pyc", "Dockerfile"):
+        files = (
+            [src]
+            if (REPO / src).is_file()
+            else [
+                str(p.relative_to(REPO))
+                for p in (REPO / src).rglob("*.*")
+                if "__pycache__" not in p.parts
+            ]
+        )
+        assert files and not any(_ignored(f, patterns) for f in files), (
+            f"{src} is COPYed but .dockerignore keeps it out"
+        )
+    for outside in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "runs/x/best.pt",
+        "tests/test_deploy.py",
+        "docs/deploy.md",
+        "serving/__pycache__/server.cpython-311.pyc",
+        "Dockerfile",
+    ):
         assert _ignored(outside, patterns), f"{outside} would reach the build context"
 
 
@@ -232,37 +271,57 @@ def test_python_versions_agree():
     requires = SpecifierSet(project["project"]["requires-python"])
     (lowest,) = [s.version for s in requires if s.operator == ">="]
     for dockerfile in DOCKERFILES:
-        (default,) = re.findall(r"^ARG PYTHON_VERSION=(\S+)$", (REPO / dockerfile).read_text(), re.MULTILINE)
-        assert requires.contains(f"{default}.0"), f"{dockerfile} builds on Python {default}, outside {requires}"
+        (default,) = re.findall(
+            r"^ARG PYTHON_VERSION=(\S+)$", (REPO / dockerfile).read_text(), re.MULTILINE
+        )
+        assert requires.contains(f"{default}.0"), (
+            f"{dockerfile} builds on Python {default}, outside {requires}"
+        )
     assert project["tool"]["ruff"]["target-version"] == "py" + lowest.replace(".", "")
     assert f"Python >= {lowest}" in (REPO / "README.md").read_text()
     doc = (REPO / "docs" / "deploy.md").read_text()
-    assert f"`PYTHON_VERSION` ({lowest} to 3.14" in doc, "docs/deploy.md states the images' Python range"
+    assert f"`PYTHON_VERSION` ({lowest} to 3.14" in doc, (
+        "docs/deploy.md states the images' Python range"
+    )
 
 
 def test_the_license_is_an_spdx_string():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["license"] == "MIT"
-    (setuptools,) = [Requirement(r) for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    (setuptools,) = [
+        Requirement(r) for r in project["build-system"]["requires"] if r.startswith("setuptools")
+    ]
     # SPDX strings need setuptools 77; the table form is deprecated (end of support 2027-02-18)
     assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("84.0")
 
 
 def _script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DEPLOY / name), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env}, check=False)
+    return subprocess.run(
+        [str(DEPLOY / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
 
 
 def test_build_image_script_says_what_it_cannot_do():
     out = _script("build-image.sh", "serve-tpu")
     assert out.returncode == 2 and "serve-cpu|serve-gpu|train" in out.stderr
-    out = _script("build-image.sh", "serve-cpu", DOCKER="false")  # `false info` fails like a dead engine
+    out = _script(
+        "build-image.sh", "serve-cpu", DOCKER="false"
+    )  # `false info` fails like a dead engine
     assert out.returncode == 1 and "no Docker engine answers" in out.stderr
     text = (DEPLOY / "build-image.sh").read_text()
     (cuda,) = re.findall(r"CUDA_IMAGE:-([^}]+)\}", text)
-    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["server"]["build"]["args"]
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["server"][
+        "build"
+    ]["args"]
     assert gpu["BASE_IMAGE"] == cuda and cuda in (REPO / "Dockerfile").read_text()
-    assert re.match(r"nvidia/cuda:13\.[\d.]+-cudnn-runtime-", cuda)  # onnxruntime-gpu 1.31: CUDA 13, cuDNN 9
+    assert re.match(
+        r"nvidia/cuda:13\.[\d.]+-cudnn-runtime-", cuda
+    )  # onnxruntime-gpu 1.31: CUDA 13, cuDNN 9
 
 
 def test_local_base_script_stands_in_only_for_what_debian_has():
@@ -286,12 +345,16 @@ def _serving_third_party_modules() -> set[str]:
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {m for m in found if m not in sys.stdlib_module_names and m not in {"serving", "__future__"}}
+    return {
+        m for m in found if m not in sys.stdlib_module_names and m not in {"serving", "__future__"}
+    }
 
 
 def test_serving_requirements_agree_with_pyproject_and_cover_the_imports(stages):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]}
+    declared = {
+        canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]
+    }
     pinned = {}
     for line in (DEPLOY / "requirements-serve.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -302,10 +365,14 @@ def test_serving_requirements_agree_with_pyproject_and_cover_the_imports(stages)
             pinned[canonicalize_name(req.name)] = spec.version
     for name, version in pinned.items():
         assert name in declared, f"{name} is in the image but not a dependency in pyproject.toml"
-        assert declared[name].specifier.contains(version), f"{name}=={version} breaks {declared[name]}"
+        assert declared[name].specifier.contains(version), (
+            f"{name}=={version} breaks {declared[name]}"
+        )
     # the image is the base install (its dependencies held to these pins): each one has a pin,
     # but onnxruntime, which the Dockerfile pins by ORT_VERSION (and swaps for the GPU)
-    unpinned = {n for n, r in declared.items() if r.marker is None or r.marker.evaluate()} - set(pinned)
+    unpinned = {n for n, r in declared.items() if r.marker is None or r.marker.evaluate()} - set(
+        pinned
+    )
     assert unpinned == {"onnxruntime"}, f"base dependencies without a pin for the image: {unpinned}"
     venv = "\n".join(stages["venv"].all("RUN"))
     assert "-c /tmp/requirements-serve.txt" in venv and "--no-deps" not in venv
@@ -314,7 +381,9 @@ def test_serving_requirements_agree_with_pyproject_and_cover_the_imports(stages)
     dists = packages_distributions()
     for module in sorted(_serving_third_party_modules()):
         names = {canonicalize_name(d) for d in dists.get(module, [])}
-        assert names & provided, f"serving imports {module} ({names or 'not installed'}) but the image lacks it"
+        assert names & provided, (
+            f"serving imports {module} ({names or 'not installed'}) but the image lacks it"
+        )
 
 
 # -------------------------------------------------------------------- the image's entry command
@@ -348,18 +417,30 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
     # torch is not in the image: make every import of it fail in this process tree
     shim = tmp_path / "no-torch"
     (shim / "torch").mkdir(parents=True)
-    (shim / "torch" / "__init__.py").write_text("raise ImportError('torch is not in the serving image')\n")
+    (shim / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch is not in the serving image')\n"
+    )
     port, metrics_port = _free_port(), _free_port()
-    run_env = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"},
-               "NLSTM_PORT": str(port), "NLSTM_METRICS_PORT": str(metrics_port),
-               "NLSTM_HOST": "localhost", "PYTHONPATH": str(shim), "OMP_NUM_THREADS": "1"}
+    run_env = {
+        **os.environ,
+        **{k: v for k, v in env.items() if k != "PATH"},
+        "NLSTM_PORT": str(port),
+        "NLSTM_METRICS_PORT": str(metrics_port),
+        "NLSTM_HOST": "localhost",
+        "PYTHONPATH": str(shim),
+        "OMP_NUM_THREADS": "1",
+    }
     argv = _resolve(serve.exec_form("ENTRYPOINT") + serve.exec_form("CMD"))
     health = _resolve(serve.exec_form("HEALTHCHECK"))
-    proc = subprocess.Popen(argv, cwd=app, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=app, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline, healthy = time.monotonic() + 60, None
         while time.monotonic() < deadline and proc.poll() is None:
-            healthy = subprocess.run(health, cwd=app, env=run_env, capture_output=True, text=True, check=False)
+            healthy = subprocess.run(
+                health, cwd=app, env=run_env, capture_output=True, text=True, check=False
+            )
             if healthy.returncode == 0:
                 break
             time.sleep(0.5)
@@ -369,7 +450,11 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             listed = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         assert sorted(m.name for m in listed.models) == bundled
-        text = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         assert re.search(r"^nlstm_max_sessions \d", text, re.MULTILINE)
         proc.send_signal(getattr(signal, serve.all("STOPSIGNAL")[0]))
         code = proc.wait(timeout=float(env["NLSTM_GRACE"]) + 15)
@@ -380,7 +465,9 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    after = subprocess.run(health, cwd=app, env=run_env, capture_output=True, text=True, check=False)
+    after = subprocess.run(
+        health, cwd=app, env=run_env, capture_output=True, text=True, check=False
+    )
     assert after.returncode == 1 and "UNAVAILABLE" in after.stderr
 
 
@@ -389,7 +476,9 @@ def _exported_samples() -> dict[str, set[str]]:
     """Every metric family of the server and the sample names it exposes."""
     out = {}
     for family in Metrics().registry.collect():
-        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+            family.type, [""]
+        )
         out[family.name] = {family.name + s for s in suffixes}
     return out
 
@@ -403,7 +492,9 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     assert server["build"]["context"] == "." and "VARIANT" in server["build"]["args"]
     assert any(p.endswith(f":{env['NLSTM_PORT']}") for p in server["ports"])
     grace = float(server["environment"].get("NLSTM_GRACE", env["NLSTM_GRACE"]))
-    assert float(server["stop_grace_period"].rstrip("s")) > grace, "Docker must not SIGKILL a draining server"
+    assert float(server["stop_grace_period"].rstrip("s")) > grace, (
+        "Docker must not SIGKILL a draining server"
+    )
 
     prom = services["prometheus"]
     mounts = dict(v.rsplit(":", 1)[0].split(":") for v in prom["volumes"])
@@ -415,7 +506,9 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     # every replica is a target of its own
     replicas = sorted(name for name, svc in services.items() if svc.get("image") == server["image"])
     assert replicas == ["server", "server-2"]
-    assert job["static_configs"][0]["targets"] == [f"{r}:{env['NLSTM_METRICS_PORT']}" for r in replicas]
+    assert job["static_configs"][0]["targets"] == [
+        f"{r}:{env['NLSTM_METRICS_PORT']}" for r in replicas
+    ]
     assert set(replicas) <= set(prom["depends_on"])
     for rules in config["rule_files"]:
         assert (host_dir / rules).is_file()
@@ -423,23 +516,37 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     grafana = services["grafana"]
     g_mounts = dict(v.rsplit(":", 1)[0].split(":") for v in grafana["volumes"])
     provisioning = REPO / next(h for h, c in g_mounts.items() if c == "/etc/grafana/provisioning")
-    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
     assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "nlstm.yml").read_text())["providers"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "nlstm.yml").read_text())[
+        "providers"
+    ]
     dash_dir = REPO / next(h for h, c in g_mounts.items() if c == provider["options"]["path"])
     dashboard = json.loads((dash_dir / "nlstm.json").read_text())
-    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {source["uid"]}
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {
+        source["uid"]
+    }
 
 
 def test_compose_replicas_share_sessions_in_redis():
     """Two replicas of one image, on two host ports, with one Redis session store: no affinity."""
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     a, b, redis = services["server"], services["server-2"], services["redis"]
-    assert a["image"] == b["image"] and a["build"] == b["build"] and a["environment"] == b["environment"]
+    assert (
+        a["image"] == b["image"]
+        and a["build"] == b["build"]
+        and a["environment"] == b["environment"]
+    )
     assert {p.split(":")[-1] for p in a["ports"] + b["ports"]} == {"50051"}
     assert len({p.rsplit(":", 1)[0] for p in a["ports"] + b["ports"]}) == 2  # two host ports
     store = a["environment"]["NLSTM_SESSION_STORE"]
-    assert store.startswith("redis://redis:") and "redis" in a["depends_on"] and "redis" in b["depends_on"]
+    assert (
+        store.startswith("redis://redis:")
+        and "redis" in a["depends_on"]
+        and "redis" in b["depends_on"]
+    )
     assert b["stop_grace_period"] == a["stop_grace_period"]
     command = redis["command"]
     assert "--appendonly" in command and "noeviction" in command
@@ -448,8 +555,12 @@ def test_compose_replicas_share_sessions_in_redis():
     dockerfile = REPO / redis["build"]["context"] / "Dockerfile"
     text = dockerfile.read_text()
     assert "FROM python:${PYTHON_VERSION}-slim" in text and "redis-server" in text
-    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.MULTILINE) and re.search(r"^USER redis$", text, re.MULTILINE)
-    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.MULTILINE) and re.search(
+        r"^USER redis$", text, re.MULTILINE
+    )
+    exe = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     if exe is not None:
         out = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -466,15 +577,24 @@ def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):
     assert override["services"]["server-2"] == override["services"]["server"]
     server = override["services"]["server"]
     assert server["build"]["args"]["VARIANT"] == "gpu" and "VARIANT" in base["build"]["args"]
-    assert server["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:13.")  # the runtime guard's need
-    assert server["image"] == "nlstm:serve-gpu" and base["image"] == "nlstm:serve-cpu"  # build-image.sh's tags
+    assert server["build"]["args"]["BASE_IMAGE"].startswith(
+        "nvidia/cuda:13."
+    )  # the runtime guard's need
+    assert (
+        server["image"] == "nlstm:serve-gpu" and base["image"] == "nlstm:serve-cpu"
+    )  # build-image.sh's tags
     assert server["environment"]["NLSTM_PROVIDERS"] == "cuda"
     (device,) = server["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert (
+        device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    )
     # Compose merges mappings key by key: the base's settings (ports, grace, ...) stay
     assert not set(server) & {"ports", "stop_grace_period", "restart"}
     assert not set(server["environment"]) & set(base["environment"])
-    for text in ((REPO / "docs" / "deploy.md").read_text(), (REPO / "docker-compose.yml").read_text()):
+    for text in (
+        (REPO / "docs" / "deploy.md").read_text(),
+        (REPO / "docker-compose.yml").read_text(),
+    ):
         assert "-f docker-compose.yml -f docker-compose.gpu.yml" in text
 
 
@@ -504,24 +624,44 @@ def test_dashboard_and_alerts_use_only_exported_metrics_and_show_them_all():
 
 
 def test_deploy_docs_name_every_setting():
-    help_text = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--help"], capture_output=True,
-                               text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     settings = set(re.findall(r"\[(NLSTM_[A-Z_]+)\]", help_text))
     assert len(settings) >= 10, help_text
     doc = (REPO / "docs" / "deploy.md").read_text()
     missing = sorted(s for s in settings if s not in doc)
     assert not missing, f"docs/deploy.md does not describe {missing}"
-    for word in ("session affinity", "NOT_FOUND", "VARIANT=gpu", "Dockerfile.train", "HEALTHCHECK",
-                 "deploy/build-image.sh", "deploy/local-base.sh", "--ipc=host", "--shm-size", "chown 10001"):
+    for word in (
+        "session affinity",
+        "NOT_FOUND",
+        "VARIANT=gpu",
+        "Dockerfile.train",
+        "HEALTHCHECK",
+        "deploy/build-image.sh",
+        "deploy/local-base.sh",
+        "--ipc=host",
+        "--shm-size",
+        "chown 10001",
+    ):
         assert word in doc, word
 
 
 def test_envoy_routes_a_session_key_to_one_healthy_replica(stages):
     config = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())["static_resources"]
     (cluster,) = config["clusters"]
-    assert cluster["lb_policy"] == "RING_HASH" and "grpc_health_check" in cluster["health_checks"][0]
+    assert (
+        cluster["lb_policy"] == "RING_HASH" and "grpc_health_check" in cluster["health_checks"][0]
+    )
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert str(endpoint["endpoint"]["address"]["socket_address"]["port_value"]) == stages["serve"].env()["NLSTM_PORT"]
+    assert (
+        str(endpoint["endpoint"]["address"]["socket_address"]["port_value"])
+        == stages["serve"].env()["NLSTM_PORT"]
+    )
     (listener,) = config["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]

@@ -26,13 +26,17 @@ class SlowCharModel:
     thousand characters outlasts a short grace period."""
 
     def __init__(self) -> None:
-        self.tokenizer = Tokenizer(train_char_tokenizer(["the cat sat on the mat"], newline=True).model_proto)
+        self.tokenizer = Tokenizer(
+            train_char_tokenizer(["the cat sat on the mat"], newline=True).model_proto
+        )
         self.meta = SimpleNamespace(kind="char", state_slots=["layer0.h"])
 
     def initial_state(self, batch_size: int) -> np.ndarray:
         return np.zeros((batch_size, 1, 4), np.float32)
 
-    def step(self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def step(
+        self, inputs: np.ndarray, state: np.ndarray, *, check: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         time.sleep(0.005)
         return np.zeros((len(inputs), self.tokenizer.vocab_size), np.float32), state
 
@@ -62,7 +66,12 @@ def test_a_stream_closed_at_its_yield_counts_as_cancelled():
         assert closed == [True]
 
     asyncio.run(main())
-    assert metrics.registry.get_sample_value("nlstm_requests_total", {"method": "Generate", "code": "CANCELLED"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "nlstm_requests_total", {"method": "Generate", "code": "CANCELLED"}
+        )
+        == 1
+    )
 
 
 def test_shutdown_ends_a_running_generate_with_finish_reason_cancelled():
@@ -73,7 +82,9 @@ def test_shutdown_ends_a_running_generate_with_finish_reason_cancelled():
         async with grpc.aio.insecure_channel(f"localhost:{running.port}") as channel:
             stub = pb_grpc.InferenceStub(channel)
             sid = (await stub.CreateSession(pb.CreateSessionRequest(model="slow"))).session_id
-            call = stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=4000, temperature=1.0))
+            call = stub.Generate(
+                pb.GenerateRequest(session_id=sid, max_chars=4000, temperature=1.0)
+            )
             responses = [await call.read()]
             t0 = time.perf_counter()
             stopping = asyncio.create_task(shutdown(running, grace))

@@ -20,7 +20,9 @@ from serving.testing.fuzz import RPCS, SLOW_EXAMPLES, Fuzzer
 from serving.testing.inprocess import ServerThread
 from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
 
-LIMITS = Limits(max_chars=64, max_text=512, max_sessions=16)  # small, so that random sizes reach them
+LIMITS = Limits(
+    max_chars=64, max_text=512, max_sessions=16
+)  # small, so that random sizes reach them
 BATCHES = 100  # hypothesis examples per rpc, each a batch of 1 to 4 requests
 SURROGATE = "\ud800".encode("utf-8", "surrogatepass")  # a lone surrogate: not UTF-8
 
@@ -38,14 +40,25 @@ def fuzzer(server) -> Fuzzer:
 
 
 def internal_errors(server) -> float:
-    return sum(server.metric("nlstm_requests_total", {"method": rpc, "code": "INTERNAL"}) or 0 for rpc in RPCS)
+    return sum(
+        server.metric("nlstm_requests_total", {"method": rpc, "code": "INTERNAL"}) or 0
+        for rpc in RPCS
+    )
 
 
 @pytest.mark.parametrize("rpc", RPCS)
-@settings(max_examples=BATCHES, deadline=None, derandomize=True, database=None, suppress_health_check=SLOW_EXAMPLES)
+@settings(
+    max_examples=BATCHES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=SLOW_EXAMPLES,
+)
 @given(data=st.data())
 def test_fuzz(server, fuzzer, rpc, data):
-    for request in data.draw(st.lists(fuzzer.requests(rpc), min_size=1, max_size=4), label="requests"):
+    for request in data.draw(
+        st.lists(fuzzer.requests(rpc), min_size=1, max_size=4), label="requests"
+    ):
         outcome = fuzzer.send(rpc, request)
         assert outcome.problem is None, outcome.problem
     assert fuzzer.still_good() is None
@@ -79,18 +92,33 @@ def test_requests_that_do_not_parse_are_invalid_argument(server):
         # a good request, then its first string field again (the last one wins), not UTF-8
         ("CreateSession", b"\x0a\x03" + SURROGATE),
         ("CloseSession", b"\x0a\x03" + SURROGATE),
-        ("Score", pb.ScoreRequest(model=CHAR_MODEL, text="abc").SerializeToString() + b"\x0a\x03" + SURROGATE),
-        ("Generate", pb.GenerateRequest(model=CHAR_MODEL, max_chars=3).SerializeToString() + b"\x0a\x03" + SURROGATE),
+        (
+            "Score",
+            pb.ScoreRequest(model=CHAR_MODEL, text="abc").SerializeToString()
+            + b"\x0a\x03"
+            + SURROGATE,
+        ),
+        (
+            "Generate",
+            pb.GenerateRequest(model=CHAR_MODEL, max_chars=3).SerializeToString()
+            + b"\x0a\x03"
+            + SURROGATE,
+        ),
         ("ClassifyGlimpses", [glimpse, b"\x0a\x03" + SURROGATE]),  # the first glimpse is answered
     ]
-    before = server.metric("nlstm_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) or 0
+    before = (
+        server.metric("nlstm_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) or 0
+    )
     for rpc, data in cases:
         code, details, out = raw_call(server, rpc, data)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (rpc, data, code, details)
         assert "malformed request" in details and "UTF-8" in details
         assert len(out) == (len(data) - 1 if isinstance(data, list) else 0)
     assert internal_errors(server) == 0
-    assert server.metric("nlstm_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) == before + 2
+    assert (
+        server.metric("nlstm_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"})
+        == before + 2
+    )
     assert server.stub.Score(pb.ScoreRequest(model=CHAR_MODEL, text="abc")).num_chars == 3
 
 
@@ -99,9 +127,11 @@ def test_huge_names_keep_their_error_code(server, name):
     # the error message quoted the whole name: past gRPC's 8 KiB of trailers the client got
     # RESOURCE_EXHAUSTED from the transport instead of NOT_FOUND (a name of 100,000 characters
     # no longer reaches the servicer: the receive limit, sized from max_text, refuses it)
-    for call in (lambda: server.stub.CreateSession(pb.CreateSessionRequest(model=name)),
-                 lambda: server.stub.Score(pb.ScoreRequest(session_id=name, text="abc")),
-                 lambda: list(server.stub.Generate(pb.GenerateRequest(model=name, max_chars=3)))):
+    for call in (
+        lambda: server.stub.CreateSession(pb.CreateSessionRequest(model=name)),
+        lambda: server.stub.Score(pb.ScoreRequest(session_id=name, text="abc")),
+        lambda: list(server.stub.Generate(pb.GenerateRequest(model=name, max_chars=3))),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()[:200]
@@ -110,7 +140,10 @@ def test_huge_names_keep_their_error_code(server, name):
     assert len(server.stub.ListModels(pb.ListModelsRequest()).models) == 2
     with pytest.raises(grpc.RpcError) as info:
         server.stub.CreateSession(pb.CreateSessionRequest(model="x" * 100_000))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
+    assert (
+        info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "larger than max" in info.value.details()
+    )
 
 
 def test_a_restored_position_leaves_room_to_grow(server):
@@ -124,11 +157,19 @@ def test_a_restored_position_leaves_room_to_grow(server):
     server.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
     for position in (2**64 - 1, 2**63):
         s.position = position
-        code, details, _ = raw_call(server, "RestoreSession", pb.RestoreSessionRequest(data=snapshot.encode(s))
-                                    .SerializeToString())
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "the largest a restored session may start at" in details
+        code, details, _ = raw_call(
+            server,
+            "RestoreSession",
+            pb.RestoreSessionRequest(data=snapshot.encode(s)).SerializeToString(),
+        )
+        assert (
+            code == grpc.StatusCode.INVALID_ARGUMENT
+            and "the largest a restored session may start at" in details
+        )
     s.position = 2**63 - 1  # the largest accepted: calls on it work
-    restored = server.stub.RestoreSession(pb.RestoreSessionRequest(data=snapshot.encode(s))).session_id
+    restored = server.stub.RestoreSession(
+        pb.RestoreSessionRequest(data=snapshot.encode(s))
+    ).session_id
     assert server.stub.Score(pb.ScoreRequest(session_id=restored, text="a")).position == 2**63
     server.stub.CloseSession(pb.CloseSessionRequest(session_id=restored))
     assert internal_errors(server) == 0

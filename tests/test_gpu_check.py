@@ -22,9 +22,22 @@ def test_gpu_check_cpu_smoke(tmp_path):
     has_ptb = (SHARED_DATA / "ptb" / "ptb.char.train.txt").is_file()
     data_dir = SHARED_DATA if has_ptb else tmp_path / "no-data"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--smoke",
-         "--budget-s", "400", "--data-dir", str(data_dir)],
-        check=False, capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--budget-s",
+            "400",
+            "--data-dir",
+            str(data_dir),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -37,7 +50,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
     speed = stages["train_speed"]
     assert speed["status"] == "ok" and set(speed["result"]["kinds"]) == {"nn.LSTM", "nlstm-fused"}
     smoke = stages["smoke"]
-    assert smoke["status"] == "ok" and smoke["result"]["learned"] and smoke["result"]["same_weights"]
+    assert (
+        smoke["status"] == "ok" and smoke["result"]["learned"] and smoke["result"]["same_weights"]
+    )
     ptb = stages["ptb"]
     if has_ptb:
         assert ptb["status"] == "ok" and ptb["step"] == 2 and ptb["valid_bpc"] > 0

@@ -78,16 +78,26 @@ def test_cli_defaults_are_in_range_and_a_bad_flag_stops_the_start(models_dir, ca
     for flag in ("--" + n.replace("_", "-") for n in SERVE_RANGES):
         assert hasattr(args, flag[2:].replace("-", "_")), f"{flag} has a range but is not a flag"
     # the issue's cases: each refused before anything is loaded or bound
-    for argv in (["--idle-timeout", "5e9"], ["--idle-timeout", "nan"], ["--idle-timeout", "inf"],
-                 ["--idle-timeout", "0.5"], ["--max-wait-ms", "inf"], ["--max-chars", "0"],
-                 ["--port", "70000"], ["--max-stop-chars", "100000"]):
+    for argv in (
+        ["--idle-timeout", "5e9"],
+        ["--idle-timeout", "nan"],
+        ["--idle-timeout", "inf"],
+        ["--idle-timeout", "0.5"],
+        ["--max-wait-ms", "inf"],
+        ["--max-chars", "0"],
+        ["--port", "70000"],
+        ["--max-stop-chars", "100000"],
+    ):
         assert main(["serve", "--models", str(models_dir), *argv]) == 2
         err = capsys.readouterr().err
         flag, text = argv
         value = float(text) if "." in text or "e" in text or text in ("nan", "inf") else int(text)
         assert f"{flag} must be a " in err and f"got {value!r}" in err, err
     assert main(["serve", "--models", str(models_dir), "--idle-timeout", "0.5"]) == 2
-    assert "--idle-timeout must be a finite number in [1, 31536000] seconds, got 0.5" in capsys.readouterr().err
+    assert (
+        "--idle-timeout must be a finite number in [1, 31536000] seconds, got 0.5"
+        in capsys.readouterr().err
+    )
     monkeypatch.setenv("NLSTM_MAX_WAIT_MS", "inf")  # the environment variables go the same way
     assert main(["serve", "--models", str(models_dir)]) == 2
     assert "--max-wait-ms must be a finite number in [0, 1000] ms" in capsys.readouterr().err
@@ -100,33 +110,60 @@ def test_the_receive_limit_must_hold_the_longest_request(models_dir):
     limits = Limits(max_text=1000)
     needed = request_bytes_needed(1000, limits.max_stop, limits.max_stop_chars)
     with pytest.raises(ValueError, match=f"below the {needed} bytes"):
-        asyncio.run(build_server(models, limits=limits, server_limits=ServerLimits(max_request_bytes=needed - 1)))
+        asyncio.run(
+            build_server(
+                models, limits=limits, server_limits=ServerLimits(max_request_bytes=needed - 1)
+            )
+        )
     with pytest.raises(ValueError, match="max_inflight_bytes 1000 is below the receive limit"):
-        asyncio.run(build_server(models, limits=limits, server_limits=ServerLimits(max_inflight_bytes=1000)))
+        asyncio.run(
+            build_server(models, limits=limits, server_limits=ServerLimits(max_inflight_bytes=1000))
+        )
 
 
 # ---------------------------------------------------------------- 1. every request bounded
 @pytest.fixture(scope="module")
 def small(models_dir):
     # small limits so that tests reach them; 8 stop characters, 3 glimpses a stream
-    s = ServerThread(models_dir, Limits(max_chars=50, max_text=1000, max_stop_chars=8, max_glimpses=3,
-                                        max_wait=0.001, stream_interval=0.0, max_messages_per_s=0.0))
+    s = ServerThread(
+        models_dir,
+        Limits(
+            max_chars=50,
+            max_text=1000,
+            max_stop_chars=8,
+            max_glimpses=3,
+            max_wait=0.001,
+            stream_interval=0.0,
+            max_messages_per_s=0.0,
+        ),
+    )
     yield s
     s.close()
 
 
 def test_stop_strings_are_bounded_in_length(small):
-    code, details = code_of(small.stub.Generate, pb.GenerateRequest(model="tiny-char", max_chars=5, stop=["x" * 9]))
+    code, details = code_of(
+        small.stub.Generate, pb.GenerateRequest(model="tiny-char", max_chars=5, stop=["x" * 9])
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "9 characters" in details and "at most 8 per stop string" in details
-    ok = list(small.stub.Generate(pb.GenerateRequest(model="tiny-char", max_chars=5, stop=["x" * 8])))
+    ok = list(
+        small.stub.Generate(pb.GenerateRequest(model="tiny-char", max_chars=5, stop=["x" * 8]))
+    )
     assert sum(len(r.text) for r in ok) == 5
 
 
 def test_a_glimpse_stream_is_bounded_in_length(small):
-    before = small.metric("nlstm_requests_total", {"method": "ClassifyGlimpses", "code": "RESOURCE_EXHAUSTED"}) or 0
+    before = (
+        small.metric(
+            "nlstm_requests_total", {"method": "ClassifyGlimpses", "code": "RESOURCE_EXHAUSTED"}
+        )
+        or 0
+    )
     sid = small.stub.CreateSession(pb.CreateSessionRequest(model="tiny-mnist")).session_id
-    requests = [pb.GlimpseRequest(session_id=sid if i == 0 else "", pixels=GLIMPSE) for i in range(4)]
+    requests = [
+        pb.GlimpseRequest(session_id=sid if i == 0 else "", pixels=GLIMPSE) for i in range(4)
+    ]
     answers = []
     with pytest.raises(grpc.RpcError) as info:
         for r in small.stub.ClassifyGlimpses(iter(requests)):
@@ -134,7 +171,12 @@ def test_a_glimpse_stream_is_bounded_in_length(small):
     assert [a.step for a in answers] == [1, 2, 3]
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "3 glimpses, the most one stream may send" in info.value.details()
-    assert small.metric("nlstm_requests_total", {"method": "ClassifyGlimpses", "code": "RESOURCE_EXHAUSTED"}) == before + 1
+    assert (
+        small.metric(
+            "nlstm_requests_total", {"method": "ClassifyGlimpses", "code": "RESOURCE_EXHAUSTED"}
+        )
+        == before + 1
+    )
     # the session keeps the three glimpses and goes on in a new stream
     more = list(small.stub.ClassifyGlimpses(iter(requests[:1])))
     assert [a.step for a in more] == [1]
@@ -146,11 +188,14 @@ def test_a_compressed_request_cannot_unpack_past_the_receive_limit(small):
     limit = request_bytes_needed(1000, 4, 8)
     assert small.running.server is not None and limit == 20512
     # the longest text the server accepts fits, even at 4 bytes a character
-    r = small.stub.Score(pb.ScoreRequest(model="tiny-char", text="\U0001F600" * 1000))
+    r = small.stub.Score(pb.ScoreRequest(model="tiny-char", text="\U0001f600" * 1000))
     assert r.num_chars == 1000 and r.unknown_chars == 1000
     # 100,000 characters compress to about 200 bytes on the wire and are refused unpacked
-    code, details = code_of(small.stub.Score, pb.ScoreRequest(model="tiny-char", text="a" * 100_000),
-                            compression=grpc.Compression.Gzip)
+    code, details = code_of(
+        small.stub.Score,
+        pb.ScoreRequest(model="tiny-char", text="a" * 100_000),
+        compression=grpc.Compression.Gzip,
+    )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details
 
 
@@ -161,7 +206,11 @@ def test_inflight_bytes_budget():
     b = budget.hold(40)
     assert budget.used == 100
     over = budget.hold(1)
-    assert isinstance(over, OverBudget) and "holding 100 bytes" in over.message() and "limit is 100" in over.message()
+    assert (
+        isinstance(over, OverBudget)
+        and "holding 100 bytes" in over.message()
+        and "limit is 100" in over.message()
+    )
     del a  # a call lets go of its request: its bytes come back
     assert budget.used == 40
     del b
@@ -185,11 +234,15 @@ def _raw_glimpse(model: str, padding: int) -> bytes:
 def test_bytes_of_requests_in_flight_are_bounded(models_dir):
     limits = Limits(max_text=1000, max_stop_chars=8)
     need = request_bytes_needed(1000, 4, 8)  # 20,512: the smallest budget allowed
-    s = ServerThread(models_dir, limits, server_limits=ServerLimits(max_inflight_bytes=need + 10_000))
+    s = ServerThread(
+        models_dir, limits, server_limits=ServerLimits(max_inflight_bytes=need + 10_000)
+    )
     try:
-        stream = s.channel.stream_stream("/nlstm.v1.Inference/ClassifyGlimpses",
-                                         request_serializer=lambda b: b,
-                                         response_deserializer=pb.GlimpseResponse.FromString)
+        stream = s.channel.stream_stream(
+            "/nlstm.v1.Inference/ClassifyGlimpses",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GlimpseResponse.FromString,
+        )
         go_on = [threading.Event(), threading.Event()]
 
         def messages(i):
@@ -198,11 +251,16 @@ def test_bytes_of_requests_in_flight_are_bounded(models_dir):
 
         calls = [stream(messages(i)) for i in range(2)]
         assert [next(c).step for c in calls] == [1, 1]
-        text = "\U0001F600" * 1000  # 4,000 bytes: more than the 30,512 - 2 x 14,2xx left
+        text = "\U0001f600" * 1000  # 4,000 bytes: more than the 30,512 - 2 x 14,2xx left
         code, details = code_of(s.stub.Score, pb.ScoreRequest(model="tiny-char", text=text))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "bytes of requests in flight" in details and f"limit is {need + 10_000} bytes" in details
-        assert s.metric("nlstm_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"}) == 1
+        assert (
+            "bytes of requests in flight" in details
+            and f"limit is {need + 10_000} bytes" in details
+        )
+        assert (
+            s.metric("nlstm_requests_total", {"method": "Score", "code": "RESOURCE_EXHAUSTED"}) == 1
+        )
         for event, call in zip(go_on, calls, strict=True):
             event.set()
             assert list(call) == []
@@ -214,8 +272,11 @@ def test_bytes_of_requests_in_flight_are_bounded(models_dir):
 
 
 def test_calls_beyond_the_concurrent_call_limit_are_refused_unread(models_dir):
-    s = ServerThread(models_dir, Limits(stream_interval=0.0, max_messages_per_s=0.0),
-                     server_limits=ServerLimits(max_concurrent_calls=2))
+    s = ServerThread(
+        models_dir,
+        Limits(stream_interval=0.0, max_messages_per_s=0.0),
+        server_limits=ServerLimits(max_concurrent_calls=2),
+    )
     try:
         hold = threading.Event()
 
@@ -250,7 +311,11 @@ def test_metrics_endpoint_binds_its_host_and_idle_connections_cost_no_thread(mon
     from serving import metrics_http
     from serving.metrics_http import MetricsServer, listen_host
 
-    assert listen_host("[::]") is None and listen_host("[::1]") == "::1" and listen_host("localhost") == "localhost"
+    assert (
+        listen_host("[::]") is None
+        and listen_host("[::1]") == "::1"
+        and listen_host("localhost") == "localhost"
+    )
     monkeypatch.setattr(metrics_http, "REQUEST_TIMEOUT", 0.5)
     registry = CollectorRegistry()
     Counter("nlstm_test", "a test counter", registry=registry).inc(3)
@@ -298,16 +363,28 @@ async def closed(reader, timeout=3.0) -> bool:
 # --------------------------------------------------- 5, 6. honest gauges and counts for glimpses
 def test_active_sequences_fall_back_to_zero_after_glimpse_streams(small):
     for _ in range(5):
-        answers = list(small.stub.ClassifyGlimpses(iter(
-            [pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=GLIMPSE) for i in range(2)])))
+        answers = list(
+            small.stub.ClassifyGlimpses(
+                iter(
+                    [
+                        pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=GLIMPSE)
+                        for i in range(2)
+                    ]
+                )
+            )
+        )
         assert len(answers) == 2
     # the stream's end wakes the scheduler, which drops it: nothing else runs on this model
-    assert wait_for(lambda: small.metric("nlstm_active_sequences", {"model": "tiny-mnist"}) == 0, 2.0)
+    assert wait_for(
+        lambda: small.metric("nlstm_active_sequences", {"model": "tiny-mnist"}) == 0, 2.0
+    )
 
 
 def test_cancelled_and_killed_glimpse_streams_count_as_cancelled(small, tmp_path):
     def count(code):
-        return small.metric("nlstm_requests_total", {"method": "ClassifyGlimpses", "code": code}) or 0
+        return (
+            small.metric("nlstm_requests_total", {"method": "ClassifyGlimpses", "code": code}) or 0
+        )
 
     ok, cancelled = count("OK"), count("CANCELLED")
     hold = threading.Event()
@@ -333,19 +410,29 @@ def test_cancelled_and_killed_glimpse_streams_count_as_cancelled(small, tmp_path
         "call = stub.ClassifyGlimpses(reqs())\n"
         "next(call)\n"
         "print('ready', flush=True)\n"
-        "threading.Event().wait()\n")
+        "threading.Event().wait()\n"
+    )
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, str(script), small.target], stdout=subprocess.PIPE, text=True,
-                                cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(
+            [sys.executable, str(script), small.target],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         try:
             assert proc.stdout.readline().strip() == "ready"
         finally:
             proc.kill()
             proc.wait()
     hold.set()
-    assert wait_for(lambda: count("CANCELLED") == cancelled + 5, 15.0), (count("CANCELLED") - cancelled, count("OK") - ok)
+    assert wait_for(lambda: count("CANCELLED") == cancelled + 5, 15.0), (
+        count("CANCELLED") - cancelled,
+        count("OK") - ok,
+    )
     assert count("OK") == ok
-    assert wait_for(lambda: small.metric("nlstm_active_sequences", {"model": "tiny-mnist"}) == 0, 2.0)
+    assert wait_for(
+        lambda: small.metric("nlstm_active_sequences", {"model": "tiny-mnist"}) == 0, 2.0
+    )
 
 
 # --------------------------------------------------------------------- 8. per-client rate, units
@@ -381,11 +468,31 @@ def _free_port() -> int:
 def test_serve_binds_metrics_to_metrics_host(models_dir):
     """`nlstm serve --host localhost`: the metrics endpoint follows --host (127.0.0.1 and ::1),
     and --metrics-host 127.0.0.1 puts it there alone."""
-    for extra, expect in (([], {"127.0.0.1", "[::1]"}), (["--metrics-host", "127.0.0.1"], {"127.0.0.1"})):
+    for extra, expect in (
+        ([], {"127.0.0.1", "[::1]"}),
+        (["--metrics-host", "127.0.0.1"], {"127.0.0.1"}),
+    ):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve", "--models", str(models_dir), "--port", "0", "--host",
-             "localhost", "--metrics-port", "0", *extra], stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=Path(__file__).resolve().parents[1])
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "serve",
+                "--models",
+                str(models_dir),
+                "--port",
+                "0",
+                "--host",
+                "localhost",
+                "--metrics-port",
+                "0",
+                *extra,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=Path(__file__).resolve().parents[1],
+        )
         try:
             hosts, deadline = set(), time.time() + 60
             while time.time() < deadline:

@@ -42,7 +42,13 @@ def _gates(m, n, h_prev, h_td, z_prev, bottom, z_below):
         s = s + z_prev * (h_td @ getattr(m, f"weight_td_l{n}").t())
     s = s + z_below * (bottom @ getattr(m, f"weight_ih_l{n}").t()) + getattr(m, f"bias_l{n}")
     sg = torch.sigmoid
-    return sg(s[:, :H]), sg(s[:, H : 2 * H]), torch.tanh(s[:, 2 * H : 3 * H]), sg(s[:, 3 * H : 4 * H]), s
+    return (
+        sg(s[:, :H]),
+        sg(s[:, H : 2 * H]),
+        torch.tanh(s[:, 2 * H : 3 * H]),
+        sg(s[:, 3 * H : 4 * H]),
+        s,
+    )
 
 
 @torch.no_grad()
@@ -99,7 +105,9 @@ def test_slope_schedule_and_trainer_hook():
     assert slope_schedule(0) == 1.0
     assert slope_schedule(25) == pytest.approx(2.0)
     assert slope_schedule(100) == 5.0 and slope_schedule(300) == 5.0
-    model = build_model(ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=3, vocab_size=5))
+    model = build_model(
+        ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=3, vocab_size=5)
+    )
     model.set_epoch(50)
     assert model.core.slope == pytest.approx(3.0)
 
@@ -119,11 +127,24 @@ def test_trainer_anneals_the_slope_each_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "build_model", keep)
     slopes = []
-    config = TrainConfig(task="ptb", model={"core": "hmlstm", "hidden_size": 4, "num_layers": 2},
-                         batch_size=4, seq_len=20, epochs=3, checkpoint_every=0, seed=0)
+    config = TrainConfig(
+        task="ptb",
+        model={"core": "hmlstm", "hidden_size": 4, "num_layers": 2},
+        batch_size=4,
+        seq_len=20,
+        epochs=3,
+        checkpoint_every=0,
+        seed=0,
+    )
     prepared = stream_prepared(tmp_path / "data", n_train=400, n_eval=100)
-    trainer.train(config, tmp_path / "run", prepared=prepared, log=lambda *_: None, progress=False,
-                  on_step=lambda step: slopes.append(built[0].core.slope))
+    trainer.train(
+        config,
+        tmp_path / "run",
+        prepared=prepared,
+        log=lambda *_: None,
+        progress=False,
+        on_step=lambda step: slopes.append(built[0].core.slope),
+    )
     assert len(built) == 1
     per_epoch = len(slopes) // 3
     assert per_epoch >= 2 and len(slopes) == 3 * per_epoch
@@ -149,7 +170,9 @@ def test_skipping_whole_batch_copies_changes_nothing_and_counts_ops():
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="char", core="hmlstm", hidden_size=6, num_layers=3, vocab_size=9))
+    model = build_model(
+        ModelConfig(kind="char", core="hmlstm", hidden_size=6, num_layers=3, vocab_size=9)
+    )
     with torch.no_grad():  # boundaries that fire sometimes, so every path is exercised
         for n in range(2):
             getattr(model.core, f"bias_l{n}")[4 * 6] = 0.05
@@ -176,11 +199,17 @@ def test_layer_norm_comes_before_the_gates_so_a_gate_of_zero_removes_its_term():
     ln = m.norms[0]
     # reference, by hand: recurrent and bottom-up normalised, top-down gated off entirely
     s = ln[0](state[0][0] @ m.weight_hh_l0.t()) + ln[2](x @ m.weight_ih_l0.t()) + m.bias_l0
-    i, f, gg, o = (torch.sigmoid(s[:, :H]), torch.sigmoid(s[:, H:2 * H]), torch.tanh(s[:, 2 * H:3 * H]),
-                   torch.sigmoid(s[:, 3 * H:4 * H]))
+    i, f, gg, o = (
+        torch.sigmoid(s[:, :H]),
+        torch.sigmoid(s[:, H : 2 * H]),
+        torch.tanh(s[:, 2 * H : 3 * H]),
+        torch.sigmoid(s[:, 3 * H : 4 * H]),
+    )
     _, new, _ = m.step(x, state)
     torch.testing.assert_close(new[0][1], f * state[0][1] + i * gg, rtol=0, atol=1e-12)
-    torch.testing.assert_close(new[0][0], o * torch.tanh(f * state[0][1] + i * gg), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        new[0][0], o * torch.tanh(f * state[0][1] + i * gg), rtol=0, atol=1e-12
+    )
     # and so the layer above's h cannot reach layer 0 while the gate is 0, whatever the norm's bias
     other = (state[0], (r() * 10, state[1][1], zeros), state[2])
     ln[1].bias.add_(3.0)
@@ -189,12 +218,27 @@ def test_layer_norm_comes_before_the_gates_so_a_gate_of_zero_removes_its_term():
 
 
 def test_layer_norm_option_and_registry():
-    cfg = ModelConfig(kind="char", core="hmlstm", hidden_size=5, num_layers=3, vocab_size=7,
-                      embedding_size=11, layer_norm=True)
+    cfg = ModelConfig(
+        kind="char",
+        core="hmlstm",
+        hidden_size=5,
+        num_layers=3,
+        vocab_size=7,
+        embedding_size=11,
+        layer_norm=True,
+    )
     model = build_model(cfg)
     assert isinstance(model.head, HMOutputModule) and model.head.embed.out_features == 11
-    assert state_slots(cfg) == ["layer0.h", "layer0.c", "layer0.z", "layer1.h", "layer1.c",
-                                "layer1.z", "layer2.h", "layer2.c"]
+    assert state_slots(cfg) == [
+        "layer0.h",
+        "layer0.c",
+        "layer0.z",
+        "layer1.h",
+        "layer1.c",
+        "layer1.z",
+        "layer2.h",
+        "layer2.c",
+    ]
     tokens = torch.randint(0, 7, (6, 2))
     logits, state = model(tokens)
     assert logits.shape == (6, 2, 7)

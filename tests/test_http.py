@@ -42,8 +42,17 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=500, max_text=2000, max_sessions=16, stream_interval=0.0,
-                                        max_messages_per_s=0.0), http_port=0)
+    s = ServerThread(
+        models_dir,
+        Limits(
+            max_chars=500,
+            max_text=2000,
+            max_sessions=16,
+            stream_interval=0.0,
+            max_messages_per_s=0.0,
+        ),
+        http_port=0,
+    )
     yield s
     s.close()
 
@@ -119,7 +128,12 @@ def test_health_metadata_and_the_page(api):
     status, models = api.call("GET", "/v2/models")
     assert [m["name"] for m in models["models"]] == [CHAR_MODEL, GLIMPSE_MODEL]
     status, m = api.call("GET", f"/v2/models/{CHAR_MODEL}")
-    assert status == 200 and m["kind"] == "nlstm" and m["vocab_size"] > 0 and m["metrics"] == {"valid_bpc": 3.0}
+    assert (
+        status == 200
+        and m["kind"] == "nlstm"
+        and m["vocab_size"] > 0
+        and m["metrics"] == {"valid_bpc": 3.0}
+    )
     assert api.call("GET", f"/v2/models/{GLIMPSE_MODEL}/ready") == (200, {"ready": True})
     status, body = api.call("GET", "/v2/models/nope")
     assert status == 404 and "no model 'nope'" in body["error"] and CHAR_MODEL in body["error"]
@@ -132,29 +146,57 @@ def test_health_metadata_and_the_page(api):
 
 
 def test_generate_matches_grpc_and_streams_as_events(server, api):
-    body = {"text_input": "the ", "parameters": {"max_tokens": 400, "seed": 5, "temperature": 0.9, "top_k": 8,
-                                                  "top_p": 0.9, "logprobs": True}}
+    body = {
+        "text_input": "the ",
+        "parameters": {
+            "max_tokens": 400,
+            "seed": 5,
+            "temperature": 0.9,
+            "top_k": 8,
+            "top_p": 0.9,
+            "logprobs": True,
+        },
+    }
     status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/generate", body)
     assert status == 200
-    text, position = grpc_text(server, model=CHAR_MODEL, prompt="the ", max_chars=400, seed=5, temperature=0.9,
-                               top_k=8, top_p=0.9)
+    text, position = grpc_text(
+        server,
+        model=CHAR_MODEL,
+        prompt="the ",
+        max_chars=400,
+        seed=5,
+        temperature=0.9,
+        top_k=8,
+        top_p=0.9,
+    )
     assert (r["text_output"], r["position"], r["finish_reason"]) == (text, position, "length")
     assert r["model_name"] == CHAR_MODEL and len(r["bits"]) == 400 and all(b > 0 for b in r["bits"])
     events = api.events(f"/v2/models/{CHAR_MODEL}/generate_stream", body)
-    assert len(events) > 1  # a message per character at stream_interval 0 (some join when the reader lags)
+    assert (
+        len(events) > 1
+    )  # a message per character at stream_interval 0 (some join when the reader lags)
     assert "".join(e["text_output"] for e in events) == text
     assert events[-1]["finish_reason"] == "length" and events[-1]["position"] == position
     assert all("finish_reason" not in e for e in events[:-1])
     assert sum(len(e["bits"]) for e in events) == 400
     # stop strings; max_tokens defaults to 100
-    status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/generate",
-                         {"text_input": "the", "parameters": {"seed": 1, "stop": ["t"]}})
+    status, r = api.call(
+        "POST",
+        f"/v2/models/{CHAR_MODEL}/generate",
+        {"text_input": "the", "parameters": {"seed": 1, "stop": ["t"]}},
+    )
     assert status == 200 and r["finish_reason"] in ("stop", "length")
-    assert r["text_output"].endswith("t") if r["finish_reason"] == "stop" else len(r["text_output"]) == 100
+    assert (
+        r["text_output"].endswith("t")
+        if r["finish_reason"] == "stop"
+        else len(r["text_output"]) == 100
+    )
 
 
 def test_score_matches_grpc(server, api):
-    status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the cat sat", "per_char": True})
+    status, r = api.call(
+        "POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the cat sat", "per_char": True}
+    )
     g = server.stub.Score(pb.ScoreRequest(model=CHAR_MODEL, text="the cat sat", per_char=True))
     assert status == 200
     assert r["bits_per_char"] == g.bits_per_char and r["num_chars"] == 11 and r["position"] == 11
@@ -165,9 +207,13 @@ def test_classify_image_glimpses_and_stream(server, api):
     rng = np.random.default_rng(0)
     image = rng.random((28, 28)).astype(np.float32)
     glimpses = image_to_glimpses(image)
-    status, by_image = api.call("POST", f"/v2/models/{GLIMPSE_MODEL}/classify", {"image": image.tolist()})
+    status, by_image = api.call(
+        "POST", f"/v2/models/{GLIMPSE_MODEL}/classify", {"image": image.tolist()}
+    )
     assert status == 200 and len(by_image["steps"]) == 20
-    status, by_glimpses = api.call("POST", f"/v2/models/{GLIMPSE_MODEL}/classify", {"glimpses": glimpses.tolist()})
+    status, by_glimpses = api.call(
+        "POST", f"/v2/models/{GLIMPSE_MODEL}/classify", {"glimpses": glimpses.tolist()}
+    )
     assert by_image == by_glimpses
 
     def requests():
@@ -175,18 +221,26 @@ def test_classify_image_glimpses_and_stream(server, api):
             yield pb.GlimpseRequest(model=GLIMPSE_MODEL if i == 0 else "", pixels=g.tolist())
 
     answers = list(server.stub.ClassifyGlimpses(requests()))
-    assert [s["probabilities"] for s in by_image["steps"]] == [list(a.probabilities) for a in answers]
+    assert [s["probabilities"] for s in by_image["steps"]] == [
+        list(a.probabilities) for a in answers
+    ]
     assert by_image["predicted_class"] == answers[-1].predicted_class
-    events = api.events(f"/v2/models/{GLIMPSE_MODEL}/classify_stream", {"glimpses": glimpses[:3].tolist()})
+    events = api.events(
+        f"/v2/models/{GLIMPSE_MODEL}/classify_stream", {"glimpses": glimpses[:3].tolist()}
+    )
     assert [e["step"] for e in events] == [1, 2, 3]
-    assert [e["probabilities"] for e in events] == [s["probabilities"] for s in by_image["steps"][:3]]
+    assert [e["probabilities"] for e in events] == [
+        s["probabilities"] for s in by_image["steps"][:3]
+    ]
 
 
 def test_sessions_create_get_snapshot_restore_fork_close(api):
     status, s = api.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")
     assert status == 200 and s["model"] == CHAR_MODEL and s["position"] == 0 and not s["in_use"]
     sid = s["session_id"]
-    status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the cat", "session_id": sid})
+    status, r = api.call(
+        "POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the cat", "session_id": sid}
+    )
     assert r["position"] == 7
     assert api.call("GET", f"/v2/sessions/{sid}")[1]["position"] == 7
     status, snap = api.call("POST", f"/v2/sessions/{sid}/snapshot")
@@ -198,8 +252,11 @@ def test_sessions_create_get_snapshot_restore_fork_close(api):
     assert len(set(ids)) == 3 and restored["position"] == forked["position"] == 7
     texts = set()
     for x in ids:  # each continues exactly as the original would
-        status, r = api.call("POST", f"/v2/models/{CHAR_MODEL}/generate",
-                             {"text_input": " on", "parameters": {"max_tokens": 20, "seed": 3, "session_id": x}})
+        status, r = api.call(
+            "POST",
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": " on", "parameters": {"max_tokens": 20, "seed": 3, "session_id": x}},
+        )
         assert r["position"] == 7 + 3 + 20
         texts.add(r["text_output"])
     assert len(texts) == 1
@@ -210,32 +267,97 @@ def test_sessions_create_get_snapshot_restore_fork_close(api):
 
 
 # ------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("path, body, raw, status, words", [
-    (f"/v2/models/{CHAR_MODEL}/generate", {"text_input": "a", "parameters": {"max_tokens": 0}}, None, 400,
-     "max_tokens must be in [1, 500], got 0"),
-    (f"/v2/models/{CHAR_MODEL}/generate", {"text_input": "a", "parameters": {"max_tokens": "x"}}, None, 400,
-     "max_tokens"),
-    (f"/v2/models/{CHAR_MODEL}/generate", {"text_input": "a", "parameters": {"temprature": 1}}, None, 400,
-     "unknown field(s) 'temprature'; allowed: logprobs, max_tokens"),
-    (f"/v2/models/{CHAR_MODEL}/generate", {"text_input": "a", "parameters": {"stop": "x"}}, None, 400,
-     "parameters.stop must be a list"),
-    (f"/v2/models/{CHAR_MODEL}/generate", {"text_input": "a", "parameters": {"top_p": 2}}, None, 400, "top_p"),
-    (f"/v2/models/{CHAR_MODEL}/generate", None, b"{not json", 400, "not valid JSON"),
-    (f"/v2/models/{CHAR_MODEL}/generate", None, b"[1, 2]", 400, "must be a JSON object, got list"),
-    (f"/v2/models/{CHAR_MODEL}/score", {"text": ""}, None, 400, "text must not be empty"),
-    (f"/v2/models/{CHAR_MODEL}/score", {"text": "a" * 2001}, None, 429, "at most 2000"),
-    (f"/v2/models/{GLIMPSE_MODEL}/classify", {"glimpses": [[0.5] * 48]}, None, 400, "got 48 values"),
-    (f"/v2/models/{GLIMPSE_MODEL}/classify", {"image": [[2.0] * 28] * 28}, None, 400, "scaled to [0, 1]"),
-    (f"/v2/models/{GLIMPSE_MODEL}/classify", {"image": [[0.0] * 28] * 27}, None, 400, "shape (28, 28)"),
-    (f"/v2/models/{GLIMPSE_MODEL}/classify", {}, None, 400, 'either "glimpses"'),
-    (f"/v2/models/{CHAR_MODEL}/classify", {"glimpses": [[0.5] * 49]}, None, 412, "runs on glimpse classifiers"),
-    ("/v2/models/nope/score", {"text": "a"}, None, 404, "nope"),
-    ("/v2/sessions/restore", {"data": "%%%"}, None, 400, "not valid base64"),
-    ("/v2/sessions/restore", {"data": base64.b64encode(b"junk").decode()}, None, 400, "snapshot"),
-    ("/v2/sessions/nosuchsession/fork", {}, None, 404, "no session 'nosuchsession'"),
-    ("/v2/nothing", {}, None, 404, "no route POST /v2/nothing"),
-    ("/v2", {}, None, 405, "POST is not allowed on /v2"),
-])
+@pytest.mark.parametrize(
+    "path, body, raw, status, words",
+    [
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": "a", "parameters": {"max_tokens": 0}},
+            None,
+            400,
+            "max_tokens must be in [1, 500], got 0",
+        ),
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": "a", "parameters": {"max_tokens": "x"}},
+            None,
+            400,
+            "max_tokens",
+        ),
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": "a", "parameters": {"temprature": 1}},
+            None,
+            400,
+            "unknown field(s) 'temprature'; allowed: logprobs, max_tokens",
+        ),
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": "a", "parameters": {"stop": "x"}},
+            None,
+            400,
+            "parameters.stop must be a list",
+        ),
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            {"text_input": "a", "parameters": {"top_p": 2}},
+            None,
+            400,
+            "top_p",
+        ),
+        (f"/v2/models/{CHAR_MODEL}/generate", None, b"{not json", 400, "not valid JSON"),
+        (
+            f"/v2/models/{CHAR_MODEL}/generate",
+            None,
+            b"[1, 2]",
+            400,
+            "must be a JSON object, got list",
+        ),
+        (f"/v2/models/{CHAR_MODEL}/score", {"text": ""}, None, 400, "text must not be empty"),
+        (f"/v2/models/{CHAR_MODEL}/score", {"text": "a" * 2001}, None, 429, "at most 2000"),
+        (
+            f"/v2/models/{GLIMPSE_MODEL}/classify",
+            {"glimpses": [[0.5] * 48]},
+            None,
+            400,
+            "got 48 values",
+        ),
+        (
+            f"/v2/models/{GLIMPSE_MODEL}/classify",
+            {"image": [[2.0] * 28] * 28},
+            None,
+            400,
+            "scaled to [0, 1]",
+        ),
+        (
+            f"/v2/models/{GLIMPSE_MODEL}/classify",
+            {"image": [[0.0] * 28] * 27},
+            None,
+            400,
+            "shape (28, 28)",
+        ),
+        (f"/v2/models/{GLIMPSE_MODEL}/classify", {}, None, 400, 'either "glimpses"'),
+        (
+            f"/v2/models/{CHAR_MODEL}/classify",
+            {"glimpses": [[0.5] * 49]},
+            None,
+            412,
+            "runs on glimpse classifiers",
+        ),
+        ("/v2/models/nope/score", {"text": "a"}, None, 404, "nope"),
+        ("/v2/sessions/restore", {"data": "%%%"}, None, 400, "not valid base64"),
+        (
+            "/v2/sessions/restore",
+            {"data": base64.b64encode(b"junk").decode()},
+            None,
+            400,
+            "snapshot",
+        ),
+        ("/v2/sessions/nosuchsession/fork", {}, None, 404, "no session 'nosuchsession'"),
+        ("/v2/nothing", {}, None, 404, "no route POST /v2/nothing"),
+        ("/v2", {}, None, 405, "POST is not allowed on /v2"),
+    ],
+)
 def test_errors_say_what_was_wrong(api, path, body, raw, status, words):
     got, r = api.call("POST", path, body, raw)
     assert got == status and words in r["error"], r
@@ -248,17 +370,28 @@ def test_body_over_the_receive_limit_is_413(api, server):
 
 
 def test_busy_session_is_409_and_a_client_that_goes_away_cancels_its_call(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=200_000, stream_interval=0.0, max_messages_per_s=0.0), http_port=0)
+    s = ServerThread(
+        models_dir,
+        Limits(max_chars=200_000, stream_interval=0.0, max_messages_per_s=0.0),
+        http_port=0,
+    )
     try:
         api = Http(s.running.http_port)
         sid = api.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")[1]["session_id"]
         c = api.conn()
-        c.request("POST", f"/v2/models/{CHAR_MODEL}/generate_stream",
-                  json.dumps({"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}}),
-                  api.headers())
+        c.request(
+            "POST",
+            f"/v2/models/{CHAR_MODEL}/generate_stream",
+            json.dumps(
+                {"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}}
+            ),
+            api.headers(),
+        )
         r = c.getresponse()
         assert r.status == 200 and r.readline().startswith(b"data: ")
-        status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "a", "session_id": sid})
+        status, body = api.call(
+            "POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "a", "session_id": sid}
+        )
         assert status == 409 and "in use by another call" in body["error"]
         c.close()  # goes away: the server stops generating and releases the session
         deadline = time.monotonic() + 20
@@ -277,7 +410,9 @@ def test_snapshot_of_a_model_this_server_lacks_is_412(models_dir, api, tmp_path)
     (tmp_path / GLIMPSE_MODEL).symlink_to(models_dir / GLIMPSE_MODEL, target_is_directory=True)
     other = ServerThread(tmp_path, Limits(), http_port=0)
     try:
-        status, r = Http(other.running.http_port).call("POST", "/v2/sessions/restore", {"data": data})
+        status, r = Http(other.running.http_port).call(
+            "POST", "/v2/sessions/restore", {"data": data}
+        )
         assert status == 412 and CHAR_MODEL in r["error"]
     finally:
         other.close()
@@ -285,21 +420,33 @@ def test_snapshot_of_a_model_this_server_lacks_is_412(models_dir, api, tmp_path)
 
 def test_http_calls_count_in_the_call_metrics(server, api):
     requests = server.running.metrics.requests
-    before = requests.labels("Score", "OK")._value.get(), requests.labels("Score", "INVALID_ARGUMENT")._value.get()
+    before = (
+        requests.labels("Score", "OK")._value.get(),
+        requests.labels("Score", "INVALID_ARGUMENT")._value.get(),
+    )
     api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
     api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": ""})
-    after = requests.labels("Score", "OK")._value.get(), requests.labels("Score", "INVALID_ARGUMENT")._value.get()
+    after = (
+        requests.labels("Score", "OK")._value.get(),
+        requests.labels("Score", "INVALID_ARGUMENT")._value.get(),
+    )
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
 
 
 # ------------------------------------------------------------------------------ keys, quotas
 def test_api_keys_and_session_ownership(models_dir):
-    s = ServerThread(models_dir, Limits(max_sessions_per_client=2), api_keys=ApiKeys([KEY_A, KEY_B]), http_port=0)
+    s = ServerThread(
+        models_dir, Limits(max_sessions_per_client=2), api_keys=ApiKeys([KEY_A, KEY_B]), http_port=0
+    )
     try:
         port = s.running.http_port
         anonymous, a, b = Http(port), Http(port, KEY_A), Http(port, KEY_B)
         status, r = anonymous.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
-        assert status == 401 and r["error"] == "this server needs an API key: send the header 'authorization: Bearer KEY'"
+        assert (
+            status == 401
+            and r["error"]
+            == "this server needs an API key: send the header 'authorization: Bearer KEY'"
+        )
         status, r = Http(port, "x" * 24).call("GET", "/v2/models")
         assert status == 401 and "not valid" in r["error"]
         assert anonymous.call("GET", "/v2/health/ready")[0] == 200  # health needs no key
@@ -324,7 +471,9 @@ def test_api_keys_and_session_ownership(models_dir):
 
 
 def test_rate_limit_is_one_bucket_across_grpc_and_http(models_dir):
-    s = ServerThread(models_dir, Limits(), server_limits=ServerLimits(max_client_requests_per_s=0.5), http_port=0)
+    s = ServerThread(
+        models_dir, Limits(), server_limits=ServerLimits(max_client_requests_per_s=0.5), http_port=0
+    )
     try:
         api = Http(s.running.http_port, host="127.0.0.1")
         with grpc.insecure_channel(f"127.0.0.1:{s.running.port}") as channel:
@@ -332,19 +481,30 @@ def test_rate_limit_is_one_bucket_across_grpc_and_http(models_dir):
 
             pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest())  # the burst is 1 call
         status, r = api.call("GET", "/v2/models")
-        assert status == 429 and "more than 0.5 calls per second" in r["error"] and "retry in" in r["error"]
+        assert (
+            status == 429
+            and "more than 0.5 calls per second" in r["error"]
+            and "retry in" in r["error"]
+        )
     finally:
         s.close()
 
 
 # ------------------------------------------------------------------------------ drain
 def test_ready_turns_503_during_a_drain_and_new_calls_are_refused(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
-                     http_port=0)
+    s = ServerThread(
+        models_dir,
+        Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
+        http_port=0,
+    )
     api = Http(s.running.http_port)
     c = api.conn()
-    c.request("POST", f"/v2/models/{CHAR_MODEL}/generate_stream",
-              json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}), api.headers())
+    c.request(
+        "POST",
+        f"/v2/models/{CHAR_MODEL}/generate_stream",
+        json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
+        api.headers(),
+    )
     r = c.getresponse()
     assert r.readline().startswith(b"data: ")
     draining = asyncio.run_coroutine_threadsafe(shutdown(s.running, 3.0), s.loop)
@@ -371,19 +531,43 @@ def test_serve_http_port_environment_in_a_real_process(models_dir):
     assert build_parser().parse_args(["serve"]).http_port is None  # off unless set
     env = dict(os.environ, PYTHONUNBUFFERED="1", NLSTM_HTTP_PORT="0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--models", str(models_dir), "--port", "0",
-         "--metrics-port", "-1", "--host", "localhost"], stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--host",
+            "localhost",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         port, lines, deadline = None, [], time.time() + 60
         while port is None and time.time() < deadline:
             lines.append(proc.stderr.readline())
-            if m := re.search(r"HTTP/JSON and the playground on http://localhost:(\d+)/", lines[-1]):
+            if m := re.search(
+                r"HTTP/JSON and the playground on http://localhost:(\d+)/", lines[-1]
+            ):
                 port = int(m.group(1))
         assert port, "".join(lines)
         api = Http(port)
         assert api.call("GET", "/v2/health/ready") == (200, {"ready": True})
-        assert api.call("POST", f"/v2/models/{CHAR_MODEL}/generate",
-                        {"text_input": "the", "parameters": {"max_tokens": 5}})[1]["position"] == 8
+        assert (
+            api.call(
+                "POST",
+                f"/v2/models/{CHAR_MODEL}/generate",
+                {"text_input": "the", "parameters": {"max_tokens": 5}},
+            )[1]["position"]
+            == 8
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -392,13 +576,21 @@ def test_serve_http_port_environment_in_a_real_process(models_dir):
 
 
 def test_concurrent_call_limit(models_dir):
-    s = ServerThread(models_dir, Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
-                     server_limits=ServerLimits(max_concurrent_calls=1), http_port=0)
+    s = ServerThread(
+        models_dir,
+        Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
+        server_limits=ServerLimits(max_concurrent_calls=1),
+        http_port=0,
+    )
     try:
         api = Http(s.running.http_port)
         c = api.conn()
-        c.request("POST", f"/v2/models/{CHAR_MODEL}/generate_stream",
-                  json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}), api.headers())
+        c.request(
+            "POST",
+            f"/v2/models/{CHAR_MODEL}/generate_stream",
+            json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
+            api.headers(),
+        )
         r = c.getresponse()
         assert r.readline().startswith(b"data: ")
         status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
@@ -419,11 +611,27 @@ def test_https_with_the_grpc_certificate(models_dir, tmp_path):
     from training.cli import _http_ssl, build_parser
 
     certs = make_certs(tmp_path)
-    args = build_parser().parse_args(["serve", "--http-port", "0", "--tls-cert", str(certs.server_cert),
-                                      "--tls-key", str(certs.server_key)])
-    assert isinstance(_http_ssl(args), ssl.SSLContext)  # the flags give the HTTP port the same certificate
-    s = ServerThread(models_dir, Limits(), tls=server_credentials(certs.server_cert, certs.server_key),
-                     http_port=0, http_ssl=ssl_context(certs.server_cert, certs.server_key))
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--http-port",
+            "0",
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+        ]
+    )
+    assert isinstance(
+        _http_ssl(args), ssl.SSLContext
+    )  # the flags give the HTTP port the same certificate
+    s = ServerThread(
+        models_dir,
+        Limits(),
+        tls=server_credentials(certs.server_cert, certs.server_key),
+        http_port=0,
+        http_ssl=ssl_context(certs.server_cert, certs.server_key),
+    )
     try:
         trust = ssl.create_default_context(cafile=str(certs.ca))
         c = http.client.HTTPSConnection("localhost", s.running.http_port, context=trust, timeout=30)

@@ -44,7 +44,10 @@ def test_lstm_fused_equals_reference_and_nn_lstm(layers):
             getattr(ref, f"bias_ih_l{n}").copy_(b)
             getattr(ref, f"bias_hh_l{n}").zero_()
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
-    state = tuple((torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)) for _ in range(layers))
+    state = tuple(
+        (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
+        for _ in range(layers)
+    )
 
     def run(fused):
         lstm.fused = fused
@@ -119,7 +122,14 @@ def test_task_models_share_one_interface(config):
 
 def test_state_slot_names():
     nl = ModelConfig(kind="char", core="nlstm", hidden_size=4, depth=2, num_layers=2, vocab_size=5)
-    assert state_slots(nl) == ["layer0.h", "layer0.c0", "layer0.c1", "layer1.h", "layer1.c0", "layer1.c1"]
+    assert state_slots(nl) == [
+        "layer0.h",
+        "layer0.c0",
+        "layer0.c1",
+        "layer1.h",
+        "layer1.c0",
+        "layer1.c1",
+    ]
     ls = ModelConfig(kind="glimpse", core="lstm", hidden_size=4, num_layers=2)
     assert state_slots(ls) == ["layer0.h", "layer0.c", "layer1.h", "layer1.c"]
 
@@ -143,18 +153,27 @@ def test_hmlstm_options_on_other_cores_are_refused(core, option):
     name = next(iter(option))
     with pytest.raises(ValueError, match=rf"{name} is an hmlstm option.*core '{core}' takes none"):
         ModelConfig(kind="char", core=core, hidden_size=4, vocab_size=5, **option)
-    ModelConfig(kind="char", core=core, hidden_size=4, vocab_size=5, embedding_size=0,
-                layer_norm=False)  # the defaults are fine
+    ModelConfig(
+        kind="char", core=core, hidden_size=4, vocab_size=5, embedding_size=0, layer_norm=False
+    )  # the defaults are fine
 
 
 def test_hmlstm_config_needs_two_layers():
     with pytest.raises(ValueError, match="hmlstm model needs num_layers >= 2"):
         ModelConfig(kind="char", core="hmlstm", hidden_size=4, vocab_size=5)  # num_layers=1
     with pytest.raises(ValueError, match="embedding_size must be >= 0"):
-        ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=2, vocab_size=5,
-                    embedding_size=-1)
-    ModelConfig(kind="char", core="hmlstm", hidden_size=4, num_layers=2, vocab_size=5,
-                embedding_size=3, layer_norm=True)
+        ModelConfig(
+            kind="char", core="hmlstm", hidden_size=4, num_layers=2, vocab_size=5, embedding_size=-1
+        )
+    ModelConfig(
+        kind="char",
+        core="hmlstm",
+        hidden_size=4,
+        num_layers=2,
+        vocab_size=5,
+        embedding_size=3,
+        layer_norm=True,
+    )
 
 
 # ---------------------------------------------------------------------- the paper's Params
@@ -165,7 +184,9 @@ def test_every_table_row_rounds_to_the_papers_params_but_one():
     assert mismatched == [("mnist", "LSTM", 3, 75)]
     by_key = {(r.task, r.model, r.n, r.cell_size): r.params for r in rows}
     # counts worked out by hand from 4H(in + H) + 4H per level/layer plus the softmax head
-    assert by_key[("ptb", "NLSTM", 2, 600)] == 2400 * 650 + 2400 + 2400 * 1200 + 2400 + 600 * 50 + 50
+    assert (
+        by_key[("ptb", "NLSTM", 2, 600)] == 2400 * 650 + 2400 + 2400 * 1200 + 2400 + 600 * 50 + 50
+    )
     assert by_key[("ptb", "NLSTM", 2, 600)] == by_key[("ptb", "LSTM", 2, 600)] == 4_474_850
     assert by_key[("mnist", "LSTM", 1, 100)] == 61_010
     assert by_key[("poems", "NLSTM", 2, 32)] == 876_631

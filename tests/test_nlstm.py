@@ -30,7 +30,12 @@ def np_nlstm_step(params, x, h, mems, outer_identity=True):
         W_x, W_h, b = params[k]
         a = W_x @ x_tilde + W_h @ h_tilde + b
         H = a.shape[0] // 4
-        i, f, g, o = sigmoid(a[:H]), sigmoid(a[H : 2 * H]), np.tanh(a[2 * H : 3 * H]), sigmoid(a[3 * H :])
+        i, f, g, o = (
+            sigmoid(a[:H]),
+            sigmoid(a[H : 2 * H]),
+            np.tanh(a[2 * H : 3 * H]),
+            sigmoid(a[3 * H :]),
+        )
         if k == D - 1:  # the innermost memory function is addition (eq. 9 / eq. 12)
             c = f * mem_prev[0] + i * g
             inner = [c]
@@ -57,7 +62,9 @@ def np_nlstm_step(params, x, h, mems, outer_identity=True):
 
 
 def cell_params_np(cell: NestedLSTMCell):
-    return [tuple(p.detach().double().numpy() for p in cell.level_weights(k)) for k in range(cell.depth)]
+    return [
+        tuple(p.detach().double().numpy() for p in cell.level_weights(k)) for k in range(cell.depth)
+    ]
 
 
 def randomize(module: torch.nn.Module, std: float = 0.4, seed: int = 0) -> None:
@@ -84,11 +91,15 @@ def test_cell_matches_numpy_reference(depth, outer):
         with torch.no_grad():
             h, state = cell(torch.from_numpy(xs[t]), state)
         for b in range(B):
-            ref_h[b], ref_m[b] = np_nlstm_step(params, xs[t, b], ref_h[b], ref_m[b], outer == "identity")
+            ref_h[b], ref_m[b] = np_nlstm_step(
+                params, xs[t, b], ref_h[b], ref_m[b], outer == "identity"
+            )
             np.testing.assert_allclose(h[b].numpy(), ref_h[b], rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(state[0][b].numpy(), ref_h[b], rtol=1e-12, atol=1e-12)
             for k in range(depth):
-                np.testing.assert_allclose(state[k + 1][b].numpy(), ref_m[b][k], rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(
+                    state[k + 1][b].numpy(), ref_m[b][k], rtol=1e-12, atol=1e-12
+                )
 
 
 def _scalar_cell(outer_g: float):
@@ -98,10 +109,16 @@ def _scalar_cell(outer_g: float):
     with torch.no_grad():
         for p in cell.parameters():
             p.zero_()
-        cell.weight_ih_l0.copy_(torch.tensor([[0.5], [-0.3], [outer_g], [0.8]], dtype=torch.float64))  # i f g o
+        cell.weight_ih_l0.copy_(
+            torch.tensor([[0.5], [-0.3], [outer_g], [0.8]], dtype=torch.float64)
+        )  # i f g o
         cell.bias_l1.copy_(torch.tensor([0.2, 0.1, 0.4, -0.6], dtype=torch.float64))
-        cell.weight_ih_l1.copy_(torch.tensor([[0.7], [0.0], [0.9], [0.0]], dtype=torch.float64))  # reads u only
-        cell.weight_hh_l1.copy_(torch.tensor([[0.0], [0.6], [-0.5], [0.3]], dtype=torch.float64))  # reads v only
+        cell.weight_ih_l1.copy_(
+            torch.tensor([[0.7], [0.0], [0.9], [0.0]], dtype=torch.float64)
+        )  # reads u only
+        cell.weight_hh_l1.copy_(
+            torch.tensor([[0.0], [0.6], [-0.5], [0.3]], dtype=torch.float64)
+        )  # reads v only
     return cell
 
 
@@ -112,7 +129,12 @@ def _scalar_by_hand(outer_g, c0_prev, c1_prev, mistake=None):
     i0, f0, o0 = s(0.5), s(-0.3), s(0.8)
     u = i0 + g0 if mistake == "add_inner_input" else i0 * g0  # the inner input is a product
     v = f0 * c0_prev  # the inner hidden is f * c(t-1)
-    i1, f1, g1, o1 = s(0.2 + 0.7 * u), s(0.1 + 0.6 * v), math.tanh(0.4 + 0.9 * u - 0.5 * v), s(-0.6 + 0.3 * v)
+    i1, f1, g1, o1 = (
+        s(0.2 + 0.7 * u),
+        s(0.1 + 0.6 * v),
+        math.tanh(0.4 + 0.9 * u - 0.5 * v),
+        s(-0.6 + 0.3 * v),
+    )
     c1 = f1 * c1_prev + i1 * g1
     c0 = o1 * math.tanh(c1)  # outer memory = the inner cell's hidden output
     h = o0 * math.tanh(c0)
@@ -225,7 +247,9 @@ def test_baseline_lstm_and_head_initialisation_follow_the_paper():
             torch.testing.assert_close(block @ block.t(), torch.eye(64), atol=1e-5, rtol=0)
     assert all((getattr(lstm, f"bias_l{n}") == 0).all() for n in range(2))
     # the softmax layer ("the final output gate") is orthogonal too: (V, H) with V < H here
-    model = build_model(ModelConfig(kind="char", core="lstm", hidden_size=64, num_layers=1, vocab_size=20))
+    model = build_model(
+        ModelConfig(kind="char", core="lstm", hidden_size=64, num_layers=1, vocab_size=20)
+    )
     head = model.head.weight.detach()
     torch.testing.assert_close(head @ head.t(), torch.eye(20), atol=1e-5, rtol=0)
 
@@ -249,7 +273,9 @@ def test_fused_sequence_equals_step_by_step(depth, outer):
         out, final = layer(x, state)
         flat = [out] + [t for s in final for t in s]
         # a loss that weighs every output and every final state differently
-        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in flat)
+        loss = sum(
+            (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in flat
+        )
         inputs = [x] + [t for s in state for t in s] + list(layer.parameters())
         return flat, torch.autograd.grad(loss, inputs)
 
@@ -362,7 +388,7 @@ def test_gradients_with_batch_or_time_of_one(B, T):
     def grads(fused):
         layer.fused = fused
         out, ((h, c0, c1, c2),) = layer(x)
-        loss = (out.sum() + ((h + c0 + c1 + c2) * w).sum())
+        loss = out.sum() + ((h + c0 + c1 + c2) * w).sum()
         return torch.autograd.grad(loss, [x, *layer.parameters()])
 
     for a, b in zip(grads(True), grads(False)):
@@ -393,7 +419,9 @@ def test_empty_sequence_and_bad_inputs():
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         layer(torch.tensor([[4]]))
     with pytest.raises(ValueError, match="like the weights"):
-        layer(torch.zeros(5, 2, 4, dtype=torch.float64), (tuple(torch.zeros(2, 3) for _ in range(3)),))
+        layer(
+            torch.zeros(5, 2, 4, dtype=torch.float64), (tuple(torch.zeros(2, 3) for _ in range(3)),)
+        )
     with pytest.raises(ValueError, match=r"shape \(B, 4\)"):
         layer.layers[0](torch.zeros(2, 5, dtype=torch.float64))
 
@@ -439,7 +467,9 @@ def test_onednn_is_used_for_float32_on_this_cpu():
     big = torch.zeros(4 * 600, 600)  # the paper's PTB model: oneDNN; a 32-cell model: torch.mm
     assert gemm.uses_onednn(big) and not gemm.uses_onednn(big.double())
     assert not gemm.uses_onednn(torch.zeros(4 * 32, 32))
-    assert gemm.StepLinear(big, 32).onednn and not gemm.StepLinear(torch.zeros(4 * 32, 32), 32).onednn
+    assert (
+        gemm.StepLinear(big, 32).onednn and not gemm.StepLinear(torch.zeros(4 * 32, 32), 32).onednn
+    )
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -484,7 +514,9 @@ def test_in_place_changes_to_the_output_leave_the_gradients_right():
         out, ((h, c0, c1),) = layer(x)
         out.mul_(2.0)
         h.add_(1.0)
-        return torch.autograd.grad((out**2).sum() + (h**2).sum() + c1.sum(), list(layer.parameters()))
+        return torch.autograd.grad(
+            (out**2).sum() + (h**2).sum() + c1.sum(), list(layer.parameters())
+        )
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -20,8 +20,16 @@ QUIET = {"log": lambda *_: None, "progress": False}
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = {"task": "ptb", "model": {"hidden_size": 12}, "batch_size": 4, "seq_len": 25,
-            "epochs": 1, "checkpoint_every": 0, "seed": 3, "max_steps": 6}
+    base = {
+        "task": "ptb",
+        "model": {"hidden_size": 12},
+        "batch_size": 4,
+        "seq_len": 25,
+        "epochs": 1,
+        "checkpoint_every": 0,
+        "seed": 3,
+        "max_steps": 6,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -33,19 +41,33 @@ def stream(tmp_path_factory):
 
 def test_cuda_graphs_option_reaches_the_core_and_changes_nothing_on_the_cpu(tmp_path, stream):
     logs = []
-    t = Trainer(_cfg(cuda_graphs=True, device="cpu"), tmp_path / "g", stream, log=logs.append, progress=False)
+    t = Trainer(
+        _cfg(cuda_graphs=True, device="cpu"),
+        tmp_path / "g",
+        stream,
+        log=logs.append,
+        progress=False,
+    )
     assert t.model.core.cuda_graphs is True
     assert any("cuda_graphs: ignored on cpu" in line for line in logs)
     t.close()
     train(_cfg(cuda_graphs=True, device="cpu"), tmp_path / "a", prepared=stream, **QUIET)
     train(_cfg(device="cpu"), tmp_path / "b", prepared=stream, **QUIET)
-    a, b = load_checkpoint(tmp_path / "a" / LAST).model, load_checkpoint(tmp_path / "b" / LAST).model
+    a, b = (
+        load_checkpoint(tmp_path / "a" / LAST).model,
+        load_checkpoint(tmp_path / "b" / LAST).model,
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cuda_graphs_is_refused_for_other_cores(tmp_path, stream):
     with pytest.raises(ConfigError, match="cuda_graphs applies to the nlstm core only, not 'lstm'"):
-        Trainer(_cfg(cuda_graphs=True, model={"hidden_size": 12, "core": "lstm"}), tmp_path, stream, **QUIET)
+        Trainer(
+            _cfg(cuda_graphs=True, model={"hidden_size": 12, "core": "lstm"}),
+            tmp_path,
+            stream,
+            **QUIET,
+        )
 
 
 def _graphed_and_eager(layer, x, state, steps=3, lr=0.05):
@@ -54,8 +76,13 @@ def _graphed_and_eager(layer, x, state, steps=3, lr=0.05):
     results = []
     for graphs in (True, False):
         torch.manual_seed(0)
-        model = type(layer)(layer.input_size, layer.hidden_size, layer.depth, layer.num_layers,
-                            layer.outer_activation).to(x.device, dtype=next(layer.parameters()).dtype)
+        model = type(layer)(
+            layer.input_size,
+            layer.hidden_size,
+            layer.depth,
+            layer.num_layers,
+            layer.outer_activation,
+        ).to(x.device, dtype=next(layer.parameters()).dtype)
         model.load_state_dict(layer.state_dict())
         model.cuda_graphs = graphs
         opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -64,10 +91,16 @@ def _graphed_and_eager(layer, x, state, steps=3, lr=0.05):
             opt.zero_grad()
             out, final = model(x, state)
             flat = [out] + [t for s in final for t in s]
-            loss = sum((t * torch.linspace(-1, 1, t.numel(), device=x.device, dtype=t.dtype).view_as(t)).sum()
-                       for t in flat)
+            loss = sum(
+                (
+                    t * torch.linspace(-1, 1, t.numel(), device=x.device, dtype=t.dtype).view_as(t)
+                ).sum()
+                for t in flat
+            )
             loss.backward()
-            seen += [t.detach().clone() for t in flat] + [p.grad.clone() for p in model.parameters()]
+            seen += [t.detach().clone() for t in flat] + [
+                p.grad.clone() for p in model.parameters()
+            ]
             opt.step()
         results.append(seen)
     return results
@@ -79,8 +112,10 @@ def test_graphed_sequence_equals_the_eager_fused_path_float64(depth):
     torch.manual_seed(depth)
     layer = NestedLSTM(7, 9, depth=depth, num_layers=2).double().cuda()
     x = torch.randint(0, 7, (11, 5), device="cuda")
-    state = tuple(tuple(torch.randn(5, 9, dtype=torch.float64, device="cuda") for _ in range(depth + 1))
-                  for _ in range(2))
+    state = tuple(
+        tuple(torch.randn(5, 9, dtype=torch.float64, device="cuda") for _ in range(depth + 1))
+        for _ in range(2)
+    )
     graphed, eager = _graphed_and_eager(layer, x, state)
     for a, b in zip(graphed, eager):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -121,6 +156,9 @@ def test_graphs_are_not_used_under_no_grad():
 def test_trainer_with_cuda_graphs_matches_without(tmp_path, stream):
     train(_cfg(cuda_graphs=True, device="cuda"), tmp_path / "a", prepared=stream, **QUIET)
     train(_cfg(device="cuda"), tmp_path / "b", prepared=stream, **QUIET)
-    a, b = load_checkpoint(tmp_path / "a" / LAST).model, load_checkpoint(tmp_path / "b" / LAST).model
+    a, b = (
+        load_checkpoint(tmp_path / "a" / LAST).model,
+        load_checkpoint(tmp_path / "b" / LAST).model,
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -53,11 +53,15 @@ def auth(key: str) -> list[tuple[str, str]]:
 
 
 def create(replica, key: str) -> str:
-    return replica.stub.CreateSession(pb.CreateSessionRequest(model=CHAR_MODEL), metadata=auth(key)).session_id
+    return replica.stub.CreateSession(
+        pb.CreateSessionRequest(model=CHAR_MODEL), metadata=auth(key)
+    ).session_id
 
 
 def score(replica, key: str, sid: str, text: str = "the cat") -> pb.ScoreResponse:
-    return replica.stub.Score(pb.ScoreRequest(session_id=sid, text=text, per_char=True), metadata=auth(key))
+    return replica.stub.Score(
+        pb.ScoreRequest(session_id=sid, text=text, per_char=True), metadata=auth(key)
+    )
 
 
 def get(replica, key: str, sid: str) -> pb.Session:
@@ -79,11 +83,25 @@ def session_calls(replica, sid: str):
     s = replica.stub
     return [
         ("Score", lambda md: s.Score(pb.ScoreRequest(session_id=sid, text="a"), metadata=md)),
-        ("Generate", lambda md: list(s.Generate(pb.GenerateRequest(session_id=sid, max_chars=3), metadata=md))),
+        (
+            "Generate",
+            lambda md: list(
+                s.Generate(pb.GenerateRequest(session_id=sid, max_chars=3), metadata=md)
+            ),
+        ),
         ("GetSession", lambda md: s.GetSession(pb.GetSessionRequest(session_id=sid), metadata=md)),
-        ("SnapshotSession", lambda md: s.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid), metadata=md)),
-        ("ForkSession", lambda md: s.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=md)),
-        ("CloseSession", lambda md: s.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=md)),
+        (
+            "SnapshotSession",
+            lambda md: s.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid), metadata=md),
+        ),
+        (
+            "ForkSession",
+            lambda md: s.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=md),
+        ),
+        (
+            "CloseSession",
+            lambda md: s.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=md),
+        ),
     ]
 
 
@@ -99,18 +117,34 @@ def test_a_session_is_its_keys_on_every_replica(pair, redis_server):
             code, details = refusal(call, auth(KEY_B))
             # worded exactly as for an id that does not exist: B learns nothing
             assert code == grpc.StatusCode.NOT_FOUND, name
-            assert details == refusal(dict(session_calls(replica, unknown))[name], auth(KEY_A))[1].replace(unknown, sid)
-    assert get(b, KEY_A, sid).position == len("the cat")  # untouched by B's calls (its close did nothing)
+            assert details == refusal(dict(session_calls(replica, unknown))[name], auth(KEY_A))[
+                1
+            ].replace(unknown, sid)
+    assert get(b, KEY_A, sid).position == len(
+        "the cat"
+    )  # untouched by B's calls (its close did nothing)
     # a snapshot carries state, not authority: restored under B it is B's session, a fork is its caller's
     snap = a.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid), metadata=auth(KEY_A))
-    restored = b.stub.RestoreSession(pb.RestoreSessionRequest(data=snap.data), metadata=auth(KEY_B)).session_id
-    fork = b.stub.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=auth(KEY_A)).session_id
+    restored = b.stub.RestoreSession(
+        pb.RestoreSessionRequest(data=snap.data), metadata=auth(KEY_B)
+    ).session_id
+    fork = b.stub.ForkSession(
+        pb.ForkSessionRequest(session_id=sid), metadata=auth(KEY_A)
+    ).session_id
     assert get(a, KEY_B, restored).position == get(b, KEY_A, fork).position == len("the cat")
-    assert refusal(get, b, KEY_A, restored)[0] == refusal(get, a, KEY_B, fork)[0] == grpc.StatusCode.NOT_FOUND
-    assert list(score(a, KEY_B, restored).bits) == pytest.approx(list(score(a, KEY_A, fork).bits), rel=1e-5)
+    assert (
+        refusal(get, b, KEY_A, restored)[0]
+        == refusal(get, a, KEY_B, fork)[0]
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert list(score(a, KEY_B, restored).bits) == pytest.approx(
+        list(score(a, KEY_A, fork).bits), rel=1e-5
+    )
     # the stored records name the owner by its key's fingerprint, never the key
     r = redis.Redis.from_url(redis_server.url)
-    stored = b"".join(r.dump(k) or b"" for k in r.scan_iter("nlstm:*")) + b"".join(r.scan_iter("nlstm:*"))
+    stored = b"".join(r.dump(k) or b"" for k in r.scan_iter("nlstm:*")) + b"".join(
+        r.scan_iter("nlstm:*")
+    )
     assert all(k.encode() not in stored for k in KEYS) and b"key:" in stored
     for replica, key, s in ((b, KEY_A, sid), (a, KEY_B, restored), (a, KEY_A, fork)):
         close(replica, key, s)
@@ -121,10 +155,19 @@ def test_the_per_client_bound_holds_across_replicas_until_a_close_or_an_expiry(p
     first, second = create(a, KEY_C), create(b, KEY_C)
     for replica in (a, b):
         code, details = refusal(create, replica, KEY_C)
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"per-client session limit is {BOUND}" in details
+        assert (
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and f"per-client session limit is {BOUND}" in details
+        )
         # a fork or a restore is a new session of its caller: bounded too
-        assert refusal(replica.stub.ForkSession, pb.ForkSessionRequest(session_id=first),
-                       metadata=auth(KEY_C))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            refusal(
+                replica.stub.ForkSession,
+                pb.ForkSessionRequest(session_id=first),
+                metadata=auth(KEY_C),
+            )[0]
+            == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
     other = create(b, KEY_D)  # the bound is per client
     close(a, KEY_C, first)  # closed on A: a slot on B
     third = create(b, KEY_C)

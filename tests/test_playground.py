@@ -38,7 +38,9 @@ pytestmark = pytest.mark.slow
 def browser():
     why = None
     if browser_paths() is None:
-        why = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        why = (
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
     elif importlib.util.find_spec("selenium") is None:
         why = "selenium is not installed (pip install -e '.[dev]')"
     if why is not None:
@@ -54,8 +56,11 @@ def browser():
 def server(tmp_path_factory):
     # the bundled PTB and MNIST models (a real prediction for a drawn digit) and a tiny HM-LSTM;
     # a message every 20 ms, so that a 1,500-character generation arrives in many
-    s = ServerThread(models_with_hmlstm(tmp_path_factory.mktemp("models")),
-                     Limits(max_sessions=16, stream_interval=0.02), http_port=0)
+    s = ServerThread(
+        models_with_hmlstm(tmp_path_factory.mktemp("models")),
+        Limits(max_sessions=16, stream_interval=0.02),
+        http_port=0,
+    )
     yield s
     s.close()
 
@@ -69,7 +74,9 @@ def page(browser, server):
 
 
 def post(base: str, path: str, body: dict) -> dict:
-    r = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    r = urllib.request.Request(
+        base + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(r, timeout=60) as resp:
         return json.loads(resp.read())
 
@@ -77,10 +84,14 @@ def post(base: str, path: str, body: dict) -> dict:
 def test_page_loads_without_console_errors(page):
     driver, _ = page
     assert console_errors(driver) == []
-    options = [o.get_attribute("value") for o in driver.find_elements("css selector", "#gen-model option")]
+    options = [
+        o.get_attribute("value") for o in driver.find_elements("css selector", "#gen-model option")
+    ]
     assert set(options) == {"ptb-nlstm", "tiny-hmlstm"}  # character models only
-    assert [o.get_attribute("value") for o in driver.find_elements("css selector", "#digit-model option")] == [
-        "mnist-nlstm"]
+    assert [
+        o.get_attribute("value")
+        for o in driver.find_elements("css selector", "#digit-model option")
+    ] == ["mnist-nlstm"]
 
 
 def test_generation_streams_into_the_page(page):
@@ -92,10 +103,17 @@ def test_generation_streams_into_the_page(page):
     status = driver.find_element("id", "gen-status").text
     assert "finished: length" in status and "position 1517" in status
     # what the page shows is what the server makes for the same seed
-    text = driver.execute_script("return document.querySelector('#gen-output .generated').textContent")
-    same = post(base, "/v2/models/ptb-nlstm/generate",
-                {"text_input": "the company said ", "parameters": {"max_tokens": 1500, "seed": 3,
-                                                                   "temperature": 0.8, "top_p": 0.95}})
+    text = driver.execute_script(
+        "return document.querySelector('#gen-output .generated').textContent"
+    )
+    same = post(
+        base,
+        "/v2/models/ptb-nlstm/generate",
+        {
+            "text_input": "the company said ",
+            "parameters": {"max_tokens": 1500, "seed": 3, "temperature": 0.8, "top_p": 0.95},
+        },
+    )
     assert text == same["text_output"]
 
 
@@ -125,7 +143,9 @@ def test_scored_text_is_coloured_with_the_servers_bits(page):
     assert len(cells) == len(text)
     titles = [c.get_attribute("title") for c in cells]
     assert titles[0] == f'"t": {r["bits"][0]:.2f} bits'
-    assert driver.find_elements("css selector", "#score-output .ch .b") == []  # no boundaries: not an HM-LSTM
+    assert (
+        driver.find_elements("css selector", "#score-output .ch .b") == []
+    )  # no boundaries: not an HM-LSTM
 
 
 def test_hmlstm_boundaries_under_scored_text(page):
@@ -135,8 +155,13 @@ def test_hmlstm_boundaries_under_scored_text(page):
     r = post(base, "/v2/models/tiny-hmlstm/score", {"text": text, "per_char": True})
     assert len(r["boundaries"]) == 2  # a detector on each layer but the top one
     cells = driver.find_elements("css selector", "#score-output .ch")
-    shown = ["".join("1" if "on" in b.get_attribute("class") else "0"
-                     for b in cell.find_elements("css selector", ".b")) for cell in cells]
+    shown = [
+        "".join(
+            "1" if "on" in b.get_attribute("class") else "0"
+            for b in cell.find_elements("css selector", ".b")
+        )
+        for cell in cells
+    ]
     assert ["".join(layer[i] for layer in r["boundaries"]) for i in range(len(text))] == shown
     assert "HM-LSTM boundaries" in driver.find_element("id", "boundary-note").text
 

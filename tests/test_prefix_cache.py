@@ -62,16 +62,29 @@ def test_lookup_finds_the_deepest_cached_prefix():
     put(cache, a, 3)
     put(cache, a, 8)
     put(cache, [1, 2, 9, 9], 4)  # parts from a inside the first edge: the edge splits at 2
-    for query, n in (([1, 2, 3], 3), ([1, 2, 3, 4, 5], 3), (a + [0, 0], 8), (a, 8), ([1, 2, 9, 9, 1], 4),
-                     ([1, 2, 9], None), ([1, 2], None), ([2, 3], None), ([1, 2, 3, 4, 5, 6, 7, 0], 3)):
+    for query, n in (
+        ([1, 2, 3], 3),
+        ([1, 2, 3, 4, 5], 3),
+        (a + [0, 0], 8),
+        (a, 8),
+        ([1, 2, 9, 9, 1], 4),
+        ([1, 2, 9], None),
+        ([1, 2], None),
+        ([2, 3], None),
+        ([1, 2, 3, 4, 5, 6, 7, 0], 3),
+    ):
         hit = cache.lookup("m", np.array(query, np.int32))
         if n is None:
             assert hit is None, query
             continue
         got, state, logits = hit
         want = state_of(query[:n])
-        assert got == n and np.array_equal(state, want[0]) and np.array_equal(logits, want[1]), query
-        assert not state.flags.writeable and not logits.flags.writeable  # calls read them, nobody writes
+        assert got == n and np.array_equal(state, want[0]) and np.array_equal(logits, want[1]), (
+            query
+        )
+        assert (
+            not state.flags.writeable and not logits.flags.writeable
+        )  # calls read them, nobody writes
     assert cache.entries("m") == 3 and cache.bytes == recount(cache)
     cache.add_model("other")  # one trie per model
     assert cache.lookup("other", np.array(a, np.int32)) is None
@@ -87,7 +100,9 @@ def test_an_existing_entry_is_kept_and_inserts_copy():
     state[:] = 0  # the caller's arrays (a row of a batch's output) are not the cache's
     cache.insert("m", ids, 3, np.ones((S, H), np.float32), np.ones(V, np.float32))
     _, held, _ = cache.lookup("m", ids)
-    assert np.array_equal(held, state_of(ids)[0]) and cache.bytes == before and cache.entries("m") == 1
+    assert (
+        np.array_equal(held, state_of(ids)[0]) and cache.bytes == before and cache.entries("m") == 1
+    )
 
 
 def test_least_recently_used_entries_go_first_and_the_bound_holds():
@@ -97,9 +112,13 @@ def test_least_recently_used_entries_go_first_and_the_bound_holds():
     for first in (1, 2, 3):
         put(cache, [first, 0, 0, 0], 4)
     assert cache.bytes == 3 * one == recount(cache)
-    assert cache.lookup("m", np.array([1, 0, 0, 0, 7], np.int32))[0] == 4  # 1 is now the most recent
+    assert (
+        cache.lookup("m", np.array([1, 0, 0, 0, 7], np.int32))[0] == 4
+    )  # 1 is now the most recent
     put(cache, [4, 0, 0, 0], 4)
-    kept = {first for first in (1, 2, 3, 4) if cache.lookup("m", np.array([first, 0, 0, 0], np.int32))}
+    kept = {
+        first for first in (1, 2, 3, 4) if cache.lookup("m", np.array([first, 0, 0, 0], np.int32))
+    }
     assert kept == {1, 3, 4} and cache.evicted == 1  # 2 was the least recently used
     assert cache.bytes == 3 * one == recount(cache) <= cache.max_bytes
     assert cache.model_bytes("m") == cache.bytes and cache.entries("m") == 3
@@ -109,7 +128,11 @@ def test_an_entry_larger_than_the_whole_budget_is_not_kept():
     cache = PrefixCache(one_entry_bytes(4) - 1)
     cache.add_model("m")
     assert put(cache, [1, 2, 3, 4], 4) is None
-    assert cache.bytes == 0 and cache.entries("m") == 0 and cache.lookup("m", np.array([1, 2, 3, 4], np.int32)) is None
+    assert (
+        cache.bytes == 0
+        and cache.entries("m") == 0
+        and cache.lookup("m", np.array([1, 2, 3, 4], np.int32)) is None
+    )
     with pytest.raises(ValueError, match="max_bytes must be an integer >= 1"):
         PrefixCache(0)
 
@@ -133,7 +156,9 @@ def test_random_prompts_keep_exact_accounting_within_the_bound(budget_entries):
         starts.append((n0, len(ids)))
         assert rest == ids[n0:].tolist()
         if n0:
-            assert np.array_equal(state, state_of(ids[:n0])[0]) and np.array_equal(logits, state_of(ids[:n0])[1])
+            assert np.array_equal(state, state_of(ids[:n0])[0]) and np.array_equal(
+                logits, state_of(ids[:n0])[1]
+            )
         else:
             assert state is zeros and logits is None
         assert (recorder is None) == (n0 == len(ids))
@@ -250,7 +275,9 @@ def test_the_bound_is_checked():
 
 
 # ---------------------------------------------------------------------------- the servers
-SHARED = "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night\n" * 2  # 144 chars
+SHARED = (
+    "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night\n" * 2
+)  # 144 chars
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +286,24 @@ def models_dir(tmp_path_factory):
 
 
 def limits(**kw) -> Limits:
-    return Limits(max_chars=300, max_text=2000, max_sessions=16, max_wait=0.005, stream_interval=0.0,
-                  max_messages_per_s=0.0, **kw)
+    return Limits(
+        max_chars=300,
+        max_text=2000,
+        max_sessions=16,
+        max_wait=0.005,
+        stream_interval=0.0,
+        max_messages_per_s=0.0,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def servers(models_dir):
     """(with the cache, without it)."""
-    on, off = ServerThread(models_dir, limits()), ServerThread(models_dir, limits(prefix_cache_mb=0))
+    on, off = (
+        ServerThread(models_dir, limits()),
+        ServerThread(models_dir, limits(prefix_cache_mb=0)),
+    )
     yield on, off
     on.close()
     off.close()
@@ -274,7 +311,9 @@ def servers(models_dir):
 
 def generate(server, **kw) -> tuple[str, list[float]]:
     seed = kw.pop("seed", None)
-    req = pb.GenerateRequest(**{"model": CHAR_MODEL, "max_chars": 40, "temperature": 1.0, "logprobs": True, **kw})
+    req = pb.GenerateRequest(
+        **{"model": CHAR_MODEL, "max_chars": 40, "temperature": 1.0, "logprobs": True, **kw}
+    )
     if seed is not None:
         req.seed = seed
     out = list(server.stub.Generate(req))
@@ -291,8 +330,10 @@ class Counts:
         self.last = self.now()
 
     def now(self) -> dict[str, float]:
-        return {n: self.server.metric(f"nlstm_prefix_cache_{n}_total", {"model": CHAR_MODEL}) or 0.0
-                for n in self.NAMES}
+        return {
+            n: self.server.metric(f"nlstm_prefix_cache_{n}_total", {"model": CHAR_MODEL}) or 0.0
+            for n in self.NAMES
+        }
 
     def moved(self) -> dict[str, float]:
         now = self.now()
@@ -318,7 +359,9 @@ def test_a_row_of_a_batched_step_does_not_depend_on_the_other_rows(models_dir):
             state = model.initial_state(batch)
             for t in range(len(ids)):
                 batch_logits, state = model.step(others[t], state)
-            assert np.array_equal(state[row], alone[0]) and np.array_equal(batch_logits[row], logits[0])
+            assert np.array_equal(state[row], alone[0]) and np.array_equal(
+                batch_logits[row], logits[0]
+            )
 
 
 def test_the_same_seed_gives_the_same_text_with_and_without_the_cache(servers):
@@ -328,7 +371,11 @@ def test_the_same_seed_gives_the_same_text_with_and_without_the_cache(servers):
     first = generate(on, prompt=prompt, seed=1)
     assert counts.moved() == {"hits": 0, "misses": 1, "skipped_chars": 0}
     again = generate(on, prompt=prompt, seed=1)
-    assert counts.moved() == {"hits": 1, "misses": 0, "skipped_chars": len(prompt)}  # the whole prefill
+    assert counts.moved() == {
+        "hits": 1,
+        "misses": 0,
+        "skipped_chars": len(prompt),
+    }  # the whole prefill
     assert first == again == generate(off, prompt=prompt, seed=1)  # text and every character's bits
     assert first[0] != generate(on, prompt=prompt, seed=2)[0]
     counts.moved()
@@ -337,10 +384,16 @@ def test_the_same_seed_gives_the_same_text_with_and_without_the_cache(servers):
     # 95 characters)
     longer, parted = prompt + "at night", prompt[:100] + "we ran"
     for p, skipped in ((longer, len(prompt)), (parted, 95)):
-        for i, kw in enumerate(({"seed": 3}, {"temperature": 0.0}, {"seed": 4, "top_k": 3}, {"seed": 5, "top_p": 0.8})):
+        for i, kw in enumerate(
+            ({"seed": 3}, {"temperature": 0.0}, {"seed": 4, "top_k": 3}, {"seed": 5, "top_p": 0.8})
+        ):
             assert generate(on, prompt=p, **kw) == generate(off, prompt=p, **kw), (p, kw)
             # the first call stored its prompt's end: the next ones skip the whole prompt
-            assert counts.moved() == {"hits": 1, "misses": 0, "skipped_chars": skipped if i == 0 else len(p)}
+            assert counts.moved() == {
+                "hits": 1,
+                "misses": 0,
+                "skipped_chars": skipped if i == 0 else len(p),
+            }
     # an empty prompt is the start symbol alone: cached too
     assert generate(on, prompt="", seed=6) == generate(off, prompt="", seed=6)
     assert generate(on, prompt="", seed=6) == generate(off, prompt="", seed=6)
@@ -365,8 +418,12 @@ def test_a_fresh_session_uses_the_cache_and_scores_as_without_it(servers):
     for server in (on, off):
         sid = server.stub.CreateSession(pb.CreateSessionRequest(model=CHAR_MODEL)).session_id
         first = generate(server, model="", session_id=sid, prompt=prompt, seed=7)
-        second = generate(server, model="", session_id=sid, prompt="the ", seed=8)  # not fresh: no lookup
-        score = server.stub.Score(pb.ScoreRequest(session_id=sid, text="the dog sat on the mat", per_char=True))
+        second = generate(
+            server, model="", session_id=sid, prompt="the ", seed=8
+        )  # not fresh: no lookup
+        score = server.stub.Score(
+            pb.ScoreRequest(session_id=sid, text="the dog sat on the mat", per_char=True)
+        )
         results.append((first, second, score.total_bits, list(score.bits), score.boundaries))
         server.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
     assert results[0] == results[1]
@@ -438,4 +495,3 @@ def test_the_flag_and_its_environment_variable_on_nlstm_serve(models_dir, monkey
     monkeypatch.setenv("NLSTM_PREFIX_CACHE_MB", "lots")
     with pytest.raises(SystemExit, match="NLSTM_PREFIX_CACHE_MB='lots' is not a valid int"):
         cli_main(["serve", "--models", str(models_dir)])
-

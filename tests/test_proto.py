@@ -15,8 +15,18 @@ def test_service_contract_names():
     service = pb.DESCRIPTOR.services_by_name["Inference"]
     assert service.full_name == "nlstm.v1.Inference"
     methods = {m.name for m in service.methods}
-    assert methods == {"ListModels", "CreateSession", "CloseSession", "GetSession", "SnapshotSession",
-                       "RestoreSession", "ForkSession", "Generate", "Score", "ClassifyGlimpses"}
+    assert methods == {
+        "ListModels",
+        "CreateSession",
+        "CloseSession",
+        "GetSession",
+        "SnapshotSession",
+        "RestoreSession",
+        "ForkSession",
+        "Generate",
+        "Score",
+        "ClassifyGlimpses",
+    }
     req = pb.GenerateRequest(model="m", max_chars=5)
     assert not req.HasField("seed")  # `optional`: unset is distinguishable from 0
     assert pb.FinishReason.Name(0) == "FINISH_REASON_UNSPECIFIED"

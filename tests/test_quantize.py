@@ -55,10 +55,19 @@ def tok():
 def char_folder(tok, tmp_path_factory):
     """A random char NLSTM (depth 2) exported with its sequence graph."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=H, depth=2, vocab_size=tok.vocab_size))
+    model = build_model(
+        ModelConfig(kind="char", core="nlstm", hidden_size=H, depth=2, vocab_size=tok.vocab_size)
+    )
     out = tmp_path_factory.mktemp("char") / "m"
-    export_model(model, out, task="ptb", tokenizer=tok.model_proto, sequence="always",
-                 metrics={"valid_bpc": 5.0, "test_bpc": 5.0}, train_config={"batch_size": 4, "seq_len": 20})
+    export_model(
+        model,
+        out,
+        task="ptb",
+        tokenizer=tok.model_proto,
+        sequence="always",
+        metrics={"valid_bpc": 5.0, "test_bpc": 5.0},
+        train_config={"batch_size": 4, "seq_len": 20},
+    )
     return out
 
 
@@ -74,16 +83,27 @@ def glimpse_folder(tmp_path_factory):
                 p.mul_(3.0)
                 p.view(-1)[0] = 40.0 * p.abs().max()
     out = tmp_path_factory.mktemp("glimpse") / "m"
-    export_model(model, out, task="mnist", tokenizer=None, sequence="never",
-                 train_config={"batch_size": 50})
+    export_model(
+        model, out, task="mnist", tokenizer=None, sequence="never", train_config={"batch_size": 50}
+    )
     return out
 
 
 def stream_data(tok, n=6000, seed=0) -> EvalData:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, tok.vocab_size, size=n).astype(np.uint8)
-    splits = {s: StreamSplit(ids[i * n // 3 : (i + 1) * n // 3]) for i, s in enumerate(("train", "valid", "test"))}
-    return EvalData("stream", splits, batch_size=4, seq_len=20, tokenizer=tok.model_proto, description="synthetic")
+    splits = {
+        s: StreamSplit(ids[i * n // 3 : (i + 1) * n // 3])
+        for i, s in enumerate(("train", "valid", "test"))
+    }
+    return EvalData(
+        "stream",
+        splits,
+        batch_size=4,
+        seq_len=20,
+        tokenizer=tok.model_proto,
+        description="synthetic",
+    )
 
 
 def glimpse_data(folder: Path, n=600) -> EvalData:
@@ -93,8 +113,12 @@ def glimpse_data(folder: Path, n=600) -> EvalData:
     g = rng.random((n, 20, 49), dtype=np.float32)
     labels = load_model(folder, providers="cpu").classify(g).argmax(1).astype(np.uint8)
     split = GlimpseSplit(g, labels)
-    return EvalData("glimpses", {"train": split, "valid": split, "test": split}, batch_size=50,
-                    description="synthetic")
+    return EvalData(
+        "glimpses",
+        {"train": split, "valid": split, "test": split},
+        batch_size=50,
+        description="synthetic",
+    )
 
 
 # ------------------------------------------------------------------ the exported graphs as they are
@@ -160,8 +184,14 @@ def test_batch_invariant_says_whether_a_row_depends_on_the_batch(char_folder, to
     x = rng.integers(0, tok.vocab_size, size=(30, 8))
     for method, invariant in (("dynamic-per-tensor", False), ("static-per-channel", True)):
         out = tmp_path / method
-        quantize(char_folder, out, data=data, method=method, screen_batches=2,
-                 thresholds=Thresholds(max_bpc_increase=10.0))
+        quantize(
+            char_folder,
+            out,
+            data=data,
+            method=method,
+            screen_batches=2,
+            thresholds=Thresholds(max_bpc_increase=10.0),
+        )
         assert ExportMeta.from_folder(out).quantization["batch_invariant"] is invariant
         m = load_model(out, providers="cpu")
         alone, batch = m.initial_state(1), m.initial_state(8)
@@ -177,18 +207,34 @@ def test_a_cost_over_the_threshold_is_refused_unless_accepted(glimpse_folder, tm
     data = glimpse_data(glimpse_folder)
     out = tmp_path / "g-int8"
     with pytest.raises(QuantizationCost, match="over the threshold of 0.0"):
-        quantize(glimpse_folder, out, data=data, method="dynamic-per-tensor",
-                        thresholds=Thresholds(max_accuracy_drop=0.0))
+        quantize(
+            glimpse_folder,
+            out,
+            data=data,
+            method="dynamic-per-tensor",
+            thresholds=Thresholds(max_accuracy_drop=0.0),
+        )
     assert not out.exists()
-    result = quantize(glimpse_folder, out, data=data, method="dynamic-per-tensor",
-                             thresholds=Thresholds(max_accuracy_drop=0.0), accept_cost=True)
+    result = quantize(
+        glimpse_folder,
+        out,
+        data=data,
+        method="dynamic-per-tensor",
+        thresholds=Thresholds(max_accuracy_drop=0.0),
+        accept_cost=True,
+    )
     q = ExportMeta.from_folder(out).quantization
     assert result.over_threshold and q["over_threshold"] and q["cost"]["test"] > 0
     assert q["reference_figures"]["test_acc"] == 1.0
     assert q["cost_unit"] == "points of accuracy" and q["threshold"] == 0.0
     # a generous threshold takes the same graph
-    quantize(glimpse_folder, tmp_path / "g2", data=data, method="dynamic-per-tensor",
-                    thresholds=Thresholds(max_accuracy_drop=100.0))
+    quantize(
+        glimpse_folder,
+        tmp_path / "g2",
+        data=data,
+        method="dynamic-per-tensor",
+        thresholds=Thresholds(max_accuracy_drop=100.0),
+    )
 
 
 def test_bad_requests_say_what_is_allowed(char_folder, glimpse_folder, tok, tmp_path):
@@ -240,8 +286,13 @@ def test_float16_graph_keeps_the_float32_signature(char_folder, tok, tmp_path):
     """The float16 route on the CPU provider (onnxruntime runs it there too, slowly): the
     graph is checked, its inputs and outputs stay float32 and its logits stay close."""
     out = tmp_path / "m-f16"
-    quantize(char_folder, out, data=stream_data(tok), precision="float16",
-                    thresholds=Thresholds(max_bpc_increase=0.05))
+    quantize(
+        char_folder,
+        out,
+        data=stream_data(tok),
+        precision="float16",
+        thresholds=Thresholds(max_bpc_increase=0.05),
+    )
     meta = ExportMeta.from_folder(out)
     assert meta.precision == "float16" and meta.quantization["settings"]["name"] == "float16"
     g = onnx.load(str(out / "model.onnx"))
@@ -257,7 +308,9 @@ def test_float16_without_cuda_is_a_clear_error(char_folder, tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    code = main(["quantize", str(char_folder), "--out", str(tmp_path / "x"), "--precision", "float16"])
+    code = main(
+        ["quantize", str(char_folder), "--out", str(tmp_path / "x"), "--precision", "float16"]
+    )
     assert code == 2 and "float16 step graphs are for the CUDA provider" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -265,8 +318,14 @@ def test_float16_without_cuda_is_a_clear_error(char_folder, tmp_path, capsys):
 @pytest.mark.gpu
 def test_float16_folder_runs_on_cuda(char_folder, tok, tmp_path):
     out = tmp_path / "m-f16"
-    quantize(char_folder, out, data=stream_data(tok), precision="float16", providers="cuda",
-                    thresholds=Thresholds(max_bpc_increase=0.05))
+    quantize(
+        char_folder,
+        out,
+        data=stream_data(tok),
+        precision="float16",
+        providers="cuda",
+        thresholds=Thresholds(max_bpc_increase=0.05),
+    )
     m = load_model(out, providers="cuda")
     assert m.device == "cuda"
     ref = load_model(char_folder, providers="cpu")
@@ -285,13 +344,29 @@ def test_int8_folders_run_on_the_cpu_under_auto_providers():
 @pytest.mark.slow
 def test_nlstm_quantize_refuses_then_accepts_on_the_bundled_classifier(shared_data, tmp_path):
     out = tmp_path / "mnist-int8"
-    base = [sys.executable, "-m", "training.cli", "quantize", str(REPO / "exported" / "mnist-nlstm"),
-            "--out", str(out), "--data-dir", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
-            "--method", "dynamic-per-tensor", "--max-accuracy-drop", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "quantize",
+        str(REPO / "exported" / "mnist-nlstm"),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(shared_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--method",
+        "dynamic-per-tensor",
+        "--max-accuracy-drop",
+        "0",
+    ]
     run = subprocess.run(base, check=False, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert run.returncode == 3, run.stderr
     assert "REFUSED" in run.stderr and "--accept-cost" in run.stderr and not out.exists()
-    run = subprocess.run([*base, "--accept-cost"], check=False, capture_output=True, text=True, cwd=REPO, timeout=900)
+    run = subprocess.run(
+        [*base, "--accept-cost"], check=False, capture_output=True, text=True, cwd=REPO, timeout=900
+    )
     assert run.returncode == 0, run.stderr
     assert "WARNING" in run.stderr and "passes the threshold" in run.stderr
     meta = ExportMeta.from_folder(out)
@@ -308,15 +383,46 @@ def test_nlstm_export_quantize_writes_both_folders(shared_data, tmp_path):
     torch.manual_seed(2)
     model = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
     ckpt = tmp_path / "m.pt"
-    save_checkpoint(Checkpoint(task="mnist", model_config=model.config, model=model.state_dict(),
-                               tokenizer=None, train_config={"batch_size": 500}, step=1, epoch=1,
-                               metrics={"valid_acc": 0.1}), ckpt)
+    save_checkpoint(
+        Checkpoint(
+            task="mnist",
+            model_config=model.config,
+            model=model.state_dict(),
+            tokenizer=None,
+            train_config={"batch_size": 500},
+            step=1,
+            epoch=1,
+            metrics={"valid_acc": 0.1},
+        ),
+        ckpt,
+    )
     out = tmp_path / "mnist-random"
     run = subprocess.run(
-        [sys.executable, "-m", "training.cli", "export", str(ckpt), "--out", str(out), "--no-sequence",
-         "--quantize", "int8", "--method", "dynamic-per-channel", "--accept-cost",
-         "--data-dir", str(shared_data), "--cache-dir", str(tmp_path / "cache")],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "export",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--no-sequence",
+            "--quantize",
+            "int8",
+            "--method",
+            "dynamic-per-channel",
+            "--accept-cost",
+            "--data-dir",
+            str(shared_data),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stdout and "mnist-random-int8" in run.stdout
     f32, int8 = ExportMeta.from_folder(out), ExportMeta.from_folder(tmp_path / "mnist-random-int8")
@@ -343,4 +449,8 @@ def test_bundled_int8_models_record_their_cost_within_the_goals(name):
         assert q["cost"]["test"] <= goal
     # the full test splits: every PTB character after the first, all 10,000 MNIST test images
     items = {"ptb": 442_422, "mnist": 10_000}.get(meta.task)
-    assert q["reference_figures"]["test_items"] == q["figures"]["test_items"] == (items or q["figures"]["test_items"])
+    assert (
+        q["reference_figures"]["test_items"]
+        == q["figures"]["test_items"]
+        == (items or q["figures"]["test_items"])
+    )

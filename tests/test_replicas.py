@@ -43,7 +43,9 @@ def session(stub) -> str:
 
 
 def generate(stub, sid: str, seed: int, prompt: str = "the ", max_chars: int = 30) -> str:
-    req = pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=max_chars, temperature=1.0, seed=seed)
+    req = pb.GenerateRequest(
+        session_id=sid, prompt=prompt, max_chars=max_chars, temperature=1.0, seed=seed
+    )
     return "".join(r.text for r in stub.Generate(req))
 
 
@@ -76,7 +78,9 @@ def test_one_call_at_a_time_across_replicas(pair):
     a, b = pair
     sid = session(a.stub)
     # a stream held open on A: B (and A) refuse every other call on the session
-    req = pb.GenerateRequest(session_id=sid, prompt="the ", max_chars=100000, temperature=1.0, seed=3)
+    req = pb.GenerateRequest(
+        session_id=sid, prompt="the ", max_chars=100000, temperature=1.0, seed=3
+    )
     stream = a.stub.Generate(req)
     next(stream)
     code, details = code_of(b.stub.Score, pb.ScoreRequest(session_id=sid, text="the cat"))
@@ -104,7 +108,9 @@ def test_one_call_at_a_time_across_replicas(pair):
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(map(str, results.values())) == sorted([str(len(text)), str(grpc.StatusCode.ABORTED)])
+    assert sorted(map(str, results.values())) == sorted(
+        [str(len(text)), str(grpc.StatusCode.ABORTED)]
+    )
 
 
 def test_sigkill_mid_generate_continues_on_another_replica(models_dir, redis_server, pair):
@@ -113,7 +119,9 @@ def test_sigkill_mid_generate_continues_on_another_replica(models_dir, redis_ser
     try:
         sid = session(doomed.stub)
         prompt = "the cat "
-        req = pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=100000, temperature=1.0, seed=5)
+        req = pb.GenerateRequest(
+            session_id=sid, prompt=prompt, max_chars=100000, temperature=1.0, seed=5
+        )
         received, t0 = [], time.monotonic()
         for r in doomed.stub.Generate(req):
             received.append(r.text)
@@ -163,7 +171,9 @@ def test_sigterm_and_restart_on_a_file_store(models_dir, tmp_path):
         scored = session(first.stub)
         first.stub.Score(pb.ScoreRequest(session_id=scored, text="the cat sat"))
         running = session(first.stub)
-        req = pb.GenerateRequest(session_id=running, prompt="a dog ", max_chars=100000, temperature=1.0, seed=7)
+        req = pb.GenerateRequest(
+            session_id=running, prompt="a dog ", max_chars=100000, temperature=1.0, seed=7
+        )
         stream = first.stub.Generate(req)
         received = [next(stream)]
         first.server.proc.send_signal(signal.SIGTERM)  # drains: the Generate ends CANCELLED
@@ -181,7 +191,9 @@ def test_sigterm_and_restart_on_a_file_store(models_dir, tmp_path):
         assert list(x.bits) == pytest.approx(list(y.bits), rel=1e-5)
         # the drained Generate's session holds the prompt and every character the client got
         got = "".join(r.text for r in received)
-        assert get(second.stub, running).position == len("a dog ") + len(got) == received[-1].position
+        assert (
+            get(second.stub, running).position == len("a dog ") + len(got) == received[-1].position
+        )
     finally:
         second.close()
 
@@ -192,14 +204,22 @@ def test_redis_outage_fails_session_calls_only_then_recovers(pair, redis_server)
     redis_server.stop()
     try:
         for stub in (a.stub, b.stub):
-            for method, request in ((stub.Score, pb.ScoreRequest(session_id=sid, text="x")),
-                                    (stub.CreateSession, pb.CreateSessionRequest(model=CHAR_MODEL)),
-                                    (stub.GetSession, pb.GetSessionRequest(session_id=sid))):
+            for method, request in (
+                (stub.Score, pb.ScoreRequest(session_id=sid, text="x")),
+                (stub.CreateSession, pb.CreateSessionRequest(model=CHAR_MODEL)),
+                (stub.GetSession, pb.GetSessionRequest(session_id=sid)),
+            ):
                 code, details = code_of(method, request)
-                assert code == grpc.StatusCode.UNAVAILABLE and "session store" in details and "unreachable" in details
+                assert (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and "session store" in details
+                    and "unreachable" in details
+                )
             # calls without a session do not need the store
             assert stub.Score(pb.ScoreRequest(model=CHAR_MODEL, text="the cat")).num_chars == 7
-            assert "".join(r.text for r in stub.Generate(pb.GenerateRequest(model=CHAR_MODEL, max_chars=5)))
+            assert "".join(
+                r.text for r in stub.Generate(pb.GenerateRequest(model=CHAR_MODEL, max_chars=5))
+            )
     finally:
         redis_server.start()
     # back by themselves, no restart (this test Redis kept nothing: the session is gone)

@@ -35,8 +35,17 @@ def models_dir(tmp_path_factory) -> Path:
 def server(models_dir):
     # a message per character (the tiny model makes 300 in well under the default 50 ms
     # interval; no message budget), so that tests can read and cancel a stream mid-way
-    s = ServerThread(models_dir, Limits(max_chars=300, max_text=2000, max_sessions=8, max_wait=0.005,
-                                        stream_interval=0.0, max_messages_per_s=0.0))
+    s = ServerThread(
+        models_dir,
+        Limits(
+            max_chars=300,
+            max_text=2000,
+            max_sessions=8,
+            max_wait=0.005,
+            stream_interval=0.0,
+            max_messages_per_s=0.0,
+        ),
+    )
     yield s
     s.close()
 
@@ -96,9 +105,13 @@ def test_generate_is_deterministic_by_seed_and_continues_a_session(server):
     assert len("".join(r.text for r in a)) == 20 and a[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in a[:-1])
     # greedy: 12 characters in one call equal 6 + 6 on one session
-    one = "".join(r.text for r in gen(stub, model="tiny-char", prompt="we", max_chars=12, temperature=0))
+    one = "".join(
+        r.text for r in gen(stub, model="tiny-char", prompt="we", max_chars=12, temperature=0)
+    )
     s = stub.CreateSession(pb.CreateSessionRequest(model="tiny-char")).session_id
-    first = "".join(r.text for r in gen(stub, session_id=s, prompt="we", max_chars=6, temperature=0))
+    first = "".join(
+        r.text for r in gen(stub, session_id=s, prompt="we", max_chars=6, temperature=0)
+    )
     second = "".join(r.text for r in gen(stub, session_id=s, max_chars=6, temperature=0))
     assert first + second == one
     with_bits = gen(stub, model="tiny-char", max_chars=5, temperature=0.5, seed=1, logprobs=True)
@@ -110,7 +123,9 @@ def test_a_session_keeps_its_own_copy_of_the_state(server):
     """A session's state and logits after a call own their memory: a view of the batch's step
     output would keep the whole (B, S, H) array alive as long as the session."""
     stub = server.stub
-    sessions = [stub.CreateSession(pb.CreateSessionRequest(model="tiny-char")).session_id for _ in range(3)]
+    sessions = [
+        stub.CreateSession(pb.CreateSessionRequest(model="tiny-char")).session_id for _ in range(3)
+    ]
     for sid in sessions:  # concurrent-ish calls share batches
         gen(stub, session_id=sid, prompt="the ", max_chars=30, temperature=1.0, seed=1)
         stub.Score(pb.ScoreRequest(session_id=sid, text="a cat"))
@@ -123,7 +138,9 @@ def test_a_session_keeps_its_own_copy_of_the_state(server):
 
 def test_stop_sequences(server):
     stub = server.stub
-    free = "".join(r.text for r in gen(stub, model="tiny-char", max_chars=60, temperature=1.0, seed=5))
+    free = "".join(
+        r.text for r in gen(stub, model="tiny-char", max_chars=60, temperature=1.0, seed=5)
+    )
     stop = free[10:12]
     out = gen(stub, model="tiny-char", max_chars=60, temperature=1.0, seed=5, stop=[stop])
     text = "".join(r.text for r in out)
@@ -135,7 +152,10 @@ def test_glimpse_stream_matches_the_model(server, models_dir):
     rng = np.random.default_rng(0)
     image = (rng.random((28, 28)) * 255).astype(np.uint8)
     glimpses = image_to_glimpses(image)
-    reqs = [pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist()) for i, g in enumerate(glimpses)]
+    reqs = [
+        pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist())
+        for i, g in enumerate(glimpses)
+    ]
     out = list(server.stub.ClassifyGlimpses(iter(reqs)))
     assert [r.step for r in out] == list(range(1, 21))
     assert all(abs(sum(r.probabilities) - 1) < 1e-5 and len(r.probabilities) == 10 for r in out)
@@ -149,7 +169,11 @@ def test_glimpse_stream_matches_the_model(server, models_dir):
 # ------------------------------------------------------------------------------ error codes
 def test_error_codes(server):
     stub = server.stub
-    NF, IA, FP = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+    NF, IA, FP = (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
     cases = [
         (NF, lambda: gen(stub, model="nope")),
         (NF, lambda: gen(stub, session_id="no-such-session")),
@@ -163,12 +187,36 @@ def test_error_codes(server):
         (IA, lambda: gen(stub, model="tiny-char", stop=[""])),
         (IA, lambda: gen(stub)),
         (IA, lambda: stub.Score(pb.ScoreRequest(model="tiny-char", text=""))),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: stub.Score(pb.ScoreRequest(model="tiny-char", text="a" * 2001))),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            lambda: stub.Score(pb.ScoreRequest(model="tiny-char", text="a" * 2001)),
+        ),
         (FP, lambda: gen(stub, model="tiny-mnist")),
         (FP, lambda: stub.Score(pb.ScoreRequest(model="tiny-mnist", text="abc"))),
-        (FP, lambda: list(stub.ClassifyGlimpses(iter([pb.GlimpseRequest(model="tiny-char", pixels=[0.0] * 49)])))),
-        (IA, lambda: list(stub.ClassifyGlimpses(iter([pb.GlimpseRequest(model="tiny-mnist", pixels=[0.0] * 48)])))),
-        (IA, lambda: list(stub.ClassifyGlimpses(iter([pb.GlimpseRequest(model="tiny-mnist", pixels=[math.nan] * 49)])))),
+        (
+            FP,
+            lambda: list(
+                stub.ClassifyGlimpses(
+                    iter([pb.GlimpseRequest(model="tiny-char", pixels=[0.0] * 49)])
+                )
+            ),
+        ),
+        (
+            IA,
+            lambda: list(
+                stub.ClassifyGlimpses(
+                    iter([pb.GlimpseRequest(model="tiny-mnist", pixels=[0.0] * 48)])
+                )
+            ),
+        ),
+        (
+            IA,
+            lambda: list(
+                stub.ClassifyGlimpses(
+                    iter([pb.GlimpseRequest(model="tiny-mnist", pixels=[math.nan] * 49)])
+                )
+            ),
+        ),
         (NF, lambda: stub.CloseSession(pb.CloseSessionRequest(session_id="gone"))),
         (NF, lambda: stub.CreateSession(pb.CreateSessionRequest(model="nope"))),
     ]
@@ -178,8 +226,13 @@ def test_error_codes(server):
         assert info.value.code() == want, (want, info.value.details())
         assert info.value.details()  # every error says what was wrong
     # a bad request harms nobody: a good one still works
-    assert len("".join(r.text for r in gen(stub, model="tiny-char", max_chars=3, temperature=0))) == 3
-    assert server.metric("nlstm_requests_total", {"method": "Generate", "code": "INVALID_ARGUMENT"}) >= 8
+    assert (
+        len("".join(r.text for r in gen(stub, model="tiny-char", max_chars=3, temperature=0))) == 3
+    )
+    assert (
+        server.metric("nlstm_requests_total", {"method": "Generate", "code": "INVALID_ARGUMENT"})
+        >= 8
+    )
 
 
 def test_session_bound_and_busy_session(server):
@@ -189,7 +242,9 @@ def test_session_bound_and_busy_session(server):
         for _ in range(20):
             ids.append(stub.CreateSession(pb.CreateSessionRequest(model="tiny-char")).session_id)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert len("".join(r.text for r in gen(stub, model="tiny-char", max_chars=2, temperature=0))) == 2  # others served
+    assert (
+        len("".join(r.text for r in gen(stub, model="tiny-char", max_chars=2, temperature=0))) == 2
+    )  # others served
     # two calls on one session at once: the second is refused with ABORTED
     sid = ids[0]
     stream = stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=300, temperature=1.0))
@@ -223,8 +278,14 @@ def test_cancelled_stream_frees_its_session(server):
 def test_concurrent_streams_are_batched(server):
     before = server.metric("nlstm_batch_size_sum", {"model": "tiny-char"}) or 0.0
     count0 = server.metric("nlstm_batch_size_count", {"model": "tiny-char"}) or 0.0
-    threads = [threading.Thread(target=gen, args=(server.stub,), kwargs=dict(model="tiny-char", max_chars=40, temperature=1.0, seed=i))
-               for i in range(6)]
+    threads = [
+        threading.Thread(
+            target=gen,
+            args=(server.stub,),
+            kwargs=dict(model="tiny-char", max_chars=40, temperature=1.0, seed=i),
+        )
+        for i in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -269,14 +330,24 @@ def test_queue_depth_counts_ready_sequences_beyond_one_batch(models_dir):
 
         def watch():
             while not done.is_set():
-                seen["active"] = max(seen["active"], s.metric("nlstm_active_sequences", {"model": "tiny-char"}) or 0)
-                seen["waiting"] = max(seen["waiting"], s.metric("nlstm_queue_depth", {"model": "tiny-char"}) or 0)
+                seen["active"] = max(
+                    seen["active"], s.metric("nlstm_active_sequences", {"model": "tiny-char"}) or 0
+                )
+                seen["waiting"] = max(
+                    seen["waiting"], s.metric("nlstm_queue_depth", {"model": "tiny-char"}) or 0
+                )
                 time.sleep(0.001)
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        threads = [threading.Thread(target=gen, args=(s.stub,), kwargs=dict(model="tiny-char", max_chars=300, seed=i,
-                                                                             temperature=1.0)) for i in range(6)]
+        threads = [
+            threading.Thread(
+                target=gen,
+                args=(s.stub,),
+                kwargs=dict(model="tiny-char", max_chars=300, seed=i, temperature=1.0),
+            )
+            for i in range(6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -285,8 +356,9 @@ def test_queue_depth_counts_ready_sequences_beyond_one_batch(models_dir):
         watcher.join()
         # six streams, batches of two: up to four ready ones wait for each step
         assert 2 < seen["active"] <= 6 and 0 < seen["waiting"] <= 4, seen
-        assert s.metric("nlstm_batch_size_bucket", {"model": "tiny-char", "le": "2.0"}) == \
-            s.metric("nlstm_batch_size_count", {"model": "tiny-char"})
+        assert s.metric("nlstm_batch_size_bucket", {"model": "tiny-char", "le": "2.0"}) == s.metric(
+            "nlstm_batch_size_count", {"model": "tiny-char"}
+        )
         deadline = time.time() + 5
         while s.metric("nlstm_active_sequences", {"model": "tiny-char"}) and time.time() < deadline:
             time.sleep(0.01)
@@ -303,17 +375,24 @@ def test_health_and_reflection(server):
 
     health = health_pb2_grpc.HealthStub(server.channel)
     for name in ("", "nlstm.v1.Inference"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
-    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    resp = next(
+        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     names = {s.name for s in resp.list_services_response.service}
     assert {"nlstm.v1.Inference", "grpc.health.v1.Health"} <= names
 
 
 def test_serving_never_imports_torch():
-    code = ("import sys; import serving.server, serving.runtime, serving.client, serving.engine, "
-            "serving.http, serving.commands; print(sorted(m for m in sys.modules if m == 'torch' or "
-            "m.startswith('training')))")
+    code = (
+        "import sys; import serving.server, serving.runtime, serving.client, serving.engine, "
+        "serving.http, serving.commands; print(sorted(m for m in sys.modules if m == 'torch' or "
+        "m.startswith('training')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -321,9 +400,25 @@ def test_serving_never_imports_torch():
 def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--models", str(models_dir), "--port", "0",
-         "--metrics-port", "-1", "--grace", "5", "--host", "localhost"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--grace",
+            "5",
+            "--host",
+            "localhost",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         port = None
@@ -338,7 +433,9 @@ def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
         assert port, "".join(lines)
         channel = grpc.insecure_channel(f"localhost:{port}")
         stub = pb_grpc.InferenceStub(channel)
-        stream = stub.Generate(pb.GenerateRequest(model="tiny-char", max_chars=300, temperature=1.0))
+        stream = stub.Generate(
+            pb.GenerateRequest(model="tiny-char", max_chars=300, temperature=1.0)
+        )
         first = next(stream)
         proc.send_signal(signal.SIGTERM)
         rest = list(stream)  # the call in flight finishes (all 300, or cut short as CANCELLED)
@@ -370,62 +467,191 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     from training.cli import main as cli_main
 
     target = ["--target", f"localhost:{server.running.port}"]
-    assert cli_main(["generate", *target, "--model", "tiny-char", "--prompt", "the ", "--max-chars", "25",
-                     "--seed", "3", "--temperature", "0.8"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                *target,
+                "--model",
+                "tiny-char",
+                "--prompt",
+                "the ",
+                "--max-chars",
+                "25",
+                "--seed",
+                "3",
+                "--temperature",
+                "0.8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    again = "".join(r.text for r in gen(server.stub, model="tiny-char", prompt="the ", max_chars=25, seed=3,
-                                        temperature=0.8))
+    again = "".join(
+        r.text
+        for r in gen(
+            server.stub, model="tiny-char", prompt="the ", max_chars=25, seed=3, temperature=0.8
+        )
+    )
     assert printed == again + "\n" and len(again) == 25  # streamed as it came, the same text
     # the local backend: the same sequence logic on the exported folder, the same text by seed
     for extra in ([], ["--stop", "a", "--top-k", "3"]):
-        args = ["--model", "tiny-char", "--prompt", "the ", "--max-chars", "25", "--seed", "3", "--temperature", "0.8"]
+        args = [
+            "--model",
+            "tiny-char",
+            "--prompt",
+            "the ",
+            "--max-chars",
+            "25",
+            "--seed",
+            "3",
+            "--temperature",
+            "0.8",
+        ]
         assert cli_main(["generate", *target, *args, *extra]) == 0
         served_text = capsys.readouterr().out
-        assert cli_main(["generate", "--backend", "onnx", "--models", str(models_dir), "--providers", "cpu",
-                         *args, *extra]) == 0
+        assert (
+            cli_main(
+                [
+                    "generate",
+                    "--backend",
+                    "onnx",
+                    "--models",
+                    str(models_dir),
+                    "--providers",
+                    "cpu",
+                    *args,
+                    *extra,
+                ]
+            )
+            == 0
+        )
         assert capsys.readouterr().out == served_text
-    assert served_text.rstrip("\n").endswith("a") and len(served_text) <= 26  # stopped at the stop string
-    assert cli_main(["generate", "--backend", "onnx", "--session", "x", "--model", "tiny-char"]) == 2
+    assert (
+        served_text.rstrip("\n").endswith("a") and len(served_text) <= 26
+    )  # stopped at the stop string
+    assert (
+        cli_main(["generate", "--backend", "onnx", "--session", "x", "--model", "tiny-char"]) == 2
+    )
     assert "--session needs --backend server" in capsys.readouterr().err
 
     text_file = tmp_path / "text.txt"
     text_file.write_text("the dog sat on the park mat~\n", encoding="utf-8")  # '~' is unknown
     assert cli_main(["score", str(text_file), *target, "--model", "tiny-char", "--per-char"]) == 0
     served = capsys.readouterr().out.splitlines()
-    assert cli_main(["score", str(text_file), "--backend", "onnx", "--models", str(models_dir),
-                     "--model", "tiny-char", "--per-char", "--providers", "cpu"]) == 0
+    assert (
+        cli_main(
+            [
+                "score",
+                str(text_file),
+                "--backend",
+                "onnx",
+                "--models",
+                str(models_dir),
+                "--model",
+                "tiny-char",
+                "--per-char",
+                "--providers",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     local = capsys.readouterr().out.splitlines()
     # the same characters scored, the same figures (the step graph either way, float32 logits)
     assert served[0].startswith("29 characters") and served[0].endswith("1 unknown")
     assert len(served) == len(local) == 1 + 29
-    r = server.stub.Score(pb.ScoreRequest(model="tiny-char", text=text_file.read_text(), per_char=True))
+    r = server.stub.Score(
+        pb.ScoreRequest(model="tiny-char", text=text_file.read_text(), per_char=True)
+    )
     bpc_local = float(local[0].split(", ")[2].split()[0])
     assert bpc_local == pytest.approx(r.bits_per_char, abs=1e-4)
     for a, b in zip(served[1:], local[1:], strict=True):
         assert a.split("\t")[0] == b.split("\t")[0] and float(a.split("\t")[1]) == pytest.approx(
-            float(b.split("\t")[1]), abs=2e-3)
+            float(b.split("\t")[1]), abs=2e-3
+        )
     # the local backend's own mistakes: one line, exit status 2
-    assert cli_main(["score", str(text_file), "--backend", "onnx", "--models", str(models_dir),
-                     "--model", "tiny-mnist"]) == 2
+    assert (
+        cli_main(
+            [
+                "score",
+                str(text_file),
+                "--backend",
+                "onnx",
+                "--models",
+                str(models_dir),
+                "--model",
+                "tiny-mnist",
+            ]
+        )
+        == 2
+    )
     assert "glimpse model" in capsys.readouterr().err
-    assert cli_main(["score", str(text_file), "--backend", "onnx", "--models", str(models_dir),
-                     "--model", "nope"]) == 2
+    assert (
+        cli_main(
+            [
+                "score",
+                str(text_file),
+                "--backend",
+                "onnx",
+                "--models",
+                str(models_dir),
+                "--model",
+                "nope",
+            ]
+        )
+        == 2
+    )
     assert "no exported model 'nope'" in capsys.readouterr().err
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 28, 28))
     _write_idx(tmp_path / "mnist", images, np.array([7, 2, 1]))
-    assert cli_main(["classify", *target, "--model", "tiny-mnist", "--index", "1",
-                     "--data-dir", str(tmp_path)]) == 0
+    assert (
+        cli_main(
+            [
+                "classify",
+                *target,
+                "--model",
+                "tiny-mnist",
+                "--index",
+                "1",
+                "--data-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 21 and lines[-1] == "label: 2" and lines[0].startswith("glimpse  1: class ")
-    stream = list(server.stub.ClassifyGlimpses(iter(
-        pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist())
-        for i, g in enumerate(image_to_glimpses(images[1].astype(np.uint8))))))
-    assert lines[19] == (f"glimpse 20: class {stream[-1].predicted_class} (p = "
-                         f"{max(stream[-1].probabilities):.3f})")
-    assert cli_main(["classify", *target, "--model", "tiny-mnist", "--index", "3",
-                     "--data-dir", str(tmp_path)]) == 2
+    assert (
+        len(lines) == 21 and lines[-1] == "label: 2" and lines[0].startswith("glimpse  1: class ")
+    )
+    stream = list(
+        server.stub.ClassifyGlimpses(
+            iter(
+                pb.GlimpseRequest(model="tiny-mnist" if i == 0 else "", pixels=g.tolist())
+                for i, g in enumerate(image_to_glimpses(images[1].astype(np.uint8)))
+            )
+        )
+    )
+    assert lines[19] == (
+        f"glimpse 20: class {stream[-1].predicted_class} (p = {max(stream[-1].probabilities):.3f})"
+    )
+    assert (
+        cli_main(
+            [
+                "classify",
+                *target,
+                "--model",
+                "tiny-mnist",
+                "--index",
+                "3",
+                "--data-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "image index must be in [0, 3)" in capsys.readouterr().err
 
 
@@ -434,14 +660,19 @@ def test_stream_interval_coalesces_generate_messages(models_dir):
     carries every character made meanwhile; 0 sends each as it is made. The text is the same."""
     texts, counts = [], []
     for interval in (0.0, 0.05):
-        s = ServerThread(models_dir, Limits(stream_interval=interval, max_chars=300, max_messages_per_s=0.0))
+        s = ServerThread(
+            models_dir, Limits(stream_interval=interval, max_chars=300, max_messages_per_s=0.0)
+        )
         try:
             t0 = time.perf_counter()
             msgs = gen(s.stub, model="tiny-char", max_chars=300, seed=5, temperature=1.0)
             elapsed = time.perf_counter() - t0
         finally:
             s.close()
-        assert sum(len(m.text) for m in msgs) == 300 and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert (
+            sum(len(m.text) for m in msgs) == 300
+            and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        )
         texts.append("".join(m.text for m in msgs))
         counts.append(len(msgs))
         if interval:
@@ -459,12 +690,17 @@ def test_message_budget_spaces_a_models_streams(models_dir):
     characters in a few messages' time, so only "more than the budget allows" is certain)."""
     counts = {}
     for budget in (0.2, 0.0):
-        s = ServerThread(models_dir, Limits(stream_interval=0.0, max_chars=200, max_messages_per_s=budget))
+        s = ServerThread(
+            models_dir, Limits(stream_interval=0.0, max_chars=200, max_messages_per_s=budget)
+        )
         try:
             msgs = gen(s.stub, model="tiny-char", max_chars=200, seed=5, temperature=1.0)
         finally:
             s.close()
-        assert sum(len(m.text) for m in msgs) == 200 and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert (
+            sum(len(m.text) for m in msgs) == 200
+            and msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        )
         counts[budget] = len(msgs)
     assert counts[0.2] <= 2 and counts[0.0] > counts[0.2], counts
 

@@ -25,8 +25,11 @@ def hm_model():
     boundaries of both values on both detectors over PHRASE (and UPDATE, COPY and FLUSH)."""
     torch.manual_seed(0)
     tok = train_char_tokenizer(TEXT, newline=True)
-    model = build_model(ModelConfig(kind="char", core="hmlstm", hidden_size=H, num_layers=LAYERS,
-                                    vocab_size=tok.vocab_size))
+    model = build_model(
+        ModelConfig(
+            kind="char", core="hmlstm", hidden_size=H, num_layers=LAYERS, vocab_size=tok.vocab_size
+        )
+    )
     return model.eval(), tok.model_proto
 
 
@@ -37,9 +40,14 @@ def server(tmp_path_factory, hm_model):
     export_model(model, root / HM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")
     # a model without boundary detectors beside it (an NLSTM, as training.testing.models'
     # CHAR_MODEL)
-    nlstm = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=H, depth=2,
-                                    vocab_size=model.config.vocab_size))
-    export_model(nlstm.eval(), root / NLSTM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never")
+    nlstm = build_model(
+        ModelConfig(
+            kind="char", core="nlstm", hidden_size=H, depth=2, vocab_size=model.config.vocab_size
+        )
+    )
+    export_model(
+        nlstm.eval(), root / NLSTM_MODEL, task="ptb", tokenizer=tokenizer, sequence="never"
+    )
     s = ServerThread(root, Limits(max_text=2000, max_sessions=4, max_wait=0.005))
     yield s
     s.close()
@@ -63,7 +71,9 @@ def test_score_returns_the_models_boundaries_per_character(server, hm_model):
     assert all(len(b) == len(PHRASE) and set(b) <= {"0", "1"} for b in r.boundaries)
     want = torch_boundaries(hm_model, PHRASE)
     assert list(r.boundaries) == want
-    assert all(set(b) == {"0", "1"} for b in want)  # both values occur: the test can tell them apart
+    assert all(
+        set(b) == {"0", "1"} for b in want
+    )  # both values occur: the test can tell them apart
 
 
 def test_boundaries_continue_across_a_session(server, hm_model):
@@ -72,7 +82,9 @@ def test_boundaries_continue_across_a_session(server, hm_model):
     a = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[:17], per_char=True))
     b = stub.Score(pb.ScoreRequest(session_id=s.session_id, text=PHRASE[17:], per_char=True))
     stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id))
-    assert [x + y for x, y in zip(a.boundaries, b.boundaries, strict=True)] == torch_boundaries(hm_model, PHRASE)
+    assert [x + y for x, y in zip(a.boundaries, b.boundaries, strict=True)] == torch_boundaries(
+        hm_model, PHRASE
+    )
 
 
 def test_no_boundaries_without_per_char_or_a_boundary_detector(server):

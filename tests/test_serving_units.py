@@ -78,9 +78,14 @@ def test_idle_expiry_and_bound():
 
 
 def test_sampling_parameters_are_checked():
-    for args, msg in [((-1, 0, 0), "temperature"), ((math.nan, 0, 0), "temperature"),
-                      ((math.inf, 0, 0), "temperature"), ((1, -1, 0), "top_k"),
-                      ((1, 0, 1.5), "top_p"), ((1, 0, math.nan), "top_p")]:
+    for args, msg in [
+        ((-1, 0, 0), "temperature"),
+        ((math.nan, 0, 0), "temperature"),
+        ((math.inf, 0, 0), "temperature"),
+        ((1, -1, 0), "top_k"),
+        ((1, 0, 1.5), "top_p"),
+        ((1, 0, math.nan), "top_p"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             check_sampling(*args)
 
@@ -123,13 +128,16 @@ class FakeModel:
 def run_scheduler(model, make_seqs, max_batch=8, max_wait=0.0):
     async def main():
         loop = asyncio.get_running_loop()
-        sched = Scheduler(model.step, max_batch=max_batch, max_wait=max_wait, post=loop.call_soon_threadsafe)
+        sched = Scheduler(
+            model.step, max_batch=max_batch, max_wait=max_wait, post=loop.call_soon_threadsafe
+        )
         seqs, waits = make_seqs(loop)
         for s in seqs:
             sched.add(s)
         await asyncio.gather(*waits)
         await loop.run_in_executor(None, sched.stop)
         return seqs
+
     return asyncio.run(main())
 
 
@@ -138,8 +146,17 @@ def test_scheduler_steps_ready_sequences_together_and_scores():
 
     def make(loop):
         futs = [loop.create_future() for _ in range(3)]
-        seqs = [ScoreSequence(np.zeros((2, 2), np.float32), None, 0, np.array([1, 2, 3, 4]), [],
-                              lambda s, f=f: f.done() or f.set_result(s)) for f in futs]
+        seqs = [
+            ScoreSequence(
+                np.zeros((2, 2), np.float32),
+                None,
+                0,
+                np.array([1, 2, 3, 4]),
+                [],
+                lambda s, f=f: f.done() or f.set_result(s),
+            )
+            for f in futs
+        ]
         return seqs, futs
 
     seqs = run_scheduler(model, make)
@@ -164,10 +181,24 @@ def test_scheduler_generates_greedily_and_respects_max_batch():
                     done[i].set_result(outs[i])
                 else:
                     outs[i].append((text, finish))
+
             return emit
 
-        seqs = [GenerateSequence(np.zeros((1, 1), np.float32), None, [i], Sampler(0.0), 4, [], False, texts, None,
-                                 emitter(i)) for i in range(5)]
+        seqs = [
+            GenerateSequence(
+                np.zeros((1, 1), np.float32),
+                None,
+                [i],
+                Sampler(0.0),
+                4,
+                [],
+                False,
+                texts,
+                None,
+                emitter(i),
+            )
+            for i in range(5)
+        ]
         return seqs, done
 
     seqs = run_scheduler(model, make, max_batch=2)
@@ -203,8 +234,17 @@ def test_scheduler_reports_a_failing_graph_to_its_calls_only():
 
     def make(loop):
         futs = [loop.create_future() for _ in range(2)]
-        seqs = [ScoreSequence(np.zeros((1, 1), np.float32), np.zeros(10), 0, np.array(ids), [],
-                              lambda s, f=f: f.done() or f.set_result(s)) for ids, f in zip(([9], [1, 2]), futs, strict=True)]
+        seqs = [
+            ScoreSequence(
+                np.zeros((1, 1), np.float32),
+                np.zeros(10),
+                0,
+                np.array(ids),
+                [],
+                lambda s, f=f: f.done() or f.set_result(s),
+            )
+            for ids, f in zip(([9], [1, 2]), futs, strict=True)
+        ]
         return seqs, futs
 
     bad, good = run_scheduler(model, make, max_batch=1)
@@ -220,8 +260,19 @@ def test_generate_messages_are_timed_on_the_scheduler_thread():
 
     def make(max_chars):
         sent.clear()  # a session's continuation: no prompt, its logits predict the first character
-        return GenerateSequence(np.zeros((1, 1), np.float32), np.zeros(4, np.float32), [], Sampler(0.0), max_chars,
-                                [], False, texts, None, lambda *m: sent.append(m), interval=0.05)
+        return GenerateSequence(
+            np.zeros((1, 1), np.float32),
+            np.zeros(4, np.float32),
+            [],
+            Sampler(0.0),
+            max_chars,
+            [],
+            False,
+            texts,
+            None,
+            lambda *m: sent.append(m),
+            interval=0.05,
+        )
 
     def sample(seq, token, now):  # one step: sample, feed (the state counts the symbols fed)
         post = []
@@ -295,16 +346,32 @@ def test_steady_batches_reuse_the_last_outputs_without_mixing_rows(max_batch):
                         done[i].set_result(None)
                     else:
                         outs[i].append(text)
+
                 return emit
 
-            seqs = [GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i], Sampler(1.0, seed=i),
-                                     40, [], False, texts, None, emitter(i)) for i in which]
+            seqs = [
+                GenerateSequence(
+                    np.zeros((1, StatefulModel.V), np.float32),
+                    None,
+                    [i],
+                    Sampler(1.0, seed=i),
+                    40,
+                    [],
+                    False,
+                    texts,
+                    None,
+                    emitter(i),
+                )
+                for i in which
+            ]
             for s, i in zip(seqs, which, strict=True):
                 s.out = outs[i]
             return seqs, list(done.values())
 
         seqs = run_scheduler(model, make, max_batch=batch_size)
-        return {i: ("".join(s.out), s.pos[0].copy()) for i, s in zip(which, seqs, strict=True)}, model.calls
+        return {
+            i: ("".join(s.out), s.pos[0].copy()) for i, s in zip(which, seqs, strict=True)
+        }, model.calls
 
     together, calls = run(max_batch, range(5))
     assert max(calls) == min(max_batch, 5)
@@ -323,7 +390,9 @@ def _generate_all(specs, *, max_batch=8, eos_id=None, cancel_after=None, interva
 
     async def main():
         loop = asyncio.get_running_loop()
-        sched = Scheduler(StatefulModel().step, max_batch=max_batch, max_wait=0.0, post=loop.call_soon_threadsafe)
+        sched = Scheduler(
+            StatefulModel().step, max_batch=max_batch, max_wait=0.0, post=loop.call_soon_threadsafe
+        )
         outs = [[] for _ in specs]
         done = [loop.create_future() for _ in specs]
         seqs = []
@@ -334,6 +403,7 @@ def _generate_all(specs, *, max_batch=8, eos_id=None, cancel_after=None, interva
                     done[i].set_result(None)
                     return
                 outs[i].append((text, list(bits), finish))
+
             return emit
 
         async def cancel():
@@ -344,8 +414,21 @@ def _generate_all(specs, *, max_batch=8, eos_id=None, cancel_after=None, interva
             sched.poke()
 
         for i, (sampler, max_chars, stop, logprobs) in enumerate(specs):
-            seqs.append(GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i % 5], sampler, max_chars,
-                                         stop, logprobs, texts, eos_id, emitter(i), interval=interval))
+            seqs.append(
+                GenerateSequence(
+                    np.zeros((1, StatefulModel.V), np.float32),
+                    None,
+                    [i % 5],
+                    sampler,
+                    max_chars,
+                    stop,
+                    logprobs,
+                    texts,
+                    eos_id,
+                    emitter(i),
+                    interval=interval,
+                )
+            )
         for s in seqs:
             sched.add(s)
         await asyncio.gather(*done, *([cancel()] if cancel_after is not None else []))
@@ -390,7 +473,9 @@ def test_streams_blocks_give_the_step_by_step_text(monkeypatch, eos_id, block):
     assert blocks and max(blocks) == 5  # blocks ran, the first with every stream
     if block == 3:
         assert len(blocks) >= 10  # many blocks: draws taken ahead and given back at each end
-    for (ref_out, ref_state, ref_reason), (out, state, reason) in zip(reference, columnar, strict=True):
+    for (ref_out, ref_state, ref_reason), (out, state, reason) in zip(
+        reference, columnar, strict=True
+    ):
         assert out == ref_out and reason == ref_reason
         np.testing.assert_array_equal(state, ref_state)
     reasons = {r for _, _, r in reference}
@@ -404,14 +489,19 @@ def test_streams_cancelled_mid_block_keep_text_and_state_together(interval):
     is the state after exactly those characters."""
     texts = list("uvwxy")
     # id 5 (empty text) banned, so that the text spells every id fed
-    results = _generate_all([(Sampler(1.0, seed=i, banned=(5,)), 4000, [], False) for i in range(4)],
-                            cancel_after=50, interval=interval)
+    results = _generate_all(
+        [(Sampler(1.0, seed=i, banned=(5,)), 4000, [], False) for i in range(4)],
+        cancel_after=50,
+        interval=interval,
+    )
     for i, (out, state, _) in enumerate(results):
         assert out[-1][2] == "CANCELLED" and all(r == "" for _, _, r in out[:-1])
         assert len(out) == 2 if interval else len(out) >= 49
         text = "".join(t for t, _, _ in out)
         assert 49 <= len(text) < 4000
-        expect = np.zeros(StatefulModel.V)  # the state StatefulModel reaches on the prompt and the text
+        expect = np.zeros(
+            StatefulModel.V
+        )  # the state StatefulModel reaches on the prompt and the text
         for token in [i % 5] + [texts.index(c) for c in text]:
             expect = 0.6 * expect
             expect[token] += 1.0
@@ -453,8 +543,19 @@ def test_message_spacing_applies_in_both_paths():
     for interval, spacing in [(0.0, 0.1), (0.1, 0.02), (0.0, 0.0)]:
         expect = _message_times(times, max(interval, spacing))
         sent: list = []
-        seq = GenerateSequence(np.zeros((1, 1), np.float32), None, [], Sampler(0.0), 1000, [], False, texts, None,
-                               lambda *m, out=sent: out.append(m), interval=interval)
+        seq = GenerateSequence(
+            np.zeros((1, 1), np.float32),
+            None,
+            [],
+            Sampler(0.0),
+            1000,
+            [],
+            False,
+            texts,
+            None,
+            lambda *m, out=sent: out.append(m),
+            interval=interval,
+        )
         for now in times:
             post: list = []
             seq.take_sample(0, None, post, now, spacing)
@@ -463,10 +564,25 @@ def test_message_spacing_applies_in_both_paths():
         assert len(sent) == len(expect)
 
         block_sent: list = []
-        seqs = [GenerateSequence(np.zeros((1, 1), np.float32), np.zeros(5), [], Sampler(0.0), 1000, [], False,
-                                 texts, None, lambda *m, out=block_sent: out.append(m), interval=interval)
-                for _ in range(2)]
-        block = scheduler.Streams(seqs, np.zeros((2, 1, 1), np.float32), np.zeros((2, 5), np.float32), spacing)
+        seqs = [
+            GenerateSequence(
+                np.zeros((1, 1), np.float32),
+                np.zeros(5),
+                [],
+                Sampler(0.0),
+                1000,
+                [],
+                False,
+                texts,
+                None,
+                lambda *m, out=block_sent: out.append(m),
+                interval=interval,
+            )
+            for _ in range(2)
+        ]
+        block = scheduler.Streams(
+            seqs, np.zeros((2, 1, 1), np.float32), np.zeros((2, 5), np.float32), spacing
+        )
         for now in times:
             post = []
             block.sample(now, post)
@@ -474,7 +590,10 @@ def test_message_spacing_applies_in_both_paths():
                 callback()
         assert len(block_sent) == 2 * len(expect)
         block.release()  # the characters since each stream's last message go back to it, pending
-        assert "".join(t for t, *_ in block_sent) + "".join(c for s in seqs for c in s.pending) == "u" * 80
+        assert (
+            "".join(t for t, *_ in block_sent) + "".join(c for s in seqs for c in s.pending)
+            == "u" * 80
+        )
 
 
 def test_scheduler_spaces_messages_by_the_models_budget():
@@ -484,8 +603,13 @@ def test_scheduler_spaces_messages_by_the_models_budget():
 
     async def run(message_rate):
         loop = asyncio.get_running_loop()
-        sched = Scheduler(StatefulModel().step, max_batch=8, max_wait=0.0, post=loop.call_soon_threadsafe,
-                          message_rate=message_rate)
+        sched = Scheduler(
+            StatefulModel().step,
+            max_batch=8,
+            max_wait=0.0,
+            post=loop.call_soon_threadsafe,
+            message_rate=message_rate,
+        )
         outs = [[] for _ in range(4)]
         done = [loop.create_future() for _ in range(4)]
 
@@ -495,11 +619,25 @@ def test_scheduler_spaces_messages_by_the_models_budget():
                     done[i].set_result(None)
                 else:
                     outs[i].append((text, finish))
+
             return emit
 
         for i in range(4):
-            sched.add(GenerateSequence(np.zeros((1, StatefulModel.V), np.float32), None, [i], Sampler(1.0, seed=i),
-                                       30, [], False, list("uvwxyz"), None, emitter(i), interval=0.0))
+            sched.add(
+                GenerateSequence(
+                    np.zeros((1, StatefulModel.V), np.float32),
+                    None,
+                    [i],
+                    Sampler(1.0, seed=i),
+                    30,
+                    [],
+                    False,
+                    list("uvwxyz"),
+                    None,
+                    emitter(i),
+                    interval=0.0,
+                )
+            )
         await asyncio.gather(*done)
         await loop.run_in_executor(None, sched.stop)
         return outs
@@ -534,7 +672,9 @@ def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, co
 
     async def main():
         loop = asyncio.get_running_loop()
-        sched = Scheduler(CountingModel().step, max_batch=4, max_wait=0.0, post=loop.call_soon_threadsafe)
+        sched = Scheduler(
+            CountingModel().step, max_batch=4, max_wait=0.0, post=loop.call_soon_threadsafe
+        )
         checks, done, seqs = [], [loop.create_future() for _ in range(3)], []
 
         def emitter(i):
@@ -547,14 +687,33 @@ def test_a_message_reaches_the_loop_after_the_step_that_feeds_it(monkeypatch, co
                 delivered[0] += len(text)
                 fed = int(seqs[i].pos[0][0, 0])  # the start id and the characters fed so far
                 boundary = seqs[i].mark(made)[0][0, 0]  # the state when this message's last was fed
-                checks.append((fed >= 1 + delivered[0], not finish or seqs[i].finished,
-                               made == delivered[0] and boundary == 1 + made))
+                checks.append(
+                    (
+                        fed >= 1 + delivered[0],
+                        not finish or seqs[i].finished,
+                        made == delivered[0] and boundary == 1 + made,
+                    )
+                )
                 seqs[i].forget(made)  # as the engine does once a message is sent
+
             return emit
 
         for i in range(3):
-            seqs.append(GenerateSequence(np.zeros((1, 1), np.float32), None, [0], Sampler(1.0, seed=i), 40, [], False,
-                                         list("abcde"), None, emitter(i), interval=0.0))
+            seqs.append(
+                GenerateSequence(
+                    np.zeros((1, 1), np.float32),
+                    None,
+                    [0],
+                    Sampler(1.0, seed=i),
+                    40,
+                    [],
+                    False,
+                    list("abcde"),
+                    None,
+                    emitter(i),
+                    interval=0.0,
+                )
+            )
             sched.add(seqs[-1])
         await asyncio.gather(*done)
         await loop.run_in_executor(None, sched.stop)

@@ -33,8 +33,13 @@ from serving.testing.inprocess import ServerThread
 from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT, export_tiny_models
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
-LIMITS = {"max_chars": 4000, "max_text": 100_000, "max_wait": 0.005, "stream_interval": 0.0,
-          "max_messages_per_s": 0.0}
+LIMITS = {
+    "max_chars": 4000,
+    "max_text": 100_000,
+    "max_wait": 0.005,
+    "stream_interval": 0.0,
+    "max_messages_per_s": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,9 @@ def code_of(fn, *args, **kwargs):
 def glimpse_requests(glimpses, model="", session_id=""):
     for i, g in enumerate(glimpses):
         first = i == 0
-        yield pb.GlimpseRequest(model=model if first else "", session_id=session_id if first else "",
-                                pixels=g.tolist())
+        yield pb.GlimpseRequest(
+            model=model if first else "", session_id=session_id if first else "", pixels=g.tolist()
+        )
 
 
 def random_glimpses(seed: int, n: int) -> np.ndarray:
@@ -111,9 +117,17 @@ def test_positions_in_every_response_and_get_session(server):
     stub = server.stub
     sid = sid_of(stub)
     s = info(stub, sid)
-    assert (s.session_id, s.model, s.position, s.in_use, s.idle_timeout_seconds) == (sid, CHAR_MODEL, 0, False, 600)
+    assert (s.session_id, s.model, s.position, s.in_use, s.idle_timeout_seconds) == (
+        sid,
+        CHAR_MODEL,
+        0,
+        False,
+        600,
+    )
     assert stub.Score(pb.ScoreRequest(session_id=sid, text="the cat")).position == 7
-    text, msgs = generate(stub, session_id=sid, prompt=" sat", max_chars=30, temperature=1.0, seed=2)
+    text, msgs = generate(
+        stub, session_id=sid, prompt=" sat", max_chars=30, temperature=1.0, seed=2
+    )
     # each message: the session's position after its characters (no end marker in this vocabulary)
     done = 0
     for m in msgs:
@@ -162,15 +176,20 @@ def test_cancelled_generate_keeps_exactly_the_characters_sent(models_dir, cache_
     read, so that it goes out before the cancel arrives. With 50 ms this test failed on busy
     machines, with or without the cache (position 153 for 9 received: the next message was
     kept too; figures in docs/serving.md); 0.5 s leaves the cancel half a second."""
-    limits = Limits(**dict(LIMITS, stream_interval=0.5, max_chars=100_000, prefix_cache_mb=cache_mb))
+    limits = Limits(
+        **dict(LIMITS, stream_interval=0.5, max_chars=100_000, prefix_cache_mb=cache_mb)
+    )
     s = ServerThread(models_dir, limits)
     try:
         stub, prompt = s.stub, "the cat "
         for k in (1, 2, 3):
             hits = s.metric("nlstm_prefix_cache_hits_total", {"model": CHAR_MODEL}) or 0.0
             sid = sid_of(stub)
-            stream = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=100_000,
-                                                      temperature=1.0, seed=k))
+            stream = stub.Generate(
+                pb.GenerateRequest(
+                    session_id=sid, prompt=prompt, max_chars=100_000, temperature=1.0, seed=k
+                )
+            )
             received = ""
             for _ in range(k):
                 m = next(stream)
@@ -184,7 +203,9 @@ def test_cancelled_generate_keeps_exactly_the_characters_sent(models_dir, cache_
             assert hit == (1 if cache_mb and k > 1 else 0)
             check = sid_of(stub)
             score_bits(stub, check, prompt + received)
-            assert score_bits(stub, sid, "the mat") == pytest.approx(score_bits(stub, check, "the mat"), rel=1e-6)
+            assert score_bits(stub, sid, "the mat") == pytest.approx(
+                score_bits(stub, check, "the mat"), rel=1e-6
+            )
             for x in (sid, check):
                 stub.CloseSession(pb.CloseSessionRequest(session_id=x))
     finally:
@@ -207,8 +228,11 @@ def test_a_slow_reader_at_50_ms_keeps_what_the_server_sent(models_dir):
         stub, prompt = s.stub, "the cat "
         for k in (1, 2, 3):
             sid = sid_of(stub)
-            stream = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_chars=100_000,
-                                                      temperature=1.0, seed=10 + k))
+            stream = stub.Generate(
+                pb.GenerateRequest(
+                    session_id=sid, prompt=prompt, max_chars=100_000, temperature=1.0, seed=10 + k
+                )
+            )
             received = ""
             for _ in range(k):
                 m = next(stream)
@@ -218,11 +242,15 @@ def test_a_slow_reader_at_50_ms_keeps_what_the_server_sent(models_dir):
             stream.cancel()
             kept = settled(stub, sid).position - len(prompt)
             assert kept >= len(received) > 0
-            text, _ = generate(stub, model=CHAR_MODEL, prompt=prompt, max_chars=kept, temperature=1.0, seed=10 + k)
+            text, _ = generate(
+                stub, model=CHAR_MODEL, prompt=prompt, max_chars=kept, temperature=1.0, seed=10 + k
+            )
             assert text.startswith(received) and len(text) == kept
             check = sid_of(stub)
             score_bits(stub, check, prompt + text)
-            assert score_bits(stub, sid, "the mat") == pytest.approx(score_bits(stub, check, "the mat"), rel=1e-6)
+            assert score_bits(stub, sid, "the mat") == pytest.approx(
+                score_bits(stub, check, "the mat"), rel=1e-6
+            )
             for x in (sid, check):
                 stub.CloseSession(pb.CloseSessionRequest(session_id=x))
     finally:
@@ -235,7 +263,9 @@ def test_a_drained_generate_keeps_what_its_last_message_carried(models_dir):
     s = ServerThread(models_dir, Limits(**dict(LIMITS, stream_interval=0.05)))
     try:
         sid = sid_of(s.stub)
-        stream = s.stub.Generate(pb.GenerateRequest(session_id=sid, prompt="the", max_chars=4000, temperature=1.0))
+        stream = s.stub.Generate(
+            pb.GenerateRequest(session_id=sid, prompt="the", max_chars=4000, temperature=1.0)
+        )
         msgs = [next(stream)]
         draining = asyncio.run_coroutine_threadsafe(shutdown(s.running, 0.6), s.loop)
         msgs += list(stream)
@@ -261,8 +291,13 @@ def test_calls_that_time_out_leave_the_session_unchanged(server):
     code, _ = code_of(stub.Score, pb.ScoreRequest(session_id=sid, text=long_text), timeout=0.2)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert settled(stub, sid).position == 7
-    code, _ = code_of(lambda: list(stub.Generate(pb.GenerateRequest(
-        session_id=sid, prompt=long_text, max_chars=5), timeout=0.2)))
+    code, _ = code_of(
+        lambda: list(
+            stub.Generate(
+                pb.GenerateRequest(session_id=sid, prompt=long_text, max_chars=5), timeout=0.2
+            )
+        )
+    )
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert settled(stub, sid).position == 7
     # the state too: the session continues as its twin, which saw only "the cat"
@@ -282,7 +317,9 @@ def test_a_cancelled_glimpse_stream_keeps_the_glimpses_answered(server):
 
     stream = stub.ClassifyGlimpses(feed())
     for i in range(3):  # one glimpse, one answer
-        requests.put(pb.GlimpseRequest(session_id=gid if i == 0 else "", pixels=glimpses[i].tolist()))
+        requests.put(
+            pb.GlimpseRequest(session_id=gid if i == 0 else "", pixels=glimpses[i].tolist())
+        )
         assert next(stream).position == i + 1
     stream.cancel()
     requests.put(None)
@@ -304,8 +341,12 @@ def test_a_stream_keeps_few_boundaries_and_only_what_was_sent(server):
     sid = sid_of(stub)
 
     async def stuck():
-        chars = engine.generate(GenerateParams(CHAR_MODEL, sid, "the", 4000, temperature=1.0, seed=1))
-        first = await chars.__anext__()  # handed over, never confirmed: the caller does not ask again
+        chars = engine.generate(
+            GenerateParams(CHAR_MODEL, sid, "the", 4000, temperature=1.0, seed=1)
+        )
+        first = (
+            await chars.__anext__()
+        )  # handed over, never confirmed: the caller does not ask again
         # one message per character meanwhile (interval 0, no budget), all waiting: let the
         # stream run to its end, then let the event loop take every message posted (each one
         # arriving drops the boundary of the one it coalesces with), and count what is left
@@ -350,7 +391,9 @@ def test_a_failed_step_sends_nothing_the_state_lacks(fail_at):
 
     async def main():
         loop = asyncio.get_running_loop()
-        sched = Scheduler(CountingModel(fail_at).step, max_batch=4, max_wait=0.0, post=loop.call_soon_threadsafe)
+        sched = Scheduler(
+            CountingModel(fail_at).step, max_batch=4, max_wait=0.0, post=loop.call_soon_threadsafe
+        )
         done, got = loop.create_future(), []
 
         def emit(text, bits, finish, made):
@@ -359,8 +402,19 @@ def test_a_failed_step_sends_nothing_the_state_lacks(fail_at):
             else:
                 got.append((text, made))
 
-        seq = GenerateSequence(np.zeros((1, 1), np.float32), None, [0, 1, 2], Sampler(1.0, seed=0), 100, [], False,
-                               list("abcde"), None, emit, interval=0.0)
+        seq = GenerateSequence(
+            np.zeros((1, 1), np.float32),
+            None,
+            [0, 1, 2],
+            Sampler(1.0, seed=0),
+            100,
+            [],
+            False,
+            list("abcde"),
+            None,
+            emit,
+            interval=0.0,
+        )
         sched.add(seq)
         await done
         await loop.run_in_executor(None, sched.stop)
@@ -390,8 +444,15 @@ def test_snapshot_restore_and_fork_continue_bit_identically(server, replica):
     ids = {sid, fork.session_id, restored.session_id, moved.session_id}
     assert len(ids) == 4 and fork.position == restored.position == moved.position == 23
     assert fork.model == restored.model == moved.model == CHAR_MODEL
-    sessions = [(stub, sid), (stub, fork.session_id), (stub, restored.session_id), (replica.stub, moved.session_id)]
-    texts = {generate(st, session_id=x, max_chars=80, temperature=1.0, seed=11)[0] for st, x in sessions}
+    sessions = [
+        (stub, sid),
+        (stub, fork.session_id),
+        (stub, restored.session_id),
+        (replica.stub, moved.session_id),
+    ]
+    texts = {
+        generate(st, session_id=x, max_chars=80, temperature=1.0, seed=11)[0] for st, x in sessions
+    }
     assert len(texts) == 1  # the same seed gives the same text, character for character
     bits = {score_bits(st, x, "a dog ran in the park") for st, x in sessions}
     assert len(bits) == 1  # bit-identical states: the same float, not only close
@@ -425,7 +486,10 @@ def test_snapshot_and_fork_of_a_busy_or_unknown_session(server):
     sid = sid_of(stub)
     stream = stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=4000, temperature=1.0))
     next(stream)
-    for method, req in [(stub.SnapshotSession, pb.SnapshotSessionRequest), (stub.ForkSession, pb.ForkSessionRequest)]:
+    for method, req in [
+        (stub.SnapshotSession, pb.SnapshotSessionRequest),
+        (stub.ForkSession, pb.ForkSessionRequest),
+    ]:
         code, details = code_of(method, req(session_id=sid))
         assert code == grpc.StatusCode.ABORTED and "in use by another call" in details
         assert code_of(method, req(session_id="nope"))[0] == grpc.StatusCode.NOT_FOUND
@@ -445,8 +509,12 @@ def _export_char(root: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     tok = train_char_tokenizer(TEXT, newline=True)
-    model = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=16, depth=2, vocab_size=tok.vocab_size))
-    export_model(model.eval(), root / CHAR_MODEL, task="ptb", tokenizer=tok.model_proto, sequence="never")
+    model = build_model(
+        ModelConfig(kind="char", core="nlstm", hidden_size=16, depth=2, vocab_size=tok.vocab_size)
+    )
+    export_model(
+        model.eval(), root / CHAR_MODEL, task="ptb", tokenizer=tok.model_proto, sequence="never"
+    )
     return root
 
 
@@ -483,8 +551,16 @@ def test_restore_refusals_and_their_codes(server, models_dir, tmp_path):
         (_reencode(data, lambda s: s.logits.__setitem__(1, np.inf)), INVALID, "non-finite"),
         (_reencode(data, lambda s: setattr(s, "state", s.state[:, :8])), INVALID, "corrupt"),
         (_reencode(data, lambda s: setattr(s, "model", "other")), PRECONDITION, "does not run"),
-        (_reencode(data, lambda s: setattr(s, "model", GLIMPSE_MODEL)), PRECONDITION, "another export"),
-        (_reencode(data, lambda s: setattr(s, "model_id", "0" * 64)), PRECONDITION, "another export"),
+        (
+            _reencode(data, lambda s: setattr(s, "model", GLIMPSE_MODEL)),
+            PRECONDITION,
+            "another export",
+        ),
+        (
+            _reencode(data, lambda s: setattr(s, "model_id", "0" * 64)),
+            PRECONDITION,
+            "another export",
+        ),
     ]
     for blob, code, words in cases:
         got, details = restore(stub, blob)
@@ -520,7 +596,9 @@ def test_snapshot_key_signs_and_is_required(models_dir, server):
     a = ServerThread(models_dir, Limits(), snapshot_key=KEY_A)
     b = ServerThread(models_dir, Limits(), snapshot_key=KEY_B)
     try:
-        asid = a.stub.RestoreSession(pb.RestoreSessionRequest(data=_sign(unsigned, KEY_A))).session_id
+        asid = a.stub.RestoreSession(
+            pb.RestoreSessionRequest(data=_sign(unsigned, KEY_A))
+        ).session_id
         signed = a.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=asid)).data
         assert snapshot.decode(signed, KEY_A).position == 7
         again = a.stub.RestoreSession(pb.RestoreSessionRequest(data=signed))
@@ -559,13 +637,34 @@ def test_serve_snapshot_key_file_flag_and_environment(models_dir, tmp_path, monk
     short.write_text("0123456789\n")
     assert cli_main(["serve", "--snapshot-key-file", str(short), "--metrics-port", "-1"]) == 2
     assert "holds 10 bytes; a snapshot key needs at least 16" in capsys.readouterr().err
-    assert cli_main(["serve", "--snapshot-key-file", str(tmp_path / "missing"), "--metrics-port", "-1"]) == 2
+    assert (
+        cli_main(
+            ["serve", "--snapshot-key-file", str(tmp_path / "missing"), "--metrics-port", "-1"]
+        )
+        == 2
+    )
     assert "cannot read" in capsys.readouterr().err
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--models", str(models_dir), "--port", "0",
-         "--metrics-port", "-1", "--host", "localhost", "--snapshot-key-file", str(key_file)],
-        stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--host",
+            "localhost",
+            "--snapshot-key-file",
+            str(key_file),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     try:
         port, lines, deadline = None, [], time.time() + 60
@@ -582,8 +681,10 @@ def test_serve_snapshot_key_file_flag_and_environment(models_dir, tmp_path, monk
             # signed with the file's stripped contents
             assert snapshot.decode(data, KEY_A.hex().encode()).position == 7
             assert stub.RestoreSession(pb.RestoreSessionRequest(data=data)).position == 7
-            code, details = code_of(stub.RestoreSession, pb.RestoreSessionRequest(
-                data=snapshot.encode(snapshot.decode(data))))
+            code, details = code_of(
+                stub.RestoreSession,
+                pb.RestoreSessionRequest(data=snapshot.encode(snapshot.decode(data))),
+            )
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "not signed" in details
         proc.terminate()
         assert proc.wait(timeout=30) == 0
@@ -621,7 +722,9 @@ def test_cli_session_commands(server, tmp_path, capsys):
         assert "position: 7" in run("show", x)
     texts = set()
     for x in (sid, restored, forked):
-        assert cli_main(["generate", *target, "--session", x, "--max-chars", "30", "--seed", "9"]) == 0
+        assert (
+            cli_main(["generate", *target, "--session", x, "--max-chars", "30", "--seed", "9"]) == 0
+        )
         texts.add(capsys.readouterr().out)
     assert len(texts) == 1
     for x in (sid, restored, forked):

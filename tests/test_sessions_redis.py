@@ -29,8 +29,11 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models_dir, redis_server):
-    s = ServerThread(models_dir, Limits(max_sessions=64, checkpoint_interval=0.3, **LIMITS),
-                     session_store=redis_server.url)
+    s = ServerThread(
+        models_dir,
+        Limits(max_sessions=64, checkpoint_interval=0.3, **LIMITS),
+        session_store=redis_server.url,
+    )
     yield s
     s.close()
 
@@ -38,7 +41,9 @@ def server(models_dir, redis_server):
 @pytest.fixture(scope="module")
 def replica(models_dir, redis_server):
     """A second server on the same store: sessions and snapshots move between them."""
-    s = ServerThread(models_dir, Limits(checkpoint_interval=0.3, **LIMITS), session_store=redis_server.url)
+    s = ServerThread(
+        models_dir, Limits(checkpoint_interval=0.3, **LIMITS), session_store=redis_server.url
+    )
     yield s
     s.close()
 
@@ -54,7 +59,9 @@ def test_cancelled_calls_write_their_sessions_at_once(models_dir, redis_server):
 
     from serving.api.nlstm.v1 import inference_pb2 as pb
 
-    s = ServerThread(models_dir, Limits(checkpoint_interval=5.0, **LIMITS), session_store=redis_server.url)
+    s = ServerThread(
+        models_dir, Limits(checkpoint_interval=5.0, **LIMITS), session_store=redis_server.url
+    )
     try:
         stub, glimpses = s.stub, random_glimpses(4, 2)
         for _ in range(20):
@@ -62,11 +69,15 @@ def test_cancelled_calls_write_their_sessions_at_once(models_dir, redis_server):
             requests: queue.Queue = queue.Queue()
             stream = stub.ClassifyGlimpses(iter(requests.get, None))
             for i in range(2):
-                requests.put(pb.GlimpseRequest(session_id=gid if i == 0 else "", pixels=glimpses[i].tolist()))
+                requests.put(
+                    pb.GlimpseRequest(session_id=gid if i == 0 else "", pixels=glimpses[i].tolist())
+                )
                 next(stream)
             stream.cancel()
             requests.put(None)
-            assert settled(stub, gid, timeout=10).position >= 1  # released by the call, not by expiry
+            assert (
+                settled(stub, gid, timeout=10).position >= 1
+            )  # released by the call, not by expiry
             stub.CloseSession(pb.CloseSessionRequest(session_id=gid))
     finally:
         s.close()

@@ -163,7 +163,12 @@ def test_redis_down_is_unavailable_then_recovers_by_itself(redis_server):
     redis_server.stop()
     try:
         t0 = time.perf_counter()
-        for op in (lambda: b.get("s"), lambda: b.put("s", b"y", 60), lambda: b.acquire("s", "o", 5), b.ping):
+        for op in (
+            lambda: b.get("s"),
+            lambda: b.put("s", b"y", 60),
+            lambda: b.acquire("s", "o", 5),
+            b.ping,
+        ):
             with pytest.raises(StoreUnavailable, match="unreachable"):
                 op()
         assert time.perf_counter() - t0 < 5  # refused at once, not after long retries
@@ -246,7 +251,9 @@ def test_durable_sessions_a_lapsed_lease_loses_the_call(backend):
 
 def test_durable_sessions_bound_and_expiry(tmp_path):
     evicted = []
-    store = durable(FileBackend(tmp_path), max_sessions=2, idle_timeout=0.2, on_evict=evicted.append)
+    store = durable(
+        FileBackend(tmp_path), max_sessions=2, idle_timeout=0.2, on_evict=evicted.append
+    )
     for _ in range(2):
         store.create("m", np.zeros((2, 3), np.float32))
     with pytest.raises(TooManySessions, match="maximum of 2"):
@@ -289,7 +296,10 @@ def test_serve_session_store_flags_and_environment(monkeypatch, tmp_path, capsys
     assert main(["serve", "--models", missing, "--session-store", "postgres://db/x"]) == 2
     assert "not a store this server knows; use memory" in capsys.readouterr().err
     assert main(["serve", "--models", missing, "--session-checkpoint-s", "0"]) == 2
-    assert "--session-checkpoint-s must be a finite number in [0.05, 600] seconds" in capsys.readouterr().err
+    assert (
+        "--session-checkpoint-s must be a finite number in [0.05, 600] seconds"
+        in capsys.readouterr().err
+    )
 
 
 # ------------------------------------------------------------- owners and per-client bounds
@@ -305,21 +315,29 @@ class As:
 
 def twin(backend):
     """Another client of the same store: as another replica (Redis) or process (file) opens it."""
-    return FileBackend(backend.root) if isinstance(backend, FileBackend) else RedisBackend(backend.url)
+    return (
+        FileBackend(backend.root) if isinstance(backend, FileBackend) else RedisBackend(backend.url)
+    )
 
 
 def test_a_clients_count_is_atomic_shared_and_freed_by_close_and_expiry(backend):
     other = twin(backend)
     try:
-        assert backend.put("a1", b"x", 60, "key:a", limit=2) and other.put("a2", b"x", 60, "key:a", limit=2)
-        assert not backend.put("a3", b"x", 60, "key:a", limit=2) and not other.put("a3", b"x", 60, "key:a", limit=2)
+        assert backend.put("a1", b"x", 60, "key:a", limit=2) and other.put(
+            "a2", b"x", 60, "key:a", limit=2
+        )
+        assert not backend.put("a3", b"x", 60, "key:a", limit=2) and not other.put(
+            "a3", b"x", 60, "key:a", limit=2
+        )
         assert backend.get("a3") is None  # refused: nothing written
         assert other.put("b1", b"x", 60, "key:b", limit=2)  # the bound is per client
         assert other.put("a3", b"x", 60, "key:a")  # limit 0: no bound, still counted
         assert (backend.held("key:a"), other.held("key:b"), backend.held("key:c")) == (3, 1, 0)
         assert backend.delete("a3", "key:a") and backend.held("key:a") == 2
         assert other.delete("a2", "key:a")  # closed on the other replica frees the slot here
-        assert backend.put("a4", b"x", 60, "key:a", limit=2) and not backend.put("a5", b"x", 60, "key:a", limit=2)
+        assert backend.put("a4", b"x", 60, "key:a", limit=2) and not backend.put(
+            "a5", b"x", 60, "key:a", limit=2
+        )
         # expiry frees a slot; a write (a call's commit) keeps its session counted past its first ttl
         backend.put("short", b"x", 0.4, "key:e")
         backend.put("kept", b"x", 0.4, "key:e")
@@ -372,7 +390,9 @@ def test_sessions_belong_to_their_owner_in_a_shared_store(backend):
     theirs = replica.create("m", np.zeros((2, 3), np.float32))
     held = replica.acquire(theirs.session_id)
     caller.client = "key:aaaa"
-    with pytest.raises(SessionNotFound):  # not ABORTED: a busy session of another key is not found either
+    with pytest.raises(
+        SessionNotFound
+    ):  # not ABORTED: a busy session of another key is not found either
         store.acquire(theirs.session_id)
     caller.client = "key:bbbb"
     replica.release(held)
@@ -398,9 +418,13 @@ def test_records_without_an_owner_still_load(backend):
     from serving import snapshot
     from serving.durable import RECORD_MAGIC, decode_record, encode_record
 
-    old = snapshot.encode(snapshot.SessionState("m", "a" * 64, 5, np.ones((2, 3), np.float32), None))
+    old = snapshot.encode(
+        snapshot.SessionState("m", "a" * 64, 5, np.ones((2, 3), np.float32), None)
+    )
     backend.put("legacy", old, 60)
-    assert durable(backend).get("legacy").owner == "" and durable(backend).get("legacy").position == 5
+    assert (
+        durable(backend).get("legacy").owner == "" and durable(backend).get("legacy").position == 5
+    )
     with pytest.raises(SessionNotFound):
         durable(backend, caller=As("key:aaaa", private=True)).acquire("legacy")
     held = durable(backend).acquire("legacy")

@@ -11,21 +11,33 @@ from training.summary import SummaryError, group, markdown, read_run, row_name
 
 def _write_run(d, task, seed, evals, epochs=2, params=1000):
     d.mkdir(parents=True)
-    lines = [{"type": "run", "task": task, "seed": seed, "params": params,
-              "config": {"epochs": epochs}}]
+    lines = [
+        {"type": "run", "task": task, "seed": seed, "params": params, "config": {"epochs": epochs}}
+    ]
     lines += [dict(type="eval", **e) for e in evals]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return d
 
 
 def _mnist_eval(epoch, vnll, tnll, vacc, tacc):
-    return {"epoch": epoch, "step": 10 * epoch, "best_valid_nll": vnll, "best_test_nll": tnll,
-            "best_valid_acc": vacc, "best_test_acc": tacc, "elapsed_s": 5.0 * epoch}
+    return {
+        "epoch": epoch,
+        "step": 10 * epoch,
+        "best_valid_nll": vnll,
+        "best_test_nll": tnll,
+        "best_valid_acc": vacc,
+        "best_test_acc": tacc,
+        "elapsed_s": 5.0 * epoch,
+    }
 
 
 def test_read_run_takes_the_last_evaluation_and_ignores_a_cut_line(tmp_path):
-    d = _write_run(tmp_path / "mnist-nlstm-s1", "mnist", 1,
-                   [_mnist_eval(1, 0.3, 0.31, 0.9, 0.89), _mnist_eval(2, 0.2, 0.21, 0.95, 0.94)])
+    d = _write_run(
+        tmp_path / "mnist-nlstm-s1",
+        "mnist",
+        1,
+        [_mnist_eval(1, 0.3, 0.31, 0.9, 0.89), _mnist_eval(2, 0.2, 0.21, 0.95, 0.94)],
+    )
     with (d / "metrics.jsonl").open("a") as f:
         f.write('{"type": "eval", "epoch": 3, "best_val')  # killed mid-write
     r = read_run(d)
@@ -37,10 +49,23 @@ def test_rows_group_seeds_with_mean_and_sample_std(tmp_path):
     runs = []
     accs = [0.95, 0.97, 0.96]
     for seed, acc in zip((1, 2, 3), accs):
-        runs.append(read_run(_write_run(tmp_path / f"mnist-lstm-2x75-s{seed}", "mnist", seed,
-                                        [_mnist_eval(2, 0.2, 0.2 + seed / 100, acc, acc)])))
-    runs.append(read_run(_write_run(tmp_path / "mnist-lstm-1x100-s1", "mnist", 1,
-                                    [_mnist_eval(1, 0.4, 0.41, 0.9, 0.9)])))
+        runs.append(
+            read_run(
+                _write_run(
+                    tmp_path / f"mnist-lstm-2x75-s{seed}",
+                    "mnist",
+                    seed,
+                    [_mnist_eval(2, 0.2, 0.2 + seed / 100, acc, acc)],
+                )
+            )
+        )
+    runs.append(
+        read_run(
+            _write_run(
+                tmp_path / "mnist-lstm-1x100-s1", "mnist", 1, [_mnist_eval(1, 0.4, 0.41, 0.9, 0.9)]
+            )
+        )
+    )
     rows = group(runs)
     assert [r.name for r in rows] == ["mnist-lstm-2x75", "mnist-lstm-1x100"]
     mean, std = rows[0].mean_std("test", "acc")
@@ -48,7 +73,10 @@ def test_rows_group_seeds_with_mean_and_sample_std(tmp_path):
     table = markdown(rows)
     assert "| mnist-lstm-2x75 | 1,2,3 | 1,000 | 2 | 0.2000 ± 0.0000 | 0.2200 ± 0.0100 |" in table
     assert "96.00% ± 1.00" in table
-    assert "| mnist-lstm-1x100 | 1 | 1,000 | 1 (running) | 0.4000 | 0.4100 | 90.00% | 90.00% |" in table
+    assert (
+        "| mnist-lstm-1x100 | 1 | 1,000 | 1 (running) | 0.4000 | 0.4100 | 90.00% | 90.00% |"
+        in table
+    )
 
 
 def test_row_name_strips_only_a_trailing_seed():
@@ -63,16 +91,26 @@ def test_refusals(tmp_path):
     d = _write_run(tmp_path / "a", "ptb", 1, [])
     with pytest.raises(SummaryError, match="no evaluation yet"):
         read_run(d)
-    p = read_run(_write_run(tmp_path / "p", "poems", 1, [
-        {"epoch": 1, "step": 1, "best_valid_ppl": 300.0, "best_test_ppl": 310.0}]))
+    p = read_run(
+        _write_run(
+            tmp_path / "p",
+            "poems",
+            1,
+            [{"epoch": 1, "step": 1, "best_valid_ppl": 300.0, "best_test_ppl": 310.0}],
+        )
+    )
     m = read_run(_write_run(tmp_path / "m", "mnist", 1, [_mnist_eval(1, 0.3, 0.3, 0.9, 0.9)]))
     with pytest.raises(SummaryError, match="several tasks"):
         markdown(group([p, m]))
 
 
 def test_cli_prints_the_table(tmp_path, capsys):
-    _write_run(tmp_path / "poems-nlstm-2x32-s1", "poems", 1, [
-        {"epoch": 2, "step": 4, "best_valid_ppl": 201.234, "best_test_ppl": 205.0}])
+    _write_run(
+        tmp_path / "poems-nlstm-2x32-s1",
+        "poems",
+        1,
+        [{"epoch": 2, "step": 4, "best_valid_ppl": 201.234, "best_test_ppl": 205.0}],
+    )
     assert main(["summary", str(tmp_path / "poems-nlstm-2x32-s1")]) == 0
     assert "| poems-nlstm-2x32 | 1 | 1,000 | 2 | 201.23 | 205.00 |" in capsys.readouterr().out
     assert main(["summary", str(tmp_path / "missing")]) == 2

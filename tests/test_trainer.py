@@ -2,7 +2,9 @@
 
 Runs use training/testing/data.py's tiny datasets (a character stream, padded sequences, glimpse
 sequences) in place of training.data.load, and models of 8-16 cells: each run takes a second or
-two on the CPU.
+two of CPU time on one torch thread (tests/conftest.py; 1.0-1.7 s for one or two epochs of the
+stream, measured), more wall time when other jobs share the cores. The uninterrupted runs that
+resumed ones must equal are trained once per module (the `uninterrupted` fixture).
 """
 
 from __future__ import annotations
@@ -42,9 +44,28 @@ def stream(tmp_path_factory):
     return stream_prepared(tmp_path_factory.mktemp("stream"), n_train=6000, n_eval=800)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, stream):
+    """Uninterrupted runs of _cfg() for 1 and 2 epochs, trained once for the module: what the
+    resumed, killed and extended runs below must end equal to. Tests read them, never write
+    them (checkpoint_every changes neither the weights nor the evaluations: saving draws no
+    random numbers)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for epochs in (1, 2):
+        train(_cfg(epochs=epochs), root / f"epochs{epochs}", prepared=stream, **QUIET)
+    return {1: root / "epochs1", 2: root / "epochs2"}
+
+
 def _cfg(**kw) -> TrainConfig:
-    base = dict(task="ptb", model={"hidden_size": 12}, batch_size=4, seq_len=25, epochs=2,
-                checkpoint_every=0, seed=3)
+    base = dict(
+        task="ptb",
+        model={"hidden_size": 12},
+        batch_size=4,
+        seq_len=25,
+        epochs=2,
+        checkpoint_every=0,
+        seed=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -84,7 +105,11 @@ def test_stream_run_writes_metrics_and_checkpoints(tmp_path, stream):
     assert run["config"]["optimizer"]["lr"] == 0.002
     assert run["config"]["model"] == {"hidden_size": 12}
     assert set(run["versions"]) >= {"torch", "python", "nlstm", "numpy"}
-    assert run["hardware"]["device"] == "cpu" and run["hardware"]["name"] and run["hardware"]["processes"] == 1
+    assert (
+        run["hardware"]["device"] == "cpu"
+        and run["hardware"]["name"]
+        and run["hardware"]["processes"] == 1
+    )
     assert run["params"] > 0 and run["world_size"] == 1 and run["device"] == "cpu"
     steps_per_epoch = run["train_batches_per_epoch"]
     assert [e["epoch"] for e in evals] == [1, 2]
@@ -133,14 +158,29 @@ def test_sequences_report_perplexity(tmp_path):
 
 def test_glimpses_report_nll_and_accuracy(tmp_path):
     prepared = glimpses_prepared(tmp_path)
-    cfg = _cfg(task="mnist", batch_size=32, epochs=3, model={"core": "lstm", "hidden_size": 16},
-               optimizer={"name": "rmsprop", "lr": 0.01, "alpha": 0.9})
+    cfg = _cfg(
+        task="mnist",
+        batch_size=32,
+        epochs=3,
+        model={"core": "lstm", "hidden_size": 16},
+        optimizer={"name": "rmsprop", "lr": 0.01, "alpha": 0.9},
+    )
     train(cfg, tmp_path / "run", prepared=prepared, **QUIET)
     run, evals = read_metrics(tmp_path / "run")
     assert run["model_config"]["kind"] == "glimpse"
     for e in evals:
-        for k in ("valid_nll", "valid_acc", "test_nll", "test_acc", "train_nll", "train_acc",
-                  "best_valid_nll", "best_test_nll", "best_valid_acc", "best_test_acc"):
+        for k in (
+            "valid_nll",
+            "valid_acc",
+            "test_nll",
+            "test_acc",
+            "train_nll",
+            "train_acc",
+            "best_valid_nll",
+            "best_test_nll",
+            "best_valid_acc",
+            "best_test_acc",
+        ):
             assert k in e
         assert 0 <= e["valid_acc"] <= 1
     assert evals[-1]["best_valid_acc"] > 0.3  # the label is a lit pixel: learnable (chance: 0.1)
@@ -156,8 +196,9 @@ def test_figures():
 def test_eval_every_and_progress_bar(tmp_path, stream, monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    train(_cfg(epochs=1, eval_every=20), tmp_path, prepared=stream, log=lambda *_: None,
-          progress=True)
+    train(
+        _cfg(epochs=1, eval_every=20), tmp_path, prepared=stream, log=lambda *_: None, progress=True
+    )
     _, evals = read_metrics(tmp_path)
     n = evals[-1]["step"]
     assert [e["step"] for e in evals] == [*range(20, n, 20), n]
@@ -174,16 +215,17 @@ def test_quiet_when_not_a_terminal(tmp_path, stream, capsys):
 
 
 # --------------------------------------------------------------------------------- resuming
-def test_resume_after_max_steps_is_bit_identical(tmp_path, stream):
+def test_resume_after_max_steps_is_bit_identical(tmp_path, stream, uninterrupted):
     cfg = _cfg(checkpoint_every=7)
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
+    a = uninterrupted[2]
     s = train(replace(cfg, max_steps=45), tmp_path / "b", prepared=stream, **QUIET)
     assert s["stopped"] == "max_steps" and s["step"] == 45
     s = train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
     assert s["stopped"] == "done"
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
-    _, ea = read_metrics(tmp_path / "a")
+    assert _same(_weights(a), _weights(tmp_path / "b"))
+    _, ea = read_metrics(a)
     _, eb = read_metrics(tmp_path / "b")
+
     # b also evaluated where it stopped (so its next train_bpc covers fewer steps); the
     # validation and test figures of every other evaluation are the same
     def held_out(es):
@@ -193,29 +235,35 @@ def test_resume_after_max_steps_is_bit_identical(tmp_path, stream):
 
 
 @pytest.mark.parametrize("kind", ["stream", "glimpses"])
-def test_a_killed_run_resumes_bit_identical(tmp_path, stream, kind):
+def test_a_killed_run_resumes_bit_identical(tmp_path, stream, uninterrupted, kind):
     if kind == "stream":
         prepared, cfg = stream, _cfg(checkpoint_every=10)
+        a = uninterrupted[2]
     else:
         prepared = glimpses_prepared(tmp_path)
-        cfg = _cfg(task="mnist", batch_size=24, epochs=3, checkpoint_every=4,
-                   optimizer={"name": "rmsprop", "lr": 0.003})
-    train(cfg, tmp_path / "a", prepared=prepared, **QUIET)
+        cfg = _cfg(
+            task="mnist",
+            batch_size=24,
+            epochs=3,
+            checkpoint_every=4,
+            optimizer={"name": "rmsprop", "lr": 0.003},
+        )
+        a = tmp_path / "a"
+        train(cfg, a, prepared=prepared, **QUIET)
     with pytest.raises(Kill):  # killed after step 23's update, before it was saved
         train(cfg, tmp_path / "b", prepared=prepared, on_step=_kill_at(23), **QUIET)
     saved = load_checkpoint(tmp_path / "b" / LAST).step
     assert saved < 23  # the resumed run must redo some steps
     train(cfg, tmp_path / "b", prepared=prepared, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
-    _, ea = read_metrics(tmp_path / "a")
+    assert _same(_weights(a), _weights(tmp_path / "b"))
+    _, ea = read_metrics(a)
     _, eb = read_metrics(tmp_path / "b")
     assert _figures_only(ea) == _figures_only(eb)  # no duplicated or lost evaluations
 
 
-def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, monkeypatch):
+def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, uninterrupted, monkeypatch):
     """A metrics line was written, its checkpoint was not: resume drops the line, redoes it."""
     cfg = _cfg()
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
     import training.trainer as tr
 
     real = tr.Trainer._save_last
@@ -232,15 +280,16 @@ def test_killed_between_evaluation_and_checkpoint(tmp_path, stream, monkeypatch)
         train(cfg, tmp_path / "b", prepared=stream, **QUIET)
     monkeypatch.setattr(tr.Trainer, "_save_last", real)
     train(cfg, tmp_path / "b", prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(uninterrupted[2]), _weights(tmp_path / "b"))
     lines = (tmp_path / "b" / METRICS).read_text().splitlines()
     types = [json.loads(x)["type"] for x in lines]
     assert types == ["run", "eval", "resume", "eval"]
 
 
-def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, monkeypatch):
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(
+    tmp_path, stream, uninterrupted, monkeypatch
+):
     cfg = _cfg(checkpoint_every=10)
-    train(cfg, tmp_path / "a", prepared=stream, **QUIET)
     run = tmp_path / "b"
     with pytest.raises(Kill):
         train(cfg, run, prepared=stream, on_step=_kill_at(15), **QUIET)
@@ -257,7 +306,7 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, stream, m
     assert (run / LAST).read_bytes() == before  # the previous checkpoint, intact
     assert sorted(p.name for p in run.iterdir()) == [LAST, METRICS]  # no temporary left behind
     train(cfg, run, prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(run))
+    assert _same(_weights(uninterrupted[2]), _weights(run))
 
 
 # Writes the bytes of argv[2] to argv[1] through atomic_write_bytes, says so, and sleeps in the
@@ -280,7 +329,8 @@ def _temporaries(run: Path) -> list[Path]:
 
 
 def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_leftover(
-        tmp_path, stream):
+    tmp_path, stream
+):
     cfg = _cfg(epochs=1, checkpoint_every=3)
     train(replace(cfg, max_steps=9), tmp_path / "a", prepared=stream, **QUIET)
     run = tmp_path / "b"
@@ -288,8 +338,14 @@ def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_l
     before = (run / LAST).read_bytes()
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(run / LAST), str(run / BEST)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     try:
         line = proc.stdout.readline()  # the whole new checkpoint is in the temporary file
@@ -301,7 +357,9 @@ def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_l
             proc.kill()
         proc.communicate()
     (left,) = _temporaries(run)
-    assert left.name.startswith(f".{LAST}.") and left.stat().st_size == len((run / BEST).read_bytes())
+    assert left.name.startswith(f".{LAST}.") and left.stat().st_size == len(
+        (run / BEST).read_bytes()
+    )
     assert (run / LAST).read_bytes() == before  # the previous checkpoint, intact and loadable
     assert load_checkpoint(run / LAST).step == 6
     # a fresh run in a folder holding only such a leftover removes it too
@@ -311,31 +369,37 @@ def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_l
     train(replace(cfg, max_steps=1), fresh, prepared=stream, **QUIET)
     assert not _temporaries(fresh)
     logs = []
-    s = train(replace(cfg, max_steps=9), run, prepared=stream, resume=True,
-              log=logs.append, progress=False)
+    s = train(
+        replace(cfg, max_steps=9),
+        run,
+        prepared=stream,
+        resume=True,
+        log=logs.append,
+        progress=False,
+    )
     assert s["step"] == 9 and not _temporaries(run)
     assert sorted(p.name for p in run.iterdir()) == sorted([LAST, BEST, METRICS])
     assert any(left.name in line and "removed" in line for line in logs), logs
     assert _same(_weights(tmp_path / "a"), _weights(run))
 
 
-def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, stream, uninterrupted):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / METRICS).write_text('{"type": "run"}\n')  # killed before any checkpoint
     train(_cfg(epochs=1), tmp_path / "b", prepared=stream, resume=True, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(uninterrupted[1]), _weights(tmp_path / "b"))
     assert [json.loads(x)["type"] for x in (tmp_path / "b" / METRICS).read_text().splitlines()] == [
-        "run", "eval"]
+        "run",
+        "eval",
+    ]
 
 
-def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_a_finished_run_resumes_to_nothing_and_can_be_extended(tmp_path, stream, uninterrupted):
+    shutil.copytree(uninterrupted[1], tmp_path / "a")  # a finished one-epoch run
     s = train(_cfg(epochs=1), tmp_path / "a", prepared=stream, resume=True, **QUIET)
     assert s["stopped"] == "done" and s["epoch"] == 1
     train(_cfg(epochs=2), tmp_path / "a", prepared=stream, resume=True, **QUIET)  # epochs may grow
-    train(_cfg(epochs=2), tmp_path / "b", prepared=stream, **QUIET)
-    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert _same(_weights(tmp_path / "a"), _weights(uninterrupted[2]))
 
 
 def test_resume_refuses_another_config(tmp_path, stream):
@@ -368,10 +432,9 @@ def test_corrupt_or_foreign_last_checkpoint(tmp_path, stream):
 
 
 # ------------------------------------------------------------------------------ run options
-def test_carry_state_changes_training(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
+def test_carry_state_changes_training(tmp_path, stream, uninterrupted):
     train(_cfg(epochs=1, carry_state=False), tmp_path / "b", prepared=stream, **QUIET)
-    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert not _same(_weights(uninterrupted[1]), _weights(tmp_path / "b"))
     assert load_checkpoint(tmp_path / "b" / LAST).extra["trainer"]["carry"] is None
 
 
@@ -437,8 +500,17 @@ def test_config_file_and_overrides(tmp_path):
         'task = "ptb"\nepochs = 3\nclip = 1\n[model]\ncore = "nlstm"\nhidden_size = 600\n'
         '[optimizer]\nname = "adam"\nlr = 0.002\n'
     )
-    c = load_config(path, ["model.hidden_size=128", "optimizer.lr=1e-3", "bf16=true",
-                           "carry_state=no", "epochs=5", "data_dir=/x"])
+    c = load_config(
+        path,
+        [
+            "model.hidden_size=128",
+            "optimizer.lr=1e-3",
+            "bf16=true",
+            "carry_state=no",
+            "epochs=5",
+            "data_dir=/x",
+        ],
+    )
     assert c.model == {"core": "nlstm", "hidden_size": 128}
     assert c.optimizer.lr == 0.001 and c.bf16 is True and c.carry_state is False
     assert c.epochs == 5 and c.clip == 1.0 and isinstance(c.clip, float) and c.data_dir == "/x"
@@ -448,12 +520,20 @@ def test_config_file_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optimizer.lrr=1",
-         r"unknown config key 'optimizer.lrr' \(did you mean optimizer.lr\?\); allowed: .*optimizer.lr"),
-        ("hidden_size=64", r"unknown config key 'hidden_size' \(did you mean model.hidden_size\?\)"),
+        (
+            "optimizer.lrr=1",
+            r"unknown config key 'optimizer.lrr' \(did you mean optimizer.lr\?\); allowed: .*optimizer.lr",
+        ),
+        (
+            "hidden_size=64",
+            r"unknown config key 'hidden_size' \(did you mean model.hidden_size\?\)",
+        ),
         ("model.hiden_size=64", r"'model.hiden_size' \(did you mean model.hidden_size\?\)"),
         ("model.cells=3", "unknown config key 'model.cells'; allowed: .*model.hidden_size"),
-        ("epoch=3", r"unknown config key 'epoch' \(did you mean epochs\?\); allowed: task, .*epochs"),
+        (
+            "epoch=3",
+            r"unknown config key 'epoch' \(did you mean epochs\?\); allowed: task, .*epochs",
+        ),
         ("epochs.x=3", "unknown config key 'epochs.x'"),
         ("epochs=two", "epochs must be an integer, got 'two'"),
         ("optimizer.lr=fast", "optimizer.lr must be a number"),
@@ -479,7 +559,7 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
     bad.write_text('epochs = "3"\n')
-    with pytest.raises(ConfigError, match='bad.toml: epochs must be an integer, got \'3\''):
+    with pytest.raises(ConfigError, match="bad.toml: epochs must be an integer, got '3'"):
         load_config(bad)
     bad.write_text("[model]\nwidth = 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'model.width'"):
@@ -506,18 +586,18 @@ def test_allowed_keys_and_overrides_on_dicts():
 
 
 # ------------------------------------------------------------------------------- init_from
-def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
-    start = load_checkpoint(tmp_path / "a" / BEST)
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream, uninterrupted):
+    a = uninterrupted[1]
+    start = load_checkpoint(a / BEST)
     # a learning rate of 1e-9 leaves the starting weights as they are (to 1e-6)
-    cfg = _cfg(epochs=1, init_from=str(tmp_path / "a" / BEST), optimizer={"lr": 1e-9})
+    cfg = _cfg(epochs=1, init_from=str(a / BEST), optimizer={"lr": 1e-9})
     train(cfg, tmp_path / "b", prepared=stream, **QUIET)
     b = load_checkpoint(tmp_path / "b" / LAST)
-    assert b.train_config["init_from"] == str(tmp_path / "a" / BEST)
+    assert b.train_config["init_from"] == str(a / BEST)
     assert b.step == start.step  # a fresh run: steps, epochs and optimizer counted from 0
     for k, v in start.model.items():
         assert torch.allclose(b.model[k], v, atol=1e-6), k
-    _, evals_a = read_metrics(tmp_path / "a")
+    _, evals_a = read_metrics(a)
     _, evals_b = read_metrics(tmp_path / "b")
     assert evals_b[0]["valid_bpc"] == pytest.approx(evals_a[-1]["best_valid_bpc"], abs=1e-4)
     # the same config without init_from starts from the paper's initialisation instead
@@ -526,18 +606,24 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, stream
     assert evals_c[0]["valid_bpc"] > evals_b[0]["valid_bpc"] + 0.5
 
 
-def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream):
-    train(_cfg(epochs=1), tmp_path / "a", prepared=stream, **QUIET)
-    best = tmp_path / "a" / BEST
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path, stream, uninterrupted):
+    best = uninterrupted[1] / BEST
     with pytest.raises(ConfigError, match="init_from=.*its model differs in hidden_size"):
-        train(_cfg(model={"hidden_size": 8}, init_from=str(best)), tmp_path / "b", prepared=stream, **QUIET)
+        train(
+            _cfg(model={"hidden_size": 8}, init_from=str(best)),
+            tmp_path / "b",
+            prepared=stream,
+            **QUIET,
+        )
     ck = load_checkpoint(best)
     ck.tokenizer = b"another tokenizer"
     save_checkpoint(ck, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="its tokenizer differs"):
         train(_cfg(init_from=str(tmp_path / "other.pt")), tmp_path / "c", prepared=stream, **QUIET)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        train(_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "d", prepared=stream, **QUIET)
+        train(
+            _cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "d", prepared=stream, **QUIET
+        )
     # nothing was written for a run that could not start
     assert not (tmp_path / "b" / METRICS).exists() and not (tmp_path / "c" / METRICS).exists()
 
@@ -564,7 +650,11 @@ def test_linear_schedule_runs_from_lr_to_lr_final_and_resumes_exactly(tmp_path, 
 
 
 def test_schedule_settings_are_checked():
-    with pytest.raises(ConfigError, match=r"optimizer.schedule must be one of \('constant', 'linear'\)"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer.schedule must be one of \('constant', 'linear'\)"
+    ):
         TrainConfig(task="ptb", optimizer={"schedule": "cosine"})
-    with pytest.raises(ConfigError, match=r"optimizer.lr_final must be in \[0, optimizer.lr = 0.002\]"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer.lr_final must be in \[0, optimizer.lr = 0.002\]"
+    ):
         TrainConfig(task="ptb", optimizer={"schedule": "linear", "lr_final": 0.01})

@@ -29,12 +29,21 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     prepared = stream_prepared(root / "data", n_train=5000, n_eval=600)
     base = dict(task="ptb", batch_size=4, seq_len=25, epochs=2, checkpoint_every=0)
-    train(TrainConfig(model={"hidden_size": 12}, **base), root / "nlstm", prepared=prepared,
-          **QUIET)
-    train(TrainConfig(model={"core": "lstm", "num_layers": 2, "hidden_size": 10}, **base),
-          root / "lstm", prepared=prepared, **QUIET)
-    train(TrainConfig(task="mnist", model={"hidden_size": 8}, batch_size=64, epochs=2),
-          root / "mnist", prepared=glimpses_prepared(root), **QUIET)
+    train(
+        TrainConfig(model={"hidden_size": 12}, **base), root / "nlstm", prepared=prepared, **QUIET
+    )
+    train(
+        TrainConfig(model={"core": "lstm", "num_layers": 2, "hidden_size": 10}, **base),
+        root / "lstm",
+        prepared=prepared,
+        **QUIET,
+    )
+    train(
+        TrainConfig(task="mnist", model={"hidden_size": 8}, batch_size=64, epochs=2),
+        root / "mnist",
+        prepared=glimpses_prepared(root),
+        **QUIET,
+    )
     return root
 
 
@@ -42,8 +51,12 @@ def runs(tmp_path_factory):
 def test_train_parses_options_and_overrides_in_any_order():
     p = build_parser()
     a = p.parse_args(["train", "c.toml", "--run-dir", "d", "epochs=2", "model.depth=3", "--resume"])
-    assert (a.config, a.run_dir, a.resume, a.overrides) == (Path("c.toml"), Path("d"), True,
-                                                            ["epochs=2", "model.depth=3"])
+    assert (a.config, a.run_dir, a.resume, a.overrides) == (
+        Path("c.toml"),
+        Path("d"),
+        True,
+        ["epochs=2", "model.depth=3"],
+    )
     a = p.parse_args(["train", "--max-steps", "7", "c.toml", "seed=1", "--run-dir", "d"])
     assert a.max_steps == 7 and a.overrides == ["seed=1"]
 
@@ -51,15 +64,27 @@ def test_train_parses_options_and_overrides_in_any_order():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr' (did you mean optimizer.lr?); allowed:"),
+        (
+            ["optimizer.lrr=1"],
+            "unknown config key 'optimizer.lrr' (did you mean optimizer.lr?); allowed:",
+        ),
         (["hidden_size=64"], "unknown config key 'hidden_size' (did you mean model.hidden_size?)"),
         (["epochs=two"], "epochs must be an integer"),
         (["model.core=gru"], "model core must be one of"),
     ],
 )
 def test_train_errors_are_one_line(tmp_path, capsys, args, message):
-    rc = main(["train", str(REPO / "configs" / "smoke.toml"), "--run-dir", str(tmp_path / "r"),
-               f"cache_dir={tmp_path}", f"data_dir={tmp_path}", *args])
+    rc = main(
+        [
+            "train",
+            str(REPO / "configs" / "smoke.toml"),
+            "--run-dir",
+            str(tmp_path / "r"),
+            f"cache_dir={tmp_path}",
+            f"data_dir={tmp_path}",
+            *args,
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("nlstm train: error: ") and message in err and "Traceback" not in err
@@ -67,11 +92,22 @@ def test_train_errors_are_one_line(tmp_path, capsys, args, message):
 
 def test_train_and_resume_on_real_ptb(shared_data, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--run-dir", str(run), "--progress", "off", f"data_dir={shared_data}",
-              f"cache_dir={tmp_path / 'cache'}", "model.hidden_size=16", "max_train_items=20000",
-              "max_eval_items=3000", "epochs=1"]
-    assert main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), "--max-steps", "2",
-                 *common]) == 0
+    common = [
+        "--run-dir",
+        str(run),
+        "--progress",
+        "off",
+        f"data_dir={shared_data}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "model.hidden_size=16",
+        "max_train_items=20000",
+        "max_eval_items=3000",
+        "epochs=1",
+    ]
+    assert (
+        main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), "--max-steps", "2", *common])
+        == 0
+    )
     assert "reached max_steps at step 2 after " in capsys.readouterr().out
     assert main(["train", str(REPO / "configs" / "ptb-nlstm-2x600.toml"), *common]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -90,34 +126,64 @@ def test_a_flag_where_an_override_is_meant_gets_trains_usage_and_the_override(ca
     err = capsys.readouterr().err
     assert err.startswith("usage: nlstm train ")  # train's usage, not the top-level one
     assert "unrecognized arguments: --epochs --hidden-size=64" in err
-    assert "overrides written key=value" in err and "did you mean epochs=1 model.hidden_size=64?" in err
+    assert (
+        "overrides written key=value" in err
+        and "did you mean epochs=1 model.hidden_size=64?" in err
+    )
     with pytest.raises(SystemExit):
         main(["train", "configs/smoke.toml", "--run-dir", "r", "--frobnicate"])
     err = capsys.readouterr().err
-    assert err.startswith("usage: nlstm train ") and err.rstrip().endswith("unrecognized arguments: --frobnicate")
+    assert err.startswith("usage: nlstm train ") and err.rstrip().endswith(
+        "unrecognized arguments: --frobnicate"
+    )
 
 
 def _cli_in_subprocess(args: list[str], cwd: Path) -> tuple[int, str, bool]:
     """(exit status, stderr, whether torch was imported) of `nlstm ARGS` in a fresh interpreter."""
-    code = ("import sys; from training.cli import main; rc = main(sys.argv[1:]); "
-            "print('torch' in sys.modules); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, check=False,
-                         timeout=120)
+    code = (
+        "import sys; from training.cli import main; rc = main(sys.argv[1:]); "
+        "print('torch' in sys.modules); sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        timeout=120,
+    )
     return out.returncode, out.stderr, out.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_config_errors_and_a_taken_run_dir_are_reported_before_torch_loads(tmp_path):
     smoke = str(REPO / "configs" / "smoke.toml")
     rc, err, torch_loaded = _cli_in_subprocess(
-        ["train", smoke, "--run-dir", str(tmp_path / "r"), "optimizer.lrr=0.01"], tmp_path)
+        ["train", smoke, "--run-dir", str(tmp_path / "r"), "optimizer.lrr=0.01"], tmp_path
+    )
     assert (rc, torch_loaded) == (2, False) and "did you mean optimizer.lr?" in err
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
-    rc, err, torch_loaded = _cli_in_subprocess(["train", smoke, "--run-dir", str(tmp_path / "r")], tmp_path)
-    assert (rc, torch_loaded) == (2, False) and "already holds a run (metrics.jsonl); pass --resume" in err
+    rc, err, torch_loaded = _cli_in_subprocess(
+        ["train", smoke, "--run-dir", str(tmp_path / "r")], tmp_path
+    )
+    assert (rc, torch_loaded) == (
+        2,
+        False,
+    ) and "already holds a run (metrics.jsonl); pass --resume" in err
 
 
-def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler, as in a terminal. A test process started in the background
+    (`nohup pytest ... &`) inherits SIGINT ignored, and a Ctrl-C would then do nothing at all."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, capsys, sigint_raises):
     """A real SIGINT in the middle of a run (the CLI's own data loading replaced by a small
     synthetic stream): exit 130, what last.pt holds, the command that continues; that command
     finishes the run, and resuming the finished run adds nothing to metrics.jsonl."""
@@ -139,20 +205,37 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(Trainer, "_train_step", train_step)
     run = tmp_path / "run"
-    args = ["train", str(REPO / "configs" / "smoke.toml"), "--run-dir", str(run), "--progress", "off",
-            "model.hidden_size=8", "batch_size=4", "seq_len=25", "epochs=1", "checkpoint_every=2"]
+    args = [
+        "train",
+        str(REPO / "configs" / "smoke.toml"),
+        "--run-dir",
+        str(run),
+        "--progress",
+        "off",
+        "model.hidden_size=8",
+        "batch_size=4",
+        "seq_len=25",
+        "epochs=1",
+        "checkpoint_every=2",
+    ]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "nlstm train: interrupted at step 3; " in err
-    assert f"{run / 'last.pt'} holds step 2 (written at each evaluation and every checkpoint_every=2 steps)" in err
+    assert (
+        f"{run / 'last.pt'} holds step 2 (written at each evaluation and every checkpoint_every=2 steps)"
+        in err
+    )
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("nlstm train ") and "--resume" in command
     interrupt_at[0] = -1
     assert main(shlex.split(command)[1:]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     steps = 3000 // (4 * 25)  # one epoch of batches of 4 rows x 25 characters
-    assert re.fullmatch(rf"finished at step {steps} after \d+ s: best valid bpc \d\.\d{{4}} \(epoch 1\), "
-                        rf"its test bpc \d\.\d{{4}}\. Weights: {re.escape(str(run / 'best.pt'))}", out[-1])
+    assert re.fullmatch(
+        rf"finished at step {steps} after \d+ s: best valid bpc \d\.\d{{4}} \(epoch 1\), "
+        rf"its test bpc \d\.\d{{4}}\. Weights: {re.escape(str(run / 'best.pt'))}",
+        out[-1],
+    )
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["type"] for x in lines] == ["run", "resume", "eval"]
     for _ in range(2):  # a finished run resumed: nothing to do, nothing appended
@@ -165,19 +248,29 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
 def test_export_shows_progress_and_refuses_a_file_that_is_not_a_checkpoint(runs, tmp_path, capsys):
     import torch
 
-    assert main(["export", str(runs / "nlstm" / BEST), "--out", str(tmp_path / "x"), "--no-sequence"]) == 0
+    assert (
+        main(["export", str(runs / "nlstm" / BEST), "--out", str(tmp_path / "x"), "--no-sequence"])
+        == 0
+    )
     captured = capsys.readouterr()
     steps = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
-    assert steps[:3] == ["loading torch and the exporter", f"reading {runs / 'nlstm' / BEST}",
-                         "tracing the step graph (torch.onnx.export, dynamo)"]
-    assert steps[3].startswith("checking the step graph") and steps[-1] == f"writing {tmp_path / 'x'}"
+    assert steps[:3] == [
+        "loading torch and the exporter",
+        f"reading {runs / 'nlstm' / BEST}",
+        "tracing the step graph (torch.onnx.export, dynamo)",
+    ]
+    assert (
+        steps[3].startswith("checking the step graph") and steps[-1] == f"writing {tmp_path / 'x'}"
+    )
     assert captured.out.startswith(f"exported ptb char nlstm to {tmp_path / 'x'}")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")  # a pickled module, as many tools save
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     for name in ("model.pt", "notes.txt"):
         assert main(["export", str(tmp_path / name), "--out", str(tmp_path / "y")]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"nlstm export: error: {tmp_path / name} is not an nlstm checkpoint: ")
+        assert err.startswith(
+            f"nlstm export: error: {tmp_path / name} is not an nlstm checkpoint: "
+        )
         assert "weights_only" not in err and "best.pt and last.pt that `nlstm train` writes" in err
     assert not (tmp_path / "y").exists()
 
@@ -185,8 +278,22 @@ def test_export_shows_progress_and_refuses_a_file_that_is_not_a_checkpoint(runs,
 # -------------------------------------------------------------------------------------- plot
 def test_plot_draws_several_runs(runs, tmp_path, capsys):
     out = tmp_path / "curves.png"
-    assert main(["plot", str(runs / "nlstm"), str(runs / "lstm" / "metrics.jsonl"),
-                 "--out", str(out), "--splits", "train,valid,test", "--title", "t"]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                str(runs / "nlstm"),
+                str(runs / "lstm" / "metrics.jsonl"),
+                "--out",
+                str(out),
+                "--splits",
+                "train,valid,test",
+                "--title",
+                "t",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out.strip() == str(out)
     default = plot_runs([runs / "nlstm"])  # default: FIRST_RUN/curves.png
@@ -209,8 +316,21 @@ def test_plot_errors(runs, tmp_path):
 def test_visualize_writes_a_png_and_a_self_contained_page(runs, tmp_path, capsys, name):
     text = "the cat sat on a mat\nand €"  # '€' is outside the vocabulary
     out = tmp_path / name
-    assert main(["visualize", str(runs / name / BEST), "--text", text, "--out", str(out),
-                 "--cells", "5"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                str(runs / name / BEST),
+                "--text",
+                text,
+                "--out",
+                str(out),
+                "--cells",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.split() == [str(out / "cells.png"), str(out / "cells.html")]
     assert (out / "cells.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "cells.html").read_text(encoding="utf-8")

@@ -22,12 +22,19 @@ VOCAB = {"ptb": PTB_VOCAB, "text8": TEXT8_VOCAB, "poems": PAPER_POEMS_VOCAB, "mn
 
 # Section 4 of the paper (poems and the MNIST batch size: see the files' comments).
 HYPER = {
-    "ptb": dict(epochs=35, batch_size=32, seq_len=100, clip=1.0, carry_state=True,
-                optimizer=("adam", 0.002)),
+    "ptb": dict(
+        epochs=35, batch_size=32, seq_len=100, clip=1.0, carry_state=True, optimizer=("adam", 0.002)
+    ),
     "poems": dict(epochs=120, batch_size=64, clip=5.0, optimizer=("adam", 0.002)),
     "mnist": dict(epochs=150, batch_size=100, clip=1.0, optimizer=("rmsprop", 0.001)),
-    "text8": dict(epochs=40, batch_size=128, seq_len=180, clip=1.0, carry_state=True,
-                  optimizer=("adam", 0.001)),
+    "text8": dict(
+        epochs=40,
+        batch_size=128,
+        seq_len=180,
+        clip=1.0,
+        carry_state=True,
+        optimizer=("adam", 0.001),
+    ),
 }
 
 

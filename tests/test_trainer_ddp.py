@@ -52,8 +52,15 @@ WORKER = textwrap.dedent(
     """
 )
 
-CONFIG = dict(task="ptb", model={"hidden_size": 16}, batch_size=4, seq_len=25, epochs=2,
-              checkpoint_every=0, seed=5)
+CONFIG = dict(
+    task="ptb",
+    model={"hidden_size": 16},
+    batch_size=4,
+    seq_len=25,
+    epochs=2,
+    checkpoint_every=0,
+    seed=5,
+)
 
 
 @pytest.mark.slow
@@ -62,8 +69,16 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "TEST_CONFIG": repr(CONFIG), "OMP_NUM_THREADS": "1"}
     for part in ("first", "resume"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), str(tmp_path), part]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+            part,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -76,8 +91,13 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
 
     # the same global batch in one process: the same training, up to summation order
     prepared = stream_prepared(tmp_path / "single-data", n_train=6000, n_eval=800)
-    train(TrainConfig(**CONFIG), tmp_path / "single", prepared=prepared, log=lambda *_: None,
-          progress=False)
+    train(
+        TrainConfig(**CONFIG),
+        tmp_path / "single",
+        prepared=prepared,
+        log=lambda *_: None,
+        progress=False,
+    )
     one = load_checkpoint(tmp_path / "single" / LAST).model
     for k in one:
         torch.testing.assert_close(w0[k], one[k], rtol=1e-4, atol=1e-5)

@@ -10,7 +10,8 @@ nn.LSTM (oneDNN on the CPU, cuDNN on CUDA) by handing it a constant zero b_hh: t
 eqs. (1)-(6) of the NLSTM paper, unchanged. `fused=False` runs a reference step loop.
 
 The state is a tuple with one (h, c) pair of (B, H) tensors per layer, the same per-layer
-layout as a depth-1 NestedLSTMCell. This file imports only torch.
+layout as a depth-1 NestedLSTMCell; the parameters are created and initialised by the same code
+as a nested cell's levels (training.levels). This file imports only torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.nlstm import State, input_projection, orthogonal_gates_
+from training.levels import add_levels, level_weights, reset_levels
+from training.nlstm import State, input_projection
 
 
 class LSTM(nn.Module):
@@ -39,33 +41,18 @@ class LSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.depth = 1  # one memory per layer: the state per layer is (h, c)
         self.fused = fused
-        H = hidden_size
-        for n in range(num_layers):
-            in_n = input_size if n == 0 else H
-            setattr(self, f"weight_ih_l{n}", nn.Parameter(torch.empty(4 * H, in_n)))
-            setattr(self, f"weight_hh_l{n}", nn.Parameter(torch.empty(4 * H, H)))
-            setattr(self, f"bias_l{n}", nn.Parameter(torch.empty(4 * H)))
+        # layer n's parameters are a nested cell's level n's (training.levels)
+        add_levels(self, [input_size] + [hidden_size] * (num_layers - 1), hidden_size)
         # The fused kernels want a second bias; a constant zero buffer computes the same function.
-        self.register_buffer("_zero_bias", torch.zeros(4 * H), persistent=False)
+        self.register_buffer("_zero_bias", torch.zeros(4 * hidden_size), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # The paper's section 4: Glorot for the first layer's input weights, orthogonal for the rest.
-        for n in range(self.num_layers):
-            w_ih, w_hh, b = self.layer_weights(n)
-            if n == 0:
-                nn.init.xavier_uniform_(w_ih)
-            else:
-                orthogonal_gates_(w_ih)
-            orthogonal_gates_(w_hh)
-            nn.init.zeros_(b)
+        reset_levels(self, self.num_layers)
 
     def layer_weights(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        return (
-            getattr(self, f"weight_ih_l{n}"),
-            getattr(self, f"weight_hh_l{n}"),
-            getattr(self, f"bias_l{n}"),
-        )
+        return level_weights(self, n)
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[State, ...]:
         w = self.weight_hh_l0
@@ -82,10 +69,14 @@ class LSTM(nn.Module):
             )
         B = x.shape[1]
         if len(state) != self.num_layers:
-            raise ValueError(f"state must hold one (h, c) per layer ({self.num_layers}), got {len(state)}")
+            raise ValueError(
+                f"state must hold one (h, c) per layer ({self.num_layers}), got {len(state)}"
+            )
         for s in state:
             if len(s) != 2 or any(t.shape != (B, self.hidden_size) for t in s):
-                raise ValueError(f"each layer's state is (h, c), each of shape ({B}, {self.hidden_size})")
+                raise ValueError(
+                    f"each layer's state is (h, c), each of shape ({B}, {self.hidden_size})"
+                )
 
     def forward(self, x: Tensor, state: tuple[State, ...] | None = None):
         if state is None:
@@ -126,6 +117,19 @@ class LSTM(nn.Module):
             x = torch.stack(outs)
             finals.append((h, c))
         return x, tuple(finals)
+
+    def reference_step(
+        self, x: Tensor, state: tuple[State, ...]
+    ) -> tuple[Tensor, tuple[State, ...]]:
+        """One step of every layer through lstm_step (what the ONNX exporter traces): x
+        (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
+        new = []
+        for n in range(self.num_layers):
+            w_ih, w_hh, b = self.layer_weights(n)
+            xproj = input_projection(x, w_ih, b)  # (B, 4H); one-hot: a Gather of W^T's rows
+            x, c = lstm_step(xproj, state[n][0], state[n][1], w_hh)
+            new.append((x, c))
+        return x, tuple(new)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"

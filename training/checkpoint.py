@@ -15,11 +15,12 @@ containers, tensors and bytes, never a pickled module or class. It holds
     rng                      RNG states (torch CPU/CUDA, numpy, python) and the data position
     extra                    anything else a trainer wants to carry (a plain dict)
 
-Writes are atomic: the bytes go to a temporary file in the same folder, are flushed and
-fsynced, then renamed over the target, so a kill at any moment leaves either the previous file
-or the new one, never a torn one. A SIGKILL before the rename (nothing runs after it) also
-leaves that temporary file, `.{name}.XXXXXXXX.tmp`, as large as the file it was to become:
-`remove_stale_temporaries` clears them (the trainer calls it when a run starts or resumes).
+Writes are atomic (serving.files, the one atomic-write helper of both sides): the bytes go to
+a temporary file in the same folder, are flushed and fsynced, then renamed over the target, so
+a kill at any moment leaves either the previous file or the new one, never a torn one. A
+SIGKILL before the rename (nothing runs after it) also leaves that temporary file,
+`.{name}.XXXXXXXX.tmp`, as large as the file it was to become: `remove_stale_temporaries`
+clears them (the trainer calls it when a run starts or resumes).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# re-exported: the checkpoint's writers and their tests reach them here
+from serving.files import atomic_write_bytes, remove_stale_temporaries, umask_mode  # noqa: F401
 from training.models import ModelConfig, build_model
 
 FORMAT = "nlstm-checkpoint"
@@ -64,79 +66,6 @@ class Checkpoint:
         model = build_model(self.model_config)
         model.load_state_dict(self.model)
         return model
-
-
-def umask_mode(mode: int) -> int:
-    """`mode` less the process's umask: the permissions open() or mkdir() would give.
-    tempfile's files (0600) and folders (0700) are private; what is renamed into place from them
-    gets these instead, so that another user (a container's non-root server) can read it."""
-    return mode & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux: read it, instead of setting and restoring it (racy with other threads)
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _temporary_pattern(name: str) -> re.Pattern:
-    """The names atomic_write_bytes gives its temporary files for the target `name`: mkstemp's
-    prefix + 8 random characters (tempfile's alphabet: a-z, 0-9 and _) + suffix."""
-    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep in step with _temporary_pattern, which finds the files a SIGKILL leaves behind
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
-    """Delete the temporary files that atomic_write_bytes left in `folder` for the targets
-    `names` (e.g. "last.pt") when a SIGKILL stopped it before the rename; returns them.
-
-    Only the exact pattern `.{name}.XXXXXXXX.tmp` is touched, never another file. Call it only
-    where no write to those targets can be in flight (a run that is starting), since a live
-    write's temporary file has the same name.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    patterns = [_temporary_pattern(n) for n in names]
-    removed = []
-    for entry in sorted(folder.iterdir()):
-        if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file() \
-                and not entry.is_symlink():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
@@ -172,7 +101,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
     ours = "nlstm reads the best.pt and last.pt that `nlstm train` writes"
     with path.open("rb") as f:  # torch.save writes a zip archive; a truncated one still starts so
         if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path} is not an nlstm checkpoint: not a file torch.save wrote; {ours}")
+            raise CheckpointError(
+                f"{path} is not an nlstm checkpoint: not a file torch.save wrote; {ours}"
+            )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -183,8 +114,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
                 f"{path} is not an nlstm checkpoint: it holds pickled Python objects (a whole "
                 f"model, or another program's checkpoint), which nlstm never writes nor loads; {ours}"
             ) from None
-        raise CheckpointError(f"{path} is not a readable nlstm checkpoint (corrupt or truncated): "
-                              f"{_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{path} is not a readable nlstm checkpoint (corrupt or truncated): {_first_line(exc)}"
+        ) from None
     except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
         raise CheckpointError(
             f"{path} is not a readable nlstm checkpoint (corrupt, truncated or not written by "

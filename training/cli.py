@@ -47,7 +47,9 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
             "the paper's Params column ('-' where the paper gives none)."
         ),
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per row instead of a table"
+    )
     p.add_argument(
         "--poems-vocab",
         type=int,
@@ -107,7 +109,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     "(default: $NLSTM_CACHE_DIR, else ~/.cache/nlstm/prepared)"
                 ),
             )
-            q.add_argument("--force", action="store_true", help="prepare again even if a cache exists")
+            q.add_argument(
+                "--force", action="store_true", help="prepare again even if a cache exists"
+            )
     p.set_defaults(handler=_run_data)
 
 
@@ -163,12 +167,18 @@ def _unknown_flags_message(flags: list[str], args: list[str]) -> str:
             continue
         if not eq:
             i = args.index(flag) if flag in args else -1
-            value = args[i + 1] if 0 <= i < len(args) - 1 and not args[i + 1].startswith("-") else "VALUE"
+            value = (
+                args[i + 1]
+                if 0 <= i < len(args) - 1 and not args[i + 1].startswith("-")
+                else "VALUE"
+            )
         hints.append(f"{key}={value}")
     message = f"unrecognized arguments: {' '.join(flags)}"
     if hints:
-        message += (f"; config values are overrides written key=value, not --options: did you mean "
-                    f"{' '.join(hints)}?")
+        message += (
+            f"; config values are overrides written key=value, not --options: did you mean "
+            f"{' '.join(hints)}?"
+        )
     return message
 
 
@@ -203,8 +213,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="progress bar on stderr (auto: only when stderr is a terminal)",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. epochs=1 optimizer.lr=0.001 (not --epochs 1)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. epochs=1 optimizer.lr=0.001 (not --epochs 1)",
+    )
     p.set_defaults(handler=_run_train, needs=("torch",))
 
 
@@ -230,8 +244,12 @@ def _run_train(args: argparse.Namespace) -> int:
         summary = train(config, args.run_dir, resume=args.resume, progress=progress)
     except KeyboardInterrupt as exc:
         if main_rank:
-            print(_interrupted_message(args, config, getattr(exc, "step", None), getattr(exc, "saved_step", None)),
-                  file=sys.stderr)
+            print(
+                _interrupted_message(
+                    args, config, getattr(exc, "step", None), getattr(exc, "saved_step", None)
+                ),
+                file=sys.stderr,
+            )
         return 130
     if main_rank:
         print(_summary_line(summary, time.monotonic() - started))
@@ -245,27 +263,38 @@ def _resume_command(args: argparse.Namespace) -> str:
     return shlex.join(words + list(args.overrides))
 
 
-def _interrupted_message(args: argparse.Namespace, config, step: int | None, saved_step: int | None) -> str:
+def _interrupted_message(
+    args: argparse.Namespace, config, step: int | None, saved_step: int | None
+) -> str:
     """What Ctrl-C left behind and the command that continues the run."""
     from training.run_folder import LAST
 
     last = args.run_dir / LAST
-    where = f"interrupted at step {step}" if step is not None else "interrupted before training started"
-    when = (f"written at each evaluation and every checkpoint_every={config.checkpoint_every} steps"
-            if config.checkpoint_every else "written at each evaluation")
+    where = (
+        f"interrupted at step {step}" if step is not None else "interrupted before training started"
+    )
+    when = (
+        f"written at each evaluation and every checkpoint_every={config.checkpoint_every} steps"
+        if config.checkpoint_every
+        else "written at each evaluation"
+    )
     if saved_step is not None:
         saved = f"{last} holds step {saved_step} ({when})"
     elif last.exists():
         saved = f"{last} is unchanged ({when})"
     else:
         saved = f"nothing was saved yet (last.pt is {when})"
-    return (f"nlstm train: {where}; {saved}. Continue with (the same config and overrides):\n"
-            f"  {_resume_command(args)}")
+    return (
+        f"nlstm train: {where}; {saved}. Continue with (the same config and overrides):\n"
+        f"  {_resume_command(args)}"
+    )
 
 
 def _summary_line(summary: dict, seconds: float) -> str:
     """The run's outcome in words: how it ended, the best validation figures and their test."""
-    how = {"done": "finished", "max_steps": "reached max_steps"}.get(summary["stopped"], summary["stopped"])
+    how = {"done": "finished", "max_steps": "reached max_steps"}.get(
+        summary["stopped"], summary["stopped"]
+    )
     minutes, secs = divmod(round(seconds), 60)
     took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
     head = f"{how} at step {summary['step']} after {took}"
@@ -291,8 +320,12 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
             "otherwise; MNIST gets NLL and error panels."
         ),
     )
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder (or its metrics.jsonl)")
-    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: FIRST_RUN/curves.png)")
+    p.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="run folder (or its metrics.jsonl)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="PNG to write (default: FIRST_RUN/curves.png)"
+    )
     p.add_argument(
         "--splits",
         default=None,
@@ -347,9 +380,15 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("checkpoint", type=Path, help="a checkpoint (best.pt or last.pt of a run)")
-    p.add_argument("--text", required=True, help="the text to feed, e.g. a sentence of the test set")
-    p.add_argument("--out", type=Path, default=None, help="folder for the files (default: the checkpoint's)")
-    p.add_argument("--cells", type=int, default=7, help="how many cells to draw per memory (default 7)")
+    p.add_argument(
+        "--text", required=True, help="the text to feed, e.g. a sentence of the test set"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="folder for the files (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--cells", type=int, default=7, help="how many cells to draw per memory (default 7)"
+    )
     p.set_defaults(handler=_run_visualize, needs=("torch", "matplotlib"))
 
 
@@ -377,17 +416,27 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by `nlstm train`")
-    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm")
+    p.add_argument(
+        "--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm"
+    )
     p.add_argument(
         "--no-sequence",
         action="store_true",
         help="export the step graph only (default: also the sequence graph, kept if faster)",
     )
-    p.add_argument("--quantize", choices=("int8", "float16"), default=None,
-                   help="also write a quantized copy (nlstm quantize OUT --out QUANTIZED_OUT), measured "
-                        "against this export on the task's data")
-    p.add_argument("--quantized-out", type=Path, default=None,
-                   help="the quantized folder (default: OUT-int8 or OUT-float16)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "float16"),
+        default=None,
+        help="also write a quantized copy (nlstm quantize OUT --out QUANTIZED_OUT), measured "
+        "against this export on the task's data",
+    )
+    p.add_argument(
+        "--quantized-out",
+        type=Path,
+        default=None,
+        help="the quantized folder (default: OUT-int8 or OUT-float16)",
+    )
     _add_quantize_flags(p)
     p.set_defaults(handler=_run_export, needs=("torch", "onnx", "onnxscript"))
 
@@ -401,8 +450,12 @@ def _run_export(args: argparse.Namespace) -> int:
     progress("loading torch and the exporter")
     from training.export import export_checkpoint
 
-    meta = export_checkpoint(args.checkpoint, args.out, sequence="never" if args.no_sequence else "auto",
-                             progress=progress)
+    meta = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        sequence="never" if args.no_sequence else "auto",
+        progress=progress,
+    )
     print(f"exported {meta.task} {meta.kind} {meta.core} to {args.out}")
     for name, digest in meta.files.items():
         print(f"  {name:<16} sha256 {digest[:16]}...")
@@ -419,8 +472,18 @@ def _run_export(args: argparse.Namespace) -> int:
     # In a fresh process: the quantizer times onnxruntime, which torch's threads (loaded here by
     # the export) would slow; `nlstm quantize` itself never imports torch.
     out = args.quantized_out or args.out.with_name(f"{args.out.name}-{args.quantize}")
-    cmd = [sys.executable, "-m", "training.cli", "quantize", str(args.out), "--out", str(out),
-           "--precision", args.quantize, *_quantize_argv(args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "quantize",
+        str(args.out),
+        "--out",
+        str(out),
+        "--precision",
+        args.quantize,
+        *_quantize_argv(args),
+    ]
     return subprocess.run(cmd, check=False).returncode
 
 
@@ -428,27 +491,52 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
     # The thresholds' defaults live in training.quantize (None here: importing it would load
     # numpy and sentencepiece for every command).
-    p.add_argument("--method", default="auto",
-                   help="int8: auto (measure every candidate, keep the best), dynamic, static, or a "
-                        "candidate's name (docs/export.md)")
-    p.add_argument("--max-bpc-increase", type=float, default=None,
-                   help="refuse a char model whose bits per character rise more than this on the "
-                        "validation or test split (default 0.01)")
-    p.add_argument("--max-accuracy-drop", type=float, default=None,
-                   help="refuse a glimpse classifier whose accuracy drops more than this many points "
-                        "(default 0.3)")
-    p.add_argument("--accept-cost", action="store_true",
-                   help="write the quantized folder even over the threshold (meta.json says so)")
-    p.add_argument("--data-dir", type=Path, default=env_default("DATA_DIR", None, Path),
-                   help="raw data of the model's task, to measure the cost on [NLSTM_DATA_DIR]")
-    p.add_argument("--cache-dir", type=Path, default=env_default("CACHE_DIR", None, Path),
-                   help="prepared data cache [NLSTM_CACHE_DIR]")
+    p.add_argument(
+        "--method",
+        default="auto",
+        help="int8: auto (measure every candidate, keep the best), dynamic, static, or a "
+        "candidate's name (docs/export.md)",
+    )
+    p.add_argument(
+        "--max-bpc-increase",
+        type=float,
+        default=None,
+        help="refuse a char model whose bits per character rise more than this on the "
+        "validation or test split (default 0.01)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="refuse a glimpse classifier whose accuracy drops more than this many points "
+        "(default 0.3)",
+    )
+    p.add_argument(
+        "--accept-cost",
+        action="store_true",
+        help="write the quantized folder even over the threshold (meta.json says so)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=env_default("DATA_DIR", None, Path),
+        help="raw data of the model's task, to measure the cost on [NLSTM_DATA_DIR]",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=env_default("CACHE_DIR", None, Path),
+        help="prepared data cache [NLSTM_CACHE_DIR]",
+    )
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the evaluation")
 
 
 def _quantize_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--method", args.method, "--threads", str(args.threads)]
-    for flag, value in (("--max-bpc-increase", args.max_bpc_increase), ("--max-accuracy-drop", args.max_accuracy_drop)):
+    for flag, value in (
+        ("--max-bpc-increase", args.max_bpc_increase),
+        ("--max-accuracy-drop", args.max_accuracy_drop),
+    ):
         argv += [flag, repr(value)] if value is not None else []
     argv += ["--accept-cost"] if args.accept_cost else []
     argv += ["--data-dir", str(args.data_dir)] if args.data_dir else []
@@ -469,7 +557,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("folder", type=Path, help="a float32 export, e.g. exported/ptb-nlstm")
-    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm-int8")
+    p.add_argument(
+        "--out", type=Path, required=True, help="the folder to write, e.g. exported/ptb-nlstm-int8"
+    )
     p.add_argument("--precision", choices=("int8", "float16"), default="int8")
     _add_quantize_flags(p)
     p.set_defaults(handler=_run_quantize, needs=("onnx",))  # onnx: the train extra
@@ -498,11 +588,23 @@ def _run_quantize(args: argparse.Namespace) -> int:
         meta = ExportMeta.from_folder(args.folder)
         data = EvalData.for_task(meta, args.data_dir, args.cache_dir)
         result = quantize_folder(
-            args.folder, args.out, data=data, precision=args.precision, method=args.method,
-            thresholds=Thresholds(**{k: v for k, v in (("max_bpc_increase", args.max_bpc_increase),
-                                                       ("max_accuracy_drop", args.max_accuracy_drop))
-                                     if v is not None}),
-            accept_cost=args.accept_cost, threads=args.threads,
+            args.folder,
+            args.out,
+            data=data,
+            precision=args.precision,
+            method=args.method,
+            thresholds=Thresholds(
+                **{
+                    k: v
+                    for k, v in (
+                        ("max_bpc_increase", args.max_bpc_increase),
+                        ("max_accuracy_drop", args.max_accuracy_drop),
+                    )
+                    if v is not None
+                }
+            ),
+            accept_cost=args.accept_cost,
+            threads=args.threads,
             providers="cuda" if args.precision == "float16" else "cpu",
         )
     except QuantizationCost as exc:
@@ -514,10 +616,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     print("\n".join(result.report))
     q = result.meta.quantization
     if result.over_threshold:
-        print(f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold {q['threshold']}; "
-              "written because --accept-cost was given", file=sys.stderr)
-    print(f"wrote {args.out}: {result.meta.precision} ({q['settings']['name']}), "
-          f"{sum((args.out / n).stat().st_size for n in result.meta.files) / 2**20:.1f} MiB")
+        print(
+            f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold {q['threshold']}; "
+            "written because --accept-cost was given",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {args.out}: {result.meta.precision} ({q['settings']['name']}), "
+        f"{sum((args.out / n).stat().st_size for n in result.meta.files) / 2**20:.1f} MiB"
+    )
     return 0
 
 
@@ -563,15 +670,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = _missing_modules(getattr(args, "needs", ()))
     if missing:
-        print(f"nlstm {args.command}: error: this command needs {', '.join(missing)}, which the base "
-              f"install (serving only) leaves out: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+        print(
+            f"nlstm {args.command}: error: this command needs {', '.join(missing)}, which the base "
+            f"install (serving only) leaves out: {TRAIN_EXTRA_HINT}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return serving_cli.run_handler(args)  # Ctrl-C and the user's errors as for every command
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
-        print(f"nlstm {args.command}: error: {exc.name} is not installed: {TRAIN_EXTRA_HINT}", file=sys.stderr)
+        print(
+            f"nlstm {args.command}: error: {exc.name} is not installed: {TRAIN_EXTRA_HINT}",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -29,7 +29,13 @@ SCHEDULES = ("constant", "linear")
 DATA_MODEL_KEYS = ("kind", "vocab_size", "input_size", "num_classes")
 # Keys a resumed run may change: they steer the run, not what it computes.
 RESUMABLE = (
-    "epochs", "max_steps", "device", "data_dir", "cache_dir", "eval_every", "checkpoint_every",
+    "epochs",
+    "max_steps",
+    "device",
+    "data_dir",
+    "cache_dir",
+    "eval_every",
+    "checkpoint_every",
     "cuda_graphs",
 )
 
@@ -336,17 +342,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def model_config_for(
-    config: TrainConfig, vocab_size: int, num_classes: int | None, kind: str
+    config: TrainConfig, vocab_size: int, num_classes: int | None, kind
 ) -> ModelConfig:
     """The ModelConfig of a run: the config's [model] section completed by the task's data.
 
-    `kind` is the prepared data's kind ("stream", "sequences" or "glimpses").
+    `kind` is the prepared data's kind: a training.tasks.TaskKind, or its name ("stream",
+    "sequences", "glimpses"; looked up in training.tasks, which imports torch).
     """
-    derived: dict[str, Any] = (
-        {"kind": "glimpse", "num_classes": num_classes or 10}
-        if kind == "glimpses"
-        else {"kind": "char", "vocab_size": vocab_size}
-    )
+    if isinstance(kind, str):
+        from training.tasks import task_kind
+
+        kind = task_kind(kind)
+    derived: dict[str, Any] = kind.model_fields(vocab_size, num_classes)
     for k, v in derived.items():
         if k in config.model and config.model[k] != v:
             raise ConfigError(

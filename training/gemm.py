@@ -62,8 +62,13 @@ def uses_onednn(t: Tensor, elements: int | None = None) -> bool:
     elements, default t's) goes through oneDNN."""
     if elements is None:
         elements = t.numel()
-    return (ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
-            and elements >= MIN_ONEDNN_ELEMENTS and onednn_available())
+    return (
+        ONEDNN
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and elements >= MIN_ONEDNN_ELEMENTS
+        and onednn_available()
+    )
 
 
 class StepLinear:
@@ -97,7 +102,11 @@ class StepLinear:
             add = self.bias_row
         if add is None:
             return torch.mm(x, self.weight) if out is None else torch.mm(x, self.weight, out=out)
-        return torch.addmm(add, x, self.weight) if out is None else torch.addmm(add, x, self.weight, out=out)
+        return (
+            torch.addmm(add, x, self.weight)
+            if out is None
+            else torch.addmm(add, x, self.weight, out=out)
+        )
 
 
 def weight_grad(d_out: Tensor, x: Tensor) -> Tensor:

@@ -78,9 +78,13 @@ class HMLSTM(nn.Module):
     ) -> None:
         super().__init__()
         if input_size < 1 or hidden_size < 1:
-            raise ValueError(f"input_size and hidden_size must be >= 1, got {input_size}, {hidden_size}")
+            raise ValueError(
+                f"input_size and hidden_size must be >= 1, got {input_size}, {hidden_size}"
+            )
         if num_layers < 2:
-            raise ValueError(f"an HM-LSTM needs num_layers >= 2 (boundaries pass upward), got {num_layers}")
+            raise ValueError(
+                f"an HM-LSTM needs num_layers >= 2 (boundaries pass upward), got {num_layers}"
+            )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.depth = 1
         self.layer_norm = layer_norm
@@ -89,7 +93,11 @@ class HMLSTM(nn.Module):
         H = hidden_size
         for n in range(num_layers):
             rows = self.rows(n)
-            setattr(self, f"weight_ih_l{n}", nn.Parameter(torch.empty(rows, input_size if n == 0 else H)))
+            setattr(
+                self,
+                f"weight_ih_l{n}",
+                nn.Parameter(torch.empty(rows, input_size if n == 0 else H)),
+            )
             setattr(self, f"weight_hh_l{n}", nn.Parameter(torch.empty(rows, H)))
             if n < num_layers - 1:
                 setattr(self, f"weight_td_l{n}", nn.Parameter(torch.empty(rows, H)))
@@ -97,7 +105,8 @@ class HMLSTM(nn.Module):
         if layer_norm:
             terms = lambda n: 3 if n < num_layers - 1 else 2  # noqa: E731
             self.norms = nn.ModuleList(
-                nn.ModuleList(nn.LayerNorm(self.rows(n)) for _ in range(terms(n))) for n in range(num_layers)
+                nn.ModuleList(nn.LayerNorm(self.rows(n)) for _ in range(terms(n)))
+                for n in range(num_layers)
             )
         self.reset_parameters()
 
@@ -118,9 +127,12 @@ class HMLSTM(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None):
         w = self.weight_hh_l0
-        z = lambda: torch.zeros(batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype)  # noqa: E731
+        z = lambda: torch.zeros(
+            batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype
+        )  # noqa: E731
         return tuple(
-            (z(), z(), z()) if n < self.num_layers - 1 else (z(), z()) for n in range(self.num_layers)
+            (z(), z(), z()) if n < self.num_layers - 1 else (z(), z())
+            for n in range(self.num_layers)
         )
 
     # ------------------------------------------------------------------------------- one step
@@ -169,7 +181,12 @@ class HMLSTM(nn.Module):
                 terms = [norm(t) for norm, t in zip(self.norms[n], terms)]
             terms = [t if gate is None else gate * t for gate, t in zip(gates, terms)]
             s = sum(terms) + getattr(self, f"bias_l{n}")  # (B, rows)
-            i, f, g, o = torch.sigmoid(s[:, :H]), torch.sigmoid(s[:, H : 2 * H]), torch.tanh(s[:, 2 * H : 3 * H]), torch.sigmoid(s[:, 3 * H : 4 * H])
+            i, f, g, o = (
+                torch.sigmoid(s[:, :H]),
+                torch.sigmoid(s[:, H : 2 * H]),
+                torch.tanh(s[:, 2 * H : 3 * H]),
+                torch.sigmoid(s[:, 3 * H : 4 * H]),
+            )
             c_new = f * c_prev + i * g
             c_flush = i * g
             c = update * c_new + flush * c_flush + copy * c_prev  # eq. (2); one term is active
@@ -187,6 +204,12 @@ class HMLSTM(nn.Module):
             z_below, h_below = z, h
         return torch.cat(hs, dim=1), tuple(new_state), torch.cat(zs, dim=1)
 
+    def reference_step(self, x: Tensor, state):
+        """One step (what the ONNX exporter traces): x (B, in) or (B,) indices -> (every layer's
+        h (B, L*H), for the output module; new state). The boundaries are in the state (z)."""
+        hs, new_state, _ = self.step(x, state)
+        return hs, new_state
+
     def forward(self, x: Tensor, state=None, return_boundaries: bool = False):
         if x.dim() not in (2, 3) or (x.dim() == 2) != (x.dtype in (torch.int64, torch.int32)):
             raise ValueError(
@@ -196,13 +219,19 @@ class HMLSTM(nn.Module):
         T, B = x.shape[0], x.shape[1]
         if state is None:
             state = self.initial_state(B, device=x.device)
-        counts = [dict.fromkeys(OPS, 0) for _ in range(self.num_layers)] if return_boundaries else None
+        counts = (
+            [dict.fromkeys(OPS, 0) for _ in range(self.num_layers)] if return_boundaries else None
+        )
         outs, bounds = [], []
         for t in range(T):
             out, state, z = self.step(x[t], state, counts)
             outs.append(out)
             bounds.append(z)
-        output = torch.stack(outs) if outs else x.new_zeros(0, B, self.num_layers * self.hidden_size, dtype=torch.float32)
+        output = (
+            torch.stack(outs)
+            if outs
+            else x.new_zeros(0, B, self.num_layers * self.hidden_size, dtype=torch.float32)
+        )
         if return_boundaries:
             z_all = torch.stack(bounds) if bounds else output.new_zeros(0, B, self.num_layers - 1)
             return output, state, z_all, counts
@@ -221,7 +250,9 @@ def _orthogonal_rows_(weight: Tensor) -> Tensor:
     with torch.no_grad():
         orthogonal_gates_(weight[: 4 * H])
         if weight.shape[0] > 4 * H:
-            nn.init.uniform_(weight[4 * H :], -1.0 / weight.shape[1] ** 0.5, 1.0 / weight.shape[1] ** 0.5)
+            nn.init.uniform_(
+                weight[4 * H :], -1.0 / weight.shape[1] ** 0.5, 1.0 / weight.shape[1] ** 0.5
+            )
     return weight
 
 
@@ -229,11 +260,15 @@ class HMOutputModule(nn.Module):
     """Eq. (11)-(12): g^l = sigmoid(w^l [h^1; ...; h^L]); h^e = ReLU(sum_l g^l W^e_l h^l);
     then the output (softmax) layer. Input (..., L*H), output (..., out_features)."""
 
-    def __init__(self, hidden_size: int, num_layers: int, embedding_size: int, out_features: int) -> None:
+    def __init__(
+        self, hidden_size: int, num_layers: int, embedding_size: int, out_features: int
+    ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.gates = nn.Linear(num_layers * hidden_size, num_layers, bias=False)  # row l = w^l
-        self.embed = nn.Linear(num_layers * hidden_size, embedding_size, bias=False)  # [W^e_1 ... W^e_L]
+        self.embed = nn.Linear(
+            num_layers * hidden_size, embedding_size, bias=False
+        )  # [W^e_1 ... W^e_L]
         self.out = nn.Linear(embedding_size, out_features)
 
     def forward(self, hs: Tensor) -> Tensor:

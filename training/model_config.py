@@ -40,7 +40,9 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.embedding_size < 0:
-            raise ValueError(f"embedding_size must be >= 0 (0: hidden_size), got {self.embedding_size}")
+            raise ValueError(
+                f"embedding_size must be >= 0 (0: hidden_size), got {self.embedding_size}"
+            )
         if self.core != "hmlstm":
             # only the HM-LSTM's output module and core read these: refuse rather than ignore
             for name, unset in (("embedding_size", 0), ("layer_norm", False)):
@@ -71,5 +73,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; allowed: {sorted(known)}")
+            raise ValueError(
+                f"unknown model config keys {sorted(unknown)}; allowed: {sorted(known)}"
+            )
         return cls(**d)

@@ -3,6 +3,8 @@
 Every recurrent core (NestedLSTM, LSTM; later HM-LSTM) answers one small interface:
 
     core(x, state=None) -> (output (T, B, H), state)   x: (T, B, in) floats or (T, B) indices
+    core.reference_step(x, state) -> (output (B, ...), state)   one step, as the equations read
+                                                      (the head's input; what export traces)
     core.initial_state(batch_size, device, dtype) -> state
     core.hidden_size, core.num_layers, core.depth
 
@@ -36,7 +38,10 @@ from training.nlstm import NestedLSTM
 def build_core(config: ModelConfig) -> nn.Module:
     if config.core == "hmlstm":
         return HMLSTM(
-            config.in_features, config.hidden_size, num_layers=config.num_layers, layer_norm=config.layer_norm
+            config.in_features,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            layer_norm=config.layer_norm,
         )
     if config.core == "nlstm":
         return NestedLSTM(
@@ -90,8 +95,10 @@ class _Model(nn.Module):
         self.core = build_core(config)
         if config.core == "hmlstm":  # the HM-RNN paper's output module, eq. (11)-(12)
             self.head = HMOutputModule(
-                config.hidden_size, config.num_layers,
-                config.embedding_size or config.hidden_size, config.out_features,
+                config.hidden_size,
+                config.num_layers,
+                config.embedding_size or config.hidden_size,
+                config.out_features,
             )
         else:
             self.head = nn.Linear(config.hidden_size, config.out_features)
@@ -117,7 +124,9 @@ class CharLM(_Model):
 
     def forward(self, tokens: Tensor, state=None):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be (T, B) integers, got {tuple(tokens.shape)} of {tokens.dtype}")
+            raise ValueError(
+                f"tokens must be (T, B) integers, got {tuple(tokens.shape)} of {tokens.dtype}"
+            )
         return super().forward(tokens, state)
 
 

@@ -33,7 +33,9 @@ Two paths compute the same function:
     computes each weight gradient as ONE GEMM over all T*B positions (as cuDNN does for LSTMs);
     only the data gradients (B x 4H times 4H x 2H) stay inside the time loop.
 
-This file imports only torch (and training.gemm, which imports only torch).
+The levels' parameters, their names and their initialisation are training.levels', shared with
+the LSTM baseline. This file imports only torch (and training.gemm and training.levels, which
+import only torch).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from training.gemm import StepLinear, weight_grad
+from training.levels import add_levels, level_weights, orthogonal_gates_, reset_levels  # noqa: F401
 
 State = tuple[Tensor, ...]
 
@@ -92,33 +95,17 @@ class NestedLSTMCell(nn.Module):
         self.hidden_size = hidden_size
         self.depth = depth
         self.outer_activation = _check_activation(outer_activation)
-        H = hidden_size
-        for k in range(depth):
-            in_k = input_size if k == 0 else H
-            setattr(self, f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * H, in_k)))
-            setattr(self, f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * H, H)))
-            setattr(self, f"bias_l{k}", nn.Parameter(torch.empty(4 * H)))
+        add_levels(self, [input_size] + [hidden_size] * (depth - 1), hidden_size)
         self.reset_parameters()
 
     # The paper's section 4: Glorot for the first input weights, orthogonal for every other
     # weight matrix. Model-level code decides which cell holds "the first" input weights; a
     # cell on its own treats its level-0 input weights as the first.
     def reset_parameters(self, glorot_input: bool = True) -> None:
-        for k in range(self.depth):
-            w_ih = getattr(self, f"weight_ih_l{k}")
-            if k == 0 and glorot_input:
-                nn.init.xavier_uniform_(w_ih)
-            else:
-                orthogonal_gates_(w_ih)
-            orthogonal_gates_(getattr(self, f"weight_hh_l{k}"))
-            nn.init.zeros_(getattr(self, f"bias_l{k}"))
+        reset_levels(self, self.depth, glorot_input)
 
     def level_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        return (
-            getattr(self, f"weight_ih_l{k}"),
-            getattr(self, f"weight_hh_l{k}"),
-            getattr(self, f"bias_l{k}"),
-        )
+        return level_weights(self, k)
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> State:
         if device is None:
@@ -153,10 +140,16 @@ class NestedLSTMCell(nn.Module):
         """x must be (..., input_size) floats, or (...) integer indices in [0, input_size)."""
         if x.dtype in (torch.int64, torch.int32):
             if x.dim() != step_dims:
-                raise ValueError(f"integer one-hot indices must have {step_dims} dims, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"integer one-hot indices must have {step_dims} dims, got {tuple(x.shape)}"
+                )
             if x.numel() and (x.min() < 0 or x.max() >= self.input_size):
-                raise ValueError(f"one-hot indices must lie in [0, {self.input_size}), got {x.min()}..{x.max()}")
-        elif not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"one-hot indices must lie in [0, {self.input_size}), got {x.min()}..{x.max()}"
+                )
+        elif (
+            not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size
+        ):
             raise ValueError(
                 f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, {self.input_size}) "
                 f"or integer one-hot indices of shape ({'T, ' if step_dims == 2 else ''}B), "
@@ -198,14 +191,6 @@ class NestedLSTMCell(nn.Module):
             mem[k - 1] = outputs[k] * torch.tanh(mem[k])
         h = outputs[0] * torch.tanh(mem[0])
         return h, (h, *mem)
-
-
-def orthogonal_gates_(weight: Tensor) -> Tensor:
-    """Orthogonal initialisation of each gate's (H, in) block of a (4H, in) weight."""
-    with torch.no_grad():
-        for block in weight.chunk(4, dim=0):
-            nn.init.orthogonal_(block)
-    return weight
 
 
 # -------------------------------------------------------------------------------- the fast path
@@ -271,7 +256,10 @@ def sequence_forward(
 
 
 def sequence_backward(
-    saved: list[Tensor], d_hs: Tensor | None, d_hT: Tensor | None, d_cT: list[Tensor | None],
+    saved: list[Tensor],
+    d_hs: Tensor | None,
+    d_hT: Tensor | None,
+    d_cT: list[Tensor | None],
     tanh_outer: bool,
 ) -> list[Tensor]:
     """The gradients of `sequence_forward`'s inputs (xproj, w_hh0, w_1, b_1, ..., h0, c0_0, ...)
@@ -288,7 +276,9 @@ def sequence_backward(
 
     def start(d):  # a working copy, never a view: the loop updates it in place, and autograd
         # may hand one buffer to several outputs
-        return d.clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(B, H)
+        return (
+            d.clone(memory_format=torch.contiguous_format) if d is not None else hs.new_zeros(B, H)
+        )
 
     d_gates = [hs.new_empty(T, B, 4 * H) for _ in range(D)]  # grads of pre-activations
     dh = start(d_hT)
@@ -432,7 +422,9 @@ class NestedLSTM(nn.Module):
         self.fused = fused
         self.cuda_graphs = cuda_graphs
         self.layers = nn.ModuleList(
-            NestedLSTMCell(input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation)
+            NestedLSTMCell(
+                input_size if n == 0 else hidden_size, hidden_size, depth, outer_activation
+            )
             for n in range(num_layers)
         )
         self.reset_parameters()
@@ -451,7 +443,9 @@ class NestedLSTM(nn.Module):
         if state is None:
             state = self.initial_state(B, device=x.device)
         elif len(state) != self.num_layers:
-            raise ValueError(f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}")
+            raise ValueError(
+                f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}"
+            )
         finals = []
         for cell, s in zip(self.layers, state):
             cell.check_state(s, B)
@@ -467,9 +461,19 @@ class NestedLSTM(nn.Module):
             finals.append(s)
         return x, tuple(finals)
 
+    def reference_step(
+        self, x: Tensor, state: tuple[State, ...]
+    ) -> tuple[Tensor, tuple[State, ...]]:
+        """One step of every layer through the reference cell (what the ONNX exporter traces):
+        x (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
+        new = []
+        for cell, s in zip(self.layers, state):
+            x, s = cell(x, s)  # h (B, H), (h, c_0, ..., c_{depth-1})
+            new.append(s)
+        return x, tuple(new)
+
     def extra_repr(self) -> str:
         return (
             f"{self.input_size}, {self.hidden_size}, depth={self.depth}, "
             f"num_layers={self.num_layers}, outer_activation={self.outer_activation!r}"
         )
-

@@ -120,7 +120,9 @@ class _GraphedNestedLSTMSequence(torch.autograd.Function):
         return (None, *graphed.backward(grads), None)
 
 
-def graphed_sequence(cell, xproj: Tensor, w_hh0: Tensor, inner: list[Tensor], state, tanh_outer: bool):
+def graphed_sequence(
+    cell, xproj: Tensor, w_hh0: Tensor, inner: list[Tensor], state, tanh_outer: bool
+):
     """Run the fused sequence of `cell` through its CUDA graphs (captured on first use of
     these shapes). Arguments as _NestedLSTMSequence.apply's; returns its outputs."""
     key = (tuple(xproj.shape), xproj.dtype, xproj.device, tanh_outer)

@@ -62,18 +62,31 @@ HMLSTM_ROWS = [
 MISMATCHED = {("mnist", "LSTM", 3, 75)}
 
 
-def model_config(task: str, model: str, n: int, cell: int, poems_vocab: int = PAPER_POEMS_VOCAB) -> ModelConfig:
+def model_config(
+    task: str, model: str, n: int, cell: int, poems_vocab: int = PAPER_POEMS_VOCAB
+) -> ModelConfig:
     """The ModelConfig of one table row (TABLES or HMLSTM_ROWS)."""
     core = {"LSTM": "lstm", "NLSTM": "nlstm", "HM-LSTM": "hmlstm"}[model]
     if core == "hmlstm":  # the HM-RNN paper's PTB model: embedding as wide as a layer, layer norm
         vocab = {"ptb": PTB_VOCAB, "text8": TEXT8_VOCAB}[task]
-        return ModelConfig(kind="char", core=core, hidden_size=cell, num_layers=n, vocab_size=vocab,
-                           embedding_size=cell, layer_norm=True)
+        return ModelConfig(
+            kind="char",
+            core=core,
+            hidden_size=cell,
+            num_layers=n,
+            vocab_size=vocab,
+            embedding_size=cell,
+            layer_norm=True,
+        )
     layers, depth = (1, n) if core == "nlstm" else (n, 1)
     if task == "mnist":
-        return ModelConfig(kind="glimpse", core=core, hidden_size=cell, num_layers=layers, depth=depth)
+        return ModelConfig(
+            kind="glimpse", core=core, hidden_size=cell, num_layers=layers, depth=depth
+        )
     vocab = {"ptb": PTB_VOCAB, "text8": TEXT8_VOCAB, "poems": poems_vocab}[task]
-    return ModelConfig(kind="char", core=core, hidden_size=cell, num_layers=layers, depth=depth, vocab_size=vocab)
+    return ModelConfig(
+        kind="char", core=core, hidden_size=cell, num_layers=layers, depth=depth, vocab_size=vocab
+    )
 
 
 def round_like(count: int, paper: str) -> str:

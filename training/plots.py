@@ -103,8 +103,14 @@ def plot_runs(
                 y = np.asarray(y, dtype=float)
                 if scale < 0:  # accuracy -> error in percent
                     y = 100.0 + scale * y
-                ax.plot(x, y, STYLES[split], color=color, marker="." if len(x) < 30 else None,
-                        label=f"{name} {split}")
+                ax.plot(
+                    x,
+                    y,
+                    STYLES[split],
+                    color=color,
+                    marker="." if len(x) < 30 else None,
+                    label=f"{name} {split}",
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -185,7 +191,7 @@ def _html(title: str, subtitle: str, text: str, panels, cells: int) -> str:
     }
     data = json.dumps(payload).replace("</", "<\\/")
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif;margin:1.5em}"
         ".row{font-family:monospace;font-size:15px;white-space:pre;line-height:1.6}"
@@ -207,13 +213,16 @@ def draw_cells(panels, text: str, out_png: Path, cells: int, title: str) -> Path
 
     T = len(text)
     n = min(cells, panels[0][1].shape[1])
-    fig = Figure(figsize=(max(6.0, 0.17 * T + 1.5), (0.3 * n + 0.9) * len(panels) + 0.6),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(6.0, 0.17 * T + 1.5), (0.3 * n + 0.9) * len(panels) + 0.6),
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
     for p, (name, vals) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, p + 1)
-        ax.imshow(vals[:, :n].T, cmap="RdBu", vmin=-1, vmax=1, aspect="auto",
-                  interpolation="nearest")
+        ax.imshow(
+            vals[:, :n].T, cmap="RdBu", vmin=-1, vmax=1, aspect="auto", interpolation="nearest"
+        )
         ax.set_xticks(range(T))
         ax.set_xticklabels([_show(c) for c in text], fontsize=8, fontfamily="monospace")
         ax.set_yticks(range(n))
@@ -272,9 +281,13 @@ def visualize_checkpoint(
         z, norms, counts = hmlstm_boundaries(model, enc.ids)
         paths.append(draw_boundaries(z, norms, text, out / "boundaries.png", f"Boundaries: {desc}"))
         ops = out / "operations.txt"
-        ops.write_text("".join(
-            f"layer {n + 1}: UPDATE {c['update']} COPY {c['copy']} FLUSH {c['flush']}\n"
-            for n, c in enumerate(counts)), encoding="utf-8")
+        ops.write_text(
+            "".join(
+                f"layer {n + 1}: UPDATE {c['update']} COPY {c['copy']} FLUSH {c['flush']}\n"
+                for n, c in enumerate(counts)
+            ),
+            encoding="utf-8",
+        )
         paths.append(ops)
     return paths
 
@@ -323,6 +336,10 @@ def draw_boundaries(z: np.ndarray, norms: np.ndarray, text: str, out_png: Path, 
 
 
 __all__ = [
-    "cell_activations", "draw_boundaries", "draw_cells", "hmlstm_boundaries", "plot_runs",
+    "cell_activations",
+    "draw_boundaries",
+    "draw_cells",
+    "hmlstm_boundaries",
+    "plot_runs",
     "visualize_checkpoint",
 ]

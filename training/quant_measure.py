@@ -46,8 +46,12 @@ class EvalData:
     description: str = ""
 
     @classmethod
-    def for_task(cls, meta: ExportMeta, data_dir: str | Path | None = None,
-                 cache_dir: str | Path | None = None) -> EvalData:
+    def for_task(
+        cls,
+        meta: ExportMeta,
+        data_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> EvalData:
         """The real splits of the folder's task (training.data.load: prepared when missing)."""
         from training import data
 
@@ -57,17 +61,22 @@ class EvalData:
                 f"(tasks: {', '.join(data.TASKS)})"
             )
         try:
-            prepared = data.load(meta.task, data_dir=Path(data_dir) if data_dir else None,
-                                 cache_dir=Path(cache_dir) if cache_dir else None)
+            prepared = data.load(
+                meta.task,
+                data_dir=Path(data_dir) if data_dir else None,
+                cache_dir=Path(cache_dir) if cache_dir else None,
+            )
         except (OSError, data.DownloadError, data.ChecksumError) as exc:
             raise QuantizationError(
                 f"the {meta.task} data is needed to measure what quantization costs: {exc}"
             ) from exc
         tok = prepared.tokenizer_path.read_bytes() if prepared.tokenizer_path else None
         return cls(
-            kind=prepared.kind, splits=prepared.splits,
+            kind=prepared.kind,
+            splits=prepared.splits,
             batch_size=int(meta.train_config.get("batch_size", 32)),
-            seq_len=int(meta.train_config.get("seq_len", 100)), tokenizer=tok,
+            seq_len=int(meta.train_config.get("seq_len", 100)),
+            tokenizer=tok,
             description=f"{meta.task} (training.data, prepared folder {prepared.path.name})",
         )
 
@@ -110,13 +119,19 @@ class EvalData:
         x = b.x  # (S, B) ids or (20, B, 49)
         state = model.initial_state(x.shape[1])
         for t in range(min(len(x), warmup + steps)):
-            xt = np.ascontiguousarray(x[t], dtype=np.int64 if self.kind != "glimpses" else np.float32)
+            xt = np.ascontiguousarray(
+                x[t], dtype=np.int64 if self.kind != "glimpses" else np.float32
+            )
             if t >= warmup or self.kind == "glimpses":
                 feeds.append({model.input_name: xt, STATE_INPUT: state})
             _, state = model.step(xt, state)
         if self.kind != "glimpses" and len(x) < warmup + steps:
-            feeds = feeds or [{model.input_name: np.ascontiguousarray(x[0], np.int64),
-                               STATE_INPUT: model.initial_state(x.shape[1])}]
+            feeds = feeds or [
+                {
+                    model.input_name: np.ascontiguousarray(x[0], np.int64),
+                    STATE_INPUT: model.initial_state(x.shape[1]),
+                }
+            ]
         return feeds
 
 
@@ -167,8 +182,13 @@ def cost(kind: str, reference: dict[str, float], quantized: dict[str, float]) ->
 
 
 # ------------------------------------------------------------------------------------ timing
-def step_cpu_us(graphs: dict[str, Path], meta: ExportMeta, batches=TIMING_BATCHES, rounds: int = 7,
-                seconds: float = 0.15) -> dict[str, dict[str, float]]:
+def step_cpu_us(
+    graphs: dict[str, Path],
+    meta: ExportMeta,
+    batches=TIMING_BATCHES,
+    rounds: int = 7,
+    seconds: float = 0.15,
+) -> dict[str, dict[str, float]]:
     """CPU microseconds per step of each graph at each batch size: one intra-op thread (so the
     calling thread computes), that thread's CPU time, all graphs alternating in `rounds` rounds
     of about `seconds` each; the best round per graph and batch."""
@@ -177,8 +197,10 @@ def step_cpu_us(graphs: dict[str, Path], meta: ExportMeta, batches=TIMING_BATCHE
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     opts.log_severity_level = 3
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                for k, p in graphs.items()}
+    sessions = {
+        k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+        for k, p in graphs.items()
+    }
     rng = np.random.default_rng(0)
     best: dict[str, dict[str, float]] = {k: {} for k in graphs}
     for batch in batches:

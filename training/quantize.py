@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from serving.formats import (
-    EXPORT_FORMAT,
     LOGITS_OUTPUT,
     META_FILE,
     STEP_GRAPH,
@@ -57,6 +56,7 @@ from serving.formats import (
     Tokenizer,
     file_sha256,
 )
+from training.export_folder import building, check_target, write_graph, write_meta
 from training.quant_measure import (
     EvalData,
     QuantizationError,
@@ -145,8 +145,12 @@ class Candidate:
     float_head: bool = False  # keep the softmax head's Gemm float32
 
     def settings(self) -> dict[str, Any]:
-        return {**asdict(self), "op_types": list(self.op_types), "weight_type": "int8",
-                "activation_type": "uint8"}
+        return {
+            **asdict(self),
+            "op_types": list(self.op_types),
+            "weight_type": "int8",
+            "activation_type": "uint8",
+        }
 
 
 GEMMS = ("Gemm", "MatMul")
@@ -154,8 +158,13 @@ CANDIDATES = (
     # what the issue tried by hand: onnxruntime's defaults (the embedding Gather included)
     Candidate("dynamic-per-tensor", "dynamic", (*GEMMS, "Gather"), per_channel=False),
     Candidate("dynamic-per-channel", "dynamic", (*GEMMS, "Gather"), per_channel=True),
-    Candidate("dynamic-per-channel-float-head", "dynamic", (*GEMMS, "Gather"), per_channel=True,
-              float_head=True),
+    Candidate(
+        "dynamic-per-channel-float-head",
+        "dynamic",
+        (*GEMMS, "Gather"),
+        per_channel=True,
+        float_head=True,
+    ),
     Candidate("dynamic-per-channel-float-embedding", "dynamic", GEMMS, per_channel=True),
     Candidate("static-per-channel", "static", GEMMS, per_channel=True),
 )
@@ -170,7 +179,9 @@ def load_step_graph(folder: Path):
     return model
 
 
-def quantize_graph(model, candidate: Candidate, out: Path, calibration: list[dict] | None = None) -> None:
+def quantize_graph(
+    model, candidate: Candidate, out: Path, calibration: list[dict] | None = None
+) -> None:
     """Write `model` (a float32 step graph) quantized as `candidate` says to `out`, checked."""
     import onnx
     from onnxruntime.quantization import (
@@ -197,8 +208,11 @@ def quantize_graph(model, candidate: Candidate, out: Path, calibration: list[dic
             onnx.save(model, str(src))
             if candidate.method == "dynamic":
                 quantize_dynamic(
-                    src, out, op_types_to_quantize=list(candidate.op_types),
-                    per_channel=candidate.per_channel, weight_type=QuantType.QInt8,
+                    src,
+                    out,
+                    op_types_to_quantize=list(candidate.op_types),
+                    per_channel=candidate.per_channel,
+                    weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
                 )
             else:
@@ -213,9 +227,14 @@ def quantize_graph(model, candidate: Candidate, out: Path, calibration: list[dic
                         return next(self.it, None)
 
                 quantize_static(
-                    src, out, Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(candidate.op_types), per_channel=candidate.per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    src,
+                    out,
+                    Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(candidate.op_types),
+                    per_channel=candidate.per_channel,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
                 )
     finally:
@@ -244,10 +263,7 @@ def _finish_graph(q, reference, out: Path) -> None:
         onnx.checker.check_model(q, full_check=True)
     except Exception as exc:
         raise QuantizationError(f"the converted graph fails onnx.checker: {exc}") from exc
-    with open(out, "wb") as f:
-        f.write(q.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
+    write_graph(q, out)
 
 
 # ------------------------------------------------------------------------------- the folder
@@ -279,7 +295,9 @@ class QuantizeResult:
     report: list[str] = field(default_factory=list)  # human lines: candidates, figures, speed
 
 
-def _local(model_folder: Path, graph: Path, meta: ExportMeta, providers: str = "cpu", threads: int = 1):
+def _local(
+    model_folder: Path, graph: Path, meta: ExportMeta, providers: str = "cpu", threads: int = 1
+):
     """An ExportedModel over `graph` with `meta`'s description (a candidate not yet a folder)."""
     from serving.runtime import ExportedModel, _create_session, _session_options
 
@@ -288,9 +306,23 @@ def _local(model_folder: Path, graph: Path, meta: ExportMeta, providers: str = "
     return ExportedModel(model_folder, meta, tok, sess, None)
 
 
-def _choose_int8(graph, f32_graph: Path, work_dir: Path, *, src: Path, meta: ExportMeta, reference,
-                 data: EvalData, method: str, limit: float, unit: str, screen_batches: int,
-                 providers: str, threads: int, timing_rounds: int):
+def _choose_int8(
+    graph,
+    f32_graph: Path,
+    work_dir: Path,
+    *,
+    src: Path,
+    meta: ExportMeta,
+    reference,
+    data: EvalData,
+    method: str,
+    limit: float,
+    unit: str,
+    screen_batches: int,
+    providers: str,
+    threads: int,
+    timing_rounds: int,
+):
     """Quantize `graph` every way `method` allows, score each candidate on the first
     `screen_batches` validation batches and time it against the float32 graph; returns the
     chosen graph's path, its settings, the candidates' figures and report lines."""
@@ -319,8 +351,9 @@ def _choose_int8(graph, f32_graph: Path, work_dir: Path, *, src: Path, meta: Exp
         screened[name] = cost(data.kind, screen_ref, figures)
     timing = step_cpu_us({"float32": f32_graph, **paths}, meta, rounds=timing_rounds)
     speed = {k: math.sqrt(v["1"] * v["64"]) for k, v in timing.items()}
-    admissible = [k for k in paths if screened[k] <= limit * SCREEN_MARGIN] or \
-        [min(paths, key=lambda k: screened[k])]
+    admissible = [k for k in paths if screened[k] <= limit * SCREEN_MARGIN] or [
+        min(paths, key=lambda k: screened[k])
+    ]
     fastest = min(speed[k] for k in admissible)
     near = [k for k in admissible if speed[k] <= fastest * (1 + SPEED_TIE)]
     chosen = min(near, key=lambda k: (screened[k], speed[k]))
@@ -328,23 +361,34 @@ def _choose_int8(graph, f32_graph: Path, work_dir: Path, *, src: Path, meta: Exp
     settings = next(c for c in CANDIDATES if c.name == chosen).settings()
     settings["tool"] = f"onnxruntime.quantization.quantize_{settings['method']}"
     if settings["method"] == "static":
-        settings["calibration"] = {"split": "train", "feeds": len(calibration or []),
-                                   "method": "MinMax", "format": "QDQ"}
+        settings["calibration"] = {
+            "split": "train",
+            "feeds": len(calibration or []),
+            "method": "MinMax",
+            "format": "QDQ",
+        }
     candidates_report = []
     for k, p in paths.items():
-        candidates_report.append({
-            "name": k, "screen_cost": round(screened[k], 6),
-            "step_cpu_us": {b: round(v, 1) for b, v in timing[k].items()},
-            "speedup": {b: round(timing["float32"][b] / v, 3) for b, v in timing[k].items()},
-            "bytes": p.stat().st_size, "chosen": k == chosen,
-        })
+        candidates_report.append(
+            {
+                "name": k,
+                "screen_cost": round(screened[k], 6),
+                "step_cpu_us": {b: round(v, 1) for b, v in timing[k].items()},
+                "speedup": {b: round(timing["float32"][b] / v, 3) for b, v in timing[k].items()},
+                "bytes": p.stat().st_size,
+                "chosen": k == chosen,
+            }
+        )
         report.append(
             f"  candidate {k:<38} screening cost {screened[k]:+.4f} {unit}; step "
             + ", ".join(f"batch {b} {timing['float32'][b] / v:.2f}x" for b, v in timing[k].items())
             + ("  <- chosen" if k == chosen else "")
         )
-    report.insert(0, f"screened on the first {screen_batches} validation batches "
-                     f"({screen_ref['items']:,} {'images' if data.kind == 'glimpses' else 'characters'})")
+    report.insert(
+        0,
+        f"screened on the first {screen_batches} validation batches "
+        f"({screen_ref['items']:,} {'images' if data.kind == 'glimpses' else 'characters'})",
+    )
     return chosen_path, settings, candidates_report, report
 
 
@@ -381,16 +425,20 @@ def quantize_folder(
         raise ValueError(f"precision must be one of {QUANTIZED_PRECISIONS}, got {precision!r}")
     names = [c.name for c in CANDIDATES]
     if precision == "int8" and method not in ("auto", "dynamic", "static", *names):
-        raise ValueError(f"method must be 'auto', 'dynamic', 'static' or one of {names}, got {method!r}")
+        raise ValueError(
+            f"method must be 'auto', 'dynamic', 'static' or one of {names}, got {method!r}"
+        )
     if src.resolve() == out.resolve():
         raise ValueError(f"--out must differ from the float32 folder {src}")
     thresholds = thresholds or Thresholds()
     reference = load_model(src, providers=providers, intra_op_threads=threads, inter_op_threads=1)
     meta = reference.meta
     if meta.precision != "float32":
-        raise QuantizationError(f"{src} holds a {meta.precision} model; quantize its float32 export")
+        raise QuantizationError(
+            f"{src} holds a {meta.precision} model; quantize its float32 export"
+        )
     data.check_folder(src, meta)
-    _check_target(out)
+    check_target(out)
     report: list[str] = []
     unit, limit = Thresholds.unit(data.kind), thresholds.limit(data.kind)
     started = time.perf_counter()
@@ -404,15 +452,30 @@ def quantize_folder(
         if precision == "float16":
             chosen_path = work_dir / "float16.onnx"
             float16_graph(graph, chosen_path)
-            settings: dict[str, Any] = {"name": "float16", "method": "float16",
-                                        "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
-                                        "keep_io_types": True}
+            settings: dict[str, Any] = {
+                "name": "float16",
+                "method": "float16",
+                "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+                "keep_io_types": True,
+            }
             candidates_report: list[dict] = []
         else:
             chosen_path, settings, candidates_report, report = _choose_int8(
-                graph, f32_graph, work_dir, src=src, meta=meta, reference=reference, data=data,
-                method=method, limit=limit, unit=unit, screen_batches=screen_batches,
-                providers=providers, threads=threads, timing_rounds=timing_rounds)
+                graph,
+                f32_graph,
+                work_dir,
+                src=src,
+                meta=meta,
+                reference=reference,
+                data=data,
+                method=method,
+                limit=limit,
+                unit=unit,
+                screen_batches=screen_batches,
+                providers=providers,
+                threads=threads,
+                timing_rounds=timing_rounds,
+            )
         # ----------------------------------------------------- full measurement
         chosen_model = _local(src, chosen_path, meta, providers, threads)
         figures: dict[str, dict[str, float]] = {"float32": {}, precision: {}}
@@ -426,18 +489,29 @@ def quantize_folder(
                 d[f"{split}_items"] = r["items"]
         worst = max(costs.values())
         over = worst > limit
-        speed_final = step_cpu_us({"float32": f32_graph, precision: chosen_path}, meta, rounds=timing_rounds) \
-            if precision == "int8" else {}
+        speed_final = (
+            step_cpu_us({"float32": f32_graph, precision: chosen_path}, meta, rounds=timing_rounds)
+            if precision == "int8"
+            else {}
+        )
         report.append(
-            f"{precision} ({settings['name']}): " + ", ".join(
+            f"{precision} ({settings['name']}): "
+            + ", ".join(
                 f"{s} {figures['float32'][f'{s}_{m}']:.4f} -> {figures[precision][f'{s}_{m}']:.4f} "
-                f"({costs[s]:+.4f} {unit})" for s in ("valid", "test")
-                for m in (["acc"] if data.kind == "glimpses" else ["bpc"]))
+                f"({costs[s]:+.4f} {unit})"
+                for s in ("valid", "test")
+                for m in (["acc"] if data.kind == "glimpses" else ["bpc"])
+            )
         )
         if speed_final:
-            report.append("step (one thread, CPU time): " + ", ".join(
-                f"batch {b} {speed_final['float32'][b]:.0f} -> {speed_final[precision][b]:.0f} us "
-                f"({speed_final['float32'][b] / speed_final[precision][b]:.2f}x)" for b in speed_final["float32"]))
+            report.append(
+                "step (one thread, CPU time): "
+                + ", ".join(
+                    f"batch {b} {speed_final['float32'][b]:.0f} -> {speed_final[precision][b]:.0f} us "
+                    f"({speed_final['float32'][b] / speed_final[precision][b]:.2f}x)"
+                    for b in speed_final["float32"]
+                )
+            )
         if over and not accept_cost:
             raise QuantizationCost(
                 f"{precision} costs {worst:+.4f} {unit} on the "
@@ -447,8 +521,15 @@ def quantize_folder(
                 "(--accept-cost)\n" + "\n".join(report)
             )
         if over:
-            log.warning("%s: the %s model costs %+.4f %s, over the threshold of %s; written anyway "
-                        "because the cost was accepted", out, precision, worst, unit, limit)
+            log.warning(
+                "%s: the %s model costs %+.4f %s, over the threshold of %s; written anyway "
+                "because the cost was accepted",
+                out,
+                precision,
+                worst,
+                unit,
+                limit,
+            )
 
         quantization = {
             "precision": precision,
@@ -463,50 +544,63 @@ def quantize_folder(
             "threshold": limit,
             "over_threshold": over,
             "evaluation": {
-                "data": data.description, "batch_size": data.batch_size,
+                "data": data.description,
+                "batch_size": data.batch_size,
                 "seq_len": data.seq_len if data.kind == "stream" else None,
-                "providers": providers, "threads": threads,
+                "providers": providers,
+                "threads": threads,
                 "how": "serving.runtime over the trainer's evaluation batches, full splits",
             },
             "speed": {
                 "how": "onnxruntime CPU provider, 1 intra-op thread, the calling thread's CPU time "
-                       f"per step, best of {timing_rounds} alternating rounds",
-                "step_cpu_us": {k: {b: round(v, 1) for b, v in t.items()} for k, t in speed_final.items()},
-                "speedup": {b: round(speed_final["float32"][b] / speed_final[precision][b], 3)
-                            for b in speed_final.get("float32", {})},
-            } if speed_final else {},
+                f"per step, best of {timing_rounds} alternating rounds",
+                "step_cpu_us": {
+                    k: {b: round(v, 1) for b, v in t.items()} for k, t in speed_final.items()
+                },
+                "speedup": {
+                    b: round(speed_final["float32"][b] / speed_final[precision][b], 3)
+                    for b in speed_final.get("float32", {})
+                },
+            }
+            if speed_final
+            else {},
             "candidates": candidates_report,
             "batch_invariant": settings.get("method") != "dynamic",
             "seconds": round(time.perf_counter() - started, 1),
         }
-        new_figures = {k: v for k, v in meta.figures.items() if k in ("best_epoch", "best_step", "epoch", "step")}
+        new_figures = {
+            k: v
+            for k, v in meta.figures.items()
+            if k in ("best_epoch", "best_step", "epoch", "step")
+        }
         for s in ("valid", "test"):
-            new_figures.update({k: v for k, v in figures[precision].items()
-                                if k.startswith(f"{s}_") and not k.endswith("_items")})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp's folder is private; an export is not
+            new_figures.update(
+                {
+                    k: v
+                    for k, v in figures[precision].items()
+                    if k.startswith(f"{s}_") and not k.endswith("_items")
+                }
+            )
+        with building(out) as tmp:  # replaces an export at `out`, refuses anything else
             shutil.copyfile(chosen_path, tmp / STEP_GRAPH)
             if meta.has_tokenizer:
                 shutil.copyfile(src / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
             files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-            new = ExportMeta(**{
-                **asdict(meta), "files": files, "sequence_graph": False,
-                "sequence_timing": {"shipped": False,
-                                    "why": f"the {precision} folder ships the step graph only"},
-                "figures": _json_clean(new_figures), "precision": precision,
-                "quantization": _json_clean(quantization),
-            })
-            with open(tmp / META_FILE, "w") as f:
-                f.write(new.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            _check_target(out)
-            _publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            new = ExportMeta(
+                **{
+                    **asdict(meta),
+                    "files": files,
+                    "sequence_graph": False,
+                    "sequence_timing": {
+                        "shipped": False,
+                        "why": f"the {precision} folder ships the step graph only",
+                    },
+                    "figures": _json_clean(new_figures),
+                    "precision": precision,
+                    "quantization": _json_clean(quantization),
+                }
+            )
+            write_meta(new, tmp / META_FILE)
     return QuantizeResult(ExportMeta.from_folder(out), over, report)
 
 
@@ -522,33 +616,6 @@ def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _check_target(out: Path) -> None:
-    """The same rule as training/export.py's: replace an export, refuse anything else."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            ok = json.loads((out / META_FILE).read_text()).get("format") == EXPORT_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise FileExistsError(
-                f"{out} is a folder that is not an exported model (no nlstm {META_FILE}); "
-                "refusing to replace it: choose another --out or remove it"
-            )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place: out is the old export, absent, or the new one."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "export")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = [

@@ -82,9 +82,16 @@ def read_run(run_dir: str | Path) -> RunFigures:
     epochs = (header.get("config") or {}).get("epochs")
     epoch = float(last.get("epoch", 0))
     return RunFigures(
-        name=run_dir.name, task=task, seed=header.get("seed"), params=header.get("params"),
-        epoch=epoch, step=int(last.get("step", 0)), valid=valid, test=test,
-        finished=epochs is not None and epoch >= epochs, seconds=float(last.get("elapsed_s", 0)),
+        name=run_dir.name,
+        task=task,
+        seed=header.get("seed"),
+        params=header.get("params"),
+        epoch=epoch,
+        step=int(last.get("step", 0)),
+        valid=valid,
+        test=test,
+        finished=epochs is not None and epoch >= epochs,
+        seconds=float(last.get("elapsed_s", 0)),
     )
 
 
@@ -143,8 +150,9 @@ def markdown(rows: list[Row]) -> str:
     for row in rows:
         n = len(row.runs)
         epochs = sorted({r.epoch for r in row.runs})
-        ep = "/".join(f"{e:g}" for e in epochs) + ("" if all(r.finished for r in row.runs) else
-                                                   " (running)")
+        ep = "/".join(f"{e:g}" for e in epochs) + (
+            "" if all(r.finished for r in row.runs) else " (running)"
+        )
         seeds = ",".join(str(r.seed) for r in row.runs)
         params = row.runs[0].params
         cells = [row.name, seeds, f"{params:,}" if params else "-", ep]

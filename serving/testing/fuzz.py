@@ -48,18 +48,38 @@ from serving.limits import Limits, request_bytes_needed
 from serving.servicer import SERVICE
 
 METHODS = pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name
-RPCS = ("ListModels", "CreateSession", "CloseSession", "Generate", "Score", "ClassifyGlimpses",
-        "GetSession", "SnapshotSession", "RestoreSession", "ForkSession")
+RPCS = (
+    "ListModels",
+    "CreateSession",
+    "CloseSession",
+    "Generate",
+    "Score",
+    "ClassifyGlimpses",
+    "GetSession",
+    "SnapshotSession",
+    "RestoreSession",
+    "ForkSession",
+)
 SESSION_RPCS = ("GetSession", "SnapshotSession", "ForkSession")  # a session id, and nothing else
-OK, IA, NF, FP, RE = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"
+OK, IA, NF, FP, RE = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+)
 # what valid texts are made of; other characters are the unknown symbol (counted, still valid)
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 GOOD_TEXT = "the cat sat on the mat\n"  # the known-good Score request
 GOOD_GLIMPSES = 3  # glimpses in the known-good ClassifyGlimpses request
 HUGE_IDS = (10_000, 100_000)  # characters of a huge model name or session id
 # a few valid glimpses: most valid glimpse messages draw one of these (cheaper than 49 draws)
-GLIMPSES = tuple(tuple(float(v) for v in row) for row in np.random.default_rng(0).random((8, 49), dtype=np.float32)) + (
-    (0.0,) * 49, (1.0,) * 49,
+GLIMPSES = tuple(
+    tuple(float(v) for v in row)
+    for row in np.random.default_rng(0).random((8, 49), dtype=np.float32)
+) + (
+    (0.0,) * 49,
+    (1.0,) * 49,
 )
 
 
@@ -91,11 +111,11 @@ def mutate(data: bytes, mutation: tuple) -> bytes:
     op, *args = mutation
     if op == "flip":
         i = args[0] % len(data)
-        return data[:i] + bytes([data[i] ^ (1 << args[1])]) + data[i + 1:]
+        return data[:i] + bytes([data[i] ^ (1 << args[1])]) + data[i + 1 :]
     if op == "cut":
-        return data[:max(0, len(data) - args[0])]
+        return data[: max(0, len(data) - args[0])]
     if op == "head":
-        return data[:args[0]]
+        return data[: args[0]]
     if op == "splice":
         i = args[0] % (len(data) + 1)
         return data[:i] + args[1] + data[i:]
@@ -169,7 +189,9 @@ def _field(number: int, ftype: int | None, value) -> bytes:
     return _varint(number << 3) + _varint(int(value))
 
 
-def encode(message: Message, descriptor, resolve: Callable[[SessionRef | SnapshotRef], str | bytes]) -> bytes:
+def encode(
+    message: Message, descriptor, resolve: Callable[[SessionRef | SnapshotRef], str | bytes]
+) -> bytes:
     """The bytes of one message of type `descriptor`, each SessionRef or SnapshotRef replaced by
     resolve(ref)."""
     if isinstance(message, bytes):
@@ -239,8 +261,12 @@ def _mostly(draw, messages: st.SearchStrategy):
 
 
 @st.composite
-def _message(draw, valid: dict[str, st.SearchStrategy], junk: dict[str, st.SearchStrategy],
-             rarely: bool = False) -> Fields:
+def _message(
+    draw,
+    valid: dict[str, st.SearchStrategy],
+    junk: dict[str, st.SearchStrategy],
+    rarely: bool = False,
+) -> Fields:
     """Every field from `valid` (None: left out) except up to three from `junk`, sometimes an
     unknown field, sometimes cut or padded bytes. `rarely`: junk in 1 message in 20 only."""
     names = sorted(valid)
@@ -276,10 +302,14 @@ def requests(rpc: str, target: Target) -> st.SearchStrategy:
     char, glimpse = target.first("char"), target.first("glimpse")
     names = sorted(target.models)
     lim = target.limits
-    refs = [SessionRef(k) for k in ("live", "stale", "near")] + ([SessionRef("other")] if char and glimpse else [])
+    refs = [SessionRef(k) for k in ("live", "stale", "near")] + (
+        [SessionRef("other")] if char and glimpse else []
+    )
     model_junk = st.one_of(  # every model (the other kind's: FAILED_PRECONDITION), near misses, junk
-        st.sampled_from(names), st.sampled_from([v for n in names for v in (n.upper(), n + " ", n[:-1], n + "\x00")]),
-        _junk(HUGE_IDS))
+        st.sampled_from(names),
+        st.sampled_from([v for n in names for v in (n.upper(), n + " ", n[:-1], n + "\x00")]),
+        _junk(HUGE_IDS),
+    )
     session_junk = st.sampled_from(refs) | _junk(HUGE_IDS)
     sessions = st.sampled_from([None, SessionRef("live")])
     long_text = (lim.max_text, lim.max_text + 1, 20 * lim.max_text)
@@ -293,26 +323,51 @@ def requests(rpc: str, target: Target) -> st.SearchStrategy:
         fields = _message({"session_id": st.just(SessionRef("live"))}, {"session_id": session_junk})
     elif rpc == "Score":
         fields = _message(
-            {"model": st.just(char or names[0]), "session_id": sessions, "text": _texts(1, 60), "per_char": st.booleans()},
-            {"model": model_junk, "session_id": session_junk, "text": _junk(long_text), "per_char": flag_junk},
+            {
+                "model": st.just(char or names[0]),
+                "session_id": sessions,
+                "text": _texts(1, 60),
+                "per_char": st.booleans(),
+            },
+            {
+                "model": model_junk,
+                "session_id": session_junk,
+                "text": _junk(long_text),
+                "per_char": flag_junk,
+            },
         )
     elif rpc == "Generate":
         fields = _message(
             {
-                "model": st.just(char or names[0]), "session_id": sessions, "prompt": st.none() | _texts(0, 30),
+                "model": st.just(char or names[0]),
+                "session_id": sessions,
+                "prompt": st.none() | _texts(0, 30),
                 "max_chars": st.integers(1, min(lim.max_chars, 30)),
                 "temperature": st.none() | st.sampled_from([0.5, 1.0]) | st.floats(0, 2, width=32),
-                "top_k": st.none() | st.integers(0, 10), "top_p": st.none() | st.floats(0, 1, width=32),
-                "seed": st.none() | st.integers(0, (1 << 64) - 1), "stop": st.none() | st.lists(_texts(1, 3), max_size=2),
+                "top_k": st.none() | st.integers(0, 10),
+                "top_p": st.none() | st.floats(0, 1, width=32),
+                "seed": st.none() | st.integers(0, (1 << 64) - 1),
+                "stop": st.none() | st.lists(_texts(1, 3), max_size=2),
                 "logprobs": st.booleans(),
             },
             {
-                "model": model_junk, "session_id": session_junk, "prompt": _junk(long_text),
-                "max_chars": st.sampled_from([0, lim.max_chars, lim.max_chars + 1, (1 << 32) - 1, (1 << 32) + 1])
-                | ANY_INT | st.binary(max_size=4),
-                "temperature": floats_junk, "top_k": ANY_INT, "top_p": floats_junk, "seed": ANY_INT | st.binary(max_size=4),
-                "stop": st.lists(_texts(1, 3) | _junk((lim.max_stop_chars, lim.max_stop_chars + 1, 1000, 10_000)),
-                                 max_size=8),
+                "model": model_junk,
+                "session_id": session_junk,
+                "prompt": _junk(long_text),
+                "max_chars": st.sampled_from(
+                    [0, lim.max_chars, lim.max_chars + 1, (1 << 32) - 1, (1 << 32) + 1]
+                )
+                | ANY_INT
+                | st.binary(max_size=4),
+                "temperature": floats_junk,
+                "top_k": ANY_INT,
+                "top_p": floats_junk,
+                "seed": ANY_INT | st.binary(max_size=4),
+                "stop": st.lists(
+                    _texts(1, 3)
+                    | _junk((lim.max_stop_chars, lim.max_stop_chars + 1, 1000, 10_000)),
+                    max_size=8,
+                ),
                 "logprobs": flag_junk,
             },
         )
@@ -324,8 +379,10 @@ def requests(rpc: str, target: Target) -> st.SearchStrategy:
     elif rpc == "RestoreSession":
         kinds = sorted(set(target.models.values()))
         limit = request_bytes_needed(lim.max_text, lim.max_stop, lim.max_stop_chars)
-        fields = _message({"data": st.builds(SnapshotRef, st.sampled_from(kinds), _mutations(names))},
-                          {"data": _junk((limit - 64, limit + 1)) | st.binary(min_size=100, max_size=20_000)})
+        fields = _message(
+            {"data": st.builds(SnapshotRef, st.sampled_from(kinds), _mutations(names))},
+            {"data": _junk((limit - 64, limit + 1)) | st.binary(min_size=100, max_size=20_000)},
+        )
     else:
         raise ValueError(f"no rpc {rpc!r}; the rpcs are {RPCS}")
     return _mostly(fields)
@@ -335,7 +392,10 @@ def _mutations(names: list[str]) -> st.SearchStrategy:
     """How a real snapshot is changed (see `mutate`): 1 in 4 not at all."""
     hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
     field = st.one_of(
-        st.tuples(st.just("model"), st.sampled_from(names) | st.sampled_from(["nope", "x" * 300]) | st.text(min_size=1)),
+        st.tuples(
+            st.just("model"),
+            st.sampled_from(names) | st.sampled_from(["nope", "x" * 300]) | st.text(min_size=1),
+        ),
         st.tuples(st.just("model_id"), hexes),
         # positions at the edges (a real snapshot's is small)
         st.tuples(st.just("position"), st.sampled_from([(1 << 64) - 1, 1 << 63, (1 << 63) - 1, 0])),
@@ -358,9 +418,12 @@ def _mutations(names: list[str]) -> st.SearchStrategy:
 def _glimpses() -> tuple[st.SearchStrategy, st.SearchStrategy]:
     """(valid glimpses: random ones or, cheaper to draw, one of GLIMPSES; bad ones: a wrong
     length, one value NaN, infinite or outside [0, 1], or bytes that are not whole floats)."""
-    valid = st.sampled_from(GLIMPSES) | st.lists(st.floats(0, 1, width=32), min_size=49, max_size=49)
-    one_bad = st.tuples(st.sampled_from(GLIMPSES), st.integers(0, 48), st.one_of(F32, ODD_FLOATS, RAW_BITS)).map(
-        lambda t: t[0][: t[1]] + (t[2],) + t[0][t[1] + 1:])
+    valid = st.sampled_from(GLIMPSES) | st.lists(
+        st.floats(0, 1, width=32), min_size=49, max_size=49
+    )
+    one_bad = st.tuples(
+        st.sampled_from(GLIMPSES), st.integers(0, 48), st.one_of(F32, ODD_FLOATS, RAW_BITS)
+    ).map(lambda t: t[0][: t[1]] + (t[2],) + t[0][t[1] + 1 :])
     length = st.integers(0, 120).map(lambda n: (0.5,) * n)
     return valid, st.one_of(one_bad, length, st.binary(max_size=200))
 
@@ -372,12 +435,21 @@ def _glimpse_streams(draw, model: str, model_junk, session_junk) -> tuple:
     a field."""
     valid, bad = _glimpses()
     first = _message(
-        {"model": st.sampled_from([model, None]), "session_id": st.sampled_from([None, SessionRef("live")]), "pixels": valid},
+        {
+            "model": st.sampled_from([model, None]),
+            "session_id": st.sampled_from([None, SessionRef("live")]),
+            "pixels": valid,
+        },
         {"model": model_junk, "session_id": session_junk, "pixels": bad},
     )
     rest = _message(
-        {"model": st.sampled_from([None, None, model]), "session_id": st.none(), "pixels": st.sampled_from(GLIMPSES)},
-        {"model": model_junk, "session_id": session_junk, "pixels": bad}, rarely=True,
+        {
+            "model": st.sampled_from([None, None, model]),
+            "session_id": st.none(),
+            "pixels": st.sampled_from(GLIMPSES),
+        },
+        {"model": model_junk, "session_id": session_junk, "pixels": bad},
+        rarely=True,
     )
     n = draw(st.integers(40, 80) if _one_in(draw, 20) else st.integers(0, 22))
     if n == 0:
@@ -407,11 +479,16 @@ class Fuzzer:
 
     def __init__(self, channel: grpc.Channel, limits: Limits, timeout: float = 30.0) -> None:
         self.channel, self.limits, self.timeout = channel, limits, timeout
-        self.max_request = request_bytes_needed(limits.max_text, limits.max_stop, limits.max_stop_chars)
+        self.max_request = request_bytes_needed(
+            limits.max_text, limits.max_stop, limits.max_stop_chars
+        )
         self.stub = pb_grpc.InferenceStub(channel)
         listed = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout).models
-        self.target = Target({m.name: "glimpse" if m.num_classes else "char" for m in listed}, limits,
-                             frozenset(m.name for m in listed if m.task == "poems"))
+        self.target = Target(
+            {m.name: "glimpse" if m.num_classes else "char" for m in listed},
+            limits,
+            frozenset(m.name for m in listed if m.task == "poems"),
+        )
         self.live: dict[str, str] = {}  # session id -> model: the sessions open now
         self.stale = self._create(min(self.target.models))
         self._close(self.stale)
@@ -424,18 +501,32 @@ class Fuzzer:
             if kind == "char":
                 self.stub.Score(pb.ScoreRequest(session_id=sid, text=GOOD_TEXT), timeout=timeout)
             else:
-                list(self.stub.ClassifyGlimpses(iter([pb.GlimpseRequest(session_id=sid, pixels=GLIMPSES[0])]),
-                                                timeout=timeout))
-            self.snaps[kind] = self.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid),
-                                                         timeout=timeout).data
+                list(
+                    self.stub.ClassifyGlimpses(
+                        iter([pb.GlimpseRequest(session_id=sid, pixels=GLIMPSES[0])]),
+                        timeout=timeout,
+                    )
+                )
+            self.snaps[kind] = self.stub.SnapshotSession(
+                pb.SnapshotSessionRequest(session_id=sid), timeout=timeout
+            ).data
             self._close(sid)
             s = snapshot.decode(self.snaps[kind])
-            self.exports[s.model] = (s.model_id, s.state.shape, None if s.logits is None else s.logits.size)
+            self.exports[s.model] = (
+                s.model_id,
+                s.state.shape,
+                None if s.logits is None else s.logits.size,
+            )
         self._calls = {}
         for rpc in RPCS:
             method, path = METHODS[rpc], f"/{SERVICE}/{rpc}"
-            kind = ("stream_stream" if method.client_streaming else "unary_stream" if method.server_streaming
-                    else "unary_unary")
+            kind = (
+                "stream_stream"
+                if method.client_streaming
+                else "unary_stream"
+                if method.server_streaming
+                else "unary_unary"
+            )
             self._calls[rpc] = getattr(channel, kind)(path)  # no (de)serializers: bytes in and out
         self._strategies: dict[str, st.SearchStrategy] = {}
         self.baseline = self._good()
@@ -454,7 +545,10 @@ class Fuzzer:
         try:
             method = METHODS[rpc]
             cls = getattr(pb, method.input_type.name)
-            wire = [encode(m, cls.DESCRIPTOR, lambda ref: self._resolve(ref, kind, opened)) for m in messages]
+            wire = [
+                encode(m, cls.DESCRIPTOR, lambda ref: self._resolve(ref, kind, opened))
+                for m in messages
+            ]
             parsed = [parse(cls, w) for w in wire]
             allowed, answers = self._expect(rpc, parsed)
             # a message larger than the receive limit (sized from the limits: the server's
@@ -474,7 +568,9 @@ class Fuzzer:
             return Outcome(code, problem or released)
         except grpc.RpcError as exc:  # a helper call (creating, probing a session) failed
             self._forget(opened)
-            return Outcome("HELPER", f"a helper call got {exc.code().name}: {_clip(exc.details() or '')}")
+            return Outcome(
+                "HELPER", f"a helper call got {exc.code().name}: {_clip(exc.details() or '')}"
+            )
 
     def still_good(self) -> str | None:
         """None when the known-good requests get the answers they got at the start."""
@@ -484,22 +580,41 @@ class Fuzzer:
             return f"a known-good request failed: {exc.code().name} {_clip(exc.details() or '')}"
         for key, want in self.baseline.items():
             got = now[key]
-            same = got == want if key == "models" else len(got) == len(want) and np.allclose(got, want, rtol=1e-6)
+            same = (
+                got == want
+                if key == "models"
+                else len(got) == len(want) and np.allclose(got, want, rtol=1e-6)
+            )
             if not same:
-                return f"the known-good {key} request changed: {_clip(str(got))} != {_clip(str(want))}"
+                return (
+                    f"the known-good {key} request changed: {_clip(str(got))} != {_clip(str(want))}"
+                )
         return None
 
     def _good(self) -> dict:
         t = self.target
-        out = {"models": [m.name for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models]}
+        out = {
+            "models": [
+                m.name
+                for m in self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models
+            ]
+        }
         if t.first("char"):
-            r = self.stub.Score(pb.ScoreRequest(model=t.first("char"), text=GOOD_TEXT, per_char=True), timeout=self.timeout)
+            r = self.stub.Score(
+                pb.ScoreRequest(model=t.first("char"), text=GOOD_TEXT, per_char=True),
+                timeout=self.timeout,
+            )
             out["score"] = [r.total_bits, *r.bits]
         if t.first("glimpse"):
-            stream = [pb.GlimpseRequest(model=t.first("glimpse") if i == 0 else "", pixels=GLIMPSES[i])
-                      for i in range(GOOD_GLIMPSES)]
-            out["glimpses"] = [p for r in self.stub.ClassifyGlimpses(iter(stream), timeout=self.timeout)
-                               for p in r.probabilities]
+            stream = [
+                pb.GlimpseRequest(model=t.first("glimpse") if i == 0 else "", pixels=GLIMPSES[i])
+                for i in range(GOOD_GLIMPSES)
+            ]
+            out["glimpses"] = [
+                p
+                for r in self.stub.ClassifyGlimpses(iter(stream), timeout=self.timeout)
+                for p in r.probabilities
+            ]
         return out
 
     def _call(self, rpc: str, wire: list[bytes]) -> tuple[str, str, list[bytes]]:
@@ -519,7 +634,9 @@ class Fuzzer:
 
     # ------------------------------------------------------------ sessions
     def _create(self, model: str) -> str:
-        sid = self.stub.CreateSession(pb.CreateSessionRequest(model=model), timeout=self.timeout).session_id
+        sid = self.stub.CreateSession(
+            pb.CreateSessionRequest(model=model), timeout=self.timeout
+        ).session_id
         self.live[sid] = model
         return sid
 
@@ -551,7 +668,10 @@ class Fuzzer:
                     stream = iter([pb.GlimpseRequest(session_id=sid, pixels=GLIMPSES[0])])
                     list(self.stub.ClassifyGlimpses(stream, timeout=self.timeout))
             except grpc.RpcError as exc:
-                problem = problem or f"its session fails after it: {exc.code().name} {_clip(exc.details() or '')}"
+                problem = (
+                    problem
+                    or f"its session fails after it: {exc.code().name} {_clip(exc.details() or '')}"
+                )
             self._close(sid)
         return problem
 
@@ -594,14 +714,26 @@ class Fuzzer:
             errors |= self._open_errors(m.model, m.session_id, "char")
         elif rpc in SESSION_RPCS:
             errors = {IA} if not m.session_id else set() if m.session_id in self.live else {NF}
-            errors |= {RE} if not errors and rpc == "ForkSession" and len(self.live) >= lim.max_sessions else set()
+            errors |= (
+                {RE}
+                if not errors and rpc == "ForkSession" and len(self.live) >= lim.max_sessions
+                else set()
+            )
         elif rpc == "RestoreSession":
             codes = self._restore_codes(m.data)
-            return codes | ({RE} if OK in codes and len(self.live) >= lim.max_sessions else set()), 1
+            return codes | (
+                {RE} if OK in codes and len(self.live) >= lim.max_sessions else set()
+            ), 1
         else:  # Generate
-            bad = (not 1 <= m.max_chars <= lim.max_chars or not math.isfinite(m.temperature) or m.temperature < 0
-                   or not 0 <= m.top_p <= 1 or len(m.stop) > lim.max_stop or "" in m.stop
-                   or any(len(x) > lim.max_stop_chars for x in m.stop))
+            bad = (
+                not 1 <= m.max_chars <= lim.max_chars
+                or not math.isfinite(m.temperature)
+                or m.temperature < 0
+                or not 0 <= m.top_p <= 1
+                or len(m.stop) > lim.max_stop
+                or "" in m.stop
+                or any(len(x) > lim.max_stop_chars for x in m.stop)
+            )
             errors = ({IA} if bad else set()) | ({RE} if len(m.prompt) > lim.max_text else set())
             errors |= self._open_errors(m.model, m.session_id, "char")
         if errors:
@@ -615,7 +747,9 @@ class Fuzzer:
             return {IA}
         # larger than the largest snapshot of the models known here: the server's bound (over
         # all its models) may refuse it before reading it
-        largest = max(snapshot.max_size(shape, logits or 0) for _, shape, logits in self.exports.values())
+        largest = max(
+            snapshot.max_size(shape, logits or 0) for _, shape, logits in self.exports.values()
+        )
         bound = {IA} if len(data) > largest else set()
         try:
             s = snapshot.decode(data)
@@ -626,7 +760,9 @@ class Fuzzer:
         model_id, shape, logits = self.exports[s.model]
         if s.model_id != model_id:
             return {FP} | bound
-        if s.state.shape != shape or (s.logits is not None and s.logits.size != (logits or s.logits.size)):
+        if s.state.shape != shape or (
+            s.logits is not None and s.logits.size != (logits or s.logits.size)
+        ):
             return {IA}
         return ({IA} if s.position >= 1 << 63 else {OK}) | bound
 
@@ -646,18 +782,33 @@ class Fuzzer:
                 return errors, i
         return {OK}, len(parsed)
 
-    def _judge(self, rpc: str, parsed: list, allowed: set[str], answers: int, code: str, details: str,
-               out: list) -> str | None:
+    def _judge(
+        self,
+        rpc: str,
+        parsed: list,
+        allowed: set[str],
+        answers: int,
+        code: str,
+        details: str,
+        out: list,
+    ) -> str | None:
         if code not in allowed:
-            return f"{rpc} got {code} ({_clip(details)!r}); documented: {' or '.join(sorted(allowed))}"
+            return (
+                f"{rpc} got {code} ({_clip(details)!r}); documented: {' or '.join(sorted(allowed))}"
+            )
         if code != OK and not details:
             return f"{rpc} got {code} with no message saying what was wrong"
         if rpc == "Generate":
-            return self._check_generate(parsed[0], out) if code == OK else (
-                f"Generate failed with {code} after {len(out)} messages" if out else None)
+            return (
+                self._check_generate(parsed[0], out)
+                if code == OK
+                else (f"Generate failed with {code} after {len(out)} messages" if out else None)
+            )
         if rpc != "ClassifyGlimpses":
             answers = int(code == OK)  # a unary call: its answer, or its status
-        if len(out) != answers and not (code == RE and rpc == "ClassifyGlimpses" and len(out) < answers):
+        if len(out) != answers and not (
+            code == RE and rpc == "ClassifyGlimpses" and len(out) < answers
+        ):
             # (a stream refused by gRPC for a message too large may lose the answers in flight)
             return f"{rpc} answered {len(out)} messages before {code}, expected {answers}"
         if rpc == "ClassifyGlimpses":
@@ -687,20 +838,33 @@ class Fuzzer:
             s = snapshot.decode(r.data)
             if (s.model, s.position) != want:
                 return f"SnapshotSession's data says {(s.model, s.position)}, expected {want}"
-        elif rpc == "GetSession" and (r.session_id != m.session_id or r.in_use or r.idle_timeout_seconds < 1):
+        elif rpc == "GetSession" and (
+            r.session_id != m.session_id or r.in_use or r.idle_timeout_seconds < 1
+        ):
             return f"GetSession answered {r}"
-        elif rpc in ("ForkSession", "RestoreSession") and (r.session_id in (getattr(m, "session_id", ""), "")
-                                                           or r.in_use):
+        elif rpc in ("ForkSession", "RestoreSession") and (
+            r.session_id in (getattr(m, "session_id", ""), "") or r.in_use
+        ):
             return f"{rpc} answered {r}"
         return None if got == want else f"{rpc} answered model and position {got}, expected {want}"
 
     @staticmethod
     def _check_score(m, r) -> str | None:
         n = len(m.text)
-        if r.num_chars != n or not 0 <= r.unknown_chars <= n or len(r.bits) != (n if m.per_char else 0):
-            return f"Score of {n} characters (per_char={m.per_char}) answered {r.num_chars} characters, " \
-                   f"{r.unknown_chars} unknown, {len(r.bits)} bits"
-        if not (math.isfinite(r.total_bits) and r.total_bits >= 0 and math.isclose(r.bits_per_char, r.total_bits / n)):
+        if (
+            r.num_chars != n
+            or not 0 <= r.unknown_chars <= n
+            or len(r.bits) != (n if m.per_char else 0)
+        ):
+            return (
+                f"Score of {n} characters (per_char={m.per_char}) answered {r.num_chars} characters, "
+                f"{r.unknown_chars} unknown, {len(r.bits)} bits"
+            )
+        if not (
+            math.isfinite(r.total_bits)
+            and r.total_bits >= 0
+            and math.isclose(r.bits_per_char, r.total_bits / n)
+        ):
             return f"Score answered total_bits {r.total_bits}, bits_per_char {r.bits_per_char} for {n} characters"
         if m.per_char and not math.isclose(sum(r.bits), r.total_bits, rel_tol=1e-4, abs_tol=1e-3):
             return f"Score's bits sum to {sum(r.bits)}, not total_bits {r.total_bits}"
@@ -710,15 +874,23 @@ class Fuzzer:
         text = "".join(r.text for r in out)
         reasons = [r.finish_reason for r in out]
         marker = (m.model or self.live.get(m.session_id)) in self.target.markers
-        if not out or reasons[-1] not in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP_SEQUENCE) or any(reasons[:-1]):
+        if (
+            not out
+            or reasons[-1] not in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP_SEQUENCE)
+            or any(reasons[:-1])
+        ):
             return f"Generate's finish reasons were {reasons}"
         if reasons[-1] == pb.FINISH_REASON_LENGTH and len(text) != m.max_chars:
             return f"Generate made {len(text)} characters ({text!r}) with FINISH_REASON_LENGTH, max_chars {m.max_chars}"
         stopped = any(text.endswith(s) for s in m.stop) or marker and len(text) < m.max_chars
-        if reasons[-1] == pb.FINISH_REASON_STOP_SEQUENCE and not (len(text) <= m.max_chars and stopped):
+        if reasons[-1] == pb.FINISH_REASON_STOP_SEQUENCE and not (
+            len(text) <= m.max_chars and stopped
+        ):
             return f"Generate stopped at {text!r}, stop strings {list(m.stop)}"
         bits = [b for r in out for b in r.bits]
-        want = {len(text), len(text) + marker} if m.logprobs else {0}  # the marker has bits, no text
+        want = (
+            {len(text), len(text) + marker} if m.logprobs else {0}
+        )  # the marker has bits, no text
         if len(bits) not in want or not all(math.isfinite(b) and b >= 0 for b in bits):
             return f"Generate returned {len(bits)} bits {bits[:8]} for {len(text)} characters (logprobs={m.logprobs})"
         return None
@@ -727,19 +899,31 @@ class Fuzzer:
     def _check_glimpses(out: list) -> str | None:
         for i, r in enumerate(out):
             p = np.asarray(r.probabilities)
-            if (r.step != i + 1 or not len(p) or not np.isfinite(p).all() or abs(p.sum() - 1) > 1e-4
-                    or r.predicted_class != int(np.argmax(p))):
+            if (
+                r.step != i + 1
+                or not len(p)
+                or not np.isfinite(p).all()
+                or abs(p.sum() - 1) > 1e-4
+                or r.predicted_class != int(np.argmax(p))
+            ):
                 return f"glimpse {i + 1} answered step {r.step}, class {r.predicted_class}, probabilities {p}"
         return None
 
 
-def fuzz(fuzzer: Fuzzer, rpc: str, examples: int, report: Callable[[Outcome], None], seed: int = 0) -> None:
+def fuzz(
+    fuzzer: Fuzzer, rpc: str, examples: int, report: Callable[[Outcome], None], seed: int = 0
+) -> None:
     """Send `examples` requests of `rpc` drawn by hypothesis from `seed`, and report each
     outcome. Generation only: nothing raises, so there is nothing to shrink."""
 
     @hypothesis_seed(seed)
-    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=SLOW_EXAMPLES)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=SLOW_EXAMPLES,
+    )
     @given(fuzzer.requests(rpc))
     def run(request) -> None:
         report(fuzzer.send(rpc, request))

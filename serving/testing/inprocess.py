@@ -37,7 +37,9 @@ class ServerThread:
         asyncio.set_event_loop(self.loop)
 
         async def start():
-            self.running = await build_server(self.models, port=0, host="localhost", limits=limits, **options)
+            self.running = await build_server(
+                self.models, port=0, host="localhost", limits=limits, **options
+            )
             self.ready.set()
 
         self.loop.run_until_complete(start())

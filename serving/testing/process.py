@@ -83,11 +83,30 @@ class Server:
     ("--max-sessions", "16"). Use as a context manager: leaving it kills a server still running.
     """
 
-    def __init__(self, models: Path, *flags: str, metrics: bool = True, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self, models: Path, *flags: str, metrics: bool = True, start_timeout: float = 120.0
+    ) -> None:
         self.proc = subprocess.Popen(
-            die_with_parent([sys.executable, "-m", "serving.cli", "serve", "--models", str(models), "--port", "0",
-                             "--host", "localhost", "--metrics-port", "0" if metrics else "-1", *flags]),
-            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            die_with_parent(
+                [
+                    sys.executable,
+                    "-m",
+                    "serving.cli",
+                    "serve",
+                    "--models",
+                    str(models),
+                    "--port",
+                    "0",
+                    "--host",
+                    "localhost",
+                    "--metrics-port",
+                    "0" if metrics else "-1",
+                    *flags,
+                ]
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.log: list[str] = []
         self.port = 0
@@ -130,18 +149,28 @@ class Server:
         """(labels, value) of every /metrics sample called `name`."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://localhost:{self.metrics_port}/metrics", timeout=10
+        ) as r:
             text = r.read().decode()
-        return [(s.labels, s.value) for family in text_string_to_metric_families(text)
-                for s in family.samples if s.name == name]
+        return [
+            (s.labels, s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        ]
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples called `name` whose labels include `labels` (0 if none)."""
-        return sum(v for have, v in self.samples(name) if all(have.get(k) == x for k, x in labels.items()))
+        return sum(
+            v for have, v in self.samples(name) if all(have.get(k) == x for k, x in labels.items())
+        )
 
     def errors(self) -> list[str]:
         """Log lines that report an error or a traceback."""
-        return [line.rstrip() for line in self.log if " ERROR " in line or line.startswith("Traceback")]
+        return [
+            line.rstrip() for line in self.log if " ERROR " in line or line.startswith("Traceback")
+        ]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, float]:
         """Send `sig` and wait for the exit: (exit code, seconds it took)."""
@@ -173,7 +202,9 @@ class RedisServer:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RedisMissing("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
+            raise RedisMissing(
+                "redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)"
+            )
         self.binary = binary
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -185,9 +216,27 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            die_with_parent([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            die_with_parent(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         assert self.proc.stderr is not None  # stderr=PIPE
         deadline = time.monotonic() + 10
@@ -200,7 +249,9 @@ class RedisServer:
             except OSError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}")
+                raise RuntimeError(
+                    f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}"
+                )
             time.sleep(0.02)
         self.stop()
         raise RuntimeError("redis-server did not answer PING within 10 s")
@@ -235,8 +286,22 @@ def redis_server() -> Iterator[str]:
 # The replica tests' settings: frequent checkpoints (a killed replica loses little), an idle
 # timeout short enough to watch Redis expire a session, no message spacing, one thread each
 REPLICA_IDLE = 5.0
-REPLICA_FLAGS = ("--session-checkpoint-s", "0.3", "--idle-timeout", str(REPLICA_IDLE), "--max-chars", "100000",
-                 "--stream-interval-ms", "0", "--max-messages-per-s", "0", "--threads", "1", "--grace", "2")
+REPLICA_FLAGS = (
+    "--session-checkpoint-s",
+    "0.3",
+    "--idle-timeout",
+    str(REPLICA_IDLE),
+    "--max-chars",
+    "100000",
+    "--stream-interval-ms",
+    "0",
+    "--max-messages-per-s",
+    "0",
+    "--threads",
+    "1",
+    "--grace",
+    "2",
+)
 
 
 class Replica:
@@ -248,7 +313,9 @@ class Replica:
 
         from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 
-        self.server = Server(models_dir, "--session-store", store, *REPLICA_FLAGS, *flags, metrics=False)
+        self.server = Server(
+            models_dir, "--session-store", store, *REPLICA_FLAGS, *flags, metrics=False
+        )
         self.channel = grpc.insecure_channel(self.server.target)
         self.stub = pb_grpc.InferenceStub(self.channel)
 

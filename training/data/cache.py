@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from serving.files import FolderExists, atomic_folder
 
 CACHE_DIR_ENV = "NLSTM_CACHE_DIR"
 # Bump when the layout or content of prepared folders changes: old caches are then ignored.
@@ -61,22 +61,12 @@ def building(final: Path, force: bool = False) -> Iterator[Path]:
     With `force`, an existing `final` is replaced. If another process finished the same folder
     first, its copy is kept (the contents are the same by construction of the key).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a prepared cache may be shared
     try:
-        yield tmp
-        if force and final.exists():
-            old = final.with_name(f".{final.name}-{os.getpid()}.old")
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if read_meta(final) is None:  # not a finished concurrent build: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(final, replace=force) as tmp:
+            yield tmp
+    except FolderExists:
+        if read_meta(final) is None:  # not a finished concurrent build: a real failure
+            raise
 
 
 def write_meta(folder: Path, meta: dict) -> None:

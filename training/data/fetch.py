@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from serving.files import replace_file
+
 # defined on the serving side, whose `nlstm classify` reads the MNIST files there too; the data
 # pipeline and the tests import default_data_dir from here
 from serving.formats import DATA_DIR_ENV, default_data_dir  # noqa: F401
@@ -263,5 +265,4 @@ def _install(raw: RawFile, tmp: Path, final: Path) -> None:
     except ChecksumError as exc:
         tmp.unlink(missing_ok=True)
         raise ChecksumError(f"downloaded file rejected and deleted: {exc}") from None
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; raw data is not
-    os.replace(tmp, final)
+    replace_file(tmp, final, 0o644)  # mkstemp makes files private; raw data is not

@@ -69,12 +69,14 @@ def sequences_prepared(folder: Path, n_train: int = 300, n_eval: int = 40) -> Pr
         return SequenceSplit(ids, lengths)
 
     splits = {"train": split(n_train, 1), "valid": split(n_eval, 2), "test": split(n_eval, 3)}
-    return Prepared("poems", "sequences", folder, {}, tok.vocab_size, None,
-                    folder / "tokenizer.model", splits)
+    return Prepared(
+        "poems", "sequences", folder, {}, tok.vocab_size, None, folder / "tokenizer.model", splits
+    )
 
 
 def glimpses_prepared(folder: Path, n_train: int = 256, n_eval: int = 64) -> Prepared:
     """Random glimpses in [0, 0.5) whose label is the index of a pixel lit (+1) in every glimpse."""
+
     def split(n, seed):
         r = np.random.default_rng(seed)
         g = r.random((n, 20, 49), dtype=np.float32) * 0.5

@@ -13,7 +13,9 @@ TEXT = ["the cat sat on the mat", "a dog ran in the park", "we saw the stars at 
 CHAR_MODEL, GLIMPSE_MODEL = "tiny-char", "tiny-mnist"
 
 
-def export_random_char(folder: Path, hidden: int, lines: list[str], metrics: dict | None = None) -> Path:
+def export_random_char(
+    folder: Path, hidden: int, lines: list[str], metrics: dict | None = None
+) -> Path:
     """Export a random NLSTM character model (`hidden` cells, depth 2, a PTB-style tokenizer of
     the characters of `lines`, torch seeded with 0) to `folder`; returns it."""
     import torch
@@ -24,8 +26,19 @@ def export_random_char(folder: Path, hidden: int, lines: list[str], metrics: dic
 
     torch.manual_seed(0)
     tok = train_char_tokenizer(lines, newline=True)
-    model = build_model(ModelConfig(kind="char", core="nlstm", hidden_size=hidden, depth=2, vocab_size=tok.vocab_size))
-    export_model(model.eval(), folder, task="ptb", tokenizer=tok.model_proto, metrics=metrics, sequence="never")
+    model = build_model(
+        ModelConfig(
+            kind="char", core="nlstm", hidden_size=hidden, depth=2, vocab_size=tok.vocab_size
+        )
+    )
+    export_model(
+        model.eval(),
+        folder,
+        task="ptb",
+        tokenizer=tok.model_proto,
+        metrics=metrics,
+        sequence="never",
+    )
     return Path(folder)
 
 
@@ -39,5 +52,7 @@ def export_tiny_models(root: Path) -> Path:
     export_random_char(root / CHAR_MODEL, 16, TEXT, metrics={"valid_bpc": 3.0})
     # torch's generator goes on from the character model's
     glimpse = build_model(ModelConfig(kind="glimpse", core="nlstm", hidden_size=8, depth=2))
-    export_model(glimpse.eval(), root / GLIMPSE_MODEL, task="mnist", tokenizer=None, sequence="never")
+    export_model(
+        glimpse.eval(), root / GLIMPSE_MODEL, task="mnist", tokenizer=None, sequence="never"
+    )
     return root
