@@ -1,9 +1,14 @@
-"""Deployment files, checked without a Docker engine (none runs on these machines).
+"""Deployment files, checked without a Docker engine (tests/test_docker.py builds and runs the
+images for real where one can run).
 
-- hadolint passes on the Dockerfile;
-- the Dockerfile keeps its contract (stages, non-root user, ports, health check, stop signal,
-  no torch in the serving image) and its serving requirements agree with pyproject.toml and
-  cover every third-party module that `serving` imports;
+- hadolint passes on both Dockerfiles; neither fetches a BuildKit frontend (`# syntax=`);
+- the serving Dockerfile keeps its contract (stages, non-root user with a home, ports, health
+  check, stop signal, no torch, a CPU build the classic builder keeps cheap: every stage is one
+  the serving image needs) and its serving requirements agree with pyproject.toml and cover
+  every third-party module that `serving` imports; Dockerfile.train builds the same wheel;
+- .dockerignore lets in what the Dockerfiles COPY and nothing else; the Python versions of
+  pyproject.toml, the Dockerfiles and the docs agree; the license is an SPDX string;
+- deploy/build-image.sh and deploy/local-base.sh refuse what they cannot do, saying why;
 - the image's exact entry command (ENTRYPOINT, CMD, ENV, WORKDIR layout) runs outside Docker,
   with torch made unimportable, against the bundled models: its HEALTHCHECK command reports
   healthy, the models and metrics are served, its STOPSIGNAL drains and exits 0;
@@ -15,6 +20,7 @@
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import os
 import re
@@ -35,6 +41,7 @@ import grpc
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
@@ -43,6 +50,7 @@ from serving.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+DOCKERFILES = ("Dockerfile", "Dockerfile.train")
 
 
 # ------------------------------------------------------------------------- Dockerfile parsing
@@ -112,35 +120,42 @@ def test_hadolint_passes():
     )
     if exe is None:
         pytest.skip("hadolint is not installed (the dev extra installs it on Linux x86_64)")
-    out = subprocess.run(
-        [exe, str(REPO / "Dockerfile")], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    for dockerfile in DOCKERFILES:
+        out = subprocess.run(
+            [exe, str(REPO / dockerfile)], capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, dockerfile + ": " + out.stdout + out.stderr
 
 
 def test_dockerfile_contract(stages):
     serve = stages["serve"]
-    assert serve.base == "base-${VARIANT}" and {"base-cpu", "base-gpu", "build", "train"} <= set(
-        stages
-    )
+    assert list(stages) == ["build", "runtime", "venv", "serve"]
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
-    # onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9: the GPU base is NVIDIA's runtime image
-    assert stages["base-gpu"].base == "${CUDA_IMAGE}"
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.[\d.]+-cudnn-runtime-", text, re.M)
-    assert stages["base-cpu"].env()["ORT_PACKAGE"] == "onnxruntime"
-    assert stages["base-gpu"].env()["ORT_PACKAGE"] == "onnxruntime-gpu"
+    assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE)
+    # one base for the serving stages: python:X-slim, or NVIDIA's CUDA image for VARIANT=gpu
+    assert re.search(r"^ARG BASE_IMAGE=python:\$\{PYTHON_VERSION\}-slim$", text, re.MULTILINE)
+    assert (
+        stages["runtime"].base == "${BASE_IMAGE}" and stages["venv"].base == serve.base == "runtime"
+    )
+    (guard,) = stages["runtime"].all("RUN")
+    assert (
+        "libcudnn.so.9" in guard
+        and "VARIANT must be cpu or gpu" in guard
+        and "--create-home" in guard
+    )
+    (install,) = stages["venv"].all("RUN")
+    # the base install, which is torch-free: the wheel without an extra, the GPU runtime swapped in
+    assert re.search(r"/tmp/wheels/\*\.whl(\s|$)", install) and "[train]" not in install
+    assert "pip uninstall -y onnxruntime" in install and "onnxruntime-gpu" in install
     assert any("serving.codegen" in r for r in stages["build"].all("RUN")), (
         "gRPC code is generated in the build"
     )
     # no torch anywhere in what the serving image installs
-    for name in ("base-cpu", "base-gpu", "serve"):
-        assert not any("torch" in r for r in stages[name].all("RUN")), name
+    assert "torch" not in re.sub(r"#.*", "", text)
     requirements = (DEPLOY / "requirements-serve.txt").read_text()
     assert "torch" not in re.sub(r"#.*", "", requirements)
-    assert any("--no-deps" in r for r in serve.all("RUN")), (
-        "the wheel must not pull its training dependencies"
-    )
+    # the image takes the venv whole: no wheel or requirements file in its layers
+    assert serve.all("COPY")[0] == "--from=venv /opt/venv /opt/venv" and not serve.all("RUN")
     # a non-root user, the ports the server listens on, health, stop signal
     (user,) = serve.all("USER")
     assert user.isdigit() and int(user) != 0
@@ -150,8 +165,172 @@ def test_dockerfile_contract(stages):
     assert serve.exec_form("HEALTHCHECK")[:3] == ["python", "-m", "serving.healthcheck"]
     assert serve.all("STOPSIGNAL") == ["SIGTERM"]
     assert serve.exec_form("ENTRYPOINT") == ["nlstm", "serve"]
-    assert stages["train"].exec_form("ENTRYPOINT") == ["nlstm"]
-    assert any("torch==" in r for r in stages["train"].all("RUN"))
+
+
+def _ancestors(stages: dict[str, Stage], name: str) -> set[str]:
+    """The stages `name` is built from: its FROM and every COPY --from, transitively."""
+    stage = stages[name]
+    parents = {stage.base} | {
+        c.split()[0].removeprefix("--from=") for c in stage.all("COPY") if c.startswith("--from=")
+    }
+    out = {name}
+    for parent in parents & set(stages):
+        out |= _ancestors(stages, parent)
+    return out
+
+
+def test_the_classic_builder_builds_nothing_the_serving_image_does_not_need(stages):
+    # Without BuildKit every stage up to the target is built: each must be one serve needs.
+    assert _ancestors(stages, "serve") == set(stages)
+    train = {s.name: s for s in parse_dockerfile(REPO / "Dockerfile.train")}
+    assert list(train)[-1] == "train" and _ancestors(train, "train") == set(train)
+
+
+def test_no_dockerfile_needs_a_registry_for_its_frontend():
+    for dockerfile in DOCKERFILES:
+        first = (REPO / dockerfile).read_text().splitlines()[0]
+        assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), (
+            f"{dockerfile}: BuildKit would pull {first}"
+        )
+
+
+def test_train_dockerfile_contract(stages):
+    train = {s.name: s for s in parse_dockerfile(REPO / "Dockerfile.train")}
+    # the same wheel as the serving image: the build stages agree instruction for instruction
+    assert train["build"] == stages["build"]
+    assert any("torch==${TORCH_VERSION}" in r for r in train["venv"].all("RUN"))
+    # the base install is torch-free: training needs the wheel's `train` extra
+    assert any('"${wheel}[train]"' in r for r in train["venv"].all("RUN"))
+    final = train["train"]
+    assert final.exec_form("ENTRYPOINT") == ["nlstm"]
+    (user,) = final.all("USER")
+    assert user == stages["serve"].all("USER")[0] and any(
+        "--create-home --uid 10001" in r for r in final.all("RUN")
+    )
+    assert final.all("COPY")[0] == "--from=venv /opt/venv /opt/venv"
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches a path (or a folder above it) decides."""
+    parts = path.split("/")
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatch(p.split("/")[-1], pattern[3:]) for p in prefixes)
+        else:
+            hit = any(
+                fnmatch.fnmatch(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes
+            )
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_lets_in_what_the_dockerfiles_copy_and_nothing_else():
+    patterns = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    sources = set()
+    for dockerfile in DOCKERFILES:
+        for stage in parse_dockerfile(REPO / dockerfile):
+            for args in stage.all("COPY"):
+                if not args.startswith("--from="):
+                    sources |= {s.rstrip("/") for s in args.split()[:-1]}
+    for src in sorted(sources):
+        files = (
+            [src]
+            if (REPO / src).is_file()
+            else [
+                str(p.relative_to(REPO))
+                for p in (REPO / src).rglob("*.*")
+                if "__pycache__" not in p.parts
+            ]
+        )
+        assert files and not any(_ignored(f, patterns) for f in files), (
+            f"{src} is COPYed but .dockerignore keeps it out"
+        )
+    for outside in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "runs/x/best.pt",
+        "tests/test_deploy.py",
+        "docs/deploy.md",
+        "serving/__pycache__/server.cpython-311.pyc",
+        "Dockerfile",
+    ):
+        assert _ignored(outside, patterns), f"{outside} would reach the build context"
+
+
+def test_python_versions_agree():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    requires = SpecifierSet(project["project"]["requires-python"])
+    (lowest,) = [s.version for s in requires if s.operator == ">="]
+    for dockerfile in DOCKERFILES:
+        (default,) = re.findall(
+            r"^ARG PYTHON_VERSION=(\S+)$", (REPO / dockerfile).read_text(), re.MULTILINE
+        )
+        assert requires.contains(f"{default}.0"), (
+            f"{dockerfile} builds on Python {default}, outside {requires}"
+        )
+    assert project["tool"]["ruff"]["target-version"] == "py" + lowest.replace(".", "")
+    assert f"Python >= {lowest}" in (REPO / "README.md").read_text()
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    assert f"`PYTHON_VERSION` ({lowest} to 3.14" in doc, (
+        "docs/deploy.md states the images' Python range"
+    )
+
+
+def test_the_license_is_an_spdx_string():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    (setuptools,) = [
+        Requirement(r) for r in project["build-system"]["requires"] if r.startswith("setuptools")
+    ]
+    # SPDX strings need setuptools 77; the table form is deprecated (end of support 2027-02-18)
+    assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("84.0")
+
+
+def _script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(DEPLOY / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def test_build_image_script_says_what_it_cannot_do():
+    out = _script("build-image.sh", "serve-tpu")
+    assert out.returncode == 2 and "serve-cpu|serve-gpu|train" in out.stderr
+    out = _script(
+        "build-image.sh", "serve-cpu", DOCKER="false"
+    )  # `false info` fails like a dead engine
+    assert out.returncode == 1 and "no Docker engine answers" in out.stderr
+    text = (DEPLOY / "build-image.sh").read_text()
+    (cuda,) = re.findall(r"CUDA_IMAGE:-([^}]+)\}", text)
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["server"][
+        "build"
+    ]["args"]
+    assert gpu["BASE_IMAGE"] == cuda and cuda in (REPO / "Dockerfile").read_text()
+    assert re.match(
+        r"nvidia/cuda:13\.[\d.]+-cudnn-runtime-", cuda
+    )  # onnxruntime-gpu 1.31: CUDA 13, cuDNN 9
+
+
+def test_local_base_script_stands_in_only_for_what_debian_has():
+    out = _script("local-base.sh", "--for-image", "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04")
+    assert out.returncode == 1 and "no Debian recipe stands in for nvidia/cuda" in out.stderr
+    out = _script("local-base.sh", "python", "--tag", "python:3.12-slim")
+    assert out.returncode == 1 and "python3 is 3.11" in out.stderr
+    out = _script("local-base.sh", "redis")
+    assert out.returncode == 2
 
 
 def _serving_third_party_modules() -> set[str]:
@@ -171,7 +350,7 @@ def _serving_third_party_modules() -> set[str]:
     }
 
 
-def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
+def test_serving_requirements_agree_with_pyproject_and_cover_the_imports(stages):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {
         canonicalize_name(Requirement(r).name): Requirement(r) for r in project["dependencies"]
@@ -189,6 +368,15 @@ def test_serving_requirements_agree_with_pyproject_and_cover_the_imports():
         assert declared[name].specifier.contains(version), (
             f"{name}=={version} breaks {declared[name]}"
         )
+    # the image is the base install (its dependencies held to these pins): each one has a pin,
+    # but onnxruntime, which the Dockerfile pins by ORT_VERSION (and swaps for the GPU)
+    unpinned = {n for n, r in declared.items() if r.marker is None or r.marker.evaluate()} - set(
+        pinned
+    )
+    assert unpinned == {"onnxruntime"}, f"base dependencies without a pin for the image: {unpinned}"
+    venv = "\n".join(stages["venv"].all("RUN"))
+    assert "-c /tmp/requirements-serve.txt" in venv and "--no-deps" not in venv
+    assert '"onnxruntime==$ORT_VERSION"' in venv and '"onnxruntime-gpu==$ORT_VERSION"' in venv
     provided = set(pinned) | {"onnxruntime", "onnxruntime-gpu"}  # the Dockerfile adds one of them
     dists = packages_distributions()
     for module in sorted(_serving_third_party_modules()):
@@ -267,7 +455,7 @@ def test_the_image_entry_command_serves_the_bundled_models(stages, tmp_path):
             .read()
             .decode()
         )
-        assert re.search(r"^nlstm_max_sessions \d", text, re.M)
+        assert re.search(r"^nlstm_max_sessions \d", text, re.MULTILINE)
         proc.send_signal(getattr(signal, serve.all("STOPSIGNAL")[0]))
         code = proc.wait(timeout=float(env["NLSTM_GRACE"]) + 15)
         out = proc.stdout.read()
@@ -315,7 +503,13 @@ def test_compose_prometheus_and_grafana_fit_together(stages):
     host_dir = next(REPO / h for h, c in mounts.items() if config_path.parent == Path(c))
     config = yaml.safe_load((host_dir / config_path.name).read_text())
     (job,) = config["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"server:{env['NLSTM_METRICS_PORT']}"]
+    # every replica is a target of its own
+    replicas = sorted(name for name, svc in services.items() if svc.get("image") == server["image"])
+    assert replicas == ["server", "server-2"]
+    assert job["static_configs"][0]["targets"] == [
+        f"{r}:{env['NLSTM_METRICS_PORT']}" for r in replicas
+    ]
+    assert set(replicas) <= set(prom["depends_on"])
     for rules in config["rule_files"]:
         assert (host_dir / rules).is_file()
 
@@ -361,8 +555,8 @@ def test_compose_replicas_share_sessions_in_redis():
     dockerfile = REPO / redis["build"]["context"] / "Dockerfile"
     text = dockerfile.read_text()
     assert "FROM python:${PYTHON_VERSION}-slim" in text and "redis-server" in text
-    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.M) and re.search(
-        r"^USER redis$", text, re.M
+    assert re.search(r'^ENTRYPOINT \["redis-server"\]$', text, re.MULTILINE) and re.search(
+        r"^USER redis$", text, re.MULTILINE
     )
     exe = shutil.which(
         "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -379,11 +573,16 @@ def test_compose_replicas_share_sessions_in_redis():
 def test_compose_gpu_override_reserves_a_gpu_and_requires_cuda(stages):
     base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["server"]
     override = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
-    assert set(override["services"]) == {"server"}  # merged onto the base file's server only
+    assert set(override["services"]) == {"server", "server-2"}  # merged onto both replicas
+    assert override["services"]["server-2"] == override["services"]["server"]
     server = override["services"]["server"]
     assert server["build"]["args"]["VARIANT"] == "gpu" and "VARIANT" in base["build"]["args"]
-    assert f"base-{server['build']['args']['VARIANT']}" in stages  # a variant the Dockerfile has
-    assert server["image"] == "nlstm-serve:gpu"
+    assert server["build"]["args"]["BASE_IMAGE"].startswith(
+        "nvidia/cuda:13."
+    )  # the runtime guard's need
+    assert (
+        server["image"] == "nlstm:serve-gpu" and base["image"] == "nlstm:serve-cpu"
+    )  # build-image.sh's tags
     assert server["environment"]["NLSTM_PROVIDERS"] == "cuda"
     (device,) = server["deploy"]["resources"]["reservations"]["devices"]
     assert (
@@ -437,7 +636,18 @@ def test_deploy_docs_name_every_setting():
     doc = (REPO / "docs" / "deploy.md").read_text()
     missing = sorted(s for s in settings if s not in doc)
     assert not missing, f"docs/deploy.md does not describe {missing}"
-    for word in ("session affinity", "NOT_FOUND", "VARIANT=gpu", "--target train", "HEALTHCHECK"):
+    for word in (
+        "session affinity",
+        "NOT_FOUND",
+        "VARIANT=gpu",
+        "Dockerfile.train",
+        "HEALTHCHECK",
+        "deploy/build-image.sh",
+        "deploy/local-base.sh",
+        "--ipc=host",
+        "--shm-size",
+        "chown 10001",
+    ):
         assert word in doc, word
 
 
