@@ -100,8 +100,8 @@ def run(
                 break
             tally.rss_mib = server.rss_mib()
             print(
-                f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s, "
-                f"RSS {tally.rss_mib:.0f} MiB",
+                f"  {rpc}: {sum(tally.codes.values())} requests in "
+                f"{time.perf_counter() - t0:.0f} s, RSS {tally.rss_mib:.0f} MiB",
                 flush=True,
             )
         channel.close()
@@ -150,7 +150,8 @@ def run(
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {line}" for line in errors[:20]))
     growth = max((t.rss_mib for t in tallies.values()), default=rss0) - rss0
     print(
-        f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB (bound {max_rss_growth:g})"
+        f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB "
+        f"(bound {max_rss_growth:g})"
     )
     passed = (
         not problems

@@ -1,4 +1,5 @@
-"""Batching: stream rows continue across batches, evaluation predicts each character once, resume."""
+"""Batching: stream rows continue across batches, evaluation predicts each character once,
+resume."""
 
 from __future__ import annotations
 

@@ -615,7 +615,8 @@ def test_runtime_imports_no_torch_and_nothing_from_training(char_export):
         "from serving.runtime import load_model\n"
         f"m = load_model({str(char_export[1])!r})\n"
         "m.score('the quick brown fox')\n"
-        "bad = sorted(k for k in sys.modules if k == 'torch' or k.startswith(('torch.', 'training')))\n"
+        "bad = sorted(k for k in sys.modules\n"
+        "             if k == 'torch' or k.startswith(('torch.', 'training')))\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )

@@ -522,7 +522,8 @@ def test_config_file_and_overrides(tmp_path):
     [
         (
             "optimizer.lrr=1",
-            r"unknown config key 'optimizer.lrr' \(did you mean optimizer.lr\?\); allowed: .*optimizer.lr",
+            r"unknown config key 'optimizer.lrr' \(did you mean optimizer.lr\?\); "
+            r"allowed: .*optimizer.lr",
         ),
         (
             "hidden_size=64",

@@ -222,8 +222,8 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "nlstm train: interrupted at step 3; " in err
     assert (
-        f"{run / 'last.pt'} holds step 2 (written at each evaluation and every checkpoint_every=2 steps)"
-        in err
+        f"{run / 'last.pt'} holds step 2 "
+        "(written at each evaluation and every checkpoint_every=2 steps)" in err
     )
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("nlstm train ") and "--resume" in command

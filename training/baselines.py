@@ -48,7 +48,8 @@ class LSTM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # The paper's section 4: Glorot for the first layer's input weights, orthogonal for the rest.
+        # The paper's section 4: Glorot for the first layer's input weights, orthogonal for the
+        # rest.
         reset_levels(self, self.num_layers)
 
     def layer_weights(self, n: int) -> tuple[Tensor, Tensor, Tensor]:

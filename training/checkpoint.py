@@ -112,7 +112,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         if "weights only" in str(exc).lower():
             raise CheckpointError(
                 f"{path} is not an nlstm checkpoint: it holds pickled Python objects (a whole "
-                f"model, or another program's checkpoint), which nlstm never writes nor loads; {ours}"
+                "model, or another program's checkpoint), which nlstm never writes nor loads; "
+                f"{ours}"
             ) from None
         raise CheckpointError(
             f"{path} is not a readable nlstm checkpoint (corrupt or truncated): {_first_line(exc)}"

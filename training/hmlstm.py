@@ -51,7 +51,8 @@ def hard_sigmoid(x: Tensor, slope: float) -> Tensor:
 
 
 def binarize_straight_through(p: Tensor) -> Tensor:
-    """1[p > 0.5] forward; gradient 1 with respect to p backward (the straight-through estimator)."""
+    """1[p > 0.5] forward; gradient 1 with respect to p backward (the straight-through
+    estimator)."""
     return p + ((p > 0.5).to(p.dtype) - p).detach()
 
 

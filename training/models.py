@@ -79,7 +79,8 @@ def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...
     sizes = [len(layer_slots(config, n)) for n in range(config.num_layers)]
     if packed.dim() != 3 or packed.shape[1] != sum(sizes) or packed.shape[2] != config.hidden_size:
         raise ValueError(
-            f"packed state must be (B, {sum(sizes)}, {config.hidden_size}), got {tuple(packed.shape)}"
+            f"packed state must be (B, {sum(sizes)}, {config.hidden_size}), "
+            f"got {tuple(packed.shape)}"
         )
     parts, out, start = packed.unbind(1), [], 0
     for size in sizes:
@@ -137,7 +138,8 @@ class GlimpseClassifier(_Model):
     def forward(self, glimpses: Tensor, state=None):
         if glimpses.dim() != 3 or glimpses.shape[-1] != self.config.input_size:
             raise ValueError(
-                f"glimpses must be (T, B, {self.config.input_size}) floats, got {tuple(glimpses.shape)}"
+                f"glimpses must be (T, B, {self.config.input_size}) floats, "
+                f"got {tuple(glimpses.shape)}"
             )
         return super().forward(glimpses, state)
 

@@ -151,8 +151,9 @@ class NestedLSTMCell(nn.Module):
             not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size
         ):
             raise ValueError(
-                f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, {self.input_size}) "
-                f"or integer one-hot indices of shape ({'T, ' if step_dims == 2 else ''}B), "
+                f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, "
+                f"{self.input_size}) or integer one-hot indices of shape "
+                f"({'T, ' if step_dims == 2 else ''}B), "
                 f"got {tuple(x.shape)} of {x.dtype}"
             )
 

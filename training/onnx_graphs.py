@@ -120,7 +120,8 @@ def _traceable(model: nn.Module) -> Iterator[None]:
 
 
 def _example_inputs(config: ModelConfig, steps: int | None, batch: int, seed: int = 0):
-    """Random inputs and a random state: (x, state). x is (B,)/(B, in), or with steps (T, B)/(T, B, in)."""
+    """Random inputs and a random state: (x, state). x is (B,)/(B, in), or with steps
+    (T, B)/(T, B, in)."""
     g = torch.Generator().manual_seed(seed)
     lead = (batch,) if steps is None else (steps, batch)
     x = model_kind(config.kind).example_input(config, lead, g)

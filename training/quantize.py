@@ -507,7 +507,8 @@ def quantize_folder(
             report.append(
                 "step (one thread, CPU time): "
                 + ", ".join(
-                    f"batch {b} {speed_final['float32'][b]:.0f} -> {speed_final[precision][b]:.0f} us "
+                    f"batch {b} {speed_final['float32'][b]:.0f} -> "
+                    f"{speed_final[precision][b]:.0f} us "
                     f"({speed_final['float32'][b] / speed_final[precision][b]:.2f}x)"
                     for b in speed_final["float32"]
                 )

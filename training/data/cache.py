@@ -28,7 +28,8 @@ META = "meta.json"
 
 
 def default_cache_dir() -> Path:
-    """$NLSTM_CACHE_DIR, else a per-user cache folder ($XDG_CACHE_HOME or ~/.cache)/nlstm/prepared."""
+    """$NLSTM_CACHE_DIR, else a per-user cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/nlstm/prepared."""
     env = os.environ.get(CACHE_DIR_ENV)
     if env:
         return Path(env).expanduser()
