@@ -133,13 +133,13 @@ def run(
         ]
         for rpc, t in tallies.items()
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     print()
     for row in (head, *rows):
         print(
             "  ".join(
                 str(x).rjust(w) if i else str(x).ljust(w)
-                for i, (x, w) in enumerate(zip(row, widths))
+                for i, (x, w) in enumerate(zip(row, widths, strict=True))
             )
         )
     problems = Counter()

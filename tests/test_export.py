@@ -568,7 +568,7 @@ def test_unchecked_step_is_the_same_step(char_export):
     m = load_model(char_export[1])
     x = np.array([1, 2, 3], np.int64)
     state = np.random.default_rng(0).normal(size=(3, *m.state_shape)).astype(np.float32)
-    for want, got in zip(m.step(x, state), m.step(x, state, check=False)):
+    for want, got in zip(m.step(x, state), m.step(x, state, check=False), strict=True):
         np.testing.assert_array_equal(want, got)
     with pytest.raises(Exception, match="(?i)data type|type"):  # onnxruntime's own error
         m.step(x.astype(np.float32), state, check=False)

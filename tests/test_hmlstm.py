@@ -160,8 +160,8 @@ def test_skipping_whole_batch_copies_changes_nothing_and_counts_ops():
     m.skip_copy = False
     out_all, st_all, z_all, counts_all = m(x, return_boundaries=True)
     assert torch.equal(out_skip, out_all) and torch.equal(z_skip, z_all)
-    for a, b in zip(st_skip, st_all):
-        for u, v in zip(a, b):
+    for a, b in zip(st_skip, st_all, strict=True):
+        for u, v in zip(a, b, strict=True):
             assert torch.equal(u, v)
     assert counts == counts_all
     assert counts[0] == {"update": 14, "copy": 0, "flush": 0}  # the first layer never copies

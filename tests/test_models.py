@@ -59,7 +59,7 @@ def test_lstm_fused_equals_reference_and_nn_lstm(layers):
     out_f, fin_f, g_f = run(True)
     out_r, fin_r, g_r = run(False)
     torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g_f, g_r):
+    for a, b in zip(g_f, g_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     h0 = torch.stack([s[0] for s in state])
     c0 = torch.stack([s[1] for s in state])
@@ -113,8 +113,8 @@ def test_task_models_share_one_interface(config):
     logits2, _ = model(x[:3])
     logits3, _ = model(x[3:], unpack_state(pack_state(model(x[:3])[1]), config))
     torch.testing.assert_close(torch.cat([logits2, logits3]), logits, rtol=1e-5, atol=1e-6)
-    for a, b in zip(again, state):
-        for u, v in zip(a, b):
+    for a, b in zip(again, state, strict=True):
+        for u, v in zip(a, b, strict=True):
             torch.testing.assert_close(u, v)
     with pytest.raises(ValueError, match="packed state must be"):
         unpack_state(packed[:, :-1], config)

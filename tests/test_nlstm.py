@@ -156,7 +156,7 @@ def test_known_answer_pins_each_common_mistake(mistake):
     assert h2.item() == h.item()
     assert got == pytest.approx(right, abs=1e-14)
     # the mistaken variant differs measurably, so the assertion above tells them apart
-    assert max(abs(a - b) for a, b in zip(got, wrong)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 1e-3
 
 
 def test_outer_activation_option_changes_only_level0_candidate():
@@ -280,15 +280,15 @@ def test_fused_sequence_equals_step_by_step(depth, outer):
         return flat, torch.autograd.grad(loss, inputs)
 
     (out_f, grad_f), (out_r, grad_r) = run(True), run(False)
-    for a, b in zip(out_f, out_r):
+    for a, b in zip(out_f, out_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grad_f, grad_r):
+    for a, b in zip(grad_f, grad_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
     # and the layer equals its cells stepped by hand, one time step at a time
     with torch.no_grad():
         inp, finals = x, []
-        for cell, s in zip(layer.layers, state):
+        for cell, s in zip(layer.layers, state, strict=True):
             outs = []
             for t in range(T):
                 h, s = cell(inp[t], s)
@@ -345,7 +345,7 @@ def test_float32_fused_matches_reference_closely():
     layer.fused = False
     b, sb = layer(tokens)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for u, v in zip(sa[0], sb[0]):
+    for u, v in zip(sa[0], sb[0], strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
 
 
@@ -391,7 +391,7 @@ def test_gradients_with_batch_or_time_of_one(B, T):
         loss = out.sum() + ((h + c0 + c1 + c2) * w).sum()
         return torch.autograd.grad(loss, [x, *layer.parameters()])
 
-    for a, b in zip(grads(True), grads(False)):
+    for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -403,7 +403,7 @@ def test_fused_gradcheck_over_parameters():
     x = torch.randn(3, 2, 3, dtype=torch.float64)
 
     def f(*params):
-        out, _ = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        out, _ = torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (x,))
         return out
 
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
@@ -494,7 +494,7 @@ def test_fused_float32_kernels_agree(depth, monkeypatch):
         return flat, torch.autograd.grad(loss, list(layer.parameters()))
 
     (out_a, grad_a), (out_b, grad_b) = run(True), run(False)
-    for a, b in zip(out_a + list(grad_a), out_b + list(grad_b)):
+    for a, b in zip(out_a + list(grad_a), out_b + list(grad_b), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(gemm, "ONEDNN", True)
     layer.fused = False  # and both equal the reference cell stepped by autograd
@@ -518,5 +518,5 @@ def test_in_place_changes_to_the_output_leave_the_gradients_right():
             (out**2).sum() + (h**2).sum() + c1.sum(), list(layer.parameters())
         )
 
-    for a, b in zip(grads(True), grads(False)):
+    for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

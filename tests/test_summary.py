@@ -48,7 +48,7 @@ def test_read_run_takes_the_last_evaluation_and_ignores_a_cut_line(tmp_path):
 def test_rows_group_seeds_with_mean_and_sample_std(tmp_path):
     runs = []
     accs = [0.95, 0.97, 0.96]
-    for seed, acc in zip((1, 2, 3), accs):
+    for seed, acc in zip((1, 2, 3), accs, strict=True):
         runs.append(
             read_run(
                 _write_run(

@@ -154,7 +154,7 @@ class HMLSTM(nn.Module):
             update = (1 - z_prev) * zb
             copy = (1 - z_prev) * (1 - zb)
             if counts is not None:
-                for name, m in zip(OPS, (update, copy, flush)):
+                for name, m in zip(OPS, (update, copy, flush), strict=True):
                     counts[n][name] += int(m.detach().round().sum().item())
             if skip and not torch.is_grad_enabled() and bool((copy == 1).all()):
                 # every sequence copies: the layer's state and output are unchanged, no products
@@ -179,8 +179,8 @@ class HMLSTM(nn.Module):
                 terms.append(F.linear(h_below, w_ih))
             gates.append(None if z_below is None else zb)  # z_t^0 = 1: the input is never gated
             if self.layer_norm:
-                terms = [norm(t) for norm, t in zip(self.norms[n], terms)]
-            terms = [t if gate is None else gate * t for gate, t in zip(gates, terms)]
+                terms = [norm(t) for norm, t in zip(self.norms[n], terms, strict=True)]
+            terms = [t if gate is None else gate * t for gate, t in zip(gates, terms, strict=True)]
             s = sum(terms) + getattr(self, f"bias_l{n}")  # (B, rows)
             i, f, g, o = (
                 torch.sigmoid(s[:, :H]),

@@ -448,7 +448,7 @@ class NestedLSTM(nn.Module):
                 f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}"
             )
         finals = []
-        for cell, s in zip(self.layers, state):
+        for cell, s in zip(self.layers, state, strict=True):
             cell.check_state(s, B)
             if self.fused and T > 0:
                 x, s = nested_lstm_sequence(cell, x, s, self.cuda_graphs)
@@ -468,7 +468,7 @@ class NestedLSTM(nn.Module):
         """One step of every layer through the reference cell (what the ONNX exporter traces):
         x (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
         new = []
-        for cell, s in zip(self.layers, state):
+        for cell, s in zip(self.layers, state, strict=True):
             x, s = cell(x, s)  # h (B, H), (h, c_0, ..., c_{depth-1})
             new.append(s)
         return x, tuple(new)

@@ -94,12 +94,12 @@ def plot_runs(
     colors = [f"C{i % 10}" for i in range(len(loaded))]
     for p, (key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, p + 1)
-        for color, (name, _, evals) in zip(colors, loaded):
+        for color, (name, _, evals) in zip(colors, loaded, strict=True):
             for split in splits:
                 pts = [(e["epoch"], e[f"{split}_{key}"]) for e in evals if f"{split}_{key}" in e]
                 if not pts:
                     continue
-                x, y = zip(*pts)
+                x, y = zip(*pts, strict=True)
                 y = np.asarray(y, dtype=float)
                 if scale < 0:  # accuracy -> error in percent
                     y = 100.0 + scale * y
@@ -182,7 +182,7 @@ def _html(title: str, subtitle: str, text: str, panels, cells: int) -> str:
             spans = "".join(
                 f'<span style="background:{_rgb(v)}" title="{v:+.3f}">'
                 f"{html.escape(_show(ch)) if ch != ' ' else '&nbsp;'}</span>"
-                for ch, v in zip(text, vals[:, i])
+                for ch, v in zip(text, vals[:, i], strict=True)
             )
             rows.append(f'<div class="row"><span class="label">cell {i}</span>{spans}</div>')
     payload = {
