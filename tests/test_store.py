@@ -143,7 +143,7 @@ def test_open_backend_urls(tmp_path):
     b = open_backend(f"file:{tmp_path}/s")
     assert isinstance(b, FileBackend) and (tmp_path / "s" / "sessions").is_dir()
     assert isinstance(open_backend("redis://127.0.0.1:1/0"), RedisBackend)  # connects lazily
-    with pytest.raises(ValueError, match="memory .*file:DIR or redis://HOST:PORT/DB"):
+    with pytest.raises(ValueError, match=r"memory .*file:DIR or redis://HOST:PORT/DB"):
         open_backend("postgres://db/sessions")
     with pytest.raises(ValueError, match="needs a directory"):
         open_backend("file:")

@@ -307,7 +307,7 @@ def test_plot_errors(runs, tmp_path):
         plot_runs([runs / "nlstm"], out=tmp_path / "x.png", splits=["dev"])
     with pytest.raises(ValueError, match="cannot share a chart"):
         plot_runs([runs / "nlstm", runs / "mnist"], out=tmp_path / "x.png")
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=re.escape("no metrics.jsonl")):
         plot_runs([tmp_path / "nothing"])
 
 
