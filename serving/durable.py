@@ -43,6 +43,7 @@ passes through (the servicer answers UNAVAILABLE).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -242,10 +243,8 @@ class DurableSessions:
     # ---------------------------------------------------------------- the interface
     def __len__(self) -> int:
         """Sessions in the store (the gauge): the last count when the store does not answer."""
-        try:
+        with contextlib.suppress(StoreUnavailable):
             self._last_count = self.backend.count()
-        except StoreUnavailable:
-            pass
         return self._last_count
 
     def create(
@@ -307,10 +306,8 @@ class DurableSessions:
                 raise self._not_found(session_id)
             return session
         except BaseException:
-            try:
+            with contextlib.suppress(StoreUnavailable):  # the lease lapses by itself
                 self.backend.release(session_id, lease)
-            except StoreUnavailable:
-                pass  # the lease lapses by itself
             raise
 
     def get(self, session_id: str) -> StoredSession:

@@ -72,8 +72,8 @@ def test_flush_discards_the_previous_cell():
     x = torch.randn(2, 4, dtype=torch.float64)
     state = _state(z0=1.0)  # layer 0 had a boundary: FLUSH (with the top-down term on)
     _, new, _ = m.step(x, state)
-    (h0, c0, _), (h1, _) = state
-    i, f, g, o, _ = _gates(m, 0, h0, h1, 1.0, x, 1.0)
+    (h0, _c0, _), (h1, _) = state
+    i, _f, g, o, _ = _gates(m, 0, h0, h1, 1.0, x, 1.0)
     assert torch.equal(new[0][1], i * g)  # c = i * g: nothing of c_{t-1}
     torch.testing.assert_close(new[0][0], o * torch.tanh(i * g), rtol=0, atol=1e-15)
 

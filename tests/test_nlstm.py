@@ -79,11 +79,11 @@ def randomize(module: torch.nn.Module, std: float = 0.4, seed: int = 0) -> None:
 @pytest.mark.parametrize("outer", ["identity", "tanh"])
 def test_cell_matches_numpy_reference(depth, outer):
     torch.manual_seed(depth)
-    B, I, H, T = 3, 5, 4, 6
-    cell = NestedLSTMCell(I, H, depth=depth, outer_activation=outer).double()
+    B, n_in, H, T = 3, 5, 4, 6
+    cell = NestedLSTMCell(n_in, H, depth=depth, outer_activation=outer).double()
     randomize(cell)
     params = cell_params_np(cell)
-    xs = np.random.default_rng(1).normal(size=(T, B, I))
+    xs = np.random.default_rng(1).normal(size=(T, B, n_in))
     state = cell.initial_state(B, dtype=torch.float64)
     ref_h = [np.zeros(H) for _ in range(B)]
     ref_m = [[np.zeros(H) for _ in range(depth)] for _ in range(B)]
@@ -185,7 +185,7 @@ def test_additive_memory_function_is_the_classic_lstm():
         ref.bias_hh.zero_()
     x = torch.randn(4, 5, dtype=torch.float64)
     state = (torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64))
-    h, (h2, c) = cell(x, state)
+    h, (_h2, c) = cell(x, state)
     h_ref, c_ref = ref(x, state)
     torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
@@ -206,7 +206,7 @@ def test_state_none_means_zeros_and_shapes():
     cell = NestedLSTMCell(3, 4, depth=3)
     x = torch.randn(2, 3)
     h, state = cell(x)
-    h0, state0 = cell(x, tuple(torch.zeros(2, 4) for _ in range(4)))
+    h0, _state0 = cell(x, tuple(torch.zeros(2, 4) for _ in range(4)))
     assert len(state) == 4 and all(t.shape == (2, 4) for t in state)
     torch.testing.assert_close(h, h0)
     with pytest.raises(ValueError, match="4 tensors"):
@@ -259,10 +259,10 @@ def test_baseline_lstm_and_head_initialisation_follow_the_paper():
 @pytest.mark.parametrize("outer", ["identity", "tanh"])
 def test_fused_sequence_equals_step_by_step(depth, outer):
     torch.manual_seed(depth)
-    T, B, I, H, L = 9, 3, 5, 4, 2
-    layer = NestedLSTM(I, H, depth=depth, num_layers=L, outer_activation=outer).double()
+    T, B, n_in, H, L = 9, 3, 5, 4, 2
+    layer = NestedLSTM(n_in, H, depth=depth, num_layers=L, outer_activation=outer).double()
     randomize(layer)
-    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, n_in, dtype=torch.float64, requires_grad=True)
     state = tuple(
         tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(depth + 1))
         for _ in range(L)
@@ -365,7 +365,7 @@ def test_fused_path_runs_under_bf16_autocast():
     head = torch.nn.Linear(16, 10)
     x = torch.randn(5, 3, 10)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out, state = layer(x)  # the bf16 input projection feeds a float32 recurrence
+        out, _state = layer(x)  # the bf16 input projection feeds a float32 recurrence
         logits = head(out)
     assert out.dtype == torch.float32 and logits.dtype == torch.bfloat16
     logits.float().sum().backward()
@@ -412,7 +412,7 @@ def test_fused_gradcheck_over_parameters():
 
 def test_empty_sequence_and_bad_inputs():
     layer = NestedLSTM(4, 3, depth=2).double()
-    out, state = layer(torch.zeros(0, 2, 4, dtype=torch.float64))
+    out, _state = layer(torch.zeros(0, 2, 4, dtype=torch.float64))
     assert out.shape == (0, 2, 3) and out.dtype == torch.float64
     with pytest.raises(ValueError, match=r"shape \(T, B, 4\)"):
         layer(torch.zeros(5, 2, 3, dtype=torch.float64))
@@ -511,7 +511,7 @@ def test_in_place_changes_to_the_output_leave_the_gradients_right():
 
     def grads(fused):
         layer.fused = fused
-        out, ((h, c0, c1),) = layer(x)
+        out, ((h, _c0, c1),) = layer(x)
         out.mul_(2.0)
         h.add_(1.0)
         return torch.autograd.grad(

@@ -350,7 +350,7 @@ def test_a_sigkill_mid_write_keeps_the_checkpoint_and_the_next_run_removes_the_l
     )
     try:
         line = proc.stdout.readline()  # the whole new checkpoint is in the temporary file
-        assert line.strip() == "written", proc.stderr.read()[-2000:] if not line else line
+        assert line.strip() == "written", line or proc.stderr.read()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:

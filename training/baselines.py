@@ -83,11 +83,10 @@ class LSTM(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[1], device=x.device)
         self._check(x, state)
-        if x.dim() == 2:
+        if x.dim() == 2 and self.fused:
             # one-hot inputs: the fused kernel multiplies them densely (cheap for the paper's
             # vocabularies); the reference path looks the columns up instead.
-            if self.fused:
-                x = F.one_hot(x.long(), self.input_size).to(self.weight_hh_l0.dtype)
+            x = F.one_hot(x.long(), self.input_size).to(self.weight_hh_l0.dtype)
         if self.fused:
             return self._forward_fused(x, state)
         return self._forward_reference(x, state)

@@ -15,17 +15,12 @@ run must match it except for the run-control keys in `RESUMABLE`.
 from __future__ import annotations
 
 import difflib
-import sys
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from training.model_config import ModelConfig  # not training.models: no torch here
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 TASKS = ("ptb", "text8", "poems", "mnist")
 OPTIMIZERS = ("adam", "rmsprop")

@@ -104,7 +104,10 @@ class HMLSTM(nn.Module):
                 setattr(self, f"weight_td_l{n}", nn.Parameter(torch.empty(rows, H)))
             setattr(self, f"bias_l{n}", nn.Parameter(torch.empty(rows)))
         if layer_norm:
-            terms = lambda n: 3 if n < num_layers - 1 else 2  # noqa: E731
+
+            def terms(n: int) -> int:
+                return 3 if n < num_layers - 1 else 2
+
             self.norms = nn.ModuleList(
                 nn.ModuleList(nn.LayerNorm(self.rows(n)) for _ in range(terms(n)))
                 for n in range(num_layers)
@@ -128,9 +131,12 @@ class HMLSTM(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None):
         w = self.weight_hh_l0
-        z = lambda: torch.zeros(
-            batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype
-        )  # noqa: E731
+
+        def z() -> Tensor:
+            return torch.zeros(
+                batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype
+            )
+
         return tuple(
             (z(), z(), z()) if n < self.num_layers - 1 else (z(), z())
             for n in range(self.num_layers)

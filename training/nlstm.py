@@ -227,10 +227,8 @@ def sequence_forward(
 
     for t in range(T):
         for k in range(D):
-            if k == 0:
-                G = lin[0](hs[t], add=xproj[t])  # (B, 4H): xproj[t] + h_{t-1} W_hh0^T
-            else:
-                G = lin[k](uv[k][t])  # [u, v] W_k^T + b_k
+            # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k
+            G = lin[0](hs[t], add=xproj[t]) if k == 0 else lin[k](uv[k][t])
             gates[k][t] = G
             G[:, : 2 * H].sigmoid_()
             G[:, 3 * H :].sigmoid_()
@@ -328,7 +326,9 @@ def sequence_backward(
         dh = lin_t[0](d_gates[0][t])  # (B, H): into h_{t-1}
 
     # Weight gradients: one product each over all T*B positions, on (T*B, features) views.
-    flat = lambda x: x.reshape(T * B, x.shape[-1])
+    def flat(x: Tensor) -> Tensor:
+        return x.reshape(T * B, x.shape[-1])
+
     d_w_hh0 = weight_grad(flat(d_gates[0]), flat(hs[:T]))
     inner_grads = []
     for k in range(1, D):

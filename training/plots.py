@@ -317,14 +317,14 @@ def draw_boundaries(z: np.ndarray, norms: np.ndarray, text: str, out_png: Path, 
     ax1, ax2 = fig.subplots(2, 1, height_ratios=[max(L - 1, 1), L])
     ax1.imshow(z.T, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax1.set_yticks(range(L - 1))
-    ax1.set_yticklabels([f"z{l + 1}" for l in range(L - 1)], fontsize=8)
+    ax1.set_yticklabels([f"z{j + 1}" for j in range(L - 1)], fontsize=8)
     ax1.set_title("boundaries (white: z = 1)", fontsize=9, loc="left")
     ax2.imshow(norms.T, cmap="viridis", aspect="auto", interpolation="nearest")
-    for l in range(L - 1):  # mark layer l's boundaries on its own row of norms
-        ts = np.nonzero(z[:, l] > 0.5)[0]
-        ax2.scatter(ts, np.full(len(ts), l), marker="|", color="white", s=60)
+    for j in range(L - 1):  # mark layer j's boundaries on its own row of norms
+        ts = np.nonzero(z[:, j] > 0.5)[0]
+        ax2.scatter(ts, np.full(len(ts), j), marker="|", color="white", s=60)
     ax2.set_yticks(range(L))
-    ax2.set_yticklabels([f"||h{l + 1}||" for l in range(L)], fontsize=8)
+    ax2.set_yticklabels([f"||h{j + 1}||" for j in range(L)], fontsize=8)
     ax2.set_title("hidden-state norms", fontsize=9, loc="left")
     for ax in (ax1, ax2):
         ax.set_xticks(range(T))

@@ -87,7 +87,10 @@ class EvalData:
             if self.tokenizer is not None:
                 ours = Tokenizer.from_bytes(self.tokenizer)
                 theirs = Tokenizer.from_file(folder / TOKENIZER_FILE)
-                pieces = lambda t: [t.piece(i) for i in range(t.vocab_size)]
+
+                def pieces(t: Tokenizer) -> list[str]:
+                    return [t.piece(i) for i in range(t.vocab_size)]
+
                 if pieces(ours) != pieces(theirs):
                     raise QuantizationError(
                         f"the data's tokenizer is not {folder}'s: the figures would score other ids"
