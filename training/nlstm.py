@@ -40,6 +40,8 @@ import only torch).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -172,7 +174,7 @@ class NestedLSTMCell(nn.Module):
         w_ih, w_hh, b = self.level_weights(0)
         gates = input_projection(x, w_ih, b) + F.linear(h_prev, w_hh)  # (B, 4H)
         outputs = []  # per level: its output gate (B, H)
-        inp, hid = None, None
+        inp, hid = x, h_prev  # level k's (input, hidden); level 0's gates are computed above
         for k in range(self.depth):
             if k > 0:
                 w_ih, w_hh, b = self.level_weights(k)
@@ -186,10 +188,9 @@ class NestedLSTMCell(nn.Module):
 
         # Walk up: the innermost memory is the LSTM update (addition); each level above takes
         # the hidden output of the level below as its memory (eq. 15).
-        mem = [None] * self.depth
-        mem[-1] = hid + inp
+        mem = [hid + inp]  # built innermost first: mem[0] is c_k for the k being walked
         for k in range(self.depth - 1, 0, -1):
-            mem[k - 1] = outputs[k] * torch.tanh(mem[k])
+            mem.insert(0, outputs[k] * torch.tanh(mem[0]))
         h = outputs[0] * torch.tanh(mem[0])
         return h, (h, *mem)
 
@@ -207,8 +208,10 @@ def sequence_forward(
     gradients read each buffer as (T*B, features) without copying it.
     """
     D = len(state0) - 1
-    w = [None] + inner[0::2]  # level k's [weight_ih | weight_hh], (4H, 2H)
-    b = [None] + inner[1::2]  # (4H,)
+    # level k's [weight_ih | weight_hh], (4H, 2H), and bias (4H,); level 0's input weight is
+    # already in xproj, so w[0] is its recurrent weight and b[0] is None
+    w = [w_hh0, *inner[0::2]]
+    b: list[Tensor | None] = [None, *inner[1::2]]
     T, B, H4 = xproj.shape
     H = H4 // 4
     new = xproj.new_empty
@@ -217,10 +220,11 @@ def sequence_forward(
     hs[0] = state0[0]
     # gates[k][t]: level k's activated gates at step t, (B, 4H), the product's own output
     # (copying it into one (T, B, 4H) buffer cost a pass per step, and nothing needs it flat)
-    gates = [[None] * T for _ in range(D)]
+    gates: list[list[Tensor]] = [[] for _ in range(D)]  # appended in step order
     mems = [new(T + 1, B, H) for _ in range(D)]  # mems[k][t+1] = c_k(t)
     tanh_mems = [new(T, B, H) for _ in range(D)]
-    uv = [None] + [new(T, B, 2 * H) for _ in range(D - 1)]  # level k's [u, v]
+    # level k's [u, v]; level 0 reads xproj instead, so uv[0] is an empty placeholder
+    uv = [new(0)] + [new(T, B, 2 * H) for _ in range(D - 1)]
     for k in range(D):
         mems[k][0] = state0[k + 1]
     lin = [StepLinear(w_hh0, B)] + [StepLinear(w[k], B, b[k]) for k in range(1, D)]
@@ -229,7 +233,7 @@ def sequence_forward(
         for k in range(D):
             # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k
             G = lin[0](hs[t], add=xproj[t]) if k == 0 else lin[k](uv[k][t])
-            gates[k][t] = G
+            gates[k].append(G)
             G[:, : 2 * H].sigmoid_()
             G[:, 3 * H :].sigmoid_()
             if k > 0 or tanh_outer:
@@ -265,11 +269,11 @@ def sequence_backward(
     from those of its outputs (None: zero) and what it saved."""
     D = len(d_cT)
     w_hh0 = saved[0]
-    w = [None] + list(saved[1:D])
+    w = [w_hh0, *saved[1:D]]  # as in sequence_forward: w[k] is level k's weight
     hs = saved[D]
     mems = list(saved[D + 1 : 2 * D + 1])
     tanh_mems = list(saved[2 * D + 1 : 3 * D + 1])
-    uv = [None] + list(saved[3 * D + 1 : 4 * D])
+    uv = [hs.new_empty(0), *saved[3 * D + 1 : 4 * D]]  # uv[0]: a placeholder, as in the forward
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     gates = [saved[4 * D + k * T : 4 * D + (k + 1) * T] for k in range(D)]  # [k][t]: (B, 4H)
 
@@ -430,16 +434,21 @@ class NestedLSTM(nn.Module):
         )
         self.reset_parameters()
 
+    @property
+    def cells(self) -> list[NestedLSTMCell]:
+        """The layers as what they are (nn.ModuleList's items are plain Modules to mypy)."""
+        return cast("list[NestedLSTMCell]", list(self.layers))
+
     def reset_parameters(self) -> None:
         # Glorot only for the first layer's input weights (the paper's section 4).
-        for n, cell in enumerate(self.layers):
+        for n, cell in enumerate(self.cells):
             cell.reset_parameters(glorot_input=(n == 0))
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[State, ...]:
-        return tuple(c.initial_state(batch_size, device, dtype) for c in self.layers)
+        return tuple(c.initial_state(batch_size, device, dtype) for c in self.cells)
 
     def forward(self, x: Tensor, state: tuple[State, ...] | None = None):
-        self.layers[0].check_input(x, step_dims=2)
+        self.cells[0].check_input(x, step_dims=2)
         T, B = x.shape[0], x.shape[1]
         if state is None:
             state = self.initial_state(B, device=x.device)
@@ -448,7 +457,7 @@ class NestedLSTM(nn.Module):
                 f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}"
             )
         finals = []
-        for cell, s in zip(self.layers, state, strict=True):
+        for cell, s in zip(self.cells, state, strict=True):
             cell.check_state(s, B)
             if self.fused and T > 0:
                 x, s = nested_lstm_sequence(cell, x, s, self.cuda_graphs)
@@ -457,8 +466,8 @@ class NestedLSTM(nn.Module):
                 for t in range(T):
                     h, s = cell(x[t], s)
                     outs.append(h)
-                w = cell.weight_hh_l0
-                x = torch.stack(outs) if outs else w.new_zeros(0, B, self.hidden_size)
+                w_hh0 = cell.level_weights(0)[1]
+                x = torch.stack(outs) if outs else w_hh0.new_zeros(0, B, self.hidden_size)
             finals.append(s)
         return x, tuple(finals)
 
@@ -468,7 +477,7 @@ class NestedLSTM(nn.Module):
         """One step of every layer through the reference cell (what the ONNX exporter traces):
         x (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
         new = []
-        for cell, s in zip(self.layers, state, strict=True):
+        for cell, s in zip(self.cells, state, strict=True):
             x, s = cell(x, s)  # h (B, H), (h, c_0, ..., c_{depth-1})
             new.append(s)
         return x, tuple(new)
