@@ -34,8 +34,11 @@ from training.hmlstm import HMLSTM, HMOutputModule, slope_schedule
 from training.model_config import CORES, TASK_KINDS, ModelConfig  # noqa: F401
 from training.nlstm import NestedLSTM
 
+# The recurrent cores (the interface above)
+Core = NestedLSTM | LSTM | HMLSTM
 
-def build_core(config: ModelConfig) -> nn.Module:
+
+def build_core(config: ModelConfig) -> Core:
     if config.core == "hmlstm":
         return HMLSTM(
             config.in_features,
@@ -89,11 +92,14 @@ def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...
     return tuple(out)
 
 
-class _Model(nn.Module):
+class TaskModel(nn.Module):
+    """A recurrent core and a task head (CharLM, GlimpseClassifier): what build_model returns."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.core = build_core(config)
+        self.core: Core = build_core(config)
+        self.head: nn.Module
         if config.core == "hmlstm":  # the HM-RNN paper's output module, eq. (11)-(12)
             self.head = HMOutputModule(
                 config.hidden_size,
@@ -120,7 +126,7 @@ class _Model(nn.Module):
         return self.head(out), state  # (T, B, out_features)
 
 
-class CharLM(_Model):
+class CharLM(TaskModel):
     """Character language model: tokens (T, B) int64 -> logits (T, B, vocab), state."""
 
     def forward(self, tokens: Tensor, state=None):
@@ -131,7 +137,7 @@ class CharLM(_Model):
         return super().forward(tokens, state)
 
 
-class GlimpseClassifier(_Model):
+class GlimpseClassifier(TaskModel):
     """Glimpse classifier: glimpses (T, B, 49) -> per-step logits (T, B, classes), state.
     The prediction for a whole image is the last step's logits."""
 
@@ -144,7 +150,7 @@ class GlimpseClassifier(_Model):
         return super().forward(glimpses, state)
 
 
-def build_model(config: ModelConfig) -> _Model:
+def build_model(config: ModelConfig) -> TaskModel:
     """The model registry: a config value chooses the task head and the recurrent core."""
     return (CharLM if config.kind == "char" else GlimpseClassifier)(config)
 
