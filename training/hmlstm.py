@@ -39,6 +39,8 @@ This file imports only torch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,6 +70,8 @@ class HMLSTM(nn.Module):
     """forward(x, state=None) -> (output (T, B, L*H), state): x of shape (T, B, input_size) or
     (T, B) integer indices of one-hot inputs; the output concatenates every layer's h (the
     output module reads them all)."""
+
+    weight_hh_l0: Tensor  # registered with setattr (declared here for the type checker)
 
     def __init__(
         self,
@@ -143,7 +147,7 @@ class HMLSTM(nn.Module):
         )
 
     # ------------------------------------------------------------------------------- one step
-    def step(self, x: Tensor, state, counts: dict | None = None):
+    def step(self, x: Tensor, state, counts: list[dict[str, int]] | None = None):
         """One time step for every layer. x: (B, in) floats or (B,) indices. Returns
         (h of every layer concatenated (B, L*H), new state, boundaries (B, L-1))."""
         H, L = self.hidden_size, self.num_layers
@@ -174,7 +178,7 @@ class HMLSTM(nn.Module):
             # one gated by z_t^{l-1}; each term normalised on its own (when layer_norm) before
             # its gate, so that a gate of 0 removes the term (LN of a zero vector is its bias)
             terms = [F.linear(h_prev, getattr(self, f"weight_hh_l{n}"))]
-            gates = [None]
+            gates: list[Tensor | None] = [None]
             if n < L - 1:
                 terms.append(F.linear(state[n + 1][0], getattr(self, f"weight_td_l{n}")))
                 gates.append(z_prev)
@@ -185,7 +189,8 @@ class HMLSTM(nn.Module):
                 terms.append(F.linear(h_below, w_ih))
             gates.append(None if z_below is None else zb)  # z_t^0 = 1: the input is never gated
             if self.layer_norm:
-                terms = [norm(t) for norm, t in zip(self.norms[n], terms, strict=True)]
+                norms = cast(nn.ModuleList, self.norms[n])  # level n's LayerNorms, one per term
+                terms = [norm(t) for norm, t in zip(norms, terms, strict=True)]
             terms = [t if gate is None else gate * t for gate, t in zip(gates, terms, strict=True)]
             s = sum(terms) + getattr(self, f"bias_l{n}")  # (B, rows)
             i, f, g, o = (
