@@ -31,6 +31,10 @@ class LSTM(nn.Module):
     indices of one-hot inputs; output (T, B, hidden_size); state a tuple of (h, c) per layer.
     """
 
+    # registered by add_levels and register_buffer (declared here for the type checker)
+    weight_hh_l0: Tensor
+    _zero_bias: Tensor
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, fused: bool = True):
         super().__init__()
         if input_size < 1 or hidden_size < 1 or num_layers < 1:
