@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from serving.formats import (
     META_FILE,
@@ -46,7 +45,7 @@ from serving.formats import (
     file_sha256,
 )
 from training.export_folder import building, check_target, write_graph, write_meta
-from training.models import ModelConfig, state_slots
+from training.models import ModelConfig, TaskModel, state_slots
 from training.onnx_graphs import (  # noqa: F401  (re-exported: the exporter's whole interface)
     EXAMPLE_BATCH,
     EXAMPLE_STEPS,
@@ -176,7 +175,7 @@ def training_figures(metrics: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------- the folder
 def export_model(
-    model: nn.Module,
+    model: TaskModel,
     out_dir: str | os.PathLike,
     *,
     task: str,
