@@ -27,7 +27,7 @@ import torch
 from training.trainer import read_metrics
 
 # The paper's figures: which splits each task's curves show.
-PAPER_SPLITS = {
+PAPER_SPLITS: dict[str, tuple[str, ...]] = {
     "ptb": ("valid", "test"),  # Figure 5
     "poems": ("train", "valid"),  # Figure 6
     "mnist": ("train", "valid"),  # Figure 7
@@ -99,8 +99,8 @@ def plot_runs(
                 pts = [(e["epoch"], e[f"{split}_{key}"]) for e in evals if f"{split}_{key}" in e]
                 if not pts:
                     continue
-                x, y = zip(*pts, strict=True)
-                y = np.asarray(y, dtype=float)
+                x, y_values = zip(*pts, strict=True)
+                y = np.asarray(y_values, dtype=float)
                 if scale < 0:  # accuracy -> error in percent
                     y = 100.0 + scale * y
                 ax.plot(
