@@ -100,8 +100,8 @@ def run(
                 break
             tally.rss_mib = server.rss_mib()
             print(
-                f"  {rpc}: {sum(tally.codes.values())} requests in {time.perf_counter() - t0:.0f} s, "
-                f"RSS {tally.rss_mib:.0f} MiB",
+                f"  {rpc}: {sum(tally.codes.values())} requests in "
+                f"{time.perf_counter() - t0:.0f} s, RSS {tally.rss_mib:.0f} MiB",
                 flush=True,
             )
         channel.close()
@@ -133,13 +133,13 @@ def run(
         ]
         for rpc, t in tallies.items()
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     print()
     for row in (head, *rows):
         print(
             "  ".join(
                 str(x).rjust(w) if i else str(x).ljust(w)
-                for i, (x, w) in enumerate(zip(row, widths))
+                for i, (x, w) in enumerate(zip(row, widths, strict=True))
             )
         )
     problems = Counter()
@@ -150,7 +150,8 @@ def run(
     print(f"server log: {len(errors)} error lines" + "".join(f"\n  {line}" for line in errors[:20]))
     growth = max((t.rss_mib for t in tallies.values()), default=rss0) - rss0
     print(
-        f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB (bound {max_rss_growth:g})"
+        f"server RSS: {rss0:.0f} MiB at the start, grew by at most {growth:.0f} MiB "
+        f"(bound {max_rss_growth:g})"
     )
     passed = (
         not problems

@@ -43,6 +43,7 @@ passes through (the servicer answers UNAVAILABLE).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -115,7 +116,8 @@ def decode_record(data: bytes, key: bytes | None = None) -> tuple[str, bytes]:
     _, version, n = _RECORD.unpack_from(data)
     if version != RECORD_VERSION:
         raise snapshot.SnapshotInvalid(
-            f"session record version {version} is not readable here; this server reads {RECORD_VERSION}"
+            f"session record version {version} is not readable here; "
+            f"this server reads {RECORD_VERSION}"
         )
     body, digest = data[:-32], data[-32:]
     if not hmac.compare_digest(digest, _digest(body, key)):
@@ -212,8 +214,8 @@ class DurableSessions:
             snapshot.check_model(s, s.model, self.model_ids[s.model])
         except snapshot.SnapshotMismatch as exc:
             raise SessionMismatch(
-                f"session {session_id}: {exc} (during a rolling update, call a replica still serving "
-                "the export that made it)"
+                f"session {session_id}: {exc} (during a rolling update, call a replica "
+                "still serving the export that made it)"
             ) from None
         return StoredSession(
             session_id,
@@ -229,8 +231,8 @@ class DurableSessions:
     def _not_found(self, session_id: str) -> SessionNotFound:
         # the same for an id that never existed and for another key's session
         return SessionNotFound(
-            f"no session {session_id!r}: it was closed or expired after {self.idle_timeout:g} s idle; "
-            "create a new one"
+            f"no session {session_id!r}: it was closed or expired after "
+            f"{self.idle_timeout:g} s idle; create a new one"
         )
 
     def _hidden(self, owner: str) -> bool:
@@ -241,10 +243,8 @@ class DurableSessions:
     # ---------------------------------------------------------------- the interface
     def __len__(self) -> int:
         """Sessions in the store (the gauge): the last count when the store does not answer."""
-        try:
+        with contextlib.suppress(StoreUnavailable):
             self._last_count = self.backend.count()
-        except StoreUnavailable:
-            pass
         return self._last_count
 
     def create(
@@ -252,8 +252,8 @@ class DurableSessions:
     ) -> StoredSession:
         if self.backend.count() >= self.max_sessions:
             raise TooManySessions(
-                f"the session store holds its maximum of {self.max_sessions} sessions; close unused "
-                "sessions (CloseSession) or retry later"
+                f"the session store holds its maximum of {self.max_sessions} sessions; "
+                "close unused sessions (CloseSession) or retry later"
             )
         owner = self._caller().client
         session = StoredSession(
@@ -268,9 +268,9 @@ class DurableSessions:
             session.session_id, self._encode(session), self.idle_timeout, owner, self.max_per_client
         ):
             raise TooManySessions(
-                f"this client holds {self.max_per_client} sessions: the server's per-client session limit is "
-                f"{self.max_per_client} (over every replica sharing the session store); close unused sessions "
-                "(CloseSession) or wait for them to expire"
+                f"this client holds {self.max_per_client} sessions: the server's per-client "
+                f"session limit is {self.max_per_client} (over every replica sharing the "
+                "session store); close unused sessions (CloseSession) or wait for them to expire"
             )
         return session
 
@@ -293,8 +293,9 @@ class DurableSessions:
             if data is None or self._hidden(record_owner(data)):
                 raise self._not_found(session_id)
             raise SessionBusy(
-                f"session {session_id} is in use by another call (on this or another replica); calls "
-                "on one session must not overlap (wait for the other call to finish)"
+                f"session {session_id} is in use by another call (on this or another "
+                "replica); calls on one session must not overlap (wait for the other call "
+                "to finish)"
             )
         try:
             data = self.backend.get(session_id)
@@ -305,10 +306,8 @@ class DurableSessions:
                 raise self._not_found(session_id)
             return session
         except BaseException:
-            try:
+            with contextlib.suppress(StoreUnavailable):  # the lease lapses by itself
                 self.backend.release(session_id, lease)
-            except StoreUnavailable:
-                pass  # the lease lapses by itself
             raise
 
     def get(self, session_id: str) -> StoredSession:
@@ -341,9 +340,9 @@ class DurableSessions:
         )
         if result == LEASE_LOST:
             raise SessionLost(
-                f"session {session.session_id} was taken over by another call: this server did not renew "
-                f"its lease within {self.lease_ttl:g} s, so what this call did was not kept; GetSession "
-                "tells where the session is"
+                f"session {session.session_id} was taken over by another call: this server "
+                f"did not renew its lease within {self.lease_ttl:g} s, so what this call did "
+                "was not kept; GetSession tells where the session is"
             )
         if result == GONE:  # closed (CloseSession) or expired while the call ran: nothing to keep
             log.info(

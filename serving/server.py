@@ -81,9 +81,10 @@ def receive_limit(limits: Limits, server_limits: ServerLimits) -> int:
         return needed
     if server_limits.max_request_bytes < needed:
         raise ValueError(
-            f"max_request_bytes {server_limits.max_request_bytes} is below the {needed} bytes a request "
-            f"within the other limits may take (max_text {limits.max_text} characters and {limits.max_stop} stop "
-            f"strings of {limits.max_stop_chars}, 4 bytes a character in UTF-8, and {16 << 10} for the rest); "
+            f"max_request_bytes {server_limits.max_request_bytes} is below the {needed} bytes "
+            f"a request within the other limits may take (max_text {limits.max_text} "
+            f"characters and {limits.max_stop} stop strings of {limits.max_stop_chars}, "
+            f"4 bytes a character in UTF-8, and {16 << 10} for the rest); "
             "raise it, or lower max_text"
         )
     return server_limits.max_request_bytes
@@ -265,8 +266,8 @@ async def serve(
             await http.start(metrics_host if metrics_host is not None else host, metrics_port)
         except OSError as exc:
             raise OSError(
-                f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc} (another nlstm "
-                "serve?); pass --metrics-port N, or -1 to turn metrics off"
+                f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc} "
+                "(another nlstm serve?); pass --metrics-port N, or -1 to turn metrics off"
             ) from None
         for address, bound_port in http.addresses():
             log.info(
@@ -297,7 +298,8 @@ async def serve(
         )
     if api_keys is not None and tls is None:
         log.warning(
-            "API keys without TLS: keys cross the network in clear text (use --tls-cert and --tls-key)"
+            "API keys without TLS: keys cross the network in clear text "
+            "(use --tls-cert and --tls-key)"
         )
     log.info(
         "serving %s on port %d%s%s",

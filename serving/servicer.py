@@ -214,7 +214,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
             if isinstance(exc, ServingError):
                 finish(exc.code, start)
                 await context.abort(getattr(grpc.StatusCode, exc.code), _clip(str(exc)))
-            log.exception("unexpected error in %s", method)
+            log.error("unexpected error in %s", method, exc_info=exc)
             finish("INTERNAL", start)
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"

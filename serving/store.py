@@ -44,8 +44,8 @@ import threading
 import time
 from pathlib import Path
 
-# Session ids are serving.sessions.new_session_id()'s; anything else a client sends is no session (and
-# must never become a path or a key pattern).
+# Session ids are serving.sessions.new_session_id()'s; anything else a client sends is no
+# session (and must never become a path or a key pattern).
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 # commit() outcomes

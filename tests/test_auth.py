@@ -155,12 +155,12 @@ def test_calls_without_a_valid_key_are_unauthenticated_and_health_stays_open(sec
                 (bearer("x" * 20), "not valid"),
                 ([("authorization", f"Basic {KEY_A}")], "not valid"),
             ):
-                code, details = code_of(lambda: call(md))
+                code, details = code_of(lambda call=call, md=md: call(md))
                 assert code == grpc.StatusCode.UNAUTHENTICATED and why in details, (method, details)
                 assert KEY_A not in details
             # counted like any other ending (just after the client has its answer)
             assert wait_for(
-                lambda: (
+                lambda method=method: (
                     secured.metric(
                         "nlstm_requests_total", {"method": method, "code": "UNAUTHENTICATED"}
                     )
@@ -222,8 +222,8 @@ def test_sessions_belong_to_the_key_that_created_them(secured, certs):
                 ),
             ]
             for attempt in attempts:
-                code, details = code_of(lambda: attempt(other))
-                _, details_unknown = code_of(lambda: attempt(unknown))
+                code, details = code_of(lambda attempt=attempt, other=other: attempt(other))
+                _, details_unknown = code_of(lambda attempt=attempt: attempt(unknown))
                 # NOT_FOUND, worded as for an id that does not exist: existence is not revealed
                 assert code == grpc.StatusCode.NOT_FOUND
                 assert details.replace(other, "ID") == details_unknown.replace(unknown, "ID")

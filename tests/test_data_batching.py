@@ -1,4 +1,5 @@
-"""Batching: stream rows continue across batches, evaluation predicts each character once, resume."""
+"""Batching: stream rows continue across batches, evaluation predicts each character once,
+resume."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_start_resumes_where_a_run_stopped():
     full = list(lm_batches(ids, 8, 10))
     resumed = lm_batches(ids, 8, 10, start=7)
     assert len(resumed) == len(full) - 7
-    for a, b in zip(full[7:], resumed):
+    for a, b in zip(full[7:], resumed, strict=True):
         np.testing.assert_array_equal(a.x, b.x)
         np.testing.assert_array_equal(a.y, b.y)
     with pytest.raises(ValueError, match=r"start must be in \[0, 13\]"):
@@ -85,7 +86,7 @@ def test_works_on_a_memory_map(tmp_path):
     ids = np.arange(1000, dtype=np.uint8) % 51
     np.save(tmp_path / "a.npy", ids)
     mm = np.load(tmp_path / "a.npy", mmap_mode="r")
-    for a, b in zip(lm_eval_batches(mm, 7, 13), lm_eval_batches(ids, 7, 13)):
+    for a, b in zip(lm_eval_batches(mm, 7, 13), lm_eval_batches(ids, 7, 13), strict=True):
         np.testing.assert_array_equal(a.x, b.x)
 
 

@@ -1,4 +1,5 @@
-"""serving.formats: the glimpse layout against hand-built images, and the char tokenizer's contract."""
+"""serving.formats: the glimpse layout against hand-built images, and the char tokenizer's
+contract."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from training.data.tokenizer import train_char_tokenizer
 
 # ------------------------------------------------------------------------------------ glimpses
 def coded_image() -> np.ndarray:
-    """Pixel (r, c) = (28 r + c) / 1024: every value distinct and exact in float32, all in [0, 1)."""
+    """Pixel (r, c) = (28 r + c) / 1024: every value distinct and exact in float32, all in
+    [0, 1)."""
     r, c = np.mgrid[0:28, 0:28]
     return ((28 * r + c) / 1024).astype(np.float32)
 

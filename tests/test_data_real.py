@@ -170,7 +170,7 @@ def test_poems_vocabulary_and_unknowns_are_from_the_train_split(poems_data):
         unknown = sum(p.count("\u2047") for p in texts[split])
         assert unknown == summary.meta["splits"][split]["unknown_chars"] > 0
     assert summary.meta["splits"]["train"]["unknown_chars"] == 0
-    enc = tok.encode("床前明月光，疑是地上霜。Hello")  # Latin letters never occur in the poems
+    enc = tok.encode("床前明月光\uff0c疑是地上霜。Hello")  # Latin letters never occur in the poems
     assert enc.unknown_chars == 5 and len(enc.ids) == 17
 
 

@@ -90,9 +90,11 @@ def test_atomic_path_hands_a_path_to_writers_that_want_one(tmp_path):
     assert (tmp_path / "model.onnx").read_bytes() == b"graph" and _listing(tmp_path) == [
         "model.onnx"
     ]
-    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
-        with atomic_open(tmp_path / "x", "a"):
-            pass
+    with (
+        pytest.raises(ValueError, match="mode must be 'w' or 'wb'"),
+        atomic_open(tmp_path / "x", "a"),
+    ):
+        pass
 
 
 def test_replace_file_installs_a_verified_temporary(tmp_path):

@@ -72,8 +72,8 @@ def test_flush_discards_the_previous_cell():
     x = torch.randn(2, 4, dtype=torch.float64)
     state = _state(z0=1.0)  # layer 0 had a boundary: FLUSH (with the top-down term on)
     _, new, _ = m.step(x, state)
-    (h0, c0, _), (h1, _) = state
-    i, f, g, o, _ = _gates(m, 0, h0, h1, 1.0, x, 1.0)
+    (h0, _c0, _), (h1, _) = state
+    i, _f, g, o, _ = _gates(m, 0, h0, h1, 1.0, x, 1.0)
     assert torch.equal(new[0][1], i * g)  # c = i * g: nothing of c_{t-1}
     torch.testing.assert_close(new[0][0], o * torch.tanh(i * g), rtol=0, atol=1e-15)
 
@@ -160,8 +160,8 @@ def test_skipping_whole_batch_copies_changes_nothing_and_counts_ops():
     m.skip_copy = False
     out_all, st_all, z_all, counts_all = m(x, return_boundaries=True)
     assert torch.equal(out_skip, out_all) and torch.equal(z_skip, z_all)
-    for a, b in zip(st_skip, st_all):
-        for u, v in zip(a, b):
+    for a, b in zip(st_skip, st_all, strict=True):
+        for u, v in zip(a, b, strict=True):
             assert torch.equal(u, v)
     assert counts == counts_all
     assert counts[0] == {"update": 14, "copy": 0, "flush": 0}  # the first layer never copies

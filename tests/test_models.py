@@ -32,10 +32,10 @@ def _randomize(module, seed=0):
 @pytest.mark.parametrize("layers", [1, 3])
 def test_lstm_fused_equals_reference_and_nn_lstm(layers):
     torch.manual_seed(0)
-    T, B, I, H = 8, 3, 6, 5
-    lstm = LSTM(I, H, num_layers=layers).double()
+    T, B, n_in, H = 8, 3, 6, 5
+    lstm = LSTM(n_in, H, num_layers=layers).double()
     _randomize(lstm)
-    ref = torch.nn.LSTM(I, H, num_layers=layers).double()
+    ref = torch.nn.LSTM(n_in, H, num_layers=layers).double()
     with torch.no_grad():
         for n in range(layers):
             w_ih, w_hh, b = lstm.layer_weights(n)
@@ -43,7 +43,7 @@ def test_lstm_fused_equals_reference_and_nn_lstm(layers):
             getattr(ref, f"weight_hh_l{n}").copy_(w_hh)
             getattr(ref, f"bias_ih_l{n}").copy_(b)
             getattr(ref, f"bias_hh_l{n}").zero_()
-    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, n_in, dtype=torch.float64, requires_grad=True)
     state = tuple(
         (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
         for _ in range(layers)
@@ -57,13 +57,13 @@ def test_lstm_fused_equals_reference_and_nn_lstm(layers):
         return out, final, torch.autograd.grad(loss, [x, *lstm.parameters()])
 
     out_f, fin_f, g_f = run(True)
-    out_r, fin_r, g_r = run(False)
+    out_r, _fin_r, g_r = run(False)
     torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g_f, g_r):
+    for a, b in zip(g_f, g_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     h0 = torch.stack([s[0] for s in state])
     c0 = torch.stack([s[1] for s in state])
-    out_ref, (h_ref, c_ref) = ref(x, (h0, c0))
+    out_ref, (_h_ref, c_ref) = ref(x, (h0, c0))
     torch.testing.assert_close(out_f, out_ref, rtol=1e-12, atol=1e-12)
     for n in range(layers):
         torch.testing.assert_close(fin_f[n][1], c_ref[n], rtol=1e-12, atol=1e-12)
@@ -113,8 +113,8 @@ def test_task_models_share_one_interface(config):
     logits2, _ = model(x[:3])
     logits3, _ = model(x[3:], unpack_state(pack_state(model(x[:3])[1]), config))
     torch.testing.assert_close(torch.cat([logits2, logits3]), logits, rtol=1e-5, atol=1e-6)
-    for a, b in zip(again, state):
-        for u, v in zip(a, b):
+    for a, b in zip(again, state, strict=True):
+        for u, v in zip(a, b, strict=True):
             torch.testing.assert_close(u, v)
     with pytest.raises(ValueError, match="packed state must be"):
         unpack_state(packed[:, :-1], config)

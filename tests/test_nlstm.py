@@ -79,11 +79,11 @@ def randomize(module: torch.nn.Module, std: float = 0.4, seed: int = 0) -> None:
 @pytest.mark.parametrize("outer", ["identity", "tanh"])
 def test_cell_matches_numpy_reference(depth, outer):
     torch.manual_seed(depth)
-    B, I, H, T = 3, 5, 4, 6
-    cell = NestedLSTMCell(I, H, depth=depth, outer_activation=outer).double()
+    B, n_in, H, T = 3, 5, 4, 6
+    cell = NestedLSTMCell(n_in, H, depth=depth, outer_activation=outer).double()
     randomize(cell)
     params = cell_params_np(cell)
-    xs = np.random.default_rng(1).normal(size=(T, B, I))
+    xs = np.random.default_rng(1).normal(size=(T, B, n_in))
     state = cell.initial_state(B, dtype=torch.float64)
     ref_h = [np.zeros(H) for _ in range(B)]
     ref_m = [[np.zeros(H) for _ in range(depth)] for _ in range(B)]
@@ -156,7 +156,7 @@ def test_known_answer_pins_each_common_mistake(mistake):
     assert h2.item() == h.item()
     assert got == pytest.approx(right, abs=1e-14)
     # the mistaken variant differs measurably, so the assertion above tells them apart
-    assert max(abs(a - b) for a, b in zip(got, wrong)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(got, wrong, strict=True)) > 1e-3
 
 
 def test_outer_activation_option_changes_only_level0_candidate():
@@ -185,7 +185,7 @@ def test_additive_memory_function_is_the_classic_lstm():
         ref.bias_hh.zero_()
     x = torch.randn(4, 5, dtype=torch.float64)
     state = (torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64))
-    h, (h2, c) = cell(x, state)
+    h, (_h2, c) = cell(x, state)
     h_ref, c_ref = ref(x, state)
     torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
@@ -206,7 +206,7 @@ def test_state_none_means_zeros_and_shapes():
     cell = NestedLSTMCell(3, 4, depth=3)
     x = torch.randn(2, 3)
     h, state = cell(x)
-    h0, state0 = cell(x, tuple(torch.zeros(2, 4) for _ in range(4)))
+    h0, _state0 = cell(x, tuple(torch.zeros(2, 4) for _ in range(4)))
     assert len(state) == 4 and all(t.shape == (2, 4) for t in state)
     torch.testing.assert_close(h, h0)
     with pytest.raises(ValueError, match="4 tensors"):
@@ -259,10 +259,10 @@ def test_baseline_lstm_and_head_initialisation_follow_the_paper():
 @pytest.mark.parametrize("outer", ["identity", "tanh"])
 def test_fused_sequence_equals_step_by_step(depth, outer):
     torch.manual_seed(depth)
-    T, B, I, H, L = 9, 3, 5, 4, 2
-    layer = NestedLSTM(I, H, depth=depth, num_layers=L, outer_activation=outer).double()
+    T, B, n_in, H, L = 9, 3, 5, 4, 2
+    layer = NestedLSTM(n_in, H, depth=depth, num_layers=L, outer_activation=outer).double()
     randomize(layer)
-    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, n_in, dtype=torch.float64, requires_grad=True)
     state = tuple(
         tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(depth + 1))
         for _ in range(L)
@@ -280,15 +280,15 @@ def test_fused_sequence_equals_step_by_step(depth, outer):
         return flat, torch.autograd.grad(loss, inputs)
 
     (out_f, grad_f), (out_r, grad_r) = run(True), run(False)
-    for a, b in zip(out_f, out_r):
+    for a, b in zip(out_f, out_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grad_f, grad_r):
+    for a, b in zip(grad_f, grad_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
     # and the layer equals its cells stepped by hand, one time step at a time
     with torch.no_grad():
         inp, finals = x, []
-        for cell, s in zip(layer.layers, state):
+        for cell, s in zip(layer.layers, state, strict=True):
             outs = []
             for t in range(T):
                 h, s = cell(inp[t], s)
@@ -345,7 +345,7 @@ def test_float32_fused_matches_reference_closely():
     layer.fused = False
     b, sb = layer(tokens)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for u, v in zip(sa[0], sb[0]):
+    for u, v in zip(sa[0], sb[0], strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
 
 
@@ -365,7 +365,7 @@ def test_fused_path_runs_under_bf16_autocast():
     head = torch.nn.Linear(16, 10)
     x = torch.randn(5, 3, 10)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out, state = layer(x)  # the bf16 input projection feeds a float32 recurrence
+        out, _state = layer(x)  # the bf16 input projection feeds a float32 recurrence
         logits = head(out)
     assert out.dtype == torch.float32 and logits.dtype == torch.bfloat16
     logits.float().sum().backward()
@@ -391,7 +391,7 @@ def test_gradients_with_batch_or_time_of_one(B, T):
         loss = out.sum() + ((h + c0 + c1 + c2) * w).sum()
         return torch.autograd.grad(loss, [x, *layer.parameters()])
 
-    for a, b in zip(grads(True), grads(False)):
+    for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -403,7 +403,7 @@ def test_fused_gradcheck_over_parameters():
     x = torch.randn(3, 2, 3, dtype=torch.float64)
 
     def f(*params):
-        out, _ = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        out, _ = torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (x,))
         return out
 
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
@@ -412,7 +412,7 @@ def test_fused_gradcheck_over_parameters():
 
 def test_empty_sequence_and_bad_inputs():
     layer = NestedLSTM(4, 3, depth=2).double()
-    out, state = layer(torch.zeros(0, 2, 4, dtype=torch.float64))
+    out, _state = layer(torch.zeros(0, 2, 4, dtype=torch.float64))
     assert out.shape == (0, 2, 3) and out.dtype == torch.float64
     with pytest.raises(ValueError, match=r"shape \(T, B, 4\)"):
         layer(torch.zeros(5, 2, 3, dtype=torch.float64))
@@ -494,7 +494,7 @@ def test_fused_float32_kernels_agree(depth, monkeypatch):
         return flat, torch.autograd.grad(loss, list(layer.parameters()))
 
     (out_a, grad_a), (out_b, grad_b) = run(True), run(False)
-    for a, b in zip(out_a + list(grad_a), out_b + list(grad_b)):
+    for a, b in zip(out_a + list(grad_a), out_b + list(grad_b), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(gemm, "ONEDNN", True)
     layer.fused = False  # and both equal the reference cell stepped by autograd
@@ -511,12 +511,12 @@ def test_in_place_changes_to_the_output_leave_the_gradients_right():
 
     def grads(fused):
         layer.fused = fused
-        out, ((h, c0, c1),) = layer(x)
+        out, ((h, _c0, c1),) = layer(x)
         out.mul_(2.0)
         h.add_(1.0)
         return torch.autograd.grad(
             (out**2).sum() + (h**2).sum() + c1.sum(), list(layer.parameters())
         )
 
-    for a, b in zip(grads(True), grads(False)):
+    for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -117,7 +117,7 @@ def test_graphed_sequence_equals_the_eager_fused_path_float64(depth):
         for _ in range(2)
     )
     graphed, eager = _graphed_and_eager(layer, x, state)
-    for a, b in zip(graphed, eager):
+    for a, b in zip(graphed, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -128,7 +128,7 @@ def test_graphed_sequence_float32_paper_size_and_shape_cache():
     for T, B in [(100, 32), (37, 32)]:  # a second shape captures a second pair of graphs
         x = torch.randint(0, 50, (T, B), device="cuda")
         graphed, eager = _graphed_and_eager(layer, x, None, steps=2, lr=1e-3)
-        for a, b in zip(graphed, eager):
+        for a, b in zip(graphed, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

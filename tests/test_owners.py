@@ -123,7 +123,8 @@ def test_a_session_is_its_keys_on_every_replica(pair, redis_server):
     assert get(b, KEY_A, sid).position == len(
         "the cat"
     )  # untouched by B's calls (its close did nothing)
-    # a snapshot carries state, not authority: restored under B it is B's session, a fork is its caller's
+    # a snapshot carries state, not authority: restored under B it is B's session, a fork is its
+    # caller's
     snap = a.stub.SnapshotSession(pb.SnapshotSessionRequest(session_id=sid), metadata=auth(KEY_A))
     restored = b.stub.RestoreSession(
         pb.RestoreSessionRequest(data=snap.data), metadata=auth(KEY_B)

@@ -4,7 +4,8 @@ last checkpoint) and a SIGTERM restart, keeps one call at a time across replicas
 Redis, and a Redis outage fails only the calls that need a session, until Redis is back.
 
 Each replica writes running calls every 0.3 s (--session-checkpoint-s), so a dead replica's
-lease lapses after 2 s (3 checkpoints, at least 2 s). Skips without redis-server (.ci/run installs it)."""
+lease lapses after 2 s (3 checkpoints, at least 2 s). Skips without redis-server (.ci/run
+installs it)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(models_dir, redis_server):
-    # started from this thread: serving.testing.process ties a server's life to the thread that starts it
+    # started from this thread: serving.testing.process ties a server's life to the thread that
+    # starts it
     replicas = [Replica(models_dir, redis_server.url)]
     replicas.append(Replica(models_dir, redis_server.url))
     yield replicas

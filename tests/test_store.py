@@ -143,7 +143,7 @@ def test_open_backend_urls(tmp_path):
     b = open_backend(f"file:{tmp_path}/s")
     assert isinstance(b, FileBackend) and (tmp_path / "s" / "sessions").is_dir()
     assert isinstance(open_backend("redis://127.0.0.1:1/0"), RedisBackend)  # connects lazily
-    with pytest.raises(ValueError, match="memory .*file:DIR or redis://HOST:PORT/DB"):
+    with pytest.raises(ValueError, match=r"memory .*file:DIR or redis://HOST:PORT/DB"):
         open_backend("postgres://db/sessions")
     with pytest.raises(ValueError, match="needs a directory"):
         open_backend("file:")
@@ -338,7 +338,8 @@ def test_a_clients_count_is_atomic_shared_and_freed_by_close_and_expiry(backend)
         assert backend.put("a4", b"x", 60, "key:a", limit=2) and not backend.put(
             "a5", b"x", 60, "key:a", limit=2
         )
-        # expiry frees a slot; a write (a call's commit) keeps its session counted past its first ttl
+        # expiry frees a slot; a write (a call's commit) keeps its session counted past its
+        # first ttl
         backend.put("short", b"x", 0.4, "key:e")
         backend.put("kept", b"x", 0.4, "key:e")
         assert backend.acquire("kept", "call", 5)

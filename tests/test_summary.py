@@ -1,6 +1,7 @@
 """training/summary.py and `nlstm summary`: figures at best validation, rows grouped by seed."""
 
 import json
+import re
 import statistics
 
 import pytest
@@ -48,7 +49,7 @@ def test_read_run_takes_the_last_evaluation_and_ignores_a_cut_line(tmp_path):
 def test_rows_group_seeds_with_mean_and_sample_std(tmp_path):
     runs = []
     accs = [0.95, 0.97, 0.96]
-    for seed, acc in zip((1, 2, 3), accs):
+    for seed, acc in zip((1, 2, 3), accs, strict=True):
         runs.append(
             read_run(
                 _write_run(
@@ -86,7 +87,7 @@ def test_row_name_strips_only_a_trailing_seed():
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(SummaryError, match="no metrics.jsonl"):
+    with pytest.raises(SummaryError, match=re.escape("no metrics.jsonl")):
         read_run(tmp_path)
     d = _write_run(tmp_path / "a", "ptb", 1, [])
     with pytest.raises(SummaryError, match="no evaluation yet"):

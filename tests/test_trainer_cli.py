@@ -222,8 +222,8 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "nlstm train: interrupted at step 3; " in err
     assert (
-        f"{run / 'last.pt'} holds step 2 (written at each evaluation and every checkpoint_every=2 steps)"
-        in err
+        f"{run / 'last.pt'} holds step 2 "
+        "(written at each evaluation and every checkpoint_every=2 steps)" in err
     )
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("nlstm train ") and "--resume" in command
@@ -307,7 +307,7 @@ def test_plot_errors(runs, tmp_path):
         plot_runs([runs / "nlstm"], out=tmp_path / "x.png", splits=["dev"])
     with pytest.raises(ValueError, match="cannot share a chart"):
         plot_runs([runs / "nlstm", runs / "mnist"], out=tmp_path / "x.png")
-    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=re.escape("no metrics.jsonl")):
         plot_runs([tmp_path / "nothing"])
 
 

@@ -105,6 +105,6 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
     _, e1 = read_metrics(tmp_path / "single")
     e2 = [e for e in e2 if e["step"] != 37]  # the extra evaluation where the first part stopped
     assert [e["step"] for e in e2] == [e["step"] for e in e1]
-    for a, b in zip(e2, e1):
+    for a, b in zip(e2, e1, strict=True):
         assert a["valid_bpc"] == pytest.approx(b["valid_bpc"], rel=1e-5)
         assert a["test_bpc"] == pytest.approx(b["test_bpc"], rel=1e-5)

@@ -31,6 +31,10 @@ class LSTM(nn.Module):
     indices of one-hot inputs; output (T, B, hidden_size); state a tuple of (h, c) per layer.
     """
 
+    # registered by add_levels and register_buffer (declared here for the type checker)
+    weight_hh_l0: Tensor
+    _zero_bias: Tensor
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, fused: bool = True):
         super().__init__()
         if input_size < 1 or hidden_size < 1 or num_layers < 1:
@@ -48,7 +52,8 @@ class LSTM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # The paper's section 4: Glorot for the first layer's input weights, orthogonal for the rest.
+        # The paper's section 4: Glorot for the first layer's input weights, orthogonal for the
+        # rest.
         reset_levels(self, self.num_layers)
 
     def layer_weights(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,11 +87,10 @@ class LSTM(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[1], device=x.device)
         self._check(x, state)
-        if x.dim() == 2:
+        if x.dim() == 2 and self.fused:
             # one-hot inputs: the fused kernel multiplies them densely (cheap for the paper's
             # vocabularies); the reference path looks the columns up instead.
-            if self.fused:
-                x = F.one_hot(x.long(), self.input_size).to(self.weight_hh_l0.dtype)
+            x = F.one_hot(x.long(), self.input_size).to(self.weight_hh_l0.dtype)
         if self.fused:
             return self._forward_fused(x, state)
         return self._forward_reference(x, state)

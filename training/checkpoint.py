@@ -36,7 +36,7 @@ import torch
 
 # re-exported: the checkpoint's writers and their tests reach them here
 from serving.files import atomic_write_bytes, remove_stale_temporaries, umask_mode  # noqa: F401
-from training.models import ModelConfig, build_model
+from training.models import ModelConfig, TaskModel, build_model
 
 FORMAT = "nlstm-checkpoint"
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self) -> TaskModel:
         """The model with these weights (on the CPU)."""
         model = build_model(self.model_config)
         model.load_state_dict(self.model)
@@ -112,7 +112,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         if "weights only" in str(exc).lower():
             raise CheckpointError(
                 f"{path} is not an nlstm checkpoint: it holds pickled Python objects (a whole "
-                f"model, or another program's checkpoint), which nlstm never writes nor loads; {ours}"
+                "model, or another program's checkpoint), which nlstm never writes nor loads; "
+                f"{ours}"
             ) from None
         raise CheckpointError(
             f"{path} is not a readable nlstm checkpoint (corrupt or truncated): {_first_line(exc)}"

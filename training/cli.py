@@ -205,7 +205,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--max-steps",
         type=int,
         default=None,
-        help="stop after N optimizer steps in all (evaluates and checkpoints first); sets max_steps",
+        help="stop after N optimizer steps in all (evaluates and checkpoints first); "
+        "sets max_steps",
     )
     p.add_argument(
         "--progress",
@@ -617,8 +618,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     q = result.meta.quantization
     if result.over_threshold:
         print(
-            f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold {q['threshold']}; "
-            "written because --accept-cost was given",
+            f"WARNING: the cost {q['cost']} ({q['cost_unit']}) passes the threshold "
+            f"{q['threshold']}; written because --accept-cost was given",
             file=sys.stderr,
         )
     print(

@@ -5,7 +5,8 @@ An exported model is a folder that explains itself:
     model.onnx        one recurrent step; inputs `tokens` (B) int64 or `glimpse` (B, 49) float32
                       and `state` (B, S, H) float32; outputs `logits` (B, V) and `state_out`
                       (B, S, H). B is dynamic. The state is pack_state's layout: meta.json names
-                      the S slots (state_slots). onnxruntime is stateless; its caller owns the state.
+                      the S slots (state_slots). onnxruntime is stateless; its caller owns the
+                      state.
     sequence.onnx     (when it is faster) the same step under an ONNX Scan: (T, B) or (T, B, 49)
                       in, (T, B, V) logits and the final state out, T and B dynamic
     tokenizer.model   the sentencepiece model (char models)
@@ -34,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from serving.formats import (
     META_FILE,
@@ -45,7 +45,7 @@ from serving.formats import (
     file_sha256,
 )
 from training.export_folder import building, check_target, write_graph, write_meta
-from training.models import ModelConfig, state_slots
+from training.models import ModelConfig, TaskModel, state_slots
 from training.onnx_graphs import (  # noqa: F401  (re-exported: the exporter's whole interface)
     EXAMPLE_BATCH,
     EXAMPLE_STEPS,
@@ -100,7 +100,8 @@ def time_sequence_graph(
             raise ExportError(
                 # the exception's own line (a traceback's last) first: meta.json keeps one line
                 f"the sequence-graph timing subprocess failed (exit {out.returncode}): "
-                f"{(out.stderr.strip().splitlines() or [''])[-1][:300]}\n{out.stderr.strip()[-1000:]}"
+                f"{(out.stderr.strip().splitlines() or [''])[-1][:300]}\n"
+                f"{out.stderr.strip()[-1000:]}"
             )
         result = json.loads(out.stdout.strip().splitlines()[-1])
         loop_us, seq_us = result["loop_s"] / steps * 1e6, result["sequence_s"] / steps * 1e6
@@ -174,7 +175,7 @@ def training_figures(metrics: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------- the folder
 def export_model(
-    model: nn.Module,
+    model: TaskModel,
     out_dir: str | os.PathLike,
     *,
     task: str,
@@ -191,8 +192,9 @@ def export_model(
     sequence: "auto" exports the sequence graph and ships it when it scores faster than the
     step graph called per step, as measured by time_sequence_graph in a subprocess without
     torch on the finished temporary folder (the measurement goes into meta.json either way; a
-    failed measurement ships nothing); "always" ships it regardless; "never" skips it. Before publishing, onnxruntime must match torch over
-    `parity_steps` random steps (within 1e-4). An existing export at out_dir is replaced; any
+    failed measurement ships nothing); "always" ships it regardless; "never" skips it. Before
+    publishing, onnxruntime must match torch over `parity_steps` random steps (within 1e-4).
+    An existing export at out_dir is replaced; any
     other non-empty folder is refused. Returns the written ExportMeta. `progress(text)` hears
     what the export is doing (tracing, checking parity, timing: tens of seconds in all).
     """

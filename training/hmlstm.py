@@ -39,6 +39,8 @@ This file imports only torch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,7 +53,8 @@ def hard_sigmoid(x: Tensor, slope: float) -> Tensor:
 
 
 def binarize_straight_through(p: Tensor) -> Tensor:
-    """1[p > 0.5] forward; gradient 1 with respect to p backward (the straight-through estimator)."""
+    """1[p > 0.5] forward; gradient 1 with respect to p backward (the straight-through
+    estimator)."""
     return p + ((p > 0.5).to(p.dtype) - p).detach()
 
 
@@ -67,6 +70,8 @@ class HMLSTM(nn.Module):
     """forward(x, state=None) -> (output (T, B, L*H), state): x of shape (T, B, input_size) or
     (T, B) integer indices of one-hot inputs; the output concatenates every layer's h (the
     output module reads them all)."""
+
+    weight_hh_l0: Tensor  # registered with setattr (declared here for the type checker)
 
     def __init__(
         self,
@@ -103,7 +108,10 @@ class HMLSTM(nn.Module):
                 setattr(self, f"weight_td_l{n}", nn.Parameter(torch.empty(rows, H)))
             setattr(self, f"bias_l{n}", nn.Parameter(torch.empty(rows)))
         if layer_norm:
-            terms = lambda n: 3 if n < num_layers - 1 else 2  # noqa: E731
+
+            def terms(n: int) -> int:
+                return 3 if n < num_layers - 1 else 2
+
             self.norms = nn.ModuleList(
                 nn.ModuleList(nn.LayerNorm(self.rows(n)) for _ in range(terms(n)))
                 for n in range(num_layers)
@@ -127,16 +135,19 @@ class HMLSTM(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None):
         w = self.weight_hh_l0
-        z = lambda: torch.zeros(
-            batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype
-        )  # noqa: E731
+
+        def z() -> Tensor:
+            return torch.zeros(
+                batch_size, self.hidden_size, device=device or w.device, dtype=dtype or w.dtype
+            )
+
         return tuple(
             (z(), z(), z()) if n < self.num_layers - 1 else (z(), z())
             for n in range(self.num_layers)
         )
 
     # ------------------------------------------------------------------------------- one step
-    def step(self, x: Tensor, state, counts: dict | None = None):
+    def step(self, x: Tensor, state, counts: list[dict[str, int]] | None = None):
         """One time step for every layer. x: (B, in) floats or (B,) indices. Returns
         (h of every layer concatenated (B, L*H), new state, boundaries (B, L-1))."""
         H, L = self.hidden_size, self.num_layers
@@ -153,7 +164,7 @@ class HMLSTM(nn.Module):
             update = (1 - z_prev) * zb
             copy = (1 - z_prev) * (1 - zb)
             if counts is not None:
-                for name, m in zip(OPS, (update, copy, flush)):
+                for name, m in zip(OPS, (update, copy, flush), strict=True):
                     counts[n][name] += int(m.detach().round().sum().item())
             if skip and not torch.is_grad_enabled() and bool((copy == 1).all()):
                 # every sequence copies: the layer's state and output are unchanged, no products
@@ -167,7 +178,7 @@ class HMLSTM(nn.Module):
             # one gated by z_t^{l-1}; each term normalised on its own (when layer_norm) before
             # its gate, so that a gate of 0 removes the term (LN of a zero vector is its bias)
             terms = [F.linear(h_prev, getattr(self, f"weight_hh_l{n}"))]
-            gates = [None]
+            gates: list[Tensor | None] = [None]
             if n < L - 1:
                 terms.append(F.linear(state[n + 1][0], getattr(self, f"weight_td_l{n}")))
                 gates.append(z_prev)
@@ -178,8 +189,9 @@ class HMLSTM(nn.Module):
                 terms.append(F.linear(h_below, w_ih))
             gates.append(None if z_below is None else zb)  # z_t^0 = 1: the input is never gated
             if self.layer_norm:
-                terms = [norm(t) for norm, t in zip(self.norms[n], terms)]
-            terms = [t if gate is None else gate * t for gate, t in zip(gates, terms)]
+                norms = cast(nn.ModuleList, self.norms[n])  # level n's LayerNorms, one per term
+                terms = [norm(t) for norm, t in zip(norms, terms, strict=True)]
+            terms = [t if gate is None else gate * t for gate, t in zip(gates, terms, strict=True)]
             s = sum(terms) + getattr(self, f"bias_l{n}")  # (B, rows)
             i, f, g, o = (
                 torch.sigmoid(s[:, :H]),

@@ -54,7 +54,8 @@ class ModelConfig:
                     )
         elif self.num_layers < 2:
             raise ValueError(
-                f"an hmlstm model needs num_layers >= 2 (its boundaries pass upward), got {self.num_layers}"
+                "an hmlstm model needs num_layers >= 2 (its boundaries pass upward), "
+                f"got {self.num_layers}"
             )
 
     @property

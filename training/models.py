@@ -34,8 +34,11 @@ from training.hmlstm import HMLSTM, HMOutputModule, slope_schedule
 from training.model_config import CORES, TASK_KINDS, ModelConfig  # noqa: F401
 from training.nlstm import NestedLSTM
 
+# The recurrent cores (the interface above)
+Core = NestedLSTM | LSTM | HMLSTM
 
-def build_core(config: ModelConfig) -> nn.Module:
+
+def build_core(config: ModelConfig) -> Core:
     if config.core == "hmlstm":
         return HMLSTM(
             config.in_features,
@@ -79,7 +82,8 @@ def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...
     sizes = [len(layer_slots(config, n)) for n in range(config.num_layers)]
     if packed.dim() != 3 or packed.shape[1] != sum(sizes) or packed.shape[2] != config.hidden_size:
         raise ValueError(
-            f"packed state must be (B, {sum(sizes)}, {config.hidden_size}), got {tuple(packed.shape)}"
+            f"packed state must be (B, {sum(sizes)}, {config.hidden_size}), "
+            f"got {tuple(packed.shape)}"
         )
     parts, out, start = packed.unbind(1), [], 0
     for size in sizes:
@@ -88,11 +92,14 @@ def unpack_state(packed: Tensor, config: ModelConfig) -> tuple[tuple[Tensor, ...
     return tuple(out)
 
 
-class _Model(nn.Module):
+class TaskModel(nn.Module):
+    """A recurrent core and a task head (CharLM, GlimpseClassifier): what build_model returns."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.core = build_core(config)
+        self.core: Core = build_core(config)
+        self.head: nn.Module
         if config.core == "hmlstm":  # the HM-RNN paper's output module, eq. (11)-(12)
             self.head = HMOutputModule(
                 config.hidden_size,
@@ -119,7 +126,7 @@ class _Model(nn.Module):
         return self.head(out), state  # (T, B, out_features)
 
 
-class CharLM(_Model):
+class CharLM(TaskModel):
     """Character language model: tokens (T, B) int64 -> logits (T, B, vocab), state."""
 
     def forward(self, tokens: Tensor, state=None):
@@ -130,19 +137,20 @@ class CharLM(_Model):
         return super().forward(tokens, state)
 
 
-class GlimpseClassifier(_Model):
+class GlimpseClassifier(TaskModel):
     """Glimpse classifier: glimpses (T, B, 49) -> per-step logits (T, B, classes), state.
     The prediction for a whole image is the last step's logits."""
 
     def forward(self, glimpses: Tensor, state=None):
         if glimpses.dim() != 3 or glimpses.shape[-1] != self.config.input_size:
             raise ValueError(
-                f"glimpses must be (T, B, {self.config.input_size}) floats, got {tuple(glimpses.shape)}"
+                f"glimpses must be (T, B, {self.config.input_size}) floats, "
+                f"got {tuple(glimpses.shape)}"
             )
         return super().forward(glimpses, state)
 
 
-def build_model(config: ModelConfig) -> _Model:
+def build_model(config: ModelConfig) -> TaskModel:
     """The model registry: a config value chooses the task head and the recurrent core."""
     return (CharLM if config.kind == "char" else GlimpseClassifier)(config)
 

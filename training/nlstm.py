@@ -40,6 +40,8 @@ import only torch).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -94,6 +96,8 @@ class NestedLSTMCell(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.depth = depth
+        # the argument checks read tensor values; onnx_graphs._traceable turns them off
+        self.checks = True
         self.outer_activation = _check_activation(outer_activation)
         add_levels(self, [input_size] + [hidden_size] * (depth - 1), hidden_size)
         self.reset_parameters()
@@ -118,6 +122,8 @@ class NestedLSTMCell(nn.Module):
         )
 
     def check_state(self, state: State, batch_size: int) -> None:
+        if not self.checks:
+            return
         w = self.weight_hh_l0
         if len(state) != self.depth + 1:
             raise ValueError(
@@ -138,6 +144,8 @@ class NestedLSTMCell(nn.Module):
 
     def check_input(self, x: Tensor, step_dims: int) -> None:
         """x must be (..., input_size) floats, or (...) integer indices in [0, input_size)."""
+        if not self.checks:
+            return
         if x.dtype in (torch.int64, torch.int32):
             if x.dim() != step_dims:
                 raise ValueError(
@@ -151,8 +159,9 @@ class NestedLSTMCell(nn.Module):
             not x.is_floating_point() or x.dim() != step_dims + 1 or x.shape[-1] != self.input_size
         ):
             raise ValueError(
-                f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, {self.input_size}) "
-                f"or integer one-hot indices of shape ({'T, ' if step_dims == 2 else ''}B), "
+                f"x must be floats of shape ({'T, ' if step_dims == 2 else ''}B, "
+                f"{self.input_size}) or integer one-hot indices of shape "
+                f"({'T, ' if step_dims == 2 else ''}B), "
                 f"got {tuple(x.shape)} of {x.dtype}"
             )
 
@@ -171,7 +180,7 @@ class NestedLSTMCell(nn.Module):
         w_ih, w_hh, b = self.level_weights(0)
         gates = input_projection(x, w_ih, b) + F.linear(h_prev, w_hh)  # (B, 4H)
         outputs = []  # per level: its output gate (B, H)
-        inp, hid = None, None
+        inp, hid = x, h_prev  # level k's (input, hidden); level 0's gates are computed above
         for k in range(self.depth):
             if k > 0:
                 w_ih, w_hh, b = self.level_weights(k)
@@ -185,10 +194,9 @@ class NestedLSTMCell(nn.Module):
 
         # Walk up: the innermost memory is the LSTM update (addition); each level above takes
         # the hidden output of the level below as its memory (eq. 15).
-        mem = [None] * self.depth
-        mem[-1] = hid + inp
+        mem = [hid + inp]  # built innermost first: mem[0] is c_k for the k being walked
         for k in range(self.depth - 1, 0, -1):
-            mem[k - 1] = outputs[k] * torch.tanh(mem[k])
+            mem.insert(0, outputs[k] * torch.tanh(mem[0]))
         h = outputs[0] * torch.tanh(mem[0])
         return h, (h, *mem)
 
@@ -206,8 +214,10 @@ def sequence_forward(
     gradients read each buffer as (T*B, features) without copying it.
     """
     D = len(state0) - 1
-    w = [None] + inner[0::2]  # level k's [weight_ih | weight_hh], (4H, 2H)
-    b = [None] + inner[1::2]  # (4H,)
+    # level k's [weight_ih | weight_hh], (4H, 2H), and bias (4H,); level 0's input weight is
+    # already in xproj, so w[0] is its recurrent weight and b[0] is None
+    w = [w_hh0, *inner[0::2]]
+    b: list[Tensor | None] = [None, *inner[1::2]]
     T, B, H4 = xproj.shape
     H = H4 // 4
     new = xproj.new_empty
@@ -216,21 +226,20 @@ def sequence_forward(
     hs[0] = state0[0]
     # gates[k][t]: level k's activated gates at step t, (B, 4H), the product's own output
     # (copying it into one (T, B, 4H) buffer cost a pass per step, and nothing needs it flat)
-    gates = [[None] * T for _ in range(D)]
+    gates: list[list[Tensor]] = [[] for _ in range(D)]  # appended in step order
     mems = [new(T + 1, B, H) for _ in range(D)]  # mems[k][t+1] = c_k(t)
     tanh_mems = [new(T, B, H) for _ in range(D)]
-    uv = [None] + [new(T, B, 2 * H) for _ in range(D - 1)]  # level k's [u, v]
+    # level k's [u, v]; level 0 reads xproj instead, so uv[0] is an empty placeholder
+    uv = [new(0)] + [new(T, B, 2 * H) for _ in range(D - 1)]
     for k in range(D):
         mems[k][0] = state0[k + 1]
     lin = [StepLinear(w_hh0, B)] + [StepLinear(w[k], B, b[k]) for k in range(1, D)]
 
     for t in range(T):
         for k in range(D):
-            if k == 0:
-                G = lin[0](hs[t], add=xproj[t])  # (B, 4H): xproj[t] + h_{t-1} W_hh0^T
-            else:
-                G = lin[k](uv[k][t])  # [u, v] W_k^T + b_k
-            gates[k][t] = G
+            # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k
+            G = lin[0](hs[t], add=xproj[t]) if k == 0 else lin[k](uv[k][t])
+            gates[k].append(G)
             G[:, : 2 * H].sigmoid_()
             G[:, 3 * H :].sigmoid_()
             if k > 0 or tanh_outer:
@@ -266,11 +275,11 @@ def sequence_backward(
     from those of its outputs (None: zero) and what it saved."""
     D = len(d_cT)
     w_hh0 = saved[0]
-    w = [None] + list(saved[1:D])
+    w = [w_hh0, *saved[1:D]]  # as in sequence_forward: w[k] is level k's weight
     hs = saved[D]
     mems = list(saved[D + 1 : 2 * D + 1])
     tanh_mems = list(saved[2 * D + 1 : 3 * D + 1])
-    uv = [None] + list(saved[3 * D + 1 : 4 * D])
+    uv = [hs.new_empty(0), *saved[3 * D + 1 : 4 * D]]  # uv[0]: a placeholder, as in the forward
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     gates = [saved[4 * D + k * T : 4 * D + (k + 1) * T] for k in range(D)]  # [k][t]: (B, 4H)
 
@@ -327,7 +336,9 @@ def sequence_backward(
         dh = lin_t[0](d_gates[0][t])  # (B, H): into h_{t-1}
 
     # Weight gradients: one product each over all T*B positions, on (T*B, features) views.
-    flat = lambda x: x.reshape(T * B, x.shape[-1])
+    def flat(x: Tensor) -> Tensor:
+        return x.reshape(T * B, x.shape[-1])
+
     d_w_hh0 = weight_grad(flat(d_gates[0]), flat(hs[:T]))
     inner_grads = []
     for k in range(1, D):
@@ -429,16 +440,21 @@ class NestedLSTM(nn.Module):
         )
         self.reset_parameters()
 
+    @property
+    def cells(self) -> list[NestedLSTMCell]:
+        """The layers as what they are (nn.ModuleList's items are plain Modules to mypy)."""
+        return cast("list[NestedLSTMCell]", list(self.layers))
+
     def reset_parameters(self) -> None:
         # Glorot only for the first layer's input weights (the paper's section 4).
-        for n, cell in enumerate(self.layers):
+        for n, cell in enumerate(self.cells):
             cell.reset_parameters(glorot_input=(n == 0))
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[State, ...]:
-        return tuple(c.initial_state(batch_size, device, dtype) for c in self.layers)
+        return tuple(c.initial_state(batch_size, device, dtype) for c in self.cells)
 
     def forward(self, x: Tensor, state: tuple[State, ...] | None = None):
-        self.layers[0].check_input(x, step_dims=2)
+        self.cells[0].check_input(x, step_dims=2)
         T, B = x.shape[0], x.shape[1]
         if state is None:
             state = self.initial_state(B, device=x.device)
@@ -447,7 +463,7 @@ class NestedLSTM(nn.Module):
                 f"state must hold one tuple per layer ({self.num_layers}), got {len(state)}"
             )
         finals = []
-        for cell, s in zip(self.layers, state):
+        for cell, s in zip(self.cells, state, strict=True):
             cell.check_state(s, B)
             if self.fused and T > 0:
                 x, s = nested_lstm_sequence(cell, x, s, self.cuda_graphs)
@@ -456,8 +472,8 @@ class NestedLSTM(nn.Module):
                 for t in range(T):
                     h, s = cell(x[t], s)
                     outs.append(h)
-                w = cell.weight_hh_l0
-                x = torch.stack(outs) if outs else w.new_zeros(0, B, self.hidden_size)
+                w_hh0 = cell.level_weights(0)[1]
+                x = torch.stack(outs) if outs else w_hh0.new_zeros(0, B, self.hidden_size)
             finals.append(s)
         return x, tuple(finals)
 
@@ -467,7 +483,7 @@ class NestedLSTM(nn.Module):
         """One step of every layer through the reference cell (what the ONNX exporter traces):
         x (B, input_size) or (B,) one-hot indices -> (the top layer's h (B, H), new state)."""
         new = []
-        for cell, s in zip(self.layers, state):
+        for cell, s in zip(self.cells, state, strict=True):
             x, s = cell(x, s)  # h (B, H), (h, c_0, ..., c_{depth-1})
             new.append(s)
         return x, tuple(new)

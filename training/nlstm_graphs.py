@@ -81,14 +81,14 @@ class _GraphedSequence:
         return grads[0], grads[1], list(grads[2 : 2 + D]), self.tanh_outer
 
     def forward(self, inputs: list[Tensor]) -> tuple[Tensor, ...]:
-        for static, t in zip(self.static_in, inputs):
+        for static, t in zip(self.static_in, inputs, strict=True):
             static.copy_(t)
         self.fwd_graph.replay()
         self.generation += 1
         return tuple(o.clone() for o in self.static_out)
 
     def backward(self, grads: tuple[Tensor | None, ...]) -> list[Tensor]:
-        for static, g in zip(self.static_grad_out, grads):
+        for static, g in zip(self.static_grad_out, grads, strict=True):
             if g is None:
                 static.zero_()
             else:

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from serving.formats import LOGITS_OUTPUT, STATE_INPUT, STATE_OUTPUT
-from training.models import ModelConfig, pack_state, state_slots, unpack_state
+from training.hmlstm import HMLSTM
+from training.models import ModelConfig, TaskModel, pack_state, state_slots, unpack_state
+from training.nlstm import NestedLSTMCell
 from training.quantize import drop_initializer_value_info
 from training.tasks import model_kind
 
@@ -64,7 +66,7 @@ class StepModule(nn.Module):
     then the model's head, so it computes exactly what the model's forward computes per step.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: TaskModel) -> None:
         super().__init__()
         self.model = model
         self.config: ModelConfig = model.config
@@ -98,13 +100,12 @@ def _traceable(model: nn.Module) -> Iterator[None]:
     """Switch off the NestedLSTMCell's argument checks while tracing: they read tensor values
     (token ids within range), which torch.export cannot turn into a graph. The graph's inputs
     are checked by serving.runtime instead. Restores the checks afterwards."""
-    cells = [m for m in model.modules() if hasattr(m, "check_input") and hasattr(m, "check_state")]
+    cells = [m for m in model.modules() if isinstance(m, NestedLSTMCell)]
     for cell in cells:
-        cell.check_input = lambda *a, **k: None  # instance attributes shadow the methods
-        cell.check_state = lambda *a, **k: None
+        cell.checks = False
     # An HM-LSTM skips a layer's products when the whole batch copies: a data-dependent branch
     # that a graph cannot hold. Off, the step computes the same values (COPY keeps the state).
-    skippers = [(m, m.skip_copy) for m in model.modules() if hasattr(m, "skip_copy")]
+    skippers = [(m, m.skip_copy) for m in model.modules() if isinstance(m, HMLSTM)]
     for m, _ in skippers:
         m.skip_copy = False
     was_training = model.training
@@ -113,14 +114,15 @@ def _traceable(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for cell in cells:
-            del cell.check_input, cell.check_state
+            cell.checks = True
         for m, value in skippers:
             m.skip_copy = value
         model.train(was_training)
 
 
 def _example_inputs(config: ModelConfig, steps: int | None, batch: int, seed: int = 0):
-    """Random inputs and a random state: (x, state). x is (B,)/(B, in), or with steps (T, B)/(T, B, in)."""
+    """Random inputs and a random state: (x, state). x is (B,)/(B, in), or with steps
+    (T, B)/(T, B, in)."""
     g = torch.Generator().manual_seed(seed)
     lead = (batch,) if steps is None else (steps, batch)
     x = model_kind(config.kind).example_input(config, lead, g)
@@ -162,6 +164,8 @@ def _to_onnx(module: nn.Module, args: tuple, input_name: str, dynamic_shapes) ->
         ) from exc
     finally:
         onnx_logger.setLevel(level)
+    if program is None:  # dynamo=True always returns one
+        raise ExportError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     _strip_debug_info(proto.graph)
     drop_initializer_value_info(proto.graph)
@@ -191,7 +195,7 @@ def _strip_debug_info(graph) -> None:
     del graph.metadata_props[:]
 
 
-def step_graph(model: nn.Module) -> onnx.ModelProto:
+def step_graph(model: TaskModel) -> onnx.ModelProto:
     """The step graph of a task model (see StepModule), as a checked ModelProto."""
     config = model.config
     B = torch.export.Dim("B", min=1)
@@ -204,7 +208,7 @@ def step_graph(model: nn.Module) -> onnx.ModelProto:
         )
 
 
-def sequence_graph(model: nn.Module) -> onnx.ModelProto:
+def sequence_graph(model: TaskModel) -> onnx.ModelProto:
     """The sequence graph of a task model (see SequenceModule), as a checked ModelProto."""
     config = model.config
     B, T = torch.export.Dim("B", min=1), torch.export.Dim("T", min=1)
@@ -245,7 +249,7 @@ def _cpu_session(path_or_bytes: str | bytes, threads: int = 1):
 
 @torch.no_grad()
 def check_parity(
-    model: nn.Module,
+    model: TaskModel,
     graph,
     *,
     steps: int = 200,

@@ -27,7 +27,7 @@ import torch
 from training.trainer import read_metrics
 
 # The paper's figures: which splits each task's curves show.
-PAPER_SPLITS = {
+PAPER_SPLITS: dict[str, tuple[str, ...]] = {
     "ptb": ("valid", "test"),  # Figure 5
     "poems": ("train", "valid"),  # Figure 6
     "mnist": ("train", "valid"),  # Figure 7
@@ -94,13 +94,13 @@ def plot_runs(
     colors = [f"C{i % 10}" for i in range(len(loaded))]
     for p, (key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, p + 1)
-        for color, (name, _, evals) in zip(colors, loaded):
+        for color, (name, _, evals) in zip(colors, loaded, strict=True):
             for split in splits:
                 pts = [(e["epoch"], e[f"{split}_{key}"]) for e in evals if f"{split}_{key}" in e]
                 if not pts:
                     continue
-                x, y = zip(*pts)
-                y = np.asarray(y, dtype=float)
+                x, y_values = zip(*pts, strict=True)
+                y = np.asarray(y_values, dtype=float)
                 if scale < 0:  # accuracy -> error in percent
                     y = 100.0 + scale * y
                 ax.plot(
@@ -182,7 +182,7 @@ def _html(title: str, subtitle: str, text: str, panels, cells: int) -> str:
             spans = "".join(
                 f'<span style="background:{_rgb(v)}" title="{v:+.3f}">'
                 f"{html.escape(_show(ch)) if ch != ' ' else '&nbsp;'}</span>"
-                for ch, v in zip(text, vals[:, i])
+                for ch, v in zip(text, vals[:, i], strict=True)
             )
             rows.append(f'<div class="row"><span class="label">cell {i}</span>{spans}</div>')
     payload = {
@@ -317,14 +317,14 @@ def draw_boundaries(z: np.ndarray, norms: np.ndarray, text: str, out_png: Path, 
     ax1, ax2 = fig.subplots(2, 1, height_ratios=[max(L - 1, 1), L])
     ax1.imshow(z.T, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax1.set_yticks(range(L - 1))
-    ax1.set_yticklabels([f"z{l + 1}" for l in range(L - 1)], fontsize=8)
+    ax1.set_yticklabels([f"z{j + 1}" for j in range(L - 1)], fontsize=8)
     ax1.set_title("boundaries (white: z = 1)", fontsize=9, loc="left")
     ax2.imshow(norms.T, cmap="viridis", aspect="auto", interpolation="nearest")
-    for l in range(L - 1):  # mark layer l's boundaries on its own row of norms
-        ts = np.nonzero(z[:, l] > 0.5)[0]
-        ax2.scatter(ts, np.full(len(ts), l), marker="|", color="white", s=60)
+    for j in range(L - 1):  # mark layer j's boundaries on its own row of norms
+        ts = np.nonzero(z[:, j] > 0.5)[0]
+        ax2.scatter(ts, np.full(len(ts), j), marker="|", color="white", s=60)
     ax2.set_yticks(range(L))
-    ax2.set_yticklabels([f"||h{l + 1}||" for l in range(L)], fontsize=8)
+    ax2.set_yticklabels([f"||h{j + 1}||" for j in range(L)], fontsize=8)
     ax2.set_title("hidden-state norms", fontsize=9, loc="left")
     for ax in (ax1, ax2):
         ax.set_xticks(range(T))

@@ -9,16 +9,20 @@ machine do not inflate it). training/quantize.py uses them. Never imports torch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serving.formats import STATE_INPUT, TOKENIZER_FILE, ExportMeta, Tokenizer
+
+if TYPE_CHECKING:  # training.data is imported where it is used
+    from training.data.batching import GlimpseBatch, LMBatch
 
 TIMING_BATCHES = (1, 64)
 
@@ -87,7 +91,10 @@ class EvalData:
             if self.tokenizer is not None:
                 ours = Tokenizer.from_bytes(self.tokenizer)
                 theirs = Tokenizer.from_file(folder / TOKENIZER_FILE)
-                pieces = lambda t: [t.piece(i) for i in range(t.vocab_size)]
+
+                def pieces(t: Tokenizer) -> list[str]:
+                    return [t.piece(i) for i in range(t.vocab_size)]
+
                 if pieces(ours) != pieces(theirs):
                     raise QuantizationError(
                         f"the data's tokenizer is not {folder}'s: the figures would score other ids"
@@ -95,21 +102,19 @@ class EvalData:
         elif self.kind != "glimpses":
             raise QuantizationError(f"{folder} is a glimpse classifier but the data is {self.kind}")
 
-    def batches(self, split: str, limit: int | None = None) -> Iterator[tuple]:
+    def batches(self, split: str, limit: int | None = None) -> Iterator[LMBatch | GlimpseBatch]:
         """(x, y, mask or None) per evaluation batch of `split`, at most `limit` batches."""
         from training import data
 
         s = self.splits[split]
+        it: Iterable[LMBatch | GlimpseBatch]
         if self.kind == "stream":
             it = data.lm_eval_batches(np.asarray(s.ids), self.batch_size, self.seq_len)
         elif self.kind == "sequences":
             it = data.sequence_batches(np.asarray(s.ids), np.asarray(s.lengths), self.batch_size)
         else:
             it = data.glimpse_batches(np.asarray(s.glimpses), np.asarray(s.labels), self.batch_size)
-        for n, b in enumerate(it):
-            if limit is not None and n >= limit:
-                return
-            yield b
+        yield from itertools.islice(it, limit)  # limit None: all of them
 
     def calibration_feeds(self, model, steps: int = 48, warmup: int = 16) -> list[dict]:
         """Inputs of the step graph as it reads real training data: `steps` (x, state) feeds of
@@ -146,8 +151,10 @@ def evaluate(model, data: EvalData, split: str, limit: int | None = None) -> dic
     them: char models bits per character (`bpc`), mean NLL in nats (`nll`) and, for sequences,
     perplexity (`ppl`); glimpse models accuracy (`acc`, a fraction) and `nll`."""
     nats, count, correct, state = 0.0, 0, 0, None
+    from training.data.batching import GlimpseBatch
+
     for b in data.batches(split, limit):
-        if data.kind == "glimpses":
+        if isinstance(b, GlimpseBatch):  # data.kind == "glimpses"
             logits, _ = model.run(b.x)  # (20, B, 10)
             lp = log_softmax(logits[-1])
             y = np.asarray(b.y)
@@ -207,6 +214,7 @@ def step_cpu_us(
         if meta.kind == "char":
             x = rng.integers(0, meta.vocab_size, size=batch).astype(np.int64)
         else:
+            assert meta.input_size is not None  # ExportMeta requires it of glimpse models
             x = rng.random((batch, meta.input_size), dtype=np.float32)
         state = (rng.standard_normal((batch, *meta.state_shape)) * 0.5).astype(np.float32)
         feed = {meta.input_name: x, STATE_INPUT: state}

@@ -218,10 +218,11 @@ def quantize_graph(
             else:
                 if not calibration:
                     raise QuantizationError("static quantization needs calibration inputs")
+                feeds = calibration  # narrowed to a list here, which the class below cannot see
 
                 class Reader(CalibrationDataReader):
                     def __init__(self) -> None:
-                        self.it = iter(calibration)
+                        self.it = iter(feeds)
 
                     def get_next(self):
                         return next(self.it, None)
@@ -336,7 +337,8 @@ def _choose_int8(
     calibration = None
     if any(c.method == "static" for c in wanted):
         calibration = data.calibration_feeds(reference)
-    paths, digests = {}, {}
+    paths: dict[str, Path] = {}
+    digests: dict[str, str] = {}
     for c in wanted:
         p = work_dir / f"{c.name}.onnx"
         quantize_graph(graph, c, p, calibration)
@@ -507,7 +509,8 @@ def quantize_folder(
             report.append(
                 "step (one thread, CPU time): "
                 + ", ".join(
-                    f"batch {b} {speed_final['float32'][b]:.0f} -> {speed_final[precision][b]:.0f} us "
+                    f"batch {b} {speed_final['float32'][b]:.0f} -> "
+                    f"{speed_final[precision][b]:.0f} us "
                     f"({speed_final['float32'][b] / speed_final[precision][b]:.2f}x)"
                     for b in speed_final["float32"]
                 )
@@ -515,7 +518,7 @@ def quantize_folder(
         if over and not accept_cost:
             raise QuantizationCost(
                 f"{precision} costs {worst:+.4f} {unit} on the "
-                f"{max(costs, key=costs.get)} split, over the threshold of {limit} "
+                f"{max(costs, key=costs.__getitem__)} split, over the threshold of {limit} "
                 f"(valid {costs['valid']:+.4f}, test {costs['test']:+.4f}); nothing was written. "
                 "Raise the threshold, try another --method, or accept the cost explicitly "
                 "(--accept-cost)\n" + "\n".join(report)

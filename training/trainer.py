@@ -117,7 +117,7 @@ class Trainer:
             self.model.core.cuda_graphs = True
             if self.device.type != "cuda":
                 self._log(f"cuda_graphs: ignored on {self.device.type} (CUDA graphs need CUDA)")
-        self.train_model = self.model
+        self.train_model: torch.nn.Module = self.model  # the model, or its DDP wrapper
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -125,6 +125,7 @@ class Trainer:
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         o = c.optimizer
         params = self.model.parameters()
+        self.optimizer: torch.optim.Optimizer
         if o.name == "adam":
             self.optimizer = torch.optim.Adam(params, lr=o.lr, eps=o.eps)
         else:
@@ -146,7 +147,10 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
     def _load_data(self):
         c = self.config
-        kw = dict(data_dir=c.data_dir or None, cache_dir=c.cache_dir or None)
+        kw = dict(
+            data_dir=Path(c.data_dir) if c.data_dir else None,
+            cache_dir=Path(c.cache_dir) if c.cache_dir else None,
+        )
         if self.dist.world > 1:  # rank 0 prepares the cache; the others then only read it
             if self.dist.main:
                 prepared = data_mod.load(c.task, **kw)

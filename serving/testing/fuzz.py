@@ -104,8 +104,9 @@ class SnapshotRef:
 
 def mutate(data: bytes, mutation: tuple) -> bytes:
     """`data` changed by `mutation`: ("flip", i, bit), ("cut", n: bytes off the end), ("head", n:
-    the first n bytes), ("splice", i, bytes), ("pad", bytes), ("zeros", n), or ("field", name, value): decoded,
-    the field set, encoded again (unsigned, a valid checksum); () leaves it as it is."""
+    the first n bytes), ("splice", i, bytes), ("pad", bytes), ("zeros", n), or ("field", name,
+    value): decoded, the field set, encoded again (unsigned, a valid checksum); () leaves it as
+    it is."""
     if not mutation:
         return data
     op, *args = mutation
@@ -305,7 +306,8 @@ def requests(rpc: str, target: Target) -> st.SearchStrategy:
     refs = [SessionRef(k) for k in ("live", "stale", "near")] + (
         [SessionRef("other")] if char and glimpse else []
     )
-    model_junk = st.one_of(  # every model (the other kind's: FAILED_PRECONDITION), near misses, junk
+    # every model (the other kind's: FAILED_PRECONDITION), near misses, junk
+    model_junk = st.one_of(
         st.sampled_from(names),
         st.sampled_from([v for n in names for v in (n.upper(), n + " ", n[:-1], n + "\x00")]),
         _junk(HUGE_IDS),
@@ -857,15 +859,18 @@ class Fuzzer:
             or len(r.bits) != (n if m.per_char else 0)
         ):
             return (
-                f"Score of {n} characters (per_char={m.per_char}) answered {r.num_chars} characters, "
-                f"{r.unknown_chars} unknown, {len(r.bits)} bits"
+                f"Score of {n} characters (per_char={m.per_char}) answered {r.num_chars} "
+                f"characters, {r.unknown_chars} unknown, {len(r.bits)} bits"
             )
         if not (
             math.isfinite(r.total_bits)
             and r.total_bits >= 0
             and math.isclose(r.bits_per_char, r.total_bits / n)
         ):
-            return f"Score answered total_bits {r.total_bits}, bits_per_char {r.bits_per_char} for {n} characters"
+            return (
+                f"Score answered total_bits {r.total_bits}, bits_per_char {r.bits_per_char} "
+                f"for {n} characters"
+            )
         if m.per_char and not math.isclose(sum(r.bits), r.total_bits, rel_tol=1e-4, abs_tol=1e-3):
             return f"Score's bits sum to {sum(r.bits)}, not total_bits {r.total_bits}"
         return None
@@ -881,8 +886,11 @@ class Fuzzer:
         ):
             return f"Generate's finish reasons were {reasons}"
         if reasons[-1] == pb.FINISH_REASON_LENGTH and len(text) != m.max_chars:
-            return f"Generate made {len(text)} characters ({text!r}) with FINISH_REASON_LENGTH, max_chars {m.max_chars}"
-        stopped = any(text.endswith(s) for s in m.stop) or marker and len(text) < m.max_chars
+            return (
+                f"Generate made {len(text)} characters ({text!r}) with FINISH_REASON_LENGTH, "
+                f"max_chars {m.max_chars}"
+            )
+        stopped = any(text.endswith(s) for s in m.stop) or (marker and len(text) < m.max_chars)
         if reasons[-1] == pb.FINISH_REASON_STOP_SEQUENCE and not (
             len(text) <= m.max_chars and stopped
         ):
@@ -892,7 +900,10 @@ class Fuzzer:
             {len(text), len(text) + marker} if m.logprobs else {0}
         )  # the marker has bits, no text
         if len(bits) not in want or not all(math.isfinite(b) and b >= 0 for b in bits):
-            return f"Generate returned {len(bits)} bits {bits[:8]} for {len(text)} characters (logprobs={m.logprobs})"
+            return (
+                f"Generate returned {len(bits)} bits {bits[:8]} for {len(text)} characters "
+                f"(logprobs={m.logprobs})"
+            )
         return None
 
     @staticmethod
@@ -906,7 +917,10 @@ class Fuzzer:
                 or abs(p.sum() - 1) > 1e-4
                 or r.predicted_class != int(np.argmax(p))
             ):
-                return f"glimpse {i + 1} answered step {r.step}, class {r.predicted_class}, probabilities {p}"
+                return (
+                    f"glimpse {i + 1} answered step {r.step}, class {r.predicted_class}, "
+                    f"probabilities {p}"
+                )
         return None
 
 

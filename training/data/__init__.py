@@ -1,4 +1,5 @@
-"""Data pipelines for the paper's four tasks: PTB and text8 (characters), Chinese poems, MNIST glimpses.
+"""Data pipelines for the paper's four tasks: PTB and text8 (characters), Chinese poems, MNIST
+glimpses.
 
 `nlstm data prepare TASK` drives `prepare`; the trainer calls `load`. One module per task
 (ptb, text8, poems, mnist), plus `fetch` (raw files: URLs, checksums, atomic download), `cache`

@@ -28,7 +28,8 @@ META = "meta.json"
 
 
 def default_cache_dir() -> Path:
-    """$NLSTM_CACHE_DIR, else a per-user cache folder ($XDG_CACHE_HOME or ~/.cache)/nlstm/prepared."""
+    """$NLSTM_CACHE_DIR, else a per-user cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/nlstm/prepared."""
     env = os.environ.get(CACHE_DIR_ENV)
     if env:
         return Path(env).expanduser()
@@ -74,7 +75,7 @@ def write_meta(folder: Path, meta: dict) -> None:
     (folder / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
-def new_array(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def new_array(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.memmap:
     """A writable memory-mapped `.npy` in `folder` (so big arrays never need to fit twice)."""
     return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 

@@ -10,6 +10,7 @@ put it. There is no fallback: a file that is missing and cannot be fetched is an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -163,10 +164,8 @@ def _remove_empty(created: list[Path]) -> None:
     """Undo _make_dirs for a download that failed: a failing command leaves no empty folders
     behind (the data folder may be shared); folders something else filled stay."""
     for f in reversed(created):
-        try:
+        with contextlib.suppress(OSError):
             f.rmdir()
-        except OSError:
-            pass
 
 
 def _fetch(url: str, group: Sequence[RawFile], task_dir: Path, progress: bool) -> None:

@@ -9,6 +9,7 @@ training run never re-tokenizes and does not need the raw files once the cache e
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class Prepared:
     vocab_size: int  # tokenizer ids (0 for mnist)
     num_classes: int | None  # mnist: 10; None for the language tasks
     tokenizer_path: Path | None  # sentencepiece model; checkpoints and exports carry its bytes
-    splits: dict[str, Split]  # "train" / "valid" / "test"
+    splits: Mapping[str, Split]  # "train" / "valid" / "test"
 
     def tokenizer(self) -> Tokenizer | None:
         return Tokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else None

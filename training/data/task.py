@@ -7,7 +7,7 @@ into a prepared folder, and an `open` that maps that folder's arrays back into s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,5 +61,5 @@ class Task:
     # build(raw paths by name, empty output folder, params, progress) -> meta; the meta must hold
     # "vocab_size" (0 without a tokenizer) and "splits": {split: {counts...}}.
     build: Callable[[dict[str, Path], Path, dict, bool], dict]
-    open: Callable[[Path, dict], dict[str, Split]]  # (prepared folder, meta) -> splits
+    open: Callable[[Path, dict], Mapping[str, Split]]  # (prepared folder, meta) -> splits
     params: dict = field(default_factory=dict)  # split sizes, seeds, ...: part of the cache key
