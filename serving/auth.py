@@ -25,6 +25,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import grpc
@@ -143,6 +144,9 @@ def _admitting(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+    # grpc's stubs type a handler's behaviours as optional synchronous callables; on grpc.aio
+    # they are coroutine functions (unary responses) and async generators (streams).
+    inner: Any
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 

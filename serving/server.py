@@ -130,7 +130,7 @@ async def build_server(
     # client; without keys, a rate or a per-client session bound nobody asks, and its extra
     # layer on every message is saved.
     budget = InflightBytes(server_limits.max_inflight_bytes)  # one budget for gRPC and HTTP
-    interceptors = [ErrorsAndMetrics(metrics, budget)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorsAndMetrics(metrics, budget)]
     if api_keys is not None or rate is not None or limits.max_sessions_per_client:
         interceptors.append(Gate(api_keys, rate))
     server = grpc.aio.server(
@@ -223,9 +223,9 @@ async def shutdown(running: Running, grace: float) -> None:
     FINISH_REASON_CANCELLED); calls still running at the end are cancelled (UNAVAILABLE)."""
     await running.health.enter_graceful_shutdown()
     running.engine.closing = True
-    stopping = asyncio.ensure_future(running.server.stop(grace))
+    stopping: asyncio.Future = asyncio.ensure_future(running.server.stop(grace))
     if running.http is not None:
-        stopping = asyncio.ensure_future(asyncio.gather(stopping, running.http.stop(grace)))
+        stopping = asyncio.gather(stopping, running.http.stop(grace))
     await asyncio.wait({stopping}, timeout=max(0.0, grace - GENERATE_END_MARGIN))
     running.engine.end_generation()
     await stopping

@@ -141,7 +141,7 @@ class Malformed:
     deserializes to, so that the call answers INVALID_ARGUMENT: a deserializer that raises makes
     gRPC answer UNKNOWN, and a bidi stream's iterator INTERNAL."""
 
-    def __init__(self, error: DecodeError) -> None:
+    def __init__(self, error: DecodeError | UnicodeDecodeError) -> None:
         self.error = error
 
 
@@ -149,9 +149,10 @@ def _lenient(deserialize, budget: InflightBytes | None = None):
     def parse(data: bytes):
         held = None
         if budget is not None:  # counted from here until the call lets go of the Held
-            held = budget.hold(len(data))
-            if isinstance(held, OverBudget):
-                return held  # refused unparsed
+            holding = budget.hold(len(data))
+            if isinstance(holding, OverBudget):
+                return holding  # refused unparsed
+            held = holding
         try:
             request = deserialize(data)
         except (DecodeError, UnicodeDecodeError) as exc:  # the latter from pure-Python protobuf

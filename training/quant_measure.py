@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ class EvalData:
     (char tasks), which must be the folder's."""
 
     kind: str
-    splits: dict[str, Any]
+    splits: Mapping[str, Any]
     batch_size: int = 32
     seq_len: int = 100
     tokenizer: bytes | None = None

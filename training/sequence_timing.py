@@ -30,10 +30,14 @@ def measure(folder: str, steps: int = 256, repeats: int = 3) -> dict:
     # one, whose run() calls the step graph once per input
     loop = ExportedModel(seq.folder, seq.meta, seq.tokenizer, seq._step, None)
     rng = np.random.default_rng(0)
+    x: np.ndarray
     if seq.meta.input_dtype == "int64":
         x = rng.integers(0, seq.output_size, size=(steps, 1))  # (T, 1) token ids
     else:
-        x = rng.random((steps, 1, seq.meta.input_size), dtype=np.float32)  # (T, 1, in)
+        input_size = seq.meta.input_size
+        if input_size is None:
+            raise ValueError(f"{folder}: a model of float inputs whose meta.json has no input_size")
+        x = rng.random((steps, 1, input_size), dtype=np.float32)  # (T, 1, in)
     loop_s, seq_s = [], []
     for _ in range(repeats + 1):  # the first round warms both up and is dropped
         t0 = time.perf_counter()

@@ -204,8 +204,8 @@ class _CharTask(TaskKind):
 
     def loss(self, model, batch, rows, state, device, autocast):
         x = _rows(batch.x, rows, device)  # (S, b)
-        y = np.where(batch.mask[:, rows], batch.y[:, rows], IGNORE)  # (S, b), padding ignored
-        y = torch.from_numpy(y).to(device)
+        targets = np.where(batch.mask[:, rows], batch.y[:, rows], IGNORE)  # (S, b), padding ignored
+        y = torch.from_numpy(targets).to(device)
         with autocast():
             logits, state = model(x, state)  # (S, b, V)
         nll = F.cross_entropy(

@@ -131,7 +131,7 @@ def ensure_raw_files(
 def _offline_message(group: Sequence[RawFile], task_dir: Path, url: str, reason: str) -> str:
     wanted = "; ".join(f"{raw.name} ({raw.describe()})" for raw in group)
     where = (
-        f"extract {', '.join(raw.member for raw in group)} from that archive"
+        f"extract {', '.join(raw.member or raw.name for raw in group)} from that archive"
         if group[0].member
         else "download it yourself"
     )
@@ -221,6 +221,9 @@ def _download_to(url: str, out, progress: bool) -> None:
 
 def _extract(archive: Path, raw: RawFile, task_dir: Path) -> Path:
     """Copy `raw.member` out of `archive` into a temporary file in `task_dir`."""
+    member = raw.member
+    if member is None:
+        raise ValueError(f"{raw.name} is a file of its own, not a member of {archive}")
     fd, name = tempfile.mkstemp(dir=task_dir, prefix=".extract-", suffix=".part")
     dest = Path(name)
     try:
@@ -228,7 +231,7 @@ def _extract(archive: Path, raw: RawFile, task_dir: Path) -> Path:
             if zipfile.is_zipfile(archive):
                 with zipfile.ZipFile(archive) as zf:
                     try:
-                        src = zf.open(raw.member)
+                        src = zf.open(member)
                     except KeyError:
                         raise ChecksumError(f"{raw.url} has no member {raw.member}") from None
                     with src:
@@ -242,15 +245,15 @@ def _extract(archive: Path, raw: RawFile, task_dir: Path) -> Path:
                         (
                             m
                             for m in tf.getmembers()
-                            if m.name.removeprefix("./") == raw.member.removeprefix("./")
+                            if m.name.removeprefix("./") == member.removeprefix("./")
                         ),
                         None,
                     )
-                    src = tf.extractfile(info) if info is not None else None
-                    if src is None:
+                    member_file = tf.extractfile(info) if info is not None else None
+                    if member_file is None:
                         raise ChecksumError(f"{raw.url} has no file member {raw.member}")
-                    with src:
-                        shutil.copyfileobj(src, out, _CHUNK)
+                    with member_file:
+                        shutil.copyfileobj(member_file, out, _CHUNK)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
