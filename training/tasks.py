@@ -241,25 +241,29 @@ class StreamTask(_CharTask):
         return {"bpc": nll / count / math.log(2)} if count > 0 else {}
 
 
-class SequencesTask(_CharTask):
-    """Independent padded sequences (the poems), shuffled per epoch; perplexity per character."""
+class _ItemsTask(TaskKind):
+    """Independent items (padded sequences, glimpse images) in a split of two parallel arrays,
+    shuffled per epoch. A subclass names the arrays, the split type and the batching function."""
 
-    name = "sequences"
-    figures = ("ppl",)
-    primary = "ppl"
+    split_fields: tuple[str, str]
+    split_type: Callable[..., Any]
+    batches: Callable[..., Iterable]
+
+    def _arrays(self, split) -> tuple[np.ndarray, np.ndarray]:
+        first, second = self.split_fields
+        return getattr(split, first), getattr(split, second)
 
     def limit(self, split, n):
         if not n or n >= len(split):
             return split
-        return data_mod.SequenceSplit(split.ids[:n], split.lengths[:n])
+        return self.split_type(*(a[:n] for a in self._arrays(split)))
 
     def n_train_batches(self, split, config):
         return data_mod.num_batches(len(split), config.batch_size)
 
     def train_batches(self, split, config, epoch, start):
-        return data_mod.sequence_batches(
-            split.ids,
-            split.lengths,
+        return self.batches(
+            *self._arrays(split),
             config.batch_size,
             shuffle=True,
             seed=config.seed,
@@ -268,13 +272,24 @@ class SequencesTask(_CharTask):
         )
 
     def eval_batches(self, split, config):
-        return data_mod.sequence_batches(split.ids, split.lengths, config.batch_size)
+        return self.batches(*self._arrays(split), config.batch_size)
+
+
+class SequencesTask(_CharTask, _ItemsTask):
+    """Independent padded sequences (the poems), shuffled per epoch; perplexity per character."""
+
+    name = "sequences"
+    figures = ("ppl",)
+    primary = "ppl"
+    split_fields = ("ids", "lengths")
+    split_type = data_mod.SequenceSplit
+    batches = staticmethod(data_mod.sequence_batches)
 
     def figures_of(self, nll, count, correct):
         return {"ppl": math.exp(nll / count)} if count > 0 else {}
 
 
-class GlimpsesTask(TaskKind):
+class GlimpsesTask(_ItemsTask):
     """Glimpse sequences with one label each (MNIST): the last step's logits are the prediction;
     NLL and accuracy (a fraction), the NLL picking best.pt."""
 
@@ -284,31 +299,12 @@ class GlimpsesTask(TaskKind):
     primary = "nll"
     higher_is_better = frozenset({"acc"})
     unit = "images"
+    split_fields = ("glimpses", "labels")
+    split_type = data_mod.GlimpseSplit
+    batches = staticmethod(data_mod.glimpse_batches)
 
     def model_fields(self, vocab_size, num_classes):
         return {"kind": self.model.name, "num_classes": num_classes or 10}
-
-    def limit(self, split, n):
-        if not n or n >= len(split):
-            return split
-        return data_mod.GlimpseSplit(split.glimpses[:n], split.labels[:n])
-
-    def n_train_batches(self, split, config):
-        return data_mod.num_batches(len(split), config.batch_size)
-
-    def train_batches(self, split, config, epoch, start):
-        return data_mod.glimpse_batches(
-            split.glimpses,
-            split.labels,
-            config.batch_size,
-            shuffle=True,
-            seed=config.seed,
-            epoch=epoch,
-            start=start,
-        )
-
-    def eval_batches(self, split, config):
-        return data_mod.glimpse_batches(split.glimpses, split.labels, config.batch_size)
 
     def targets(self, batch, rows=slice(None)):
         return len(batch.y[rows])  # one label per image
