@@ -5,7 +5,8 @@ torch: this module imports nothing of `training` and each handler imports its im
 (serving.server, serving.commands, serving.client) lazily, so that a command loads only what it
 runs. `nlstm` (training/cli.py's `main`) hands a serving command's arguments to `main` here
 before anything of the training side is built; `python -m serving.cli ...` runs them the same
-way. Everything below this module takes plain arguments.
+way. Everything below this module takes plain arguments. `nlstm serve`'s flags are built from
+the table in serving/settings.py (SERVE_FLAGS), which also holds their ranges.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+
+from serving.settings import BUNDLED_MODELS, SERVE_FLAGS, check_serve_settings
 
 COMMANDS = ("serve", "generate", "score", "classify", "session")
 
@@ -32,10 +35,6 @@ def env_default(name: str, default, cast=str):
         ) from None
 
 
-def _default_models_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "exported"
-
-
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -47,227 +46,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             "new calls get UNAVAILABLE, calls in flight get --grace seconds."
         ),
     )
-    a = p.add_argument
-    a(
-        "--models",
-        type=Path,
-        default=env_default("MODELS", _default_models_dir(), Path),
-        help="folder of exported models, one per sub-folder; a model's name is its folder's "
-        "[NLSTM_MODELS] (default: the bundled exported/)",
-    )
-    a(
-        "--host",
-        default=env_default("HOST", "[::]"),
-        help="address to bind [NLSTM_HOST] (default: all)",
-    )
-    a(
-        "--port",
-        type=int,
-        default=env_default("PORT", 50051, int),
-        help="gRPC port; 0 picks a free one and logs it [NLSTM_PORT] (default: 50051)",
-    )
-    a(
-        "--http-port",
-        type=int,
-        default=env_default("HTTP_PORT", None, int),
-        help="also serve HTTP/JSON (the KServe v2 routes, docs/http.md) and the playground page on "
-        "this port, bound to --host; off unless set [NLSTM_HTTP_PORT]",
-    )
-    a(
-        "--metrics-port",
-        type=int,
-        default=env_default("METRICS_PORT", 9090, int),
-        help="Prometheus /metrics HTTP port; -1 turns it off [NLSTM_METRICS_PORT] (default: 9090)",
-    )
-    a(
-        "--metrics-host",
-        default=env_default("METRICS_HOST", None),
-        help="address the metrics endpoint binds (it has no authentication) [NLSTM_METRICS_HOST] "
-        "(default: --host)",
-    )
-    a(
-        "--max-sessions",
-        type=int,
-        default=env_default("MAX_SESSIONS", 1024, int),
-        help="sessions held at once; more get RESOURCE_EXHAUSTED [NLSTM_MAX_SESSIONS] (default: "
-        "1024)",
-    )
-    a(
-        "--max-sessions-per-client",
-        type=int,
-        default=env_default("MAX_SESSIONS_PER_CLIENT", 0, int),
-        help="sessions one client (its API key, or its address without --api-keys-file) may hold; "
-        "0: no bound [NLSTM_MAX_SESSIONS_PER_CLIENT] (default: 0)",
-    )
-    a(
-        "--max-client-requests-per-s",
-        type=float,
-        default=env_default("MAX_CLIENT_REQUESTS_PER_S", 0.0, float),
-        help="calls per second one client may start, in bursts of twice that; more get "
-        "RESOURCE_EXHAUSTED; 0: no limit [NLSTM_MAX_CLIENT_REQUESTS_PER_S] (default: 0)",
-    )
-    a(
-        "--idle-timeout",
-        type=float,
-        default=env_default("IDLE_TIMEOUT", 600.0, float),
-        help="seconds after which an unused session is freed, 1 to 31536000 [NLSTM_IDLE_TIMEOUT] "
-        "(default: 600)",
-    )
-    a(
-        "--max-batch",
-        type=int,
-        default=env_default("MAX_BATCH", 64, int),
-        help="sequences advanced together in one step [NLSTM_MAX_BATCH] (default: 64)",
-    )
-    a(
-        "--max-wait-ms",
-        type=float,
-        default=env_default("MAX_WAIT_MS", 2.0, float),
-        help="how long the oldest waiting step waits to fill a batch, 0 to 1000 "
-        "[NLSTM_MAX_WAIT_MS] (default: 2)",
-    )
-    a(
-        "--stream-interval-ms",
-        type=float,
-        default=env_default("STREAM_INTERVAL_MS", 50.0, float),
-        help="Generate: the least time between two messages of a stream, each carrying every "
-        "character made meanwhile (the first is sent at once); 0 sends each as it is made, within "
-        "--max-messages-per-s [NLSTM_STREAM_INTERVAL_MS] (default: 50)",
-    )
-    a(
-        "--max-messages-per-s",
-        type=float,
-        default=env_default("MAX_MESSAGES_PER_S", 400.0, float),
-        help="Generate: the most messages per second all of one model's streams send together; "
-        "with N streams each stream's messages are at least N / this seconds apart (at most 10 s) "
-        "when that is longer than --stream-interval-ms (400: 50 ms up to 20 streams, 160 ms at "
-        "64); 0 turns the budget off [NLSTM_MAX_MESSAGES_PER_S] (default: 400)",
-    )
-    a(
-        "--max-chars",
-        type=int,
-        default=env_default("MAX_CHARS", 4096, int),
-        help="most characters one Generate may ask for [NLSTM_MAX_CHARS] (default: 4096)",
-    )
-    a(
-        "--max-text",
-        type=int,
-        default=env_default("MAX_TEXT", 100_000, int),
-        help="longest Score text or prompt in characters [NLSTM_MAX_TEXT] (default: 100000)",
-    )
-    a(
-        "--max-stop-chars",
-        type=int,
-        default=env_default("MAX_STOP_CHARS", 256, int),
-        help="longest Generate stop string in characters [NLSTM_MAX_STOP_CHARS] (default: 256)",
-    )
-    a(
-        "--max-glimpses",
-        type=int,
-        default=env_default("MAX_GLIMPSES", 4096, int),
-        help="glimpses one ClassifyGlimpses stream may send [NLSTM_MAX_GLIMPSES] (default: 4096)",
-    )
-    a(
-        "--max-request-bytes",
-        type=int,
-        default=env_default("MAX_REQUEST_BYTES", 0, int),
-        help="largest request message in bytes after decompression; 0 sizes it from --max-text and "
-        "the stop limits (4 bytes a character + 16 KiB) [NLSTM_MAX_REQUEST_BYTES] (default: 0)",
-    )
-    a(
-        "--max-inflight-bytes",
-        type=int,
-        default=env_default("MAX_INFLIGHT_BYTES", 64 << 20, int),
-        help="bytes of request messages all running calls together may hold; more get "
-        "RESOURCE_EXHAUSTED [NLSTM_MAX_INFLIGHT_BYTES] (default: 67108864)",
-    )
-    a(
-        "--max-concurrent-calls",
-        type=int,
-        default=env_default("MAX_CONCURRENT_CALLS", 4096, int),
-        help="calls running at once; more get RESOURCE_EXHAUSTED before their request is read "
-        "[NLSTM_MAX_CONCURRENT_CALLS] (default: 4096)",
-    )
-    a(
-        "--tls-cert",
-        type=Path,
-        default=env_default("TLS_CERT", None, Path),
-        help="PEM certificate chain: serve over TLS (with --tls-key) [NLSTM_TLS_CERT]",
-    )
-    a(
-        "--tls-key",
-        type=Path,
-        default=env_default("TLS_KEY", None, Path),
-        help="PEM private key of --tls-cert [NLSTM_TLS_KEY]",
-    )
-    a(
-        "--tls-client-ca",
-        type=Path,
-        default=env_default("TLS_CLIENT_CA", None, Path),
-        help="PEM CA: mutual TLS, every client must present a certificate it signed "
-        "[NLSTM_TLS_CLIENT_CA]",
-    )
-    a(
-        "--api-keys-file",
-        type=Path,
-        default=env_default("API_KEYS_FILE", None, Path),
-        help="file of API keys, one a line: every call but health checks must send 'authorization: "
-        "Bearer KEY', and sessions belong to the key that created them [NLSTM_API_KEYS_FILE]",
-    )
-    a(
-        "--prefix-cache-mb",
-        type=int,
-        default=env_default("PREFIX_CACHE_MB", 64, int),
-        help="MiB of prompt-prefix states kept so that calls sharing a prompt's opening skip its "
-        "prefill (docs/serving.md); 0 turns the cache off [NLSTM_PREFIX_CACHE_MB] (default: 64)",
-    )
-    a(
-        "--grace",
-        type=float,
-        default=env_default("GRACE", 10.0, float),
-        help="seconds calls in flight get to finish on SIGTERM [NLSTM_GRACE] (default: 10)",
-    )
-    a(
-        "--threads",
-        type=int,
-        default=env_default("THREADS", 0, int),
-        help="onnxruntime intra-op threads per model; 0 lets onnxruntime choose [NLSTM_THREADS]",
-    )
-    a(
-        "--providers",
-        default=env_default("PROVIDERS", "auto"),
-        help="onnxruntime providers: auto (CUDA when a session gets it, else CPU), cpu or cuda "
-        "[NLSTM_PROVIDERS]",
-    )
-    a(
-        "--snapshot-key-file",
-        type=Path,
-        default=env_default("SNAPSHOT_KEY_FILE", None, Path),
-        help="file holding a secret of at least 16 bytes (e.g. `openssl rand -hex 32`; surrounding "
-        "whitespace is ignored): SnapshotSession signs snapshots with it (HMAC-SHA256) and "
-        "RestoreSession refuses snapshots it did not sign [NLSTM_SNAPSHOT_KEY_FILE] (default: "
-        "none, snapshots are checksummed only)",
-    )
-    a(
-        "--session-store",
-        default=env_default("SESSION_STORE", "memory"),
-        help="where sessions live: memory (this process), file:DIR (survives a restart on the same "
-        "DIR) or redis://HOST:PORT/DB (shared by replicas: any replica serves any session) "
-        "[NLSTM_SESSION_STORE] (default: memory)",
-    )
-    a(
-        "--session-checkpoint-s",
-        type=float,
-        default=env_default("SESSION_CHECKPOINT_S", 2.0, float),
-        help="file or Redis store: how often a running call writes its session and renews its "
-        "lease (a dead replica's sessions are free again after 3 of these, at least 2 s) "
-        "[NLSTM_SESSION_CHECKPOINT_S] (default: 2)",
-    )
-    a(
-        "--log-level",
-        default=env_default("LOG_LEVEL", "INFO"),
-        help="logging level [NLSTM_LOG_LEVEL]",
-    )
+    for flag in SERVE_FLAGS:  # serving/settings.py: one row per flag, its range next to it
+        typed = {} if flag.type is str else {"type": flag.type}  # argparse's default: strings
+        p.add_argument(
+            "--" + flag.name.replace("_", "-"),
+            **typed,
+            default=env_default(flag.env, flag.default, flag.type),
+            help=flag.help,
+        )
     p.set_defaults(handler=_run_serve)
 
 
@@ -279,7 +65,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     from serving.engine import Limits
     from serving.limits import ServerLimits
     from serving.server import serve
-    from serving.settings import check_serve_settings
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -424,7 +209,7 @@ def _add_backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models",
         type=Path,
-        default=env_default("MODELS", _default_models_dir(), Path),
+        default=env_default("MODELS", BUNDLED_MODELS, Path),
         help="--backend onnx: folder of exported models [NLSTM_MODELS] (default: the bundled "
         "exported/)",
     )
