@@ -3,7 +3,8 @@ table the command builds its parser from), and the allowed range of every numeri
 once at start.
 
 Each flag's default can be set by the environment variable NLSTM_<NAME> (the flag's name in
-capitals, dashes as underscores), which its help names in brackets.
+capitals, dashes as underscores), which its help names in brackets; `env_default` reads it, for
+the other commands' flags too.
 
 A value out of range used to be accepted and fail later, call by call (`--idle-timeout 5e9`
 made every CreateSession INTERNAL: the proto's uint32 cannot hold it; `--max-wait-ms inf`
@@ -17,6 +18,7 @@ the README and `nlstm serve --help` quote the same ranges.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,19 @@ from typing import Any
 
 MIB = 1 << 20
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "exported"  # the models the repo ships
+
+
+def env_default(name: str, default, cast=str):
+    """A flag's default from the environment variable NLSTM_<NAME>, else `default`."""
+    value = os.environ.get(f"NLSTM_{name}")
+    if value is None or value == "":
+        return default
+    try:
+        return cast(value)
+    except ValueError:
+        raise SystemExit(
+            f"nlstm: environment variable NLSTM_{name}={value!r} is not a valid {cast.__name__}"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.cli import env_default
+from serving.settings import env_default
 
 
 # --------------------------------------------------------------------------------------- export
