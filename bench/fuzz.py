@@ -1,6 +1,7 @@
 """Fuzzing a real `nlstm serve` process: thousands of random and malformed requests to every rpc,
-drawn by hypothesis from the strategies of serving/testing/fuzz.py and judged by its checker (the
-same ones tests/test_fuzz.py runs a bounded number of against an in-process server).
+drawn by hypothesis from the strategies of serving/testing/fuzz_requests.py and judged by the
+checker of serving/testing/fuzz_oracle.py (the same ones tests/test_fuzz.py runs a bounded number
+of against an in-process server).
 
 Prints a table: per rpc the requests sent, the status codes they got, how many were INTERNAL or
 UNKNOWN and how many broke the documented contract in any way (a code docs/serving.md does not

@@ -103,10 +103,18 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o666) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_open(
-    path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None, perms: int = 0o666
+    path: str | os.PathLike,
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    perms: int = 0o666,
+    durable: bool = True,
 ) -> Iterator[IO[Any]]:
     """`open(path, mode)` whose writes appear at `path` all at once when the block ends without
-    an exception (and never otherwise). mode: "w" or "wb"."""
+    an exception (and never otherwise). mode: "w" or "wb". durable=False skips the fsyncs (of
+    the file and of its folder): readers still see the old file or the whole new one, but a
+    machine crash may lose the write or leave an empty file; for small files that are rewritten
+    often and mean nothing after a crash (the file session store's leases)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a whole file: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
@@ -116,10 +124,12 @@ def atomic_open(
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, umask_mode(perms))
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -137,9 +147,11 @@ def atomic_write_bytes(
             f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` atomically."""
-    with atomic_open(path, "w", encoding=encoding) as f:
+def atomic_write_text(
+    path: str | os.PathLike, text: str, encoding: str = "utf-8", *, durable: bool = True
+) -> None:
+    """Write `text` to `path` atomically (durable: see atomic_open)."""
+    with atomic_open(path, "w", encoding=encoding, durable=durable) as f:
         f.write(text)
 
 

@@ -67,9 +67,9 @@ class Limits:
     # the prefix-state cache's bound over all models, in MiB (serving/prefix_cache.py; 0: off)
     prefix_cache_mb: float = 64.0
     # With a file or Redis session store: how often a running call writes its session (and
-    # renews its lease, which lapses after 3 of these, at least serving.engine.LEASE_MIN: how
-    # long a dead replica's sessions stay locked). A replica that dies loses at most this much
-    # of a long Generate.
+    # renews its lease, which lapses after 3 of these, at least
+    # serving.engine_sessions.LEASE_MIN: how long a dead replica's sessions stay locked). A
+    # replica that dies loses at most this much of a long Generate.
     checkpoint_interval: float = 2.0
 
 

@@ -39,10 +39,11 @@ import fcntl
 import hashlib
 import os
 import re
-import secrets
 import threading
 import time
 from pathlib import Path
+
+from serving.files import atomic_path, atomic_write_text, remove_stale_temporaries
 
 # Session ids are serving.sessions.new_session_id()'s; anything else a client sends is no
 # session (and must never become a path or a key pattern).
@@ -152,12 +153,13 @@ def open_backend(url: str) -> Backend | None:
 
 # ------------------------------------------------------------------------------------ files
 class FileBackend(Backend):
-    """Sessions as files under DIR/sessions (one per id, replaced atomically: write a temporary
-    file, fsync, rename), their expiry as the file's mtime (the deadline, in wall-clock time, so
-    it survives a restart); leases as files under DIR/leases holding "owner deadline"; for each
-    client a folder DIR/owners/HASH (the first 32 hex digits of the client's SHA-256) with an
-    empty file per session id: the client's sessions are those of its ids whose session file has
-    not expired (counted, and the others' files removed, under the lock).
+    """Sessions as files under DIR/sessions (one per id, replaced atomically by serving/files.py:
+    a temporary file, fsynced, renamed, the folder fsynced), their expiry as the file's mtime
+    (the deadline, in wall-clock time, so it survives a restart); leases as files under
+    DIR/leases holding "owner deadline" (replaced atomically too, not fsynced); for each client a
+    folder DIR/owners/HASH (the first 32 hex digits of the client's SHA-256) with an empty file
+    per session id: the client's sessions are those of its ids whose session file has not
+    expired (counted, and the others' files removed, under the lock).
 
     Lease changes and conditional writes hold an exclusive flock on DIR/.lock (and a thread
     lock, since flock does not exclude threads sharing one open file), so several processes on
@@ -182,7 +184,12 @@ class FileBackend(Backend):
             ) from None
         self._tlock = threading.Lock()
         # leftovers of writes a killed process did not finish: never read, safe to remove
-        for tmp in self._sessions.glob("*.tmp-*"):
+        for folder in (self._sessions, self._leases):
+            with contextlib.suppress(OSError):
+                # serving/files.py's temporaries, `.{name}.XXXXXXXX.tmp`, by their targets' names
+                names = [p.name[1:-13] for p in folder.glob(".*.tmp")]
+                remove_stale_temporaries(folder, names)
+        for tmp in self._sessions.glob("*.tmp-*"):  # those of versions with their own writer
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -222,18 +229,14 @@ class FileBackend(Backend):
             raise self._unavailable(exc) from None
 
     def _write(self, path: Path, data: bytes, ttl: float) -> None:
-        tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            deadline = self._clock() + ttl
-            os.utime(tmp, (deadline, deadline))  # the expiry travels with the file
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # removed on an error, renamed over `path` otherwise
+                tmp.write_bytes(data)
+                deadline = self._clock() + ttl
+                # the expiry travels with the file, set before the rename: a reader never sees
+                # the new file with a write time for an mtime (it would read as expired)
+                os.utime(tmp, (deadline, deadline))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise self._unavailable(exc) from None
 
     def put(self, sid: str, data: bytes, ttl: float, client: str = "", limit: int = 0) -> bool:
@@ -288,9 +291,11 @@ class FileBackend(Backend):
         return (owner, deadline) if deadline > self._clock() else None
 
     def _set_lease(self, sid: str, owner: str, lease_ttl: float) -> None:
-        tmp = self._leases / f".{sid}.tmp"
-        tmp.write_text(f"{owner} {self._clock() + lease_ttl!r}")
-        os.replace(tmp, self._leases / sid)
+        # not fsynced: a lease means nothing once its holder is gone, and a machine crash takes
+        # its holders with it (an empty or missing lease file reads as no lease)
+        atomic_write_text(
+            self._leases / sid, f"{owner} {self._clock() + lease_ttl!r}", durable=False
+        )
 
     def _holds(self, sid: str, owner: str) -> int:
         path = self._path(sid)
@@ -311,7 +316,8 @@ class FileBackend(Backend):
 
     def commit(self, sid, owner, data, ttl, lease_ttl, client="") -> int:
         # (a client's count reads the session file's expiry itself: nothing to move)
-        if not valid_id(sid):
+        path = self._path(sid)
+        if path is None:  # not a session id
             return GONE
         try:
             with self._locked():
@@ -319,10 +325,10 @@ class FileBackend(Backend):
                 if held != SAVED:
                     return held
                 if data is not None:
-                    self._write(self._path(sid), data, ttl)
+                    self._write(path, data, ttl)
                 else:
                     deadline = self._clock() + ttl
-                    os.utime(self._path(sid), (deadline, deadline))
+                    os.utime(path, (deadline, deadline))
                 if lease_ttl is None:
                     (self._leases / sid).unlink()
                 else:
@@ -401,8 +407,8 @@ class FileBackend(Backend):
                             lease.unlink()
                 for mine in self._owners.iterdir():  # the ids of sessions gone, then empty folders
                     for marker in mine.iterdir():
-                        path = self._path(marker.name)
-                        if path is None or not self._alive(path):
+                        snap = self._path(marker.name)
+                        if snap is None or not self._alive(snap):
                             with contextlib.suppress(FileNotFoundError):
                                 marker.unlink()
                     with contextlib.suppress(OSError):  # not empty: the client holds sessions

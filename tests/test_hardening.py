@@ -26,7 +26,7 @@ from serving.limits import (
     ServerLimits,
     request_bytes_needed,
 )
-from serving.settings import SERVE_RANGES, check_serve_settings
+from serving.settings import SERVE_FLAGS, SERVE_RANGES, check_serve_settings
 from serving.testing.inprocess import ServerThread, wait_for
 from training.testing.models import export_tiny_models
 
@@ -457,6 +457,12 @@ def test_every_numeric_flag_of_serve_has_a_range():
     numeric = {a.dest for a in serve._actions if a.type in (int, float)}
     # a new numeric flag needs its range in serving/settings.py, and every range its flag
     assert numeric == set(SERVE_RANGES)
+
+
+def test_every_serve_flag_names_its_environment_variable():
+    # the parser is built from SERVE_FLAGS, and NLSTM_<NAME> sets each default: the help says so
+    for flag in SERVE_FLAGS:
+        assert f"[NLSTM_{flag.env}]" in flag.help, flag.name
 
 
 def _free_port() -> int:

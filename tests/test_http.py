@@ -607,8 +607,9 @@ def test_https_with_the_grpc_certificate(models_dir, tmp_path):
     from certs import make_certs
 
     from serving.auth import server_credentials
+    from serving.cli import http_ssl
     from serving.http import ssl_context
-    from training.cli import _http_ssl, build_parser
+    from training.cli import build_parser
 
     certs = make_certs(tmp_path)
     args = build_parser().parse_args(
@@ -623,7 +624,7 @@ def test_https_with_the_grpc_certificate(models_dir, tmp_path):
         ]
     )
     assert isinstance(
-        _http_ssl(args), ssl.SSLContext
+        http_ssl(args), ssl.SSLContext
     )  # the flags give the HTTP port the same certificate
     s = ServerThread(
         models_dir,

@@ -1,25 +1,28 @@
-"""tests/test_sessions.py's session semantics again, with the sessions in a real Redis
-(--session-store redis://...): positions and GetSession, calls that time out, cancelled glimpse
-streams, snapshot/restore/fork across two servers sharing the store, busy and unknown sessions.
-Each test is test_sessions.py's own function, run here against these fixtures."""
+"""tests/test_sessions.py's and test_sessions_snapshot.py's session semantics again, with the
+sessions in a real Redis (--session-store redis://...): positions and GetSession, calls that time
+out, cancelled glimpse streams, snapshot/restore/fork across two servers sharing the store, busy
+and unknown sessions. Each test is those modules' own function, run here against these
+fixtures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from sessions_support import LIMITS
 from test_sessions import (  # noqa: F401 - collected here, with this module's fixtures
-    LIMITS,
     test_a_cancelled_glimpse_stream_keeps_the_glimpses_answered,
     test_calls_that_time_out_leave_the_session_unchanged,
     test_positions_in_every_response_and_get_session,
+)
+from test_sessions_snapshot import (  # noqa: F401 - collected here, with this module's fixtures
     test_snapshot_and_fork_of_a_busy_or_unknown_session,
     test_snapshot_restore_and_fork_continue_bit_identically,
 )
 
 from serving.engine import Limits
 from serving.testing.inprocess import ServerThread
-from training.testing.models import export_tiny_models
+from training.testing.models import GLIMPSE_MODEL, export_tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def test_cancelled_calls_write_their_sessions_at_once(models_dir, redis_server):
     no checkpoint during these short calls)."""
     import queue
 
-    from test_sessions import GLIMPSE_MODEL, random_glimpses, settled, sid_of
+    from sessions_support import random_glimpses, settled, sid_of
 
     from serving.api.nlstm.v1 import inference_pb2 as pb
 

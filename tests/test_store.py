@@ -124,9 +124,12 @@ def test_file_store_survives_a_new_process_and_leaves_no_partial_files(tmp_path)
     assert a.commit("s1", "x", b"two", 60, 5) == SAVED
     a.close()
     (tmp_path / "sessions" / "s1.snap.tmp-dead").write_bytes(b"half a write")  # a killed writer
+    (tmp_path / "sessions" / ".s1.snap.dead_000.tmp").write_bytes(b"half")  # serving/files.py's
+    (tmp_path / "leases" / ".s1.dead_000.tmp").write_bytes(b"x 1")
     b = FileBackend(tmp_path)  # as a restarted server opens it
     assert b.get("s1") == b"two"
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["s1.snap"]
+    assert sorted(p.name for p in (tmp_path / "leases").iterdir()) == ["s1"]
     assert not b.acquire("s1", "y", 5)  # x's lease is still recorded
     # the recorded expiry is wall-clock time: it survives the restart too
     assert (tmp_path / "sessions" / "s1.snap").stat().st_mtime > time.time() + 50
