@@ -82,11 +82,16 @@ def test_positions_in_every_response_and_get_session(server):
     assert [(r.step, r.position) for r in out] == [(1, 4), (2, 5)]
     out = list(stub.ClassifyGlimpses(glimpse_requests(random_glimpses(1, 2), model=GLIMPSE_MODEL)))
     assert [r.position for r in out] == [1, 2]
-    # GetSession while a call runs: in use, at the position before that call
+    # GetSession while a call runs: in use, at the position before that call; with periodic
+    # checkpoints (a shared store), at the call's last checkpoint, which may be later
     stream = stub.Generate(pb.GenerateRequest(session_id=sid, max_chars=4000, temperature=1.0))
-    next(stream)
+    first = next(stream)
     running = info(stub, sid)
-    assert running.in_use and running.position == 41
+    assert running.in_use
+    if server.running.engine._durable is not None:
+        assert running.position >= 41
+    else:
+        assert running.position == 41 < first.position
     stream.cancel()
     assert settled(stub, sid).position > 41
     for bad, code in [("", grpc.StatusCode.INVALID_ARGUMENT), ("nope", grpc.StatusCode.NOT_FOUND)]:
