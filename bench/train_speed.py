@@ -7,6 +7,9 @@ One run trains, interleaved so that machine noise hits all alike, each of
                   fused kernel (oneDNN on the CPU, cuDNN on CUDA): the reference;
   * nlstm-fused:  CharLM with NestedLSTM(50 -> 600, depth 2), our whole-sequence Function
                   (equal parameters: 4.47M against nn.LSTM's 4.45M);
+  * nlstm-ops:    the same without the C++ step kernels (training/nlstm_native.py): each step's
+                  pointwise work as separate torch ops, the fallback when no compiler exists
+                  (`--kinds`; CPU only);
   * nlstm-mkl:    the same with the CPU products through torch.mm (MKL), as before oneDNN
                   (`--kinds`; CPU only);
   * nlstm-graphs: the fused Function captured in CUDA graphs (CUDA only, the default there);
@@ -37,10 +40,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from training import gemm
+from training import gemm, nlstm_native
 from training.models import ModelConfig, build_model
 
-KINDS = ("nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-graphs", "nlstm-loop")
+KINDS = ("nn.LSTM", "nlstm-fused", "nlstm-ops", "nlstm-mkl", "nlstm-graphs", "nlstm-loop")
 
 
 def step_gflop(kind: str, batch: int, seq: int, hidden: int, vocab: int) -> float:
@@ -82,9 +85,11 @@ def make_step(kind: str, vocab: int, hidden: int, device: torch.device, x, y):
 
     opt = torch.optim.Adam(params, lr=2e-3)
     onednn = kind != "nlstm-mkl"
+    native = kind != "nlstm-ops"
 
     def step():
         gemm.ONEDNN = onednn
+        nlstm_native.ENABLED = native
         try:
             opt.zero_grad(set_to_none=True)
             logits = forward()
@@ -94,6 +99,7 @@ def make_step(kind: str, vocab: int, hidden: int, device: torch.device, x, y):
             opt.step()
         finally:
             gemm.ONEDNN = True
+            nlstm_native.ENABLED = True
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -237,6 +243,8 @@ def main() -> None:
             devices.append(torch.device("cuda"))
         elif args.device == "cuda":
             ap.error("--device cuda: torch sees no CUDA device here")
+    if torch.device("cpu") in devices:
+        print(nlstm_native.status())  # the fused path's C++ step kernels, or why not
     results = []
     for device in devices:
         kinds = list(args.kinds or ["nn.LSTM", "nlstm-fused", "nlstm-graphs", "nlstm-loop"])

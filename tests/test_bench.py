@@ -49,6 +49,7 @@ def test_train_speed_smoke():
             "--kinds",
             "nn.LSTM",
             "nlstm-fused",
+            "nlstm-ops",
             "nlstm-mkl",
             "nlstm-loop",
         ],
@@ -59,8 +60,9 @@ def test_train_speed_smoke():
         check=True,
     ).stdout
     lines = [line for line in out.splitlines() if "chars/s" in line]
-    kinds = ["nn.LSTM", "nlstm-fused", "nlstm-mkl", "nlstm-loop"]
+    kinds = ["nn.LSTM", "nlstm-fused", "nlstm-ops", "nlstm-mkl", "nlstm-loop"]
     assert [line.split()[0] for line in lines] == kinds * 2  # by wall time, by CPU time
+    assert out.startswith("fused NLSTM: C++ step kernels")  # loaded, or why the ops run
     assert "large-GEMM peak this run: torch.mm" in out
     (result,) = json.loads(out.splitlines()[-1])
     assert result["device"] == "cpu" and result["peak_gflops"] > 0

@@ -31,11 +31,14 @@ Two paths compute the same function:
     multiply every weight gradient one time step at a time. The Function instead saves the
     gate activations, runs the recurrence into preallocated buffers, and in the backward pass
     computes each weight gradient as ONE GEMM over all T*B positions (as cuDNN does for LSTMs);
-    only the data gradients (B x 4H times 4H x 2H) stay inside the time loop.
+    only the data gradients (B x 4H times 4H x 2H) stay inside the time loop. On the CPU each
+    step's pointwise work between those products (activations, memory updates, derivatives)
+    runs as one C++ kernel per level when training.nlstm_native could build them, else as
+    separate torch ops (the same math, written out below).
 
 The levels' parameters, their names and their initialisation are training.levels', shared with
-the LSTM baseline. This file imports only torch (and training.gemm and training.levels, which
-import only torch).
+the LSTM baseline. This file imports only torch (and training.gemm, training.levels and
+training.nlstm_native, which import only torch).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from training import nlstm_native
 from training.gemm import StepLinear, weight_grad
 from training.levels import add_levels, level_weights, orthogonal_gates_, reset_levels  # noqa: F401
 
@@ -234,12 +238,22 @@ def sequence_forward(
     for k in range(D):
         mems[k][0] = state0[k + 1]
     lin = [StepLinear(w_hh0, B)] + [StepLinear(w[k], B, b[k]) for k in range(1, D)]
+    cpp = nlstm_native.usable(xproj)  # the C++ step kernels, or None: the torch ops below
+    tanh_g = [k > 0 or tanh_outer for k in range(D)]  # whether level k's candidate is tanh
 
     for t in range(T):
         for k in range(D):
             # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k
             G = lin[0](hs[t], add=xproj[t]) if k == 0 else lin[k](uv[k][t])
             gates[k].append(G)
+            if cpp is not None:  # the same math as the ops below, one pass per level
+                if k + 1 < D:
+                    cpp.down(G, mems[k][t], uv[k + 1][t], tanh_g[k])
+                else:
+                    tm = [x[t] for x in tanh_mems]
+                    g_t = [level[t] for level in gates]
+                    cpp.up(g_t, mems[k][t], tanh_g[k], [m[t + 1] for m in mems], tm, hs[t + 1])
+                continue
             G[:, : 2 * H].sigmoid_()
             G[:, 3 * H :].sigmoid_()
             if k > 0 or tanh_outer:
@@ -252,6 +266,8 @@ def sequence_forward(
             else:
                 # innermost: c(t) = f * c(t-1) + i * g
                 torch.addcmul(torch.mul(f, mems[k][t]), i, g, out=mems[k][t + 1])
+        if cpp is not None:
+            continue  # the innermost level's kernel walked up already
         for k in range(D - 1, -1, -1):
             tc = torch.tanh(mems[k][t + 1], out=tanh_mems[k][t])
             out = mems[k - 1][t + 1] if k > 0 else hs[t + 1]
@@ -298,8 +314,24 @@ def sequence_backward(
     ones = hs.new_ones(B, H)
     # d_in = dA @ W at every step: a StepLinear over W^T (prepared once, as in the forward)
     lin_t = [StepLinear(w_hh0.t(), B)] + [StepLinear(w[k].t(), B) for k in range(1, D)]
+    cpp = nlstm_native.usable(hs)  # the C++ step kernels, or None: the torch ops below
+    if cpp is not None and d_hs is not None:
+        d_hs = d_hs.contiguous()  # the kernels read rows; autograd may hand in any strides
 
     for t in range(T - 1, -1, -1):
+        if cpp is not None:  # the same math as the ops below: one pass per level and step
+            g_t = [level[t] for level in gates]
+            dA_t = [d[t] for d in d_gates]
+            d_hs_t = None if d_hs is None else d_hs[t]
+            tm = [x[t] for x in tanh_mems]
+            cpp.back_inner(dh, d_hs_t, g_t, tm, dc, dA_t, mems[D - 1][t], D > 1 or tanh_outer)
+            for k in range(D - 1, 0, -1):  # level k's dA is complete: [d u, d v] for k - 1
+                tanh_g = k > 1 or tanh_outer
+                cpp.back_level(
+                    lin_t[k](dA_t[k]), g_t[k - 1], mems[k - 1][t], dA_t[k - 1], dc[k - 1], tanh_g
+                )
+            dh = lin_t[0](dA_t[0])  # (B, H): into h_{t-1}
+            continue
         if d_hs is not None:
             dh += d_hs[t]
         # Walk down the output chain h = o_0 tanh(c_0), c_{k-1} = o_k tanh(c_k): each

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from training import data as data_mod
+from training import nlstm_native
 from training.config import ConfigError, TrainConfig, model_config_for
 from training.distributed import Dist, dist_from_env, process_group, resolve_device
 from training.models import build_model
@@ -117,6 +118,10 @@ class Trainer:
             self.model.core.cuda_graphs = True
             if self.device.type != "cuda":
                 self._log(f"cuda_graphs: ignored on {self.device.type} (CUDA graphs need CUDA)")
+        if self.model_config.core == "nlstm" and self.device.type == "cpu":
+            # builds (once, into a cache folder) or loads the fused path's C++ step kernels
+            # and says which; without them it runs its pure-PyTorch loops (training.nlstm_native)
+            self._log(nlstm_native.status())
         self.train_model: torch.nn.Module = self.model  # the model, or its DDP wrapper
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
