@@ -156,7 +156,7 @@ def test_kernels_equal_the_torch_ops_in_float32(depth, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a second build (~40 s of CPU): .ci/run's second step
 @pytest.mark.skipif(
     not can_build() or nlstm_native.cpu_level() != "AVX512",
     reason="needs an AVX-512 CPU (the AVX2 build is the default elsewhere) and a compiler",
