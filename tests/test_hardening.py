@@ -28,14 +28,8 @@ from serving.limits import (
 )
 from serving.settings import SERVE_RANGES, check_serve_settings
 from serving.testing.inprocess import ServerThread, wait_for
-from training.testing.models import export_tiny_models
 
 GLIMPSE = [0.5] * 49
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 def code_of(fn, *args, **kwargs):

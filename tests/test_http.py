@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,14 +29,9 @@ from serving.formats import image_to_glimpses
 from serving.limits import ServerLimits
 from serving.server import shutdown
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL
 
 KEY_A, KEY_B = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

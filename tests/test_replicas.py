@@ -12,21 +12,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.testing.process import REPLICA_IDLE, Replica
-from training.testing.models import CHAR_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL
 
 IDLE = REPLICA_IDLE
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,6 @@ from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Limits
 from serving.formats import image_to_glimpses
 from serving.testing.inprocess import ServerThread
-from training.testing.models import export_tiny_models
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ Each test is test_sessions.py's own function, run here against these fixtures.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from test_sessions import (  # noqa: F401 - collected here, with this module's fixtures
     LIMITS,
@@ -19,12 +17,6 @@ from test_sessions import (  # noqa: F401 - collected here, with this module's f
 
 from serving.engine import Limits
 from serving.testing.inprocess import ServerThread
-from training.testing.models import export_tiny_models
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")
