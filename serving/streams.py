@@ -31,7 +31,7 @@ class Streams:
     interval), for a stream with stop strings, and at `release`, which writes everything back
     to the sequences: the scheduler releases the block when anything changes (a call arrives
     or is cancelled, a stream ends) or the block is full. The text is the one the sequences
-    would make step by step (tests/test_serving_units.py)."""
+    would make step by step (tests/test_scheduler_streams.py)."""
 
     BLOCK = 128  # steps a block runs at most: draws taken ahead, ids kept
 
