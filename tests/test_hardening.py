@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_calls import code_of
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -30,14 +31,6 @@ from serving.settings import SERVE_RANGES, check_serve_settings
 from serving.testing.inprocess import ServerThread, wait_for
 
 GLIMPSE = [0.5] * 49
-
-
-def code_of(fn, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as info:
-        result = fn(*args, **kwargs)
-        if hasattr(result, "__iter__") and not isinstance(result, (pb.ScoreResponse, pb.Session)):
-            list(result)
-    return info.value.code(), info.value.details()
 
 
 # ------------------------------------------------------------------------ 4. settings in range
