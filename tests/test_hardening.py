@@ -5,7 +5,6 @@ metrics endpoint, range-checked settings, honest gauges and counters for glimpse
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_calls import code_of
+from serve_process import start_serve
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -459,26 +459,8 @@ def test_serve_binds_metrics_to_metrics_host(models_dir):
         ([], {"127.0.0.1", "[::1]"}),
         (["--metrics-host", "127.0.0.1"], {"127.0.0.1"}),
     ):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "training.cli",
-                "serve",
-                "--models",
-                str(models_dir),
-                "--port",
-                "0",
-                "--host",
-                "localhost",
-                "--metrics-port",
-                "0",
-                *extra,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            cwd=Path(__file__).resolve().parents[1],
+        proc = start_serve(
+            models_dir, "--metrics-port", "0", *extra, cwd=Path(__file__).resolve().parents[1]
         )
         try:
             hosts, deadline = set(), time.time() + 60

@@ -8,17 +8,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
-import re
 import secrets
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 from http_calls import Http, parse_events
+from serve_process import port_in_log, start_serve
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.auth import ApiKeys
@@ -127,35 +124,9 @@ def test_serve_http_port_environment_in_a_real_process(models_dir):
     from training.cli import build_parser
 
     assert build_parser().parse_args(["serve"]).http_port is None  # off unless set
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NLSTM_HTTP_PORT="0")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--models",
-            str(models_dir),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--host",
-            "localhost",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_serve(models_dir, "--metrics-port", "-1", NLSTM_HTTP_PORT="0")
     try:
-        port, lines, deadline = None, [], time.time() + 60
-        while port is None and time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if m := re.search(
-                r"HTTP/JSON and the playground on http://localhost:(\d+)/", lines[-1]
-            ):
-                port = int(m.group(1))
-        assert port, "".join(lines)
+        port = port_in_log(proc, r"HTTP/JSON and the playground on http://localhost:(\d+)/")
         api = Http(port)
         assert api.call("GET", "/v2/health/ready") == (200, {"ready": True})
         assert (

@@ -5,17 +5,14 @@ serve` in a subprocess drains its calls on SIGTERM."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import grpc
 import pytest
 from grpc_calls import code_of, gen
+from serve_process import port_in_log, start_serve
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -97,39 +94,9 @@ def test_queue_depth_counts_ready_sequences_beyond_one_batch(models_dir):
 
 
 def test_sigterm_drains_in_flight_calls(models_dir, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--models",
-            str(models_dir),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--grace",
-            "5",
-            "--host",
-            "localhost",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_serve(models_dir, "--metrics-port", "-1", "--grace", "5")
     try:
-        port = None
-        deadline = time.time() + 60
-        lines = []
-        while port is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"on port (\d+)", line)
-            if m:
-                port = int(m.group(1))
-        assert port, "".join(lines)
+        port = port_in_log(proc)
         channel = grpc.insecure_channel(f"localhost:{port}")
         stub = pb_grpc.InferenceStub(channel)
         stream = stub.Generate(
