@@ -1,6 +1,6 @@
 """Calls to a server's HTTP/JSON port for the tests (tests/test_http.py,
-tests/test_http_servers.py): `Http` (status and JSON body, server-sent events) and
-`parse_events`."""
+tests/test_http_servers.py): `Http` (status and JSON body, server-sent events, a stream left
+open) and `parse_events`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ class Http:
         out = r.read()
         c.close()
         return r.status, json.loads(out)
+
+    def open_stream(self, path: str, body: dict) -> tuple[http.client.HTTPConnection, object]:
+        """A server-sent event stream left open once its first event has come: (connection,
+        response), the rest of it to read (or the connection to close) by the caller."""
+        c = self.conn()
+        c.request("POST", path, json.dumps(body), self.headers())
+        r = c.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        return c, r
 
     def events(self, path: str, body: dict) -> list[dict]:
         """The data of every server-sent event of a stream ("event" added when named)."""

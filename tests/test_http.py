@@ -7,7 +7,6 @@ tests/test_http_servers.py."""
 from __future__ import annotations
 
 import base64
-import json
 import time
 
 import numpy as np
@@ -311,17 +310,10 @@ def test_busy_session_is_409_and_a_client_that_goes_away_cancels_its_call(models
     try:
         api = Http(s.running.http_port)
         sid = api.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")[1]["session_id"]
-        c = api.conn()
-        c.request(
-            "POST",
+        c, _response = api.open_stream(  # kept open while the session is in use
             f"/v2/models/{CHAR_MODEL}/generate_stream",
-            json.dumps(
-                {"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}}
-            ),
-            api.headers(),
+            {"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}},
         )
-        r = c.getresponse()
-        assert r.status == 200 and r.readline().startswith(b"data: ")
         status, body = api.call(
             "POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "a", "session_id": sid}
         )

@@ -93,15 +93,10 @@ def test_ready_turns_503_during_a_drain_and_new_calls_are_refused(models_dir):
         http_port=0,
     )
     api = Http(s.running.http_port)
-    c = api.conn()
-    c.request(
-        "POST",
+    c, r = api.open_stream(
         f"/v2/models/{CHAR_MODEL}/generate_stream",
-        json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
-        api.headers(),
+        {"text_input": "the", "parameters": {"max_tokens": 100_000}},
     )
-    r = c.getresponse()
-    assert r.readline().startswith(b"data: ")
     draining = asyncio.run_coroutine_threadsafe(shutdown(s.running, 3.0), s.loop)
     deadline = time.monotonic() + 10
     while api.call("GET", "/v2/health/ready")[0] != 503:
@@ -153,15 +148,10 @@ def test_concurrent_call_limit(models_dir):
     )
     try:
         api = Http(s.running.http_port)
-        c = api.conn()
-        c.request(
-            "POST",
+        c, _response = api.open_stream(  # the one call allowed, kept open
             f"/v2/models/{CHAR_MODEL}/generate_stream",
-            json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
-            api.headers(),
+            {"text_input": "the", "parameters": {"max_tokens": 100_000}},
         )
-        r = c.getresponse()
-        assert r.readline().startswith(b"data: ")
         status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
         assert status == 429 and "maximum of 1 calls" in body["error"]
         c.close()

@@ -36,25 +36,19 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     from training.cli import main as cli_main
 
     target = ["--target", f"localhost:{server.running.port}"]
-    assert (
-        cli_main(
-            [
-                "generate",
-                *target,
-                "--model",
-                "tiny-char",
-                "--prompt",
-                "the ",
-                "--max-chars",
-                "25",
-                "--seed",
-                "3",
-                "--temperature",
-                "0.8",
-            ]
-        )
-        == 0
-    )
+    args = [
+        "--model",
+        "tiny-char",
+        "--prompt",
+        "the ",
+        "--max-chars",
+        "25",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.8",
+    ]
+    assert cli_main(["generate", *target, *args]) == 0
     printed = capsys.readouterr().out
     again = "".join(
         r.text
@@ -65,18 +59,6 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     assert printed == again + "\n" and len(again) == 25  # streamed as it came, the same text
     # the local backend: the same sequence logic on the exported folder, the same text by seed
     for extra in ([], ["--stop", "a", "--top-k", "3"]):
-        args = [
-            "--model",
-            "tiny-char",
-            "--prompt",
-            "the ",
-            "--max-chars",
-            "25",
-            "--seed",
-            "3",
-            "--temperature",
-            "0.8",
-        ]
         assert cli_main(["generate", *target, *args, *extra]) == 0
         served_text = capsys.readouterr().out
         assert (
