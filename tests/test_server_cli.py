@@ -48,6 +48,7 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
         "--temperature",
         "0.8",
     ]
+    onnx = ["--backend", "onnx", "--models", str(models_dir)]  # the local backend
     assert cli_main(["generate", *target, *args]) == 0
     printed = capsys.readouterr().out
     again = "".join(
@@ -61,22 +62,7 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     for extra in ([], ["--stop", "a", "--top-k", "3"]):
         assert cli_main(["generate", *target, *args, *extra]) == 0
         served_text = capsys.readouterr().out
-        assert (
-            cli_main(
-                [
-                    "generate",
-                    "--backend",
-                    "onnx",
-                    "--models",
-                    str(models_dir),
-                    "--providers",
-                    "cpu",
-                    *args,
-                    *extra,
-                ]
-            )
-            == 0
-        )
+        assert cli_main(["generate", *onnx, "--providers", "cpu", *args, *extra]) == 0
         assert capsys.readouterr().out == served_text
     assert (
         served_text.rstrip("\n").endswith("a") and len(served_text) <= 26
@@ -95,10 +81,7 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
             [
                 "score",
                 str(text_file),
-                "--backend",
-                "onnx",
-                "--models",
-                str(models_dir),
+                *onnx,
                 "--model",
                 "tiny-char",
                 "--per-char",
@@ -122,57 +105,16 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
             float(b.split("\t")[1]), abs=2e-3
         )
     # the local backend's own mistakes: one line, exit status 2
-    assert (
-        cli_main(
-            [
-                "score",
-                str(text_file),
-                "--backend",
-                "onnx",
-                "--models",
-                str(models_dir),
-                "--model",
-                "tiny-mnist",
-            ]
-        )
-        == 2
-    )
+    assert cli_main(["score", str(text_file), *onnx, "--model", "tiny-mnist"]) == 2
     assert "glimpse model" in capsys.readouterr().err
-    assert (
-        cli_main(
-            [
-                "score",
-                str(text_file),
-                "--backend",
-                "onnx",
-                "--models",
-                str(models_dir),
-                "--model",
-                "nope",
-            ]
-        )
-        == 2
-    )
+    assert cli_main(["score", str(text_file), *onnx, "--model", "nope"]) == 2
     assert "no exported model 'nope'" in capsys.readouterr().err
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 28, 28))
     _write_idx(tmp_path / "mnist", images, np.array([7, 2, 1]))
-    assert (
-        cli_main(
-            [
-                "classify",
-                *target,
-                "--model",
-                "tiny-mnist",
-                "--index",
-                "1",
-                "--data-dir",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    classify = ["classify", *target, "--model", "tiny-mnist", "--data-dir", str(tmp_path)]
+    assert cli_main([*classify, "--index", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
         len(lines) == 21 and lines[-1] == "label: 2" and lines[0].startswith("glimpse  1: class ")
@@ -188,19 +130,5 @@ def test_cli_clients_generate_score_and_classify(server, models_dir, tmp_path, c
     assert lines[19] == (
         f"glimpse 20: class {stream[-1].predicted_class} (p = {max(stream[-1].probabilities):.3f})"
     )
-    assert (
-        cli_main(
-            [
-                "classify",
-                *target,
-                "--model",
-                "tiny-mnist",
-                "--index",
-                "3",
-                "--data-dir",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    assert cli_main([*classify, "--index", "3"]) == 2
     assert "image index must be in [0, 3)" in capsys.readouterr().err
