@@ -4,7 +4,7 @@ feed next and what to do with each step's row of logits and state.
 `ScoreSequence` feeds the start symbol if fresh, then the text, scoring each character;
 `GenerateSequence` feeds the start symbol and the prompt, then samples, emits and feeds
 characters, timing its messages and keeping the state at their boundaries; `GlimpseSequence`
-feeds glimpses as they arrive. While a `Streams` block (serving/scheduler.py) runs a
+feeds glimpses as they arrive. While a `Streams` block (serving/streams.py) runs a
 GenerateSequence, its counters and position live in the block's columns.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from serving.sampling import Sampler, bits
 
 if TYPE_CHECKING:
-    from serving.scheduler import Streams
+    from serving.streams import Streams
 
 
 class Sequence:

@@ -1,5 +1,6 @@
 """Shared fixtures: where the real datasets are (they may be absent), torch's thread count (one:
-pytest_configure), a real Redis, and the Docker engine and images of the `docker` tests."""
+pytest_configure), the tiny exported models the server tests serve, a real Redis, and the Docker
+engine and images of the `docker` tests."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """The tiny exported models (training/testing/models.py), exported once per test module."""
+    from training.testing.models import export_tiny_models
+
+    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

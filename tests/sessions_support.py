@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import numpy as np
-import pytest
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.formats import image_to_glimpses
@@ -54,12 +52,6 @@ def generate(stub, **kw) -> tuple[str, list]:
 
 def score_bits(stub, sid, text) -> float:
     return stub.Score(pb.ScoreRequest(session_id=sid, text=text)).total_bits
-
-
-def code_of(fn, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as e:
-        fn(*args, **kwargs)
-    return e.value.code(), e.value.details()
 
 
 def glimpse_requests(glimpses, model="", session_id=""):

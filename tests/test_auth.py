@@ -19,17 +19,11 @@ from serving.auth import ApiKeys, channel_credentials, peer_host, server_credent
 from serving.engine import Limits
 from serving.limits import ServerLimits
 from serving.testing.inprocess import ServerThread, wait_for
-from training.testing.models import export_tiny_models
 
 pytest.importorskip("cryptography")
 
 KEY_A, KEY_B = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
 GLIMPSE = [0.5] * 49
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

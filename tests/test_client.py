@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +25,9 @@ from serving.client import (
 )
 from serving.engine import Limits
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL
 
 KEY = secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ metrics endpoint, range-checked settings, honest gauges and counters for glimpse
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_calls import code_of
+from serve_process import start_serve
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Limits
@@ -28,22 +29,8 @@ from serving.limits import (
 )
 from serving.settings import SERVE_FLAGS, SERVE_RANGES, check_serve_settings
 from serving.testing.inprocess import ServerThread, wait_for
-from training.testing.models import export_tiny_models
 
 GLIMPSE = [0.5] * 49
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
-
-
-def code_of(fn, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as info:
-        result = fn(*args, **kwargs)
-        if hasattr(result, "__iter__") and not isinstance(result, (pb.ScoreResponse, pb.Session)):
-            list(result)
-    return info.value.code(), info.value.details()
 
 
 # ------------------------------------------------------------------------ 4. settings in range
@@ -478,26 +465,8 @@ def test_serve_binds_metrics_to_metrics_host(models_dir):
         ([], {"127.0.0.1", "[::1]"}),
         (["--metrics-host", "127.0.0.1"], {"127.0.0.1"}),
     ):
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "training.cli",
-                "serve",
-                "--models",
-                str(models_dir),
-                "--port",
-                "0",
-                "--host",
-                "localhost",
-                "--metrics-port",
-                "0",
-                *extra,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            cwd=Path(__file__).resolve().parents[1],
+        proc = start_serve(
+            models_dir, "--metrics-port", "0", *extra, cwd=Path(__file__).resolve().parents[1]
         )
         try:
             hosts, deadline = set(), time.time() + 60

@@ -1,43 +1,23 @@
-"""The HTTP/JSON front (serving/http.py) against real servers on port 0: every route, the same
+"""The HTTP/JSON front (serving/http.py) against a real server on port 0: every route, the same
 answers as gRPC for the same request, server-sent events, errors with their HTTP statuses
-(400, 401, 404, 409, 412, 413, 429, 503), API keys and session ownership, the per-client
-rate shared with gRPC, readiness through a drain, a client that goes away, the call metrics,
-and `nlstm serve --http-port` / NLSTM_HTTP_PORT in a real process."""
+(400, 404, 409, 412, 413, 429), a client that goes away, and the call metrics. Fronts with settings
+of their own (API keys, rates, drain, `nlstm serve --http-port`, HTTPS) are
+tests/test_http_servers.py."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import http.client
-import json
-import os
-import re
-import secrets
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
+from http_calls import Http
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
-from serving.auth import ApiKeys
 from serving.engine import Limits
 from serving.formats import image_to_glimpses
-from serving.limits import ServerLimits
-from serving.server import shutdown
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
-
-KEY_A, KEY_B = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -55,54 +35,6 @@ def server(models_dir):
     )
     yield s
     s.close()
-
-
-class Http:
-    """Calls to one server's HTTP port: (status, JSON body)."""
-
-    def __init__(self, port: int, key: str | None = None, host: str = "localhost") -> None:
-        self.host, self.port, self.key = host, port, key
-
-    def conn(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=60)
-
-    def headers(self) -> dict:
-        h = {"Content-Type": "application/json"}
-        if self.key:
-            h["Authorization"] = f"Bearer {self.key}"
-        return h
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
-        c = self.conn()
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        c.request(method, path, data, self.headers())
-        r = c.getresponse()
-        out = r.read()
-        c.close()
-        return r.status, json.loads(out)
-
-    def events(self, path: str, body: dict) -> list[dict]:
-        """The data of every server-sent event of a stream ("event" added when named)."""
-        c = self.conn()
-        c.request("POST", path, json.dumps(body).encode(), self.headers())
-        r = c.getresponse()
-        assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream", r.read()
-        out = parse_events(r.read().decode())
-        c.close()
-        return out
-
-
-def parse_events(text: str) -> list[dict]:
-    out = []
-    for block in text.split("\n\n"):
-        if not block:
-            continue
-        fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        data = json.loads(fields["data"])
-        if "event" in fields:
-            data["event"] = fields["event"]
-        out.append(data)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -378,17 +310,10 @@ def test_busy_session_is_409_and_a_client_that_goes_away_cancels_its_call(models
     try:
         api = Http(s.running.http_port)
         sid = api.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")[1]["session_id"]
-        c = api.conn()
-        c.request(
-            "POST",
+        c, _response = api.open_stream(  # kept open while the session is in use
             f"/v2/models/{CHAR_MODEL}/generate_stream",
-            json.dumps(
-                {"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}}
-            ),
-            api.headers(),
+            {"text_input": "the", "parameters": {"max_tokens": 200_000, "session_id": sid}},
         )
-        r = c.getresponse()
-        assert r.status == 200 and r.readline().startswith(b"data: ")
         status, body = api.call(
             "POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "a", "session_id": sid}
         )
@@ -431,218 +356,3 @@ def test_http_calls_count_in_the_call_metrics(server, api):
         requests.labels("Score", "INVALID_ARGUMENT")._value.get(),
     )
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
-
-
-# ------------------------------------------------------------------------------ keys, quotas
-def test_api_keys_and_session_ownership(models_dir):
-    s = ServerThread(
-        models_dir, Limits(max_sessions_per_client=2), api_keys=ApiKeys([KEY_A, KEY_B]), http_port=0
-    )
-    try:
-        port = s.running.http_port
-        anonymous, a, b = Http(port), Http(port, KEY_A), Http(port, KEY_B)
-        status, r = anonymous.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
-        assert (
-            status == 401
-            and r["error"]
-            == "this server needs an API key: send the header 'authorization: Bearer KEY'"
-        )
-        status, r = Http(port, "x" * 24).call("GET", "/v2/models")
-        assert status == 401 and "not valid" in r["error"]
-        assert anonymous.call("GET", "/v2/health/ready")[0] == 200  # health needs no key
-        c = anonymous.conn()
-        c.request("GET", "/")
-        assert c.getresponse().status == 200  # nor does the page (its calls do)
-        assert a.call("GET", "/v2/models")[0] == 200
-        sid = a.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")[1]["session_id"]
-        assert a.call("GET", f"/v2/sessions/{sid}")[0] == 200
-        status, r = b.call("GET", f"/v2/sessions/{sid}")
-        assert status == 404  # another key's session is answered as an unknown id
-        assert b.call("POST", f"/v2/sessions/{sid}/fork")[0] == 404
-        # the per-client session bound counts a key's sessions over both protocols
-        from serving.auth import bearer
-
-        s.stub.CreateSession(pb.CreateSessionRequest(model=CHAR_MODEL), metadata=bearer(KEY_A))
-        status, r = a.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")
-        assert status == 429 and "per-client session limit is 2" in r["error"]
-        assert b.call("POST", f"/v2/models/{CHAR_MODEL}/sessions")[0] == 200
-    finally:
-        s.close()
-
-
-def test_rate_limit_is_one_bucket_across_grpc_and_http(models_dir):
-    s = ServerThread(
-        models_dir, Limits(), server_limits=ServerLimits(max_client_requests_per_s=0.5), http_port=0
-    )
-    try:
-        api = Http(s.running.http_port, host="127.0.0.1")
-        with grpc.insecure_channel(f"127.0.0.1:{s.running.port}") as channel:
-            from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
-
-            pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest())  # the burst is 1 call
-        status, r = api.call("GET", "/v2/models")
-        assert (
-            status == 429
-            and "more than 0.5 calls per second" in r["error"]
-            and "retry in" in r["error"]
-        )
-    finally:
-        s.close()
-
-
-# ------------------------------------------------------------------------------ drain
-def test_ready_turns_503_during_a_drain_and_new_calls_are_refused(models_dir):
-    s = ServerThread(
-        models_dir,
-        Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
-        http_port=0,
-    )
-    api = Http(s.running.http_port)
-    c = api.conn()
-    c.request(
-        "POST",
-        f"/v2/models/{CHAR_MODEL}/generate_stream",
-        json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
-        api.headers(),
-    )
-    r = c.getresponse()
-    assert r.readline().startswith(b"data: ")
-    draining = asyncio.run_coroutine_threadsafe(shutdown(s.running, 3.0), s.loop)
-    deadline = time.monotonic() + 10
-    while api.call("GET", "/v2/health/ready")[0] != 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert api.call("GET", "/v2/health/ready") == (503, {"ready": False})
-    status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
-    assert status == 503 and "shutting down" in body["error"]
-    # the stream in flight ends, before the grace period is over, with a cancelled finish
-    events = parse_events("data: " + r.read().decode())
-    assert events[-1]["finish_reason"] == "cancelled"
-    draining.result(30)
-    c.close()
-    s.loop.call_soon_threadsafe(s.loop.stop)
-    s.thread.join(10)
-
-
-# ------------------------------------------------------------------------------ the command
-def test_serve_http_port_environment_in_a_real_process(models_dir):
-    from training.cli import build_parser
-
-    assert build_parser().parse_args(["serve"]).http_port is None  # off unless set
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NLSTM_HTTP_PORT="0")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--models",
-            str(models_dir),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--host",
-            "localhost",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        port, lines, deadline = None, [], time.time() + 60
-        while port is None and time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if m := re.search(
-                r"HTTP/JSON and the playground on http://localhost:(\d+)/", lines[-1]
-            ):
-                port = int(m.group(1))
-        assert port, "".join(lines)
-        api = Http(port)
-        assert api.call("GET", "/v2/health/ready") == (200, {"ready": True})
-        assert (
-            api.call(
-                "POST",
-                f"/v2/models/{CHAR_MODEL}/generate",
-                {"text_input": "the", "parameters": {"max_tokens": 5}},
-            )[1]["position"]
-            == 8
-        )
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_concurrent_call_limit(models_dir):
-    s = ServerThread(
-        models_dir,
-        Limits(max_chars=100_000, stream_interval=0.0, max_messages_per_s=0.0),
-        server_limits=ServerLimits(max_concurrent_calls=1),
-        http_port=0,
-    )
-    try:
-        api = Http(s.running.http_port)
-        c = api.conn()
-        c.request(
-            "POST",
-            f"/v2/models/{CHAR_MODEL}/generate_stream",
-            json.dumps({"text_input": "the", "parameters": {"max_tokens": 100_000}}),
-            api.headers(),
-        )
-        r = c.getresponse()
-        assert r.readline().startswith(b"data: ")
-        status, body = api.call("POST", f"/v2/models/{CHAR_MODEL}/score", {"text": "the"})
-        assert status == 429 and "maximum of 1 calls" in body["error"]
-        c.close()
-    finally:
-        s.close()
-
-
-def test_https_with_the_grpc_certificate(models_dir, tmp_path):
-    pytest.importorskip("cryptography")
-    import ssl
-
-    from certs import make_certs
-
-    from serving.auth import server_credentials
-    from serving.cli import http_ssl
-    from serving.http import ssl_context
-    from training.cli import build_parser
-
-    certs = make_certs(tmp_path)
-    args = build_parser().parse_args(
-        [
-            "serve",
-            "--http-port",
-            "0",
-            "--tls-cert",
-            str(certs.server_cert),
-            "--tls-key",
-            str(certs.server_key),
-        ]
-    )
-    assert isinstance(
-        http_ssl(args), ssl.SSLContext
-    )  # the flags give the HTTP port the same certificate
-    s = ServerThread(
-        models_dir,
-        Limits(),
-        tls=server_credentials(certs.server_cert, certs.server_key),
-        http_port=0,
-        http_ssl=ssl_context(certs.server_cert, certs.server_key),
-    )
-    try:
-        trust = ssl.create_default_context(cafile=str(certs.ca))
-        c = http.client.HTTPSConnection("localhost", s.running.http_port, context=trust, timeout=30)
-        c.request("POST", f"/v2/models/{CHAR_MODEL}/score", json.dumps({"text": "the"}))
-        r = c.getresponse()
-        assert r.status == 200 and json.loads(r.read())["num_chars"] == 3
-        c.close()
-        plain = http.client.HTTPConnection("localhost", s.running.http_port, timeout=10)
-        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-            plain.request("GET", "/v2/health/ready")
-            plain.getresponse()
-    finally:
-        s.close()

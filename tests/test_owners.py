@@ -11,24 +11,18 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.testing.process import Replica
-from training.testing.models import CHAR_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL
 
 KEYS = [secrets.token_urlsafe(24) for _ in range(4)]  # A, B: ownership; C, D: the bound
 KEY_A, KEY_B, KEY_C, KEY_D = KEYS
 IDLE = 4.0  # the replicas' idle timeout, seconds
 BOUND = 2  # --max-sessions-per-client
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.engine import Engine, Limits
 from serving.prefix_cache import ENTRY_BYTES, NODE_BYTES, PrefixCache, Recorder
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL
 
 S, H, V = 3, 8, 12  # a small state and vocabulary for the unit tests
 
@@ -278,11 +278,6 @@ def test_the_bound_is_checked():
 SHARED = (
     "the cat sat on the mat\na dog ran in the park\nwe saw the stars at night\n" * 2
 )  # 144 chars
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 def limits(**kw) -> Limits:

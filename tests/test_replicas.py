@@ -12,21 +12,16 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
+from grpc_calls import code_of
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.testing.process import REPLICA_IDLE, Replica
-from training.testing.models import CHAR_MODEL, export_tiny_models
+from training.testing.models import CHAR_MODEL
 
 IDLE = REPLICA_IDLE
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +48,6 @@ def generate(stub, sid: str, seed: int, prompt: str = "the ", max_chars: int = 3
 
 def get(stub, sid: str) -> pb.Session:
     return stub.GetSession(pb.GetSessionRequest(session_id=sid))
-
-
-def code_of(fn, *args):
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args)
-    return info.value.code(), info.value.details()
 
 
 def test_generate_split_across_replicas_equals_one_server(pair):

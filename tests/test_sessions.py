@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_calls import code_of
 from sessions_support import (
     LIMITS,
-    code_of,
     generate,
     glimpse_requests,
     info,
@@ -33,12 +32,7 @@ from serving.sampling import Sampler
 from serving.scheduler import GenerateSequence, Scheduler
 from serving.server import shutdown
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, export_tiny_models
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL
 
 
 @pytest.fixture(scope="module")

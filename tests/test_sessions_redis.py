@@ -6,8 +6,6 @@ fixtures."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sessions_support import LIMITS
 from test_sessions import (  # noqa: F401 - collected here, with this module's fixtures
@@ -22,12 +20,7 @@ from test_sessions_snapshot import (  # noqa: F401 - collected here, with this m
 
 from serving.engine import Limits
 from serving.testing.inprocess import ServerThread
-from training.testing.models import GLIMPSE_MODEL, export_tiny_models
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
+from training.testing.models import GLIMPSE_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_calls import code_of
 from sessions_support import (
     KEY_A,
     KEY_B,
     LIMITS,
-    code_of,
     generate,
     glimpse_requests,
     info,
@@ -36,12 +36,7 @@ from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
 from serving.engine import Engine, Limits
 from serving.testing.inprocess import ServerThread
-from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT, export_tiny_models
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    return export_tiny_models(tmp_path_factory.mktemp("exported"))
+from training.testing.models import CHAR_MODEL, GLIMPSE_MODEL, TEXT
 
 
 @pytest.fixture(scope="module")

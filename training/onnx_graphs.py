@@ -34,7 +34,7 @@ from serving.formats import LOGITS_OUTPUT, STATE_INPUT, STATE_OUTPUT
 from training.hmlstm import HMLSTM
 from training.models import ModelConfig, TaskModel, pack_state, state_slots, unpack_state
 from training.nlstm import NestedLSTMCell
-from training.quantize import drop_initializer_value_info
+from training.quant_graph import drop_initializer_value_info
 from training.tasks import model_kind
 
 if TYPE_CHECKING:

@@ -4,7 +4,8 @@
 inputs from the training split) batched as the trainer evaluates; `evaluate` gives an
 ExportedModel's figures on a split; `cost` what quantization costs; `step_cpu_us` the CPU time
 of a step (one onnxruntime thread, the calling thread's CPU time: other processes on a shared
-machine do not inflate it). training/quantize.py uses them. Never imports torch.
+machine do not inflate it); `local_model` an ExportedModel over a graph not yet in a folder
+(a candidate). training/quantize.py and training/quant_choose.py use them. Never imports torch.
 """
 
 from __future__ import annotations
@@ -232,3 +233,14 @@ def step_cpu_us(
                 us = (time.thread_time() - t0) / reps[k] * 1e6
                 best[k][str(batch)] = min(best[k].get(str(batch), math.inf), us)
     return best
+
+
+def local_model(
+    model_folder: Path, graph: Path, meta: ExportMeta, providers: str = "cpu", threads: int = 1
+):
+    """An ExportedModel over `graph` with `meta`'s description (a candidate not yet a folder)."""
+    from serving.runtime import ExportedModel, _create_session, _session_options
+
+    sess = _create_session(graph, providers, _session_options(threads, 1))
+    tok = Tokenizer.from_file(model_folder / TOKENIZER_FILE) if meta.has_tokenizer else None
+    return ExportedModel(model_folder, meta, tok, sess, None)

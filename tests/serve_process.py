@@ -1,0 +1,49 @@
+"""`nlstm serve` in a subprocess for the tests that need a real process (a signal, the command's
+flags and environment): started on port 0 with its log on a pipe, and the port it prints read
+back (tests/test_server_settings.py, tests/test_http_servers.py, tests/test_hardening.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def start_serve(models_dir: Path, *args: str, cwd: Path | None = None, **env: str):
+    """`nlstm serve --models DIR --port 0 --host localhost ARGS`, unbuffered, with `env` added
+    to this process's environment; its log is proc.stderr (text)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--host",
+            "localhost",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+        cwd=cwd,
+    )
+
+
+def port_in_log(proc: subprocess.Popen, pattern: str = r"on port (\d+)", timeout: float = 60):
+    """The port the first log line matching `pattern` names (its group 1); fails with the log
+    read so far when none comes within `timeout` seconds."""
+    assert proc.stderr is not None
+    port, lines, deadline = None, [], time.time() + timeout
+    while port is None and time.time() < deadline:
+        lines.append(proc.stderr.readline())
+        if m := re.search(pattern, lines[-1]):
+            port = int(m.group(1))
+    assert port, "".join(lines)
+    return port
