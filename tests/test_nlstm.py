@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from nlstm_exactness import fused_and_reference, randomize
 
 from training.nlstm import NestedLSTM, NestedLSTMCell
 
@@ -65,13 +66,6 @@ def cell_params_np(cell: NestedLSTMCell):
     return [
         tuple(p.detach().double().numpy() for p in cell.level_weights(k)) for k in range(cell.depth)
     ]
-
-
-def randomize(module: torch.nn.Module, std: float = 0.4, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 # ------------------------------------------------------------------------------ known answers
@@ -258,32 +252,11 @@ def test_baseline_lstm_and_head_initialisation_follow_the_paper():
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("outer", ["identity", "tanh"])
 def test_fused_sequence_equals_step_by_step(depth, outer):
-    torch.manual_seed(depth)
-    T, B, n_in, H, L = 9, 3, 5, 4, 2
-    layer = NestedLSTM(n_in, H, depth=depth, num_layers=L, outer_activation=outer).double()
-    randomize(layer)
-    x = torch.randn(T, B, n_in, dtype=torch.float64, requires_grad=True)
-    state = tuple(
-        tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(depth + 1))
-        for _ in range(L)
-    )
-
-    def run(fused):
-        layer.fused = fused
-        out, final = layer(x, state)
-        flat = [out] + [t for s in final for t in s]
-        # a loss that weighs every output and every final state differently
-        loss = sum(
-            (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in flat
-        )
-        inputs = [x] + [t for s in state for t in s] + list(layer.parameters())
-        return flat, torch.autograd.grad(loss, inputs)
-
-    (out_f, grad_f), (out_r, grad_r) = run(True), run(False)
-    for a, b in zip(out_f, out_r, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grad_f, grad_r, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    T = 9
+    case = fused_and_reference(depth, outer, n_in=5, H=4, T=T, seed=depth, std=0.4)
+    case.assert_exact()
+    layer, x, state = case.layer, case.x, case.state
+    out_f = case.fused[0]
 
     # and the layer equals its cells stepped by hand, one time step at a time
     with torch.no_grad():

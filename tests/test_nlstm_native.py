@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from nlstm_exactness import fused_and_reference
 from torch.utils import cpp_extension
 
 from training import nlstm_native
@@ -16,13 +17,6 @@ from training.config import TrainConfig
 from training.nlstm import NestedLSTM
 from training.testing.data import stream_prepared
 from training.trainer import Trainer
-
-
-def randomize(module: torch.nn.Module, std: float, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def can_build() -> bool:
@@ -72,40 +66,6 @@ def spy(monkeypatch) -> list[Counting]:
     return seen
 
 
-def fused_and_reference(depth, outer, H=5, B=3, T=7, L=2, seed=0):
-    """Outputs, final states and gradients (inputs, states, parameters) of the fused path and
-    of the reference cell stepped by autograd, float64, with a loss that weighs every output
-    differently and a gradient into every final state."""
-    torch.manual_seed(seed)
-    layer = NestedLSTM(4, H, depth=depth, num_layers=L, outer_activation=outer).double()
-    randomize(layer, std=0.5, seed=seed)
-    x = torch.randn(T, B, 4, dtype=torch.float64, requires_grad=True)
-    state = tuple(
-        tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(depth + 1))
-        for _ in range(L)
-    )
-
-    def run(fused):
-        layer.fused = fused
-        out, final = layer(x, state)
-        flat = [out] + [t for s in final for t in s]
-        loss = sum(
-            (t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in flat
-        )
-        inputs = [x] + [t for s in state for t in s] + list(layer.parameters())
-        return flat, torch.autograd.grad(loss, inputs)
-
-    return run(True), run(False)
-
-
-def assert_exact(fused, reference):
-    (out_f, grad_f), (out_r, grad_r) = fused, reference
-    for a, b in zip(out_f, out_r, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grad_f, grad_r, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
 # ------------------------------------------------------------------------------- the kernels
 @needs_build
 def test_the_kernels_build_here(fresh):
@@ -129,10 +89,10 @@ def test_the_build_goes_to_the_cache_folder(monkeypatch, tmp_path):
 @pytest.mark.parametrize("H", [5, 19])  # 19: full vectors and a tail at either width
 def test_kernels_equal_the_reference_cell_in_float64(depth, outer, H, monkeypatch):
     seen = spy(monkeypatch)
-    fused, reference = fused_and_reference(depth, outer, H=H)
+    case = fused_and_reference(depth, outer, H=H)
     # the forward and the backward of both layers took the kernels, every step
     assert len(seen) == 4 and all(c.calls > 0 for c in seen)
-    assert_exact(fused, reference)
+    case.assert_exact()
 
 
 @needs_build
@@ -168,7 +128,7 @@ def test_the_avx2_build_equals_the_reference_cell(fresh, monkeypatch):
     assert "(AVX2) loaded" in nlstm_native.status()
     seen = spy(monkeypatch)
     for depth in (1, 3):
-        assert_exact(*fused_and_reference(depth, "tanh", H=19))
+        fused_and_reference(depth, "tanh", H=19).assert_exact()
     assert seen and all(c.calls > 0 for c in seen)
 
 
@@ -180,7 +140,7 @@ def test_an_unsupported_cpu_falls_back_to_the_torch_ops(fresh, monkeypatch):
     assert "unavailable" in line and "CPU level DEFAULT" in line and "pure-PyTorch" in line
     assert len(line.splitlines()) == 1
     seen = spy(monkeypatch)
-    assert_exact(*fused_and_reference(2, "identity"))
+    fused_and_reference(2, "identity").assert_exact()
     assert seen == []  # no kernel was asked for: the torch ops ran
 
 
@@ -197,7 +157,7 @@ def test_a_failed_build_falls_back_to_the_torch_ops(fresh, monkeypatch, tmp_path
     assert "unavailable" in line and "pure-PyTorch" in line and len(line.splitlines()) == 1
     assert nlstm_native.kernels() is None  # tried once per process, not at every call
     for depth in (1, 3):
-        assert_exact(*fused_and_reference(depth, "tanh", H=19))
+        fused_and_reference(depth, "tanh", H=19).assert_exact()
 
 
 def test_switched_off_the_torch_ops_run(monkeypatch):
@@ -205,7 +165,7 @@ def test_switched_off_the_torch_ops_run(monkeypatch):
     assert nlstm_native.kernels() is None
     assert "switched off" in nlstm_native.status()
     seen = spy(monkeypatch)
-    assert_exact(*fused_and_reference(3, "identity"))
+    fused_and_reference(3, "identity").assert_exact()
     assert seen == []
 
 
