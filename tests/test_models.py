@@ -233,3 +233,48 @@ def test_cli_module_imports_no_torch():
     code = "import sys, training.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# the model code of DESIGN.md's first invariant: the cells, the stacks, the task heads
+MODEL_MODULES = (
+    "nlstm",
+    "nlstm_fused",
+    "nlstm_graphs",
+    "gemm",
+    "levels",
+    "baselines",
+    "hmlstm",
+    "models",
+    "model_config",
+)
+# what model code may import besides torch and itself: the language, nothing that touches files,
+# flags, logging setup or protobuf (training.nlstm_native, the C++ kernels' loader, is the one
+# module of the package that builds into a cache folder; the model code only calls it)
+MODEL_STDLIB = {"__future__", "typing", "dataclasses", "math", "collections", "itertools"}
+
+
+@pytest.mark.parametrize("name", MODEL_MODULES)
+def test_model_code_imports_only_torch(name):
+    import ast
+    from pathlib import Path
+
+    import training
+
+    source = Path(training.__file__).parent / f"{name}.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            imported |= {
+                f"{base}.{alias.name}" if base == "training" else base for alias in node.names
+            }
+    allowed_training = {f"training.{m}" for m in (*MODEL_MODULES, "nlstm_native")}
+    wrong = {
+        m
+        for m in imported
+        if m.split(".")[0] not in {"torch", *MODEL_STDLIB}
+        and (m not in allowed_training and not any(m.startswith(a + ".") for a in allowed_training))
+    }
+    assert not wrong, f"training/{name}.py imports {sorted(wrong)}: model code imports only torch"

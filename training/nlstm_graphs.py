@@ -1,7 +1,7 @@
 """The fused NLSTM sequence as CUDA graphs: one captured forward and one captured backward per
 cell and input shape, replayed at every training step.
 
-On CUDA the fused Function (training.nlstm) launches some 20 small kernels per time step and
+On CUDA the fused Function (training.nlstm_fused) launches some 20 small kernels per time step and
 level in the forward pass and 30 in the backward; at the paper's batch of 32 each runs for a few
 microseconds, so a step is bound by kernel launches from Python, not by the GPU. A CUDA graph
 records those launches once and replays them as one: the same kernels on the same buffers,
@@ -21,7 +21,7 @@ What a graph needs, and how this file provides it:
 
 `NestedLSTM(cuda_graphs=True)` uses this for CUDA inputs when gradients are on; the CPU, and
 evaluation under no_grad, run the eager fused path (the CPU has no launch overhead to remove).
-The captured code is `sequence_forward` / `sequence_backward` of training.nlstm, the eager
+The captured code is `sequence_forward` / `sequence_backward` of training.nlstm_fused, the eager
 path's own code, so both compute the same function.
 
 This file imports only torch.
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from training.nlstm import sequence_backward, sequence_forward
+from training.nlstm_fused import sequence_backward, sequence_forward
 
 MAX_GRAPHS_PER_CELL = 4  # shapes kept per cell (training uses one; a last short batch a second)
 
@@ -98,7 +98,8 @@ class _GraphedSequence:
 
 
 class _GraphedNestedLSTMSequence(torch.autograd.Function):
-    """_NestedLSTMSequence's interface (training.nlstm), run by replaying `graphed`'s graphs."""
+    """NestedLSTMSequence's interface (training.nlstm_fused), run by replaying `graphed`'s
+    graphs."""
 
     @staticmethod
     def forward(ctx, graphed: _GraphedSequence, xproj, w_hh0, *rest):
@@ -124,7 +125,7 @@ def graphed_sequence(
     cell, xproj: Tensor, w_hh0: Tensor, inner: list[Tensor], state, tanh_outer: bool
 ):
     """Run the fused sequence of `cell` through its CUDA graphs (captured on first use of
-    these shapes). Arguments as _NestedLSTMSequence.apply's; returns its outputs."""
+    these shapes). Arguments as NestedLSTMSequence.apply's; returns its outputs."""
     key = (tuple(xproj.shape), xproj.dtype, xproj.device, tanh_outer)
     graphs = cell.__dict__.setdefault("_cuda_graphs", {})  # not a buffer: never in state_dict
     graphed = graphs.get(key)
