@@ -115,3 +115,22 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "poems-nlstm-2x32-s1")]) == 0
     assert "| poems-nlstm-2x32 | 1 | 1,000 | 2 | 201.23 | 205.00 |" in capsys.readouterr().out
     assert main(["summary", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_leaves_out_runs_that_have_not_evaluated_yet(tmp_path, capsys):
+    """`nlstm summary runs/poems-*/` while a queue runs: the run that has only started is left
+    out with a line on stderr; the table has the others. With none evaluated, it refuses."""
+    done = _write_run(
+        tmp_path / "poems-nlstm-2x32-s1",
+        "poems",
+        1,
+        [{"epoch": 2, "step": 4, "best_valid_ppl": 201.234, "best_test_ppl": 205.0}],
+    )
+    started = _write_run(tmp_path / "poems-nlstm-2x32-s2", "poems", 2, [])
+    assert main(["summary", str(done), str(started)]) == 0
+    out, err = capsys.readouterr()
+    assert "| poems-nlstm-2x32 | 1 | 1,000 | 2 | 201.23 | 205.00 |" in out
+    assert f"left out {started}" in err and "no evaluation yet" in err
+    assert main(["summary", str(started)]) == 2
+    assert "none of the runs given has an evaluation yet" in capsys.readouterr().err
+    assert main(["summary", str(done), str(tmp_path / "missing")]) == 2  # not a run: an error

@@ -7,6 +7,7 @@ implementation lazily.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -98,7 +99,8 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
             "Print each RUN's figures at its best validation (the test figure at that "
             "evaluation, as the paper reports) as a markdown table. Runs whose folder names "
             "differ only by a trailing -sN / -seedN are one row: mean and sample standard "
-            "deviation over the seeds. Every RUN must be of the same task."
+            "deviation over the seeds. Every RUN must be of the same task; a run that has not "
+            "evaluated yet is left out, with a line on stderr."
         ),
     )
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder")
@@ -106,9 +108,17 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    from training.summary import group, markdown, read_run
+    from training.summary import NoEvaluationYet, SummaryError, group, markdown, read_run
 
-    print(markdown(group([read_run(r) for r in args.runs])), end="")
+    runs = []
+    for run in args.runs:  # a run that has not evaluated yet is left out (a queue in progress)
+        try:
+            runs.append(read_run(run))
+        except NoEvaluationYet as exc:
+            print(f"nlstm summary: left out {run}: {exc}", file=sys.stderr)
+    if not runs:
+        raise SummaryError("none of the runs given has an evaluation yet")
+    print(markdown(group(runs)), end="")
     return 0
 
 

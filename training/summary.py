@@ -34,6 +34,10 @@ class SummaryError(ValueError):
     """A folder that is not a run (no metrics.jsonl) or a run with no evaluation yet."""
 
 
+class NoEvaluationYet(SummaryError):
+    """A run that has started but not evaluated yet (`nlstm summary` leaves it out, says so)."""
+
+
 @dataclass
 class RunFigures:
     """One run's figures at its last evaluation."""
@@ -72,7 +76,7 @@ def read_run(run_dir: str | Path) -> RunFigures:
             elif rec.get("type") == "eval":
                 last = rec
     if header is None or last is None:
-        raise SummaryError(f"{path} has no evaluation yet")
+        raise NoEvaluationYet(f"{path} has no evaluation yet")
     task = header.get("task", "")
     figs = FIGURES.get(task)
     if figs is None:
