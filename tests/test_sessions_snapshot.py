@@ -6,18 +6,15 @@ are in test_sessions.py."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_calls import code_of
+from serve_process import port_in_log, start_serve
 from sessions_support import (
     KEY_A,
     KEY_B,
@@ -268,34 +265,9 @@ def test_serve_snapshot_key_file_flag_and_environment(models_dir, tmp_path, monk
     )
     assert "cannot read" in capsys.readouterr().err
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--models",
-            str(models_dir),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--host",
-            "localhost",
-            "--snapshot-key-file",
-            str(key_file),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    proc = start_serve(models_dir, "--metrics-port", "-1", "--snapshot-key-file", str(key_file))
     try:
-        port, lines, deadline = None, [], time.time() + 60
-        while port is None and time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if m := re.search(r"on port (\d+)", lines[-1]):
-                port = int(m.group(1))
-        assert port, "".join(lines)
+        port = port_in_log(proc)
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             stub = pb_grpc.InferenceStub(channel)
             sid = sid_of(stub)
