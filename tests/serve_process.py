@@ -12,23 +12,26 @@ import time
 from pathlib import Path
 
 
+def serve_argv(models_dir: Path, *args: str) -> list[str]:
+    """The command line of `nlstm serve --models DIR --host localhost ARGS` in this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "serve",
+        "--models",
+        str(models_dir),
+        "--host",
+        "localhost",
+        *args,
+    ]
+
+
 def start_serve(models_dir: Path, *args: str, cwd: Path | None = None, **env: str):
-    """`nlstm serve --models DIR --port 0 --host localhost ARGS`, unbuffered, with `env` added
+    """`nlstm serve --models DIR --host localhost --port 0 ARGS`, unbuffered, with `env` added
     to this process's environment; its log is proc.stderr (text)."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            "serve",
-            "--models",
-            str(models_dir),
-            "--port",
-            "0",
-            "--host",
-            "localhost",
-            *args,
-        ],
+        serve_argv(models_dir, "--port", "0", *args),
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
@@ -38,12 +41,15 @@ def start_serve(models_dir: Path, *args: str, cwd: Path | None = None, **env: st
 
 def port_in_log(proc: subprocess.Popen, pattern: str = r"on port (\d+)", timeout: float = 60):
     """The port the first log line matching `pattern` names (its group 1); fails with the log
-    read so far when none comes within `timeout` seconds."""
+    read so far when none comes within `timeout` seconds or the log ends (the server exited)."""
     assert proc.stderr is not None
     port, lines, deadline = None, [], time.time() + timeout
     while port is None and time.time() < deadline:
-        lines.append(proc.stderr.readline())
-        if m := re.search(pattern, lines[-1]):
+        line = proc.stderr.readline()
+        if not line:  # end of the log: the process has exited
+            break
+        lines.append(line)
+        if m := re.search(pattern, line):
             port = int(m.group(1))
     assert port, "".join(lines)
     return port

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from serve_process import serve_argv
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -235,20 +236,7 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
     first, port = _start_server(mnist_models, "--port", "0", "--metrics-port", "-1")
     try:
         second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "training.cli",
-                "serve",
-                "--models",
-                str(mnist_models),
-                "--host",
-                "localhost",
-                "--port",
-                str(port),
-                "--metrics-port",
-                "-1",
-            ],
+            serve_argv(mnist_models, "--port", str(port), "--metrics-port", "-1"),
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -276,20 +264,7 @@ def test_a_port_in_use_is_an_error_naming_it(mnist_models):
         taken.listen()
         metrics_port = taken.getsockname()[1]
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "training.cli",
-                "serve",
-                "--models",
-                str(mnist_models),
-                "--host",
-                "localhost",
-                "--port",
-                "0",
-                "--metrics-port",
-                str(metrics_port),
-            ],
+            serve_argv(mnist_models, "--port", "0", "--metrics-port", str(metrics_port)),
             capture_output=True,
             text=True,
             cwd=REPO,
