@@ -1,10 +1,10 @@
 // The fused NLSTM's per-step pointwise work on the CPU, one pass per time step and level.
 //
 // training/nlstm_native.py compiles this file on first use (torch.utils.cpp_extension) and
-// training/nlstm.py's `sequence_forward` / `sequence_backward` call it between their matrix
+// training/nlstm_fused.py's `sequence_forward` / `sequence_backward` call it between their matrix
 // products. Without it every step and level runs ~20 small torch ops on (B, H) blocks, each a
 // separate pass with its own dispatch; here each kernel reads and writes every element once.
-// The math is that of the pure-PyTorch loops in training/nlstm.py (which remain the fallback):
+// The math is that of the pure-PyTorch loops in training/nlstm_fused.py (the fallback):
 // gates in torch.nn.LSTM's order (i, f, g, o), sigmoid as torch computes it, 1 / (1 + exp(-x)),
 // tanh through ATen's vectorised Sleef tanh. Tensors are (B, features) row blocks whose rows
 // are contiguous (any row stride); every kernel works row by row, one vector of columns at a
@@ -45,6 +45,25 @@ inline Vectorized<T> sigmoid(const Vectorized<T>& x) {  // as torch's CPU sigmoi
   return (Vectorized<T>(T(1)) + (Vectorized<T>(T(0)) - x).exp()).reciprocal();
 }
 
+template <typename T>
+struct Gates {
+  Vectorized<T> i, f, g, o;
+};
+
+// Columns j .. j + n of one row of raw (i, f, g, o) gates: sigmoid on i, f, o, tanh on g when
+// `tanh_g` (the identity otherwise), written back in place and returned.
+template <typename T>
+inline Gates<T> activate(T* g_row, int64_t H, int64_t j, int64_t n, bool tanh_g) {
+  Gates<T> a{sigmoid(load(g_row + j, n)), sigmoid(load(g_row + H + j, n)),
+             load(g_row + 2 * H + j, n), sigmoid(load(g_row + 3 * H + j, n))};
+  if (tanh_g) a.g = a.g.tanh();
+  store(a.i, g_row + j, n);
+  store(a.f, g_row + H + j, n);
+  store(a.g, g_row + 2 * H + j, n);
+  store(a.o, g_row + 3 * H + j, n);
+  return a;
+}
+
 void check(const Tensor& t, const Tensor& like, int64_t cols, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.scalar_type() == like.scalar_type(),
               name, ": a 2-d CPU tensor of ", like.scalar_type(), " expected");
@@ -66,15 +85,9 @@ void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tan
     T* uv_row = uvr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
-      V i = sigmoid(load(g_row + j, n)), f = sigmoid(load(g_row + H + j, n));
-      V g = load(g_row + 2 * H + j, n), o = sigmoid(load(g_row + 3 * H + j, n));
-      if (tanh_g) g = g.tanh();
-      store(i, g_row + j, n);
-      store(f, g_row + H + j, n);
-      store(g, g_row + 2 * H + j, n);
-      store(o, g_row + 3 * H + j, n);
-      store(i * g, uv_row + j, n);
-      store(f * load(c_row + j, n), uv_row + H + j, n);
+      const Gates<T> a = activate(g_row, H, j, n, tanh_g);
+      store(a.i * a.g, uv_row + j, n);
+      store(a.f * load(c_row + j, n), uv_row + H + j, n);
     }
   }
 }
@@ -101,23 +114,32 @@ void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g
     const T* c_row = cr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
-      V i = sigmoid(load(g_row + j, n)), f = sigmoid(load(g_row + H + j, n));
-      V g = load(g_row + 2 * H + j, n), o = sigmoid(load(g_row + 3 * H + j, n));
-      if (tanh_g) g = g.tanh();
-      store(i, g_row + j, n);
-      store(f, g_row + H + j, n);
-      store(g, g_row + 2 * H + j, n);
-      store(o, g_row + 3 * H + j, n);
-      V c = f * load(c_row + j, n) + i * g;
+      const Gates<T> a = activate(g_row, H, j, n, tanh_g);
+      V c = a.f * load(c_row + j, n) + a.i * a.g;
       for (int64_t k = D - 1; k >= 0; --k) {
         store(c, mr[k].row(b) + j, n);
         V tc = c.tanh();
         store(tc, tr[k].row(b) + j, n);
-        c = (k == D - 1 ? o : load(gr[k].row(b) + 3 * H + j, n)) * tc;
+        c = (k == D - 1 ? a.o : load(gr[k].row(b) + 3 * H + j, n)) * tc;
       }
       store(c, hr.row(b) + j, n);
     }
   }
+}
+
+// Columns j .. j + n of one level's i, f, g pre-activation gradients (into the row `da`) from
+// the gradients du of u = i * g and dv of v = f * c(t-1), and the gradient dv * f that flows into
+// c(t-1) (into `dc_row`). g_row holds the level's activated gates.
+template <typename T>
+inline void input_gate_grads(const T* g_row, const T* c_row, T* da, T* dc_row, int64_t H,
+                             int64_t j, int64_t n, Vectorized<T> du, Vectorized<T> dv,
+                             bool tanh_g) {
+  const Vectorized<T> one(T(1));
+  Vectorized<T> i = load(g_row + j, n), f = load(g_row + H + j, n), g = load(g_row + 2 * H + j, n);
+  store(du * g * (i - i * i), da + j, n);
+  store(dv * load(c_row + j, n) * (f - f * f), da + H + j, n);
+  store(du * i * (tanh_g ? one - g * g : one), da + 2 * H + j, n);
+  store(dv * f, dc_row + j, n);
 }
 
 // The innermost and the output chain of the backward at one step. d_out starts as dh (+ d_hs):
@@ -155,13 +177,9 @@ void back_inner_impl(const Tensor& dh, const c10::optional<Tensor>& d_hs,
         d_out = load(dc_p, n) + o * (one - tc * tc) * d_out;
         store(d_out, dc_p, n);
       }
-      const T* g_row = gr[D - 1].row(b);
-      T* da = dar[D - 1].row(b);
-      V i = load(g_row + j, n), f = load(g_row + H + j, n), g = load(g_row + 2 * H + j, n);
-      store(d_out * g * (i - i * i), da + j, n);
-      store(d_out * load(cr.row(b) + j, n) * (f - f * f), da + H + j, n);
-      store(d_out * i * (tanh_g ? one - g * g : one), da + 2 * H + j, n);
-      store(d_out * f, dcr[D - 1].row(b) + j, n);
+      // the innermost memory c = v + u: d u = d v = d c
+      input_gate_grads(gr[D - 1].row(b), cr.row(b), dar[D - 1].row(b), dcr[D - 1].row(b), H, j,
+                       n, d_out, d_out, tanh_g);
     }
   }
 }
@@ -175,18 +193,13 @@ void back_level_impl(const Tensor& d_uv, const Tensor& G, const Tensor& c_prev,
   using V = Vectorized<T>;
   const int64_t B = G.size(0), H = G.size(1) / 4;
   Rows<T> dr(d_uv), gr(G), cr(c_prev), ar(dA), dcr(dc);
-  const V one(T(1));
   for (int64_t b = 0; b < B; ++b) {
     const T *g_row = gr.row(b), *d_row = dr.row(b);
     T* da = ar.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
-      V du = load(d_row + j, n), dv = load(d_row + H + j, n);
-      V i = load(g_row + j, n), f = load(g_row + H + j, n), g = load(g_row + 2 * H + j, n);
-      store(du * g * (i - i * i), da + j, n);
-      store(dv * load(cr.row(b) + j, n) * (f - f * f), da + H + j, n);
-      store(du * i * (tanh_g ? one - g * g : one), da + 2 * H + j, n);
-      store(dv * f, dcr.row(b) + j, n);
+      input_gate_grads(g_row, cr.row(b), da, dcr.row(b), H, j, n, load(d_row + j, n),
+                       load(d_row + H + j, n), tanh_g);
     }
   }
 }

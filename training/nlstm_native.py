@@ -2,7 +2,7 @@
 
 training/nlstm_cpu.cpp fuses each time step's pointwise work (the gates' activations, the inner
 and outer memory updates, and the backward's derivatives) into one pass per level, which
-training/nlstm.py's `sequence_forward` / `sequence_backward` call between their matrix
+training/nlstm_fused.py's `sequence_forward` / `sequence_backward` call between their matrix
 products. It is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja
 are needed at run time) into a cache folder, never into the checkout:
 $TORCH_EXTENSIONS_DIR when set, else ($XDG_CACHE_HOME or ~/.cache)/nlstm/torch_extensions. The
