@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.nlstm import orthogonal_gates_
+from training.levels import orthogonal_gates_
 
 
 def hard_sigmoid(x: Tensor, slope: float) -> Tensor:

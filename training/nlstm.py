@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.levels import add_levels, level_weights, orthogonal_gates_, reset_levels  # noqa: F401
+from training.levels import add_levels, level_weights, reset_levels
 from training.nlstm_fused import NestedLSTMSequence
 
 State = tuple[Tensor, ...]
