@@ -1,6 +1,7 @@
 """`nlstm serve` in a subprocess for the tests that need a real process (a signal, the command's
 flags and environment): started on port 0 with its log on a pipe, and the port it prints read
-back (tests/test_server_settings.py, tests/test_http_servers.py, tests/test_hardening.py)."""
+back (tests/test_server_settings.py, tests/test_http_servers.py, tests/test_hardening.py,
+tests/test_cli_serving.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,21 @@ import time
 from pathlib import Path
 
 
-def serve_argv(models_dir: Path, *args: str) -> list[str]:
-    """The command line of `nlstm serve --models DIR --host localhost ARGS` in this interpreter."""
+def serve_argv(models_dir: Path, *args: str, prelude: str = "") -> list[str]:
+    """The command line of `nlstm serve --models DIR --host localhost ARGS` in this interpreter;
+    with `prelude`, Python source that interpreter runs before the command (tests/
+    test_cli_serving.py makes the train extra unimportable with it)."""
+    command = (
+        [
+            "-c",
+            f"{prelude}\nimport sys\nfrom training.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+        ]
+        if prelude
+        else ["-m", "training.cli"]
+    )
     return [
         sys.executable,
-        "-m",
-        "training.cli",
+        *command,
         "serve",
         "--models",
         str(models_dir),
@@ -27,11 +37,14 @@ def serve_argv(models_dir: Path, *args: str) -> list[str]:
     ]
 
 
-def start_serve(models_dir: Path, *args: str, cwd: Path | None = None, **env: str):
+def start_serve(
+    models_dir: Path, *args: str, cwd: Path | None = None, prelude: str = "", **env: str
+):
     """`nlstm serve --models DIR --host localhost --port 0 ARGS`, unbuffered, with `env` added
-    to this process's environment; its log is proc.stderr (text)."""
+    to this process's environment (and `prelude` run first: serve_argv); its log is proc.stderr
+    (text)."""
     return subprocess.Popen(
-        serve_argv(models_dir, "--port", "0", *args),
+        serve_argv(models_dir, "--port", "0", *args, prelude=prelude),
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1", **env),

@@ -4,7 +4,6 @@ grpcio-tools. Real server processes on the bundled MNIST model (small, loads in 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serve_process import serve_argv
+from serve_process import port_in_log, serve_argv, start_serve
 
 from serving.api.nlstm.v1 import inference_pb2 as pb
 from serving.api.nlstm.v1 import inference_pb2_grpc as pb_grpc
@@ -75,36 +74,14 @@ def mnist_models(tmp_path_factory) -> Path:
 
 
 def _start_server(models: Path, *extra: str, blocked=()) -> tuple[subprocess.Popen, int]:
-    """`nlstm serve` in its own process; returns it and the gRPC port it logged."""
-    code = _blocker(blocked) + "from training.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "serve",
-            "--models",
-            str(models),
-            "--host",
-            "localhost",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    lines, deadline = [], time.time() + 60
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"serving .* on port (\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-    proc.kill()
-    raise AssertionError("the server did not start:\n" + "".join(lines))
+    """`nlstm serve --port 0 EXTRA` in its own process, where `blocked` modules cannot be
+    imported; returns it and the gRPC port it logged (killed if it logs none)."""
+    proc = start_serve(models, *extra, cwd=REPO, prelude=_blocker(blocked) if blocked else "")
+    try:
+        return proc, port_in_log(proc, r"serving .* on port (\d+)")
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -179,9 +156,7 @@ def test_serving_commands_run_without_torch(tmp_path):
 
 
 def test_serve_runs_without_torch(mnist_models):
-    proc, port = _start_server(
-        mnist_models, "--port", "0", "--metrics-port", "-1", blocked=TRAIN_EXTRA
-    )
+    proc, port = _start_server(mnist_models, "--metrics-port", "-1", blocked=TRAIN_EXTRA)
     try:
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             models = (
@@ -233,7 +208,7 @@ def test_codegen_without_grpcio_tools_says_what_to_install():
 def test_a_port_in_use_is_an_error_naming_it(mnist_models):
     """A second server on the first one's port fails (gRPC's SO_REUSEPORT would let both listen
     and calls reach either); so does a taken metrics port. The first server keeps serving."""
-    first, port = _start_server(mnist_models, "--port", "0", "--metrics-port", "-1")
+    first, port = _start_server(mnist_models, "--metrics-port", "-1")
     try:
         second = subprocess.run(
             serve_argv(mnist_models, "--port", str(port), "--metrics-port", "-1"),
