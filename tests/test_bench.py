@@ -66,13 +66,17 @@ def test_train_speed_smoke():
     assert "large-GEMM peak this run: torch.mm" in out
     (result,) = json.loads(out.splitlines()[-1])
     assert result["device"] == "cpu" and result["peak_gflops"] > 0
+    # a peak per clock (by wall time with every thread, by CPU time), each printed
+    assert result["peak_gflops_by_clock"]["cpu"] == result["peak_gflops"]
+    assert result["peak_gflops_by_clock"]["wall"] > 0
+    assert "GFLOP/s (by wall time)" in out and "GFLOP/s (by CPU time)" in out
     assert list(result["kinds"]) == kinds
     for r in result["kinds"].values():
         for clock in ("wall", "cpu"):
             assert r[f"{clock}_chars_per_s"] > 0 and r[f"{clock}_ratio"] > 0
             # FLOPs per step over time against the peak measured in the same run
             assert r[f"{clock}_peak_fraction"] == pytest.approx(
-                r[f"{clock}_gflops"] / result["peak_gflops"]
+                r[f"{clock}_gflops"] / result["peak_gflops_by_clock"][clock]
             )
         assert r["gflop_per_step"] > 0
     assert result["kinds"]["nn.LSTM"]["wall_ratio"] == 1.0

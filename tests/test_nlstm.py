@@ -285,17 +285,27 @@ def test_fused_path_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *state[0]))
 
 
-def test_one_hot_indices_equal_dense_one_hot():
+@pytest.mark.parametrize("V", [11, 40])  # fewer / more classes than the 24 positions
+def test_one_hot_indices_equal_dense_one_hot(V):
+    """Outputs and every parameter's gradient: indices (the fused sequence looks up W^T + b
+    when T*B >= V, else W^T then adds b) against the reference cell on dense one-hot vectors."""
     torch.manual_seed(0)
-    V, T, B = 11, 6, 4
+    T, B = 6, 4
     layer = NestedLSTM(V, 8, depth=2).double()
+    randomize(layer, std=0.5)
     tokens = torch.randint(0, V, (T, B))
     dense = torch.nn.functional.one_hot(tokens, V).double()
-    for fused in (True, False):
+
+    def run(x, fused):
         layer.fused = fused
-        a, _ = layer(tokens)
-        b, _ = layer(dense)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        out, _ = layer(x)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        return [out, *torch.autograd.grad(loss, list(layer.parameters()))]
+
+    reference = run(dense, False)
+    for got in (run(tokens, True), run(tokens, False), run(dense, True)):
+        for a, b in zip(got, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="integer one-hot indices"):
         layer(torch.randn(T, B))
 

@@ -50,12 +50,20 @@ struct Gates {
   Vectorized<T> i, f, g, o;
 };
 
-// Columns j .. j + n of one row of raw (i, f, g, o) gates: sigmoid on i, f, o, tanh on g when
+// Columns j .. j + n of one row of raw (i, f, g, o) gates, plus the same columns of `add_row`
+// when it is not null (level 0's input projection: the product h W^T and xproj[t] are summed
+// here, as the product's own post-op would, in float32): sigmoid on i, f, o, tanh on g when
 // `tanh_g` (the identity otherwise), written back in place and returned.
 template <typename T>
-inline Gates<T> activate(T* g_row, int64_t H, int64_t j, int64_t n, bool tanh_g) {
-  Gates<T> a{sigmoid(load(g_row + j, n)), sigmoid(load(g_row + H + j, n)),
-             load(g_row + 2 * H + j, n), sigmoid(load(g_row + 3 * H + j, n))};
+inline Vectorized<T> raw(const T* g_row, const T* add_row, int64_t col, int64_t n) {
+  return add_row ? load(g_row + col, n) + load(add_row + col, n) : load(g_row + col, n);
+}
+
+template <typename T>
+inline Gates<T> activate(T* g_row, const T* add_row, int64_t H, int64_t j, int64_t n,
+                         bool tanh_g) {
+  Gates<T> a{sigmoid(raw(g_row, add_row, j, n)), sigmoid(raw(g_row, add_row, H + j, n)),
+             raw(g_row, add_row, 2 * H + j, n), sigmoid(raw(g_row, add_row, 3 * H + j, n))};
   if (tanh_g) a.g = a.g.tanh();
   store(a.i, g_row + j, n);
   store(a.f, g_row + H + j, n);
@@ -75,17 +83,20 @@ void check(const Tensor& t, const Tensor& like, int64_t cols, const char* name) 
 // Activates level k's gates (in place) and writes what it hands down to level k + 1:
 // u = i * g (eq. 8), v = f * c_k(t-1) (eq. 7).
 template <typename T>
-void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tanh_g) {
+void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tanh_g,
+               const c10::optional<Tensor>& add) {
   using V = Vectorized<T>;
   const int64_t B = G.size(0), H = G.size(1) / 4;
   Rows<T> gr(G), cr(c_prev), uvr(uv);
+  const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
   for (int64_t b = 0; b < B; ++b) {
     T* g_row = gr.row(b);
+    const T* a_row = ar ? ar->row(b) : nullptr;
     const T* c_row = cr.row(b);
     T* uv_row = uvr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
-      const Gates<T> a = activate(g_row, H, j, n, tanh_g);
+      const Gates<T> a = activate(g_row, a_row, H, j, n, tanh_g);
       store(a.i * a.g, uv_row + j, n);
       store(a.f * load(c_row + j, n), uv_row + H + j, n);
     }
@@ -95,11 +106,12 @@ void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tan
 // The innermost level's gates (activated in place) and memory c = f * c(t-1) + i * g, then the
 // walk up: each level's memory is the output of the level below, c_{k-1} = o_k * tanh(c_k),
 // and h = o_0 * tanh(c_0). gates[k]: level k's activated (B, 4H) gates (the innermost's raw);
-// mem_out[k]: c_k(t); tanh_out[k]: tanh c_k(t); h_out: h_t.
+// mem_out[k]: c_k(t); tanh_out[k]: tanh c_k(t); h_out: h_t. `add`: summed into the innermost
+// gates before their activation (a one-level cell's input projection), or none.
 template <typename T>
 void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g,
              const std::vector<Tensor>& mem_out, const std::vector<Tensor>& tanh_out,
-             const Tensor& h_out) {
+             const Tensor& h_out, const c10::optional<Tensor>& add) {
   using V = Vectorized<T>;
   const int64_t D = gates.size(), B = h_out.size(0), H = h_out.size(1);
   std::vector<Rows<T>> gr, mr, tr;
@@ -109,12 +121,14 @@ void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g
     tr.emplace_back(tanh_out[k]);
   }
   Rows<T> cr(c_prev), hr(h_out);
+  const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
   for (int64_t b = 0; b < B; ++b) {
     T* g_row = gr[D - 1].row(b);
+    const T* a_row = ar ? ar->row(b) : nullptr;
     const T* c_row = cr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
-      const Gates<T> a = activate(g_row, H, j, n, tanh_g);
+      const Gates<T> a = activate(g_row, a_row, H, j, n, tanh_g);
       V c = a.f * load(c_row + j, n) + a.i * a.g;
       for (int64_t k = D - 1; k >= 0; --k) {
         store(c, mr[k].row(b) + j, n);
@@ -204,18 +218,20 @@ void back_level_impl(const Tensor& d_uv, const Tensor& G, const Tensor& c_prev,
   }
 }
 
-void down(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tanh_g) {
+void down(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tanh_g,
+          const c10::optional<Tensor>& add) {
   const int64_t H = G.size(1) / 4;
   check(G, G, 4 * H, "gates");
   check(c_prev, G, H, "c_prev");
   check(uv, G, 2 * H, "uv");
+  if (add) check(*add, G, 4 * H, "add");
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "nlstm_down",
-                             [&] { down_impl<scalar_t>(G, c_prev, uv, tanh_g); });
+                             [&] { down_impl<scalar_t>(G, c_prev, uv, tanh_g, add); });
 }
 
 void up(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g,
         const std::vector<Tensor>& mem_out, const std::vector<Tensor>& tanh_out,
-        const Tensor& h_out) {
+        const Tensor& h_out, const c10::optional<Tensor>& add) {
   const int64_t D = gates.size(), H = h_out.size(1);
   TORCH_CHECK(D >= 1 && mem_out.size() == gates.size() && tanh_out.size() == gates.size(),
               "one gates, memory and tanh tensor per level expected");
@@ -225,8 +241,9 @@ void up(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g,
     check(tanh_out[k], h_out, H, "tanh_out");
   }
   check(c_prev, h_out, H, "c_prev");
+  if (add) check(*add, h_out, 4 * H, "add");
   AT_DISPATCH_FLOATING_TYPES(h_out.scalar_type(), "nlstm_up", [&] {
-    up_impl<scalar_t>(gates, c_prev, tanh_g, mem_out, tanh_out, h_out);
+    up_impl<scalar_t>(gates, c_prev, tanh_g, mem_out, tanh_out, h_out, add);
   });
 }
 
@@ -266,8 +283,12 @@ void back_level(const Tensor& d_uv, const Tensor& G, const Tensor& c_prev, const
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("down", &down, "activate level k's gates in place; write [i*g, f*c_prev] into uv");
-  m.def("up", &up, "the innermost level's update and the walk up to h");
+  m.def("down", &down, "activate level k's gates (+ add) in place; write [i*g, f*c_prev] into uv",
+        py::arg("G"), py::arg("c_prev"), py::arg("uv"), py::arg("tanh_g"),
+        py::arg("add") = py::none());
+  m.def("up", &up, "the innermost level's update (gates + add) and the walk up to h",
+        py::arg("gates"), py::arg("c_prev"), py::arg("tanh_g"), py::arg("mem_out"),
+        py::arg("tanh_out"), py::arg("h_out"), py::arg("add") = py::none());
   m.def("back_inner", &back_inner, "the backward's output chain and innermost level");
   m.def("back_level", &back_level, "the backward of one outer level, given [d u, d v]");
 }

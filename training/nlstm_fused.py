@@ -62,16 +62,22 @@ def sequence_forward(
 
     for t in range(T):
         for k in range(D):
-            # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k
-            G = lin[0](hs[t], add=xproj[t]) if k == 0 else lin[k](uv[k][t])
+            # k = 0: (B, 4H) = xproj[t] + h_{t-1} W_hh0^T; k > 0: [u, v] W_k^T + b_k. The C++
+            # kernel adds xproj[t] as it activates (the same float32 sum, one pass fewer than
+            # the product's post-op); the torch ops have the product add it.
+            if k == 0:
+                G = lin[0](hs[t]) if cpp is not None else lin[0](hs[t], add=xproj[t])
+            else:
+                G = lin[k](uv[k][t])
             gates[k].append(G)
             if cpp is not None:  # the same math as the ops below, one pass per level
+                add = xproj[t] if k == 0 else None
                 if k + 1 < D:
-                    cpp.down(G, mems[k][t], uv[k + 1][t], tanh_g[k])
+                    cpp.down(G, mems[k][t], uv[k + 1][t], tanh_g[k], add)
                 else:
                     tm = [x[t] for x in tanh_mems]
                     g_t = [level[t] for level in gates]
-                    cpp.up(g_t, mems[k][t], tanh_g[k], [m[t + 1] for m in mems], tm, hs[t + 1])
+                    cpp.up(g_t, mems[k][t], tanh_g[k], [m[t + 1] for m in mems], tm, hs[t + 1], add)
                 continue
             G[:, : 2 * H].sigmoid_()
             G[:, 3 * H :].sigmoid_()
