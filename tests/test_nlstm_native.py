@@ -96,6 +96,68 @@ def test_kernels_equal_the_reference_cell_in_float64(depth, outer, H, monkeypatc
 
 
 @needs_build
+@pytest.mark.parametrize("depth", [1, 3])
+def test_rows_split_across_threads_equal_the_reference_cell(depth, monkeypatch):
+    """H = 300, B = 16: 4H = 1,200 gate elements a row, so each kernel call's rows go to two
+    threads (ROW_GRAIN 16,384 elements: shares of at least 13 rows); float64 against the
+    reference cell. At this width the two sides' products sum 1,200-term rows in different
+    orders, so a few gradient elements near zero differ by ~1e-11 (with one thread too): the
+    tolerance is 1e-9, far below what a misplaced or skipped row would give."""
+    seen = spy(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = fused_and_reference(depth, "tanh", n_in=3, H=300, B=16, T=3, L=1)
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 2 and all(c.calls > 0 for c in seen)
+    (out_f, grad_f), (out_r, grad_r) = case.fused, case.reference
+    for a, b in zip(out_f + list(grad_f), out_r + list(grad_r), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@needs_build
+def test_rows_split_across_threads_change_no_bit():
+    """Each kernel on one thread and on two threads, the same inputs: identical outputs (rows
+    are independent, so splitting them reorders no arithmetic)."""
+    cpp = nlstm_native.kernels()
+    assert cpp is not None
+    torch.manual_seed(0)
+    B, H = 16, 300
+    gates = [torch.randn(B, 4 * H) for _ in range(2)]
+    add, c_prev = torch.randn(B, 4 * H), torch.randn(B, H)
+    dh, d_hs = torch.randn(B, H), torch.randn(B, H)
+    d_uv = torch.randn(B, 2 * H)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        g = [x.clone() for x in gates]
+        uv = torch.empty(B, 2 * H)
+        cpp.down(g[0], c_prev, uv, True, add)
+        mems, tanhs, h = (
+            [torch.empty(B, H) for _ in range(2)],
+            [torch.empty(B, H) for _ in range(2)],
+            torch.empty(B, H),
+        )
+        cpp.up(g, c_prev, True, mems, tanhs, h, None)
+        dc, dA = (
+            [torch.randn(B, H, generator=torch.Generator().manual_seed(k)) for k in range(2)],
+            [torch.empty(B, 4 * H) for _ in range(2)],
+        )
+        cpp.back_inner(dh, d_hs, g, tanhs, dc, dA, c_prev, True)
+        cpp.back_level(d_uv, g[0], c_prev, dA[0], dc[0], True)
+        return [*g, uv, *mems, *tanhs, h, *dc, *dA]
+
+    before = torch.get_num_threads()
+    try:
+        one, two = run(1), run(2)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_build
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_kernels_equal_the_torch_ops_in_float32(depth, monkeypatch):
     """float32 at a size where the products go through oneDNN: the kernels against the torch

@@ -10,6 +10,7 @@
 // are contiguous (any row stride); every kernel works row by row, one vector of columns at a
 // time. Shapes: G (B, 4H) gates, activated in place in the forward; c, tanh c, h (B, H);
 // [u, v] and its gradient (B, 2H).
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
@@ -43,6 +44,19 @@ inline void store(const Vectorized<T>& v, T* p, int64_t n) {
 template <typename T>
 inline Vectorized<T> sigmoid(const Vectorized<T>& x) {  // as torch's CPU sigmoid kernel
   return (Vectorized<T>(T(1)) + (Vectorized<T>(T(0)) - x).exp()).reciprocal();
+}
+
+// Runs body(b) for every row b of a (B, features) block, the rows split across torch's intra-op
+// threads when each share has at least ROW_GRAIN gate elements (4H per row), else inline on the
+// calling thread. Rows are independent, so the result is the same on any number of threads.
+constexpr int64_t ROW_GRAIN = 16384;
+
+template <typename F>
+inline void for_rows(int64_t B, int64_t H, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, ROW_GRAIN / (4 * H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) body(b);
+  });
 }
 
 template <typename T>
@@ -89,7 +103,7 @@ void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tan
   const int64_t B = G.size(0), H = G.size(1) / 4;
   Rows<T> gr(G), cr(c_prev), uvr(uv);
   const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
-  for (int64_t b = 0; b < B; ++b) {
+  for_rows(B, H, [&](int64_t b) {
     T* g_row = gr.row(b);
     const T* a_row = ar ? ar->row(b) : nullptr;
     const T* c_row = cr.row(b);
@@ -100,7 +114,7 @@ void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tan
       store(a.i * a.g, uv_row + j, n);
       store(a.f * load(c_row + j, n), uv_row + H + j, n);
     }
-  }
+  });
 }
 
 // The innermost level's gates (activated in place) and memory c = f * c(t-1) + i * g, then the
@@ -122,7 +136,7 @@ void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g
   }
   Rows<T> cr(c_prev), hr(h_out);
   const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
-  for (int64_t b = 0; b < B; ++b) {
+  for_rows(B, H, [&](int64_t b) {
     T* g_row = gr[D - 1].row(b);
     const T* a_row = ar ? ar->row(b) : nullptr;
     const T* c_row = cr.row(b);
@@ -138,7 +152,7 @@ void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g
       }
       store(c, hr.row(b) + j, n);
     }
-  }
+  });
 }
 
 // Columns j .. j + n of one level's i, f, g pre-activation gradients (into the row `da`) from
@@ -179,7 +193,7 @@ void back_inner_impl(const Tensor& dh, const c10::optional<Tensor>& d_hs,
   const bool has_dhs = d_hs.has_value();
   Rows<T> dsr(has_dhs ? *d_hs : dh);
   const V one(T(1));
-  for (int64_t b = 0; b < B; ++b) {
+  for_rows(B, H, [&](int64_t b) {
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
       V d_out = load(dhr.row(b) + j, n);
@@ -195,7 +209,7 @@ void back_inner_impl(const Tensor& dh, const c10::optional<Tensor>& d_hs,
       input_gate_grads(gr[D - 1].row(b), cr.row(b), dar[D - 1].row(b), dcr[D - 1].row(b), H, j,
                        n, d_out, d_out, tanh_g);
     }
-  }
+  });
 }
 
 // Level k < D-1 of the backward at one step, once [d u, d v] (the gradient of what it handed
@@ -207,7 +221,7 @@ void back_level_impl(const Tensor& d_uv, const Tensor& G, const Tensor& c_prev,
   using V = Vectorized<T>;
   const int64_t B = G.size(0), H = G.size(1) / 4;
   Rows<T> dr(d_uv), gr(G), cr(c_prev), ar(dA), dcr(dc);
-  for (int64_t b = 0; b < B; ++b) {
+  for_rows(B, H, [&](int64_t b) {
     const T *g_row = gr.row(b), *d_row = dr.row(b);
     T* da = ar.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
@@ -215,7 +229,7 @@ void back_level_impl(const Tensor& d_uv, const Tensor& G, const Tensor& c_prev,
       input_gate_grads(g_row, cr.row(b), da, dcr.row(b), H, j, n, load(d_row + j, n),
                        load(d_row + H + j, n), tanh_g);
     }
-  }
+  });
 }
 
 void down(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tanh_g,

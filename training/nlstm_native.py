@@ -66,7 +66,17 @@ def _load() -> ModuleType:
     level = cpu_level()
     if level not in ISA_FLAGS:
         raise RuntimeError(f"CPU level {level}: the kernels are built for AVX2 or AVX512 only")
-    flags = ["-O3", *ISA_FLAGS[level], f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+    # -fopenmp: the kernels split a block's rows across torch's intra-op threads with
+    # at::parallel_for, whose OpenMP form is compiled into the caller; the extension then needs
+    # libgomp.so.1, which the loader resolves to the one torch has already loaded (one runtime,
+    # one thread pool)
+    flags = [
+        "-O3",
+        "-fopenmp",
+        *ISA_FLAGS[level],
+        f"-DCPU_CAPABILITY={level}",
+        f"-DCPU_CAPABILITY_{level}",
+    ]
     source = SOURCE.read_text()
     digest = hashlib.sha256((source + " ".join(flags) + torch.__version__).encode()).hexdigest()
     directory = build_dir() / f"nlstm_cpu_{digest[:12]}"
@@ -75,6 +85,7 @@ def _load() -> ModuleType:
         name=f"nlstm_cpu_{digest[:12]}",
         sources=[str(SOURCE)],
         extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=False,
     )
