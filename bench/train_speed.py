@@ -141,10 +141,9 @@ def run(device, batch, seq, hidden, vocab, repeats, kinds, smoke=False) -> dict:
         probe()
     wall = {k: [] for k in kinds}
     cpu = {k: [] for k in kinds}
+    clocks = ["wall", "cpu"] if device.type == "cpu" else ["wall"]
     # the large product's rate by each clock: by wall time it uses every thread, by CPU time one
-    peak_rates: dict[str, dict[str, list[float]]] = {"wall": {p: [] for p in probes}}
-    if device.type == "cpu":
-        peak_rates["cpu"] = {p: [] for p in probes}
+    peak_rates: dict[str, dict[str, list[float]]] = {c: {p: [] for p in probes} for c in clocks}
     for _ in range(repeats):  # interleaved, so drifts in machine speed hit every kind alike
         for k, step in steps.items():
             w, c = timed(step, device)
@@ -153,14 +152,14 @@ def run(device, batch, seq, hidden, vocab, repeats, kinds, smoke=False) -> dict:
         for p, (probe, gf) in probes.items():
             w, c = timed(probe, device)
             for clock, sec in (("wall", w), ("cpu", c)):
-                if clock in peak_rates:
+                if clock in clocks:
                     peak_rates[clock][p].append(gf / sec)
     # the peak, per clock: the best rate any kernel reached on the large product. Each kind's
     # GEMM rate is compared with the peak of the same clock (with more than one thread the
     # wall-time peak is the threads' together, the CPU-time peak about one core's).
     peaks = {clock: {p: max(v) for p, v in rates.items()} for clock, rates in peak_rates.items()}
     peak = {clock: max(by_kernel.values()) for clock, by_kernel in peaks.items()}
-    main_clock = "cpu" if device.type == "cpu" else "wall"
+    main_clock = clocks[-1]  # CPU time on the CPU, wall time on CUDA
     peak_by_kernel = peaks[main_clock]
     chars = batch * seq
     result = {
@@ -176,7 +175,6 @@ def run(device, batch, seq, hidden, vocab, repeats, kinds, smoke=False) -> dict:
         "peak_gflops_by_clock": peak,
         "kinds": {},
     }
-    clocks = ["wall", "cpu"] if device.type == "cpu" else ["wall"]
     for k in kinds:
         gf = step_gflop(k, batch, seq, hidden, vocab)
         r = {"gflop_per_step": gf}
