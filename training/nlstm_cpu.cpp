@@ -28,7 +28,10 @@ struct Rows {  // row b of a (B, features) block with contiguous rows, from colu
   int64_t stride;
   Rows(const Tensor& t, int64_t col = 0)
       : p(t.data_ptr<T>() + col), stride(t.stride(0)) {}
-  T* row(int64_t b) const { return p + b * stride; }
+  // an optional block: every row is nullptr when it is absent
+  explicit Rows(const c10::optional<Tensor>& t)
+      : p(t ? t->data_ptr<T>() : nullptr), stride(t ? t->stride(0) : 0) {}
+  T* row(int64_t b) const { return p ? p + b * stride : nullptr; }
 };
 
 template <typename T>
@@ -102,10 +105,10 @@ void down_impl(const Tensor& G, const Tensor& c_prev, const Tensor& uv, bool tan
   using V = Vectorized<T>;
   const int64_t B = G.size(0), H = G.size(1) / 4;
   Rows<T> gr(G), cr(c_prev), uvr(uv);
-  const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
+  const Rows<T> ar(add);
   for_rows(B, H, [&](int64_t b) {
     T* g_row = gr.row(b);
-    const T* a_row = ar ? ar->row(b) : nullptr;
+    const T* a_row = ar.row(b);
     const T* c_row = cr.row(b);
     T* uv_row = uvr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
@@ -135,10 +138,10 @@ void up_impl(const std::vector<Tensor>& gates, const Tensor& c_prev, bool tanh_g
     tr.emplace_back(tanh_out[k]);
   }
   Rows<T> cr(c_prev), hr(h_out);
-  const c10::optional<Rows<T>> ar = add ? c10::optional<Rows<T>>(Rows<T>(*add)) : c10::nullopt;
+  const Rows<T> ar(add);
   for_rows(B, H, [&](int64_t b) {
     T* g_row = gr[D - 1].row(b);
-    const T* a_row = ar ? ar->row(b) : nullptr;
+    const T* a_row = ar.row(b);
     const T* c_row = cr.row(b);
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
@@ -190,14 +193,13 @@ void back_inner_impl(const Tensor& dh, const c10::optional<Tensor>& d_hs,
     dar.emplace_back(d_gates[k]);
   }
   Rows<T> dhr(dh), cr(c_prev);
-  const bool has_dhs = d_hs.has_value();
-  Rows<T> dsr(has_dhs ? *d_hs : dh);
+  const Rows<T> dsr(d_hs);
   const V one(T(1));
   for_rows(B, H, [&](int64_t b) {
     for (int64_t j = 0; j < H; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), H - j);
       V d_out = load(dhr.row(b) + j, n);
-      if (has_dhs) d_out = d_out + load(dsr.row(b) + j, n);
+      if (const T* ds = dsr.row(b)) d_out = d_out + load(ds + j, n);
       for (int64_t k = 0; k < D; ++k) {
         V o = load(gr[k].row(b) + 3 * H + j, n), tc = load(tr[k].row(b) + j, n);
         store(d_out * tc * (o - o * o), dar[k].row(b) + 3 * H + j, n);
